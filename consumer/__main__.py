@@ -1,0 +1,7 @@
+"""``python -m consumer`` is the ``popscore`` command."""
+
+import sys
+
+from consumer.cli import main
+
+sys.exit(main())

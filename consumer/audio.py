@@ -1,0 +1,221 @@
+"""Audio intake: URI policy, fetch, decode of the centred window, mono, resample, crop or pad.
+
+Every failure becomes a ``DeadLetter`` with its reason, so one bad release never stops the
+stream. libsndfile (via soundfile) decodes WAV, FLAC, OGG/Vorbis/Opus and MP3 and releases the
+GIL, so a thread pool decodes in parallel; torchaudio only resamples.
+"""
+
+import io
+import ipaddress
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from consumer.errors import DeadLetter
+from schemas.dead_letter import DeadLetterReason as Reason
+
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 64
+MAX_REDIRECTS = 5
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AudioPolicy:
+    """What the service may read, and how much."""
+
+    file_roots: tuple[Path, ...]
+    allow_private_hosts: bool
+    max_bytes: int
+    max_seconds: float
+    fetch_timeout_s: float
+
+    @classmethod
+    def create(
+        cls,
+        file_roots: tuple[Path, ...],
+        allow_private_hosts: bool = False,
+        max_bytes: int = 200 * 1024 * 1024,
+        max_seconds: float = 1800.0,
+        fetch_timeout_s: float = 15.0,
+    ) -> "AudioPolicy":
+        """Roots are resolved once here, so a symlinked root compares like its target."""
+        roots = tuple(Path(r).resolve() for r in file_roots)
+        return cls(roots, allow_private_hosts, max_bytes, max_seconds, fetch_timeout_s)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A decoded, mono, resampled window of exactly ``clip_samples`` samples."""
+
+    samples: np.ndarray
+    source_rate: int
+    source_seconds: float
+
+
+AudioSource = Path | bytes
+
+
+def open_uri(uri: str, policy: AudioPolicy) -> AudioSource:
+    """A local path or the fetched bytes of ``uri``, or a DeadLetter saying why not."""
+    parsed = urllib.parse.urlsplit(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        return _local_path(parsed, policy)
+    if scheme in ("http", "https"):
+        return _fetch_http(uri, policy)
+    raise DeadLetter(Reason.URI_UNSUPPORTED, f"scheme {scheme or '(none)'!r} is not supported")
+
+
+def _local_path(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> Path:
+    if parsed.netloc not in ("", "localhost"):
+        raise DeadLetter(Reason.URI_FORBIDDEN, f"file URI with host {parsed.netloc!r}")
+    if not policy.file_roots:
+        raise DeadLetter(Reason.URI_FORBIDDEN, "file URIs are disabled (no audio file roots)")
+    # Resolve symlinks and '..' before the root check, so neither can escape a root.
+    path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    if not any(path.is_relative_to(root) for root in policy.file_roots):
+        raise DeadLetter(Reason.URI_FORBIDDEN, "file is outside the audio file roots")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot read file: {exc.strerror}") from exc
+    if not path.is_file():
+        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "not a regular file")
+    if size > policy.max_bytes:
+        raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{size} bytes > {policy.max_bytes}")
+    return path
+
+
+def check_host(host: str, policy: AudioPolicy) -> None:
+    """Refuse hosts that resolve to loopback, private, link-local or reserved addresses."""
+    if policy.allow_private_hosts:
+        return
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot resolve {host!r}") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not address.is_global or address.is_multicast:
+            raise DeadLetter(Reason.URI_FORBIDDEN, f"host {host!r} resolves to {address}")
+
+
+def _fetch_http(uri: str, policy: AudioPolicy) -> bytes:
+    deadline = time.monotonic() + policy.fetch_timeout_s
+    timeout = httpx.Timeout(policy.fetch_timeout_s)
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        # Redirects are followed by hand so every hop passes the host check.
+        for _ in range(MAX_REDIRECTS + 1):
+            host = httpx.URL(uri).host
+            check_host(host, policy)
+            try:
+                with client.stream("GET", uri) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        uri = str(response.url.join(response.headers["location"]))
+                        continue
+                    return _read_body(response, policy, deadline)
+            except httpx.HTTPError as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                raise DeadLetter(Reason.AUDIO_FETCH_FAILED, detail) from exc
+    raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -> bytes:
+    if response.status_code != 200:
+        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"HTTP {response.status_code}")
+    declared = int(response.headers.get("content-length", "0") or 0)
+    if declared > policy.max_bytes:
+        raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{declared} bytes > {policy.max_bytes}")
+    body = bytearray()
+    for chunk in response.iter_bytes(_CHUNK):
+        body += chunk
+        if len(body) > policy.max_bytes:
+            raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {policy.max_bytes} bytes")
+        # httpx times each read; a server dripping a byte at a time needs a total deadline.
+        if time.monotonic() > deadline:
+            raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "fetch deadline exceeded")
+    return bytes(body)
+
+
+def decode_window(source: AudioSource, clip_seconds: float, policy: AudioPolicy) -> Clip:
+    """Decode only the centred ``clip_seconds`` window (seeking where the format allows), mono."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with sf.SoundFile(handle) as audio:
+            rate, frames = _check_header(audio, policy)
+            window = min(frames, round(clip_seconds * rate))
+            start = (frames - window) // 2
+            if start and audio.seekable():
+                audio.seek(start)
+            elif start:
+                audio.read(start, dtype="float32")
+            data = audio.read(window, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
+    if data.shape[0] == 0:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no audio frames could be read")
+    mono = data.mean(axis=1, dtype=np.float32)
+    return Clip(mono, rate, frames / rate)
+
+
+def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:
+    rate, frames, channels = audio.samplerate, audio.frames, audio.channels
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"sample rate {rate} Hz is out of range")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"{channels} channels is out of range")
+    if frames <= 0:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the file holds no audio frames")
+    if frames / rate > policy.max_seconds:
+        seconds = frames / rate
+        raise DeadLetter(Reason.AUDIO_TOO_LONG, f"{seconds:.0f} s > {policy.max_seconds:.0f} s")
+    return rate, frames
+
+
+class Resampler:
+    """Resamples to the artifact's rate, one cached torchaudio kernel per source rate."""
+
+    def __init__(self, target_rate: int, clip_seconds: float) -> None:
+        if target_rate <= 0 or clip_seconds <= 0:
+            raise ValueError("target_rate and clip_seconds must be positive")
+        self.target_rate = target_rate
+        self.clip_samples = round(target_rate * clip_seconds)
+        self._kernels: dict[int, torchaudio.transforms.Resample] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, clip: Clip) -> np.ndarray:
+        """Exactly ``clip_samples`` samples: resampled, cropped, or zero-padded at the end."""
+        samples = torch.from_numpy(clip.samples)
+        if clip.source_rate != self.target_rate:
+            with torch.inference_mode():
+                samples = self._kernel(clip.source_rate)(samples)
+        out = np.zeros(self.clip_samples, dtype=np.float32)
+        n = min(self.clip_samples, samples.shape[0])
+        out[:n] = samples[:n].numpy()
+        return out
+
+    def _kernel(self, rate: int) -> torchaudio.transforms.Resample:
+        with self._lock:
+            if rate not in self._kernels:
+                self._kernels[rate] = torchaudio.transforms.Resample(rate, self.target_rate)
+            return self._kernels[rate]
+
+
+def load_clip(uri: str, policy: AudioPolicy, resampler: Resampler) -> np.ndarray:
+    """The whole intake for one event: policy, fetch, decode window, mono, resample, crop/pad."""
+    source = open_uri(uri, policy)
+    clip = decode_window(source, resampler.clip_samples / resampler.target_rate, policy)
+    return resampler(clip)

@@ -1,0 +1,222 @@
+"""The ``popscore`` command line (CONTRACT §1). Bad arguments: one line on stderr, exit 2."""
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+from confluent_kafka import KafkaException
+from pydantic import ValidationError
+
+from consumer.errors import ConfigError, DeadLetter, PopscoreError
+from consumer.settings import Settings, load_settings
+from schemas.events import ReleaseEvent
+
+EXIT_USAGE = 2
+log = logging.getLogger("popscore")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> Parser:
+    """Every subcommand and its options."""
+    parser = Parser(prog="popscore", description=__doc__)
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", default="INFO", choices=levels)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    consume = sub.add_parser("consume", help="run the scoring service (POPSCORE_* settings)")
+    consume.add_argument(
+        "--stop-at-end",
+        action="store_true",
+        help="exit once every assigned partition is read to its end",
+    )
+    consume.add_argument(
+        "--report",
+        action="store_true",
+        help="on exit, print a table of this run's scores and a metrics summary",
+    )
+
+    produce = sub.add_parser("produce", help="publish ReleaseEvents to the input topic")
+    source = produce.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--synthetic",
+        type=_positive_int,
+        metavar="N",
+        help="synthesize N releases with real audio files",
+    )
+    source.add_argument("--file", type=_existing_file, help="a JSONL file, one event per line")
+    produce.add_argument("--topic", help="default: POPSCORE_INPUT_TOPIC")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path(".demo/audio"),
+        help="where synthetic audio files are written",
+    )
+    produce.add_argument("--min-seconds", type=_positive_float, default=5.0)
+    produce.add_argument("--max-seconds", type=_positive_float, default=240.0)
+    produce.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=3,
+        help="partitions of the topic when it must be created",
+    )
+
+    score = sub.add_parser("score", help="score one audio file offline, print a ScoreRecord")
+    score.add_argument("file", type=_existing_file)
+    score.add_argument(
+        "--features",
+        type=_json_object,
+        default={},
+        help='ReleaseEvent groups as JSON, e.g. \'{"artist": {"followers": 1200}}\'',
+    )
+    score.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
+    score.add_argument("--device", help="default: POPSCORE_DEVICE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m consumer``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {"consume": _consume, "produce": _produce, "score": _score}
+    try:
+        settings = load_settings()
+        return handlers[args.command](args, settings)
+    except ConfigError as exc:
+        print(f"popscore: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PopscoreError, KafkaException) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.app import App
+    from consumer.report import metrics_summary, score_table
+
+    with App(settings, stop_at_end=args.stop_at_end) as app:
+        app.install_signal_handlers()
+        app.run()
+        stats = app.stats
+        if args.report:
+            records = list(stats.scored)
+            print(score_table(records))
+            print()
+            print(
+                metrics_summary(
+                    app.metrics,
+                    records,
+                    stats.dead_letters,
+                    stats.first_event_at,
+                    stats.last_write_at,
+                )
+            )
+    return 0
+
+
+def _produce(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer import produce
+    from consumer.topics import ensure_topics
+
+    topic = args.topic or settings.input_topic
+    config = settings.kafka_common()
+    ensure_topics(config, [topic], args.partitions)
+    if args.synthetic:
+        if args.min_seconds > args.max_seconds:
+            _usage("--min-seconds must not exceed --max-seconds")
+        events = produce.synthetic_events(
+            args.synthetic, args.seed, args.out_dir, args.min_seconds, args.max_seconds
+        )
+        sent = produce.send(config, topic, produce.event_records(events), args.synthetic)
+        print(f"sent {sent} synthetic events to {topic}; audio in {args.out_dir.resolve()}")
+    else:
+        sent = produce.send(config, topic, produce.jsonl_records(args.file))
+        print(f"sent {sent} events from {args.file} to {topic}")
+    return 0
+
+
+def _score(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.audio import AudioPolicy
+    from consumer.device import Scorer
+    from consumer.metrics import Metrics
+    from consumer.pipeline import Pipeline
+
+    path = args.file.resolve()
+    try:
+        event = _offline_event(path, args.features)
+    except ValidationError as exc:
+        _usage(f"--features: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    scorer = Scorer(args.model or settings.model, args.device or settings.device)
+    policy = AudioPolicy.create(
+        (path.parent,), max_bytes=settings.audio_max_bytes, max_seconds=settings.audio_max_seconds
+    )
+    with ThreadPoolExecutor(1) as pool:
+        [outcome] = Pipeline(scorer, policy, pool, Metrics()).score_events([event])
+    if isinstance(outcome, DeadLetter):
+        print(f"popscore: cannot score {path}: {outcome}", file=sys.stderr)
+        return 1
+    print(outcome.model_dump_json(indent=2))
+    return 0
+
+
+def _offline_event(path: Path, features: dict[str, object]) -> ReleaseEvent:
+    return ReleaseEvent.model_validate(
+        {
+            **features,
+            "event_id": f"offline-{uuid.uuid4()}",
+            "track_id": path.stem[:128] or "offline",
+            "emitted_at": datetime.now(UTC),
+            "audio_uri": path.as_uri(),
+        },
+        strict=False,
+    )
+
+
+def _usage(message: str) -> NoReturn:
+    build_parser().error(message)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value

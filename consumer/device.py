@@ -1,0 +1,102 @@
+"""The device stage: one micro-batch to the device, the TorchScript fusion CNN, scores back.
+
+The artifact holds the torchaudio frontend and the feature normalisation (CONTRACT §9), so this
+module only moves tensors: waveforms and features go to the device in one copy per batch.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from consumer.errors import ArtifactError
+from training import export
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """What serving needs from ``popscore.json``."""
+
+    model_version: str
+    sample_rate: int
+    clip_seconds: float
+    features: tuple[str, ...]
+    hit_threshold: float
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> "ArtifactMeta":
+        """The typed view of ``popscore.json`` (its required keys are checked on load)."""
+        return cls(
+            model_version=str(raw["model_version"]),
+            sample_rate=int(raw["sample_rate"]),
+            clip_seconds=float(raw["clip_seconds"]),
+            features=tuple(str(f) for f in raw["features"]),
+            hit_threshold=float(raw["hit_threshold"]),
+            raw=raw,
+        )
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an explicit CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def load_artifact(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule, ArtifactMeta]:
+    """Load the TorchScript module onto ``device`` with its metadata."""
+    if not path.is_file():
+        raise ArtifactError(f"model artifact {path} does not exist (run `make model`)")
+    try:
+        module, raw = export.load_artifact(path, device)
+    except export.ArtifactError as exc:
+        raise ArtifactError(str(exc).splitlines()[0]) from exc
+    return module, ArtifactMeta.parse(raw)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-item model outputs of one batch, as plain numpy on the host."""
+
+    popularity: np.ndarray
+    hit_probability: np.ndarray
+
+
+class Scorer:
+    """Runs micro-batches through the artifact on one device."""
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+        self.device = pick_device(device)
+        self.module, self.meta = load_artifact(path, self.device)
+        log.info("model %s loaded on %s", self.meta.model_version, self.device)
+
+    def score(self, waveforms: np.ndarray, features: np.ndarray, audio_mask: np.ndarray) -> Scores:
+        """``waveforms[B, S]`` float32, ``features[B, F]`` float32 (NaN = missing), mask[B] bool."""
+        pinned = self.device.type == "cuda"
+        with torch.inference_mode():
+            wave = _to_device(waveforms, self.device, pinned)
+            feats = _to_device(features, self.device, pinned)
+            mask = _to_device(audio_mask, self.device, pinned)
+            popularity, hit_logit = self.module(wave, feats, mask)
+            probability = torch.sigmoid(hit_logit)
+        return Scores(
+            popularity=popularity.float().cpu().numpy(),
+            hit_probability=probability.float().cpu().numpy(),
+        )
+
+
+def _to_device(array: np.ndarray, device: torch.device, pinned: bool) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if pinned:
+        # Pinned host memory lets the copy run asynchronously with the rest of the batch.
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

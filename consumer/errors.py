@@ -1,0 +1,35 @@
+"""popscore's exceptions: one root, each subclass carrying what its log line needs.
+
+PopscoreError
+├── ConfigError          a bad POPSCORE_* setting; start-up stops with one line
+├── DeadLetter           one event cannot be scored; it goes to the DLQ with a reason
+├── ArtifactError        the model file is missing, unreadable or lacks its metadata
+└── SinkError            Redis or Kafka refused a write; the batch is not committed
+"""
+
+from schemas.dead_letter import DeadLetterReason
+
+
+class PopscoreError(Exception):
+    """Root of everything popscore raises on purpose."""
+
+
+class ConfigError(PopscoreError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+class DeadLetter(PopscoreError):
+    """This event is bad input; the message is the ``popscore.error.detail`` header."""
+
+    def __init__(self, reason: DeadLetterReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ArtifactError(PopscoreError):
+    """The TorchScript artifact cannot serve."""
+
+
+class SinkError(PopscoreError):
+    """A sink write failed after its retries; nothing past it may be committed."""

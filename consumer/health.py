@@ -1,0 +1,77 @@
+"""The service's one HTTP port: ``/metrics``, ``/healthz`` (liveness), ``/readyz`` (readiness)."""
+
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+# The loop beats at least once per idle poll; three missed minutes means it is stuck.
+STALL_S = 180.0
+
+
+class Health:
+    """State the probes read; the main loop writes it."""
+
+    def __init__(self) -> None:
+        self._beat = time.monotonic()
+        self.model_loaded = False
+        self.readiness: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
+
+    def beat(self) -> None:
+        """Called by the main loop every iteration."""
+        self._beat = time.monotonic()
+
+    def alive(self) -> bool:
+        """The main loop iterated recently."""
+        return time.monotonic() - self._beat < STALL_S
+
+
+class HealthServer:
+    """A small threaded HTTP server on its own daemon thread."""
+
+    def __init__(self, port: int, registry: CollectorRegistry, health: Health) -> None:
+        handler = _make_handler(registry, health)
+        self.server = ThreadingHTTPServer(("0.0.0.0", port), handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> "HealthServer":
+        """Serve in the background."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _make_handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = health.alive()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
+            elif path == "/readyz":
+                ready, why = health.readiness()
+                self._send(200 if ready else 503, (why + "\n").encode())
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            """Scrapes every few seconds would flood the log."""
+
+    return Handler

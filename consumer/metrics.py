@@ -1,0 +1,73 @@
+"""Prometheus metrics (CONTRACT §8). Names and labels are the dashboard contract: change neither."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOME = "outcome"
+REASON = "reason"
+STAGE = "stage"
+TOPIC = "topic"
+PARTITION = "partition"
+
+OUTCOME_SCORED = "scored"
+OUTCOME_DEAD_LETTERED = "dead_lettered"
+OUTCOME_DUPLICATE = "duplicate"
+
+STAGES = ("fetch", "decode", "frontend", "inference", "redis", "produce", "commit")
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+_STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """Every metric the service exports, on its own registry (so tests can make several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "popscore_events_total", "Events handled, by outcome.", [OUTCOME], registry=r
+        )
+        self.dead_letters = Counter(
+            "popscore_dead_letters_total",
+            "Events sent to the DLQ, by reason.",
+            [REASON],
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "popscore_e2e_latency_seconds",
+            "emitted_at to score written in Redis.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "popscore_stage_seconds",
+            "Seconds per batch spent in each pipeline stage.",
+            [STAGE],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "popscore_batch_size",
+            "Events per scored micro-batch.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "popscore_consumer_lag",
+            "Messages behind the high watermark.",
+            [TOPIC, PARTITION],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "popscore_inflight_events", "Events consumed but not yet committed.", registry=r
+        )
+        self.model_info = Gauge(
+            "popscore_model_info",
+            "The loaded model (value 1).",
+            ["model_version", "device"],
+            registry=r,
+        )
+        for outcome in (OUTCOME_SCORED, OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE):
+            self.events.labels(outcome)  # export zeros, so rate() works from the first scrape
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)

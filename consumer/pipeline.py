@@ -1,0 +1,163 @@
+"""One micro-batch from Kafka messages to ScoreRecords: parse, fetch + decode (threads), score.
+
+Nothing here writes anywhere; the app hands the result to the sinks and then commits.
+Every per-event failure becomes a ``Rejected`` item, so the rest of the batch is scored.
+"""
+
+import logging
+import math
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+from confluent_kafka import Message
+from pydantic import ValidationError
+
+from consumer.audio import AudioPolicy, Resampler, decode_window, open_uri
+from consumer.device import Scorer, Scores
+from consumer.errors import DeadLetter
+from consumer.metrics import Metrics
+from consumer.sinks import Rejected
+from schemas.dead_letter import DeadLetterReason as Reason
+from schemas.events import ReleaseEvent
+from schemas.scores import ScoreRecord, utc_now
+from training.features import extract
+
+log = logging.getLogger(__name__)
+# The hit head is trained for popularity >= hit_threshold; a record is a hit at even odds.
+HIT_PROBABILITY_CUTOFF = 0.5
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: scores to write and messages to dead-letter."""
+
+    scored: list[ScoreRecord] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Ready:
+    event: ReleaseEvent
+    waveform: np.ndarray
+
+
+def parse_event(msg: Message) -> ReleaseEvent:
+    """The message's ReleaseEvent, or a DeadLetter naming the first problem."""
+    value = msg.value()
+    if value is None:
+        raise DeadLetter(Reason.INVALID_JSON, "the message has no value")
+    try:
+        return ReleaseEvent.from_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        reason = Reason.INVALID_JSON if first["type"] == "json_invalid" else Reason.INVALID_EVENT
+        where = ".".join(str(part) for part in first["loc"]) or "(root)"
+        raise DeadLetter(reason, f"{where}: {first['msg']}") from None
+
+
+class Pipeline:
+    """Turns messages into scores with the loaded model."""
+
+    def __init__(
+        self, scorer: Scorer, policy: AudioPolicy, pool: Executor, metrics: Metrics
+    ) -> None:
+        self.scorer = scorer
+        self.policy = policy
+        self.pool = pool
+        self.metrics = metrics
+        meta = scorer.meta
+        self.resampler = Resampler(meta.sample_rate, meta.clip_seconds)
+
+    def run(self, messages: list[Message]) -> BatchResult:
+        """Score every message that can be scored; reject the rest with a reason."""
+        result = BatchResult()
+        parsed: list[tuple[Message, ReleaseEvent]] = []
+        for msg in messages:
+            try:
+                parsed.append((msg, parse_event(msg)))
+            except DeadLetter as exc:
+                result.rejected.append(Rejected(msg, exc))
+        outcomes = self.score_events([event for _msg, event in parsed])
+        for (msg, _event), outcome in zip(parsed, outcomes, strict=True):
+            if isinstance(outcome, DeadLetter):
+                result.rejected.append(Rejected(msg, outcome))
+            else:
+                result.scored.append(outcome)
+        return result
+
+    def score_events(self, events: list[ReleaseEvent]) -> list[ScoreRecord | DeadLetter]:
+        """One outcome per event, in order: its score or why it could not be scored."""
+        loaded = list(self.pool.map(self._load, events))
+        ready = [item for item in loaded if isinstance(item, _Ready)]
+        scored = iter(self._score(ready) if ready else [])
+        # Scores come back in the order of ``ready``; slot them where their events were.
+        return [next(scored) if isinstance(item, _Ready) else item for item in loaded]
+
+    def _load(self, event: ReleaseEvent) -> "_Ready | DeadLetter":
+        """Runs on a pool thread: fetch, decode the window, resample."""
+        start = time.perf_counter()
+        try:
+            source = open_uri(event.audio_uri, self.policy)
+            fetched = time.perf_counter()
+            clip = decode_window(source, self.scorer.meta.clip_seconds, self.policy)
+            waveform = self.resampler(clip)
+        except DeadLetter as exc:
+            return exc
+        except Exception as exc:
+            log.exception("unexpected failure loading %s", event.event_id)
+            return DeadLetter(Reason.AUDIO_DECODE_FAILED, f"{type(exc).__name__}: {exc}")
+        self.metrics.stage_seconds.labels("fetch").observe(fetched - start)
+        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - fetched)
+        return _Ready(event, waveform)
+
+    def _score(self, items: list[_Ready]) -> list[ScoreRecord | DeadLetter]:
+        start = time.perf_counter()
+        try:
+            scores: Scores | None = self._infer(items)
+        except Exception:
+            log.exception("batch inference failed; scoring items one by one")
+            scores = None
+        self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - start)
+        scored_at = utc_now()
+        version = self.scorer.meta.model_version
+        outcomes: list[ScoreRecord | DeadLetter] = []
+        for i, item in enumerate(items):
+            try:
+                one, j = (scores, i) if scores is not None else (self._infer([item]), 0)
+                outcomes.append(_record(item.event, version, one, j, scored_at))
+            except Exception as exc:
+                detail = f"{type(exc).__name__}: {exc}"[:300]
+                outcomes.append(DeadLetter(Reason.INFERENCE_FAILED, detail))
+        return outcomes
+
+    def _infer(self, items: list[_Ready]) -> Scores:
+        paths = self.scorer.meta.features
+        waves = np.stack([item.waveform for item in items])
+        feats = np.stack([extract(item.event.model_dump(), paths) for item in items])
+        mask = np.ones(len(items), dtype=bool)
+        return self.scorer.score(waves, feats, mask)
+
+
+def _record(
+    event: ReleaseEvent, model_version: str, scores: Scores, i: int, scored_at: datetime
+) -> ScoreRecord:
+    popularity = float(scores.popularity[i])
+    probability = float(scores.hit_probability[i])
+    if not (math.isfinite(popularity) and math.isfinite(probability)):
+        raise ValueError(f"non-finite model output ({popularity}, {probability})")
+    latency_ms = (scored_at - event.emitted_at).total_seconds() * 1000.0
+    return ScoreRecord(
+        event_id=event.event_id,
+        track_id=event.track_id,
+        model_version=model_version,
+        popularity=min(max(popularity, 0.0), 100.0),
+        hit_probability=min(max(probability, 0.0), 1.0),
+        is_hit=probability >= HIT_PROBABILITY_CUTOFF,
+        audio_used=True,
+        emitted_at=event.emitted_at,
+        scored_at=scored_at,
+        latency_ms=latency_ms,
+    )

@@ -1,0 +1,102 @@
+"""Every knob of the service, read once from ``POPSCORE_*`` environment variables (CONTRACT §2)."""
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from consumer.errors import ConfigError
+
+ENV_PREFIX = "POPSCORE_"
+# Their raw values may hold passwords: an error names the variable but never echoes it.
+_SECRET_FIELDS = frozenset({"redis_url", "kafka_properties"})
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class Settings(BaseSettings):
+    """The consumer's configuration. Frozen: read at start-up, never mutated."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = "localhost:9092"
+    """Kafka bootstrap servers, comma-separated host:port."""
+    kafka_properties: dict[str, SecretStr] = Field(default_factory=dict)
+    """Extra librdkafka properties as a JSON object (security.protocol, sasl.*, ssl.*)."""
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    """Redis URL; may hold a password, so it is never logged."""
+    redis_ttl_s: Annotated[int, Field(ge=0)] = 0
+    """TTL of score hashes in seconds; 0 keeps them forever."""
+    model: Path = Path("models/demo.pt")
+    """Path of the TorchScript artifact (CONTRACT §9)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N; auto picks CUDA when present."""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Most events scored in one micro-batch."""
+    batch_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = 250
+    """Longest wait for a micro-batch to fill before it is scored anyway."""
+    decode_workers: Annotated[int, Field(ge=1, le=64)] = 4
+    """Threads fetching and decoding audio (libsndfile releases the GIL)."""
+    http_port: Annotated[int, Field(ge=0, le=65_535)] = 9400
+    """Port of /metrics, /healthz, /readyz; 0 picks a free one."""
+    input_topic: str = "releases"
+    """Topic of ReleaseEvent JSON."""
+    output_topic: str = "release-scores"
+    """Topic the ScoreRecords go to."""
+    dlq_topic: str = "releases-dlq"
+    """Dead-letter topic: original bytes plus reason headers."""
+    group_id: str = "popscore"
+    """Kafka consumer group."""
+    audio_file_roots: Annotated[tuple[Path, ...], NoDecode] = ()
+    """Comma-separated folders file:// URIs may resolve into (after symlinks); empty refuses all."""
+    audio_allow_private_hosts: bool = False
+    """Allow http(s) to loopback, private, link-local and metadata addresses."""
+    audio_max_bytes: Annotated[int, Field(ge=1)] = 200 * 1024 * 1024
+    """Largest audio file fetched or read, in bytes."""
+    audio_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 1800.0
+    """Longest audio accepted, in seconds (by its header)."""
+    audio_fetch_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
+    """Deadline for fetching one audio file over http(s)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("audio_file_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("kafka_bootstrap", "input_topic", "output_topic", "dlq_topic", "group_id")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def kafka_common(self) -> dict[str, str]:
+        """librdkafka properties shared by consumer, producer and admin client."""
+        extra = {k: v.get_secret_value() for k, v in self.kafka_properties.items()}
+        return {"bootstrap.servers": self.kafka_bootstrap, **extra}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; a bad value raises ConfigError naming its variable in one line."""
+    try:
+        return Settings(**overrides)
+    except SettingsError as exc:
+        # Raised before validation when a JSON-typed variable is not JSON.
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else "?"
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: not valid JSON") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        shown = "" if field in _SECRET_FIELDS else f" (got {first.get('input')!r})"
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}{shown}") from None

@@ -1,0 +1,33 @@
+"""Why a record went to the dead-letter topic: the ``popscore.error.reason`` header."""
+
+from enum import StrEnum
+
+
+class DeadLetterReason(StrEnum):
+    """A fixed set, so alerts and ``replay-dlq`` can select by reason."""
+
+    INVALID_JSON = "invalid_json"
+    """The value is not UTF-8 JSON."""
+    INVALID_EVENT = "invalid_event"
+    """JSON, but not a valid ReleaseEvent v1 (missing field, wrong type, out of range)."""
+    URI_UNSUPPORTED = "uri_unsupported"
+    """The audio URI has a scheme popscore cannot fetch."""
+    URI_FORBIDDEN = "uri_forbidden"
+    """The audio policy refuses the URI: outside the file roots, or a private host."""
+    AUDIO_FETCH_FAILED = "audio_fetch_failed"
+    """The audio could not be read: missing file, HTTP error, timeout."""
+    AUDIO_DECODE_FAILED = "audio_decode_failed"
+    """The bytes are not audio libsndfile can decode, or are empty or corrupt."""
+    AUDIO_TOO_LARGE = "audio_too_large"
+    """The audio is over ``POPSCORE_AUDIO_MAX_BYTES``."""
+    AUDIO_TOO_LONG = "audio_too_long"
+    """The audio is over ``POPSCORE_AUDIO_MAX_SECONDS``."""
+    INFERENCE_FAILED = "inference_failed"
+    """The model raised or returned a non-finite score for this event."""
+
+
+HEADER_REASON = "popscore.error.reason"
+HEADER_DETAIL = "popscore.error.detail"
+HEADER_TOPIC = "popscore.source.topic"
+HEADER_PARTITION = "popscore.source.partition"
+HEADER_OFFSET = "popscore.source.offset"
