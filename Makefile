@@ -1,0 +1,62 @@
+# popscore — the same commands on a laptop and in CI (.ci/run calls `make test`).
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL := models/demo.pt
+DEMO_EVENTS ?= 50
+DEMO_DIR := .demo
+
+.PHONY: setup stack-up stack-down model demo test test-unit test-integration lint schemas clean
+
+setup: $(STAMP) ## create .venv and install popscore with its dev extras
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+stack-up: ## start local Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) unless reachable
+	deploy/local/stack-up.sh
+
+stack-down: ## stop what stack-up started
+	deploy/local/stack-down.sh
+
+model: $(STAMP) ## (re)build the demo artifact from synthetic data, reproducible from its seed
+	$(BIN)/python -m training.demo_model --out $(MODEL) --seed 0
+
+$(MODEL):
+	$(MAKE) model
+
+demo: $(STAMP) $(MODEL) stack-up ## produce sample releases, score them all, print the table
+	export POPSCORE_AUDIO_FILE_ROOTS=$(abspath $(DEMO_DIR))/audio POPSCORE_DEVICE=auto
+	start=$$(date +%s%N)
+	$(BIN)/popscore produce --synthetic $(DEMO_EVENTS) --seed $$(date +%s) --out-dir $(DEMO_DIR)/audio
+	$(BIN)/popscore --log-level WARNING consume --stop-at-end --report
+	echo "demo wall time: $$(( ($$(date +%s%N) - start) / 1000000 )) ms (produce + consume)"
+
+test: $(STAMP) $(MODEL) stack-up ## the whole suite: unit + integration (real Kafka and Redis)
+	$(BIN)/pytest -q
+
+test-unit: $(STAMP) ## unit tests only, no services
+	$(BIN)/pytest -q tests/unit
+
+test-integration: $(STAMP) $(MODEL) stack-up
+	$(BIN)/pytest -q -m integration
+
+lint: $(STAMP) ## ruff, formatting and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+schemas: $(STAMP) ## regenerate schemas/json/*.json after changing a model
+	$(BIN)/python -m schemas
+
+clean: ## remove generated audio and local stack data (keeps .venv)
+	rm -rf $(DEMO_DIR)
+	deploy/local/stack-down.sh --purge

@@ -1,0 +1,240 @@
+"""Audio intake: every format and rate, window and pad, and the URI policy's refusals."""
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from consumer.audio import AudioPolicy, Resampler, decode_window, load_clip, open_uri
+from consumer.errors import DeadLetter
+from schemas.dead_letter import DeadLetterReason as Reason
+
+TARGET = 22_050
+SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS", "MP3": "MPEG_LAYER_III"}
+
+
+def write(path: Path, audio: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> Path:
+    with sf.SoundFile(path, "w", rate, audio.shape[1], subtype or SUBTYPES[fmt], format=fmt) as f:
+        for start in range(0, len(audio), rate):  # 1 s blocks: libsndfile's Vorbis encoder
+            f.write(audio[start : start + rate])  # crashes on one long write
+    return path
+
+
+def tone(seconds: float, rate: int, channels: int = 1, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    mono = 0.5 * np.sin(2 * np.pi * hz * t).astype(np.float32)
+    return np.repeat(mono[:, None], channels, axis=1)
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> AudioPolicy:
+    return AudioPolicy.create((tmp_path,), max_bytes=5_000_000, max_seconds=60)
+
+
+def reason_of(excinfo: pytest.ExceptionInfo[DeadLetter]) -> Reason:
+    return excinfo.value.reason
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
+@pytest.mark.parametrize("rate", [22_050, 44_100, 48_000])
+def test_each_format_and_rate_decodes_to_the_target_clip(
+    tmp_path: Path, policy: AudioPolicy, fmt: str, rate: int
+) -> None:
+    path = write(tmp_path / f"a.{fmt.lower()}", tone(3.0, rate, channels=2), rate, fmt)
+    wave = load_clip(path.as_uri(), policy, Resampler(TARGET, 2.0))
+    assert wave.shape == (2 * TARGET,) and wave.dtype == np.float32
+    assert np.isfinite(wave).all()
+    # A 0.5-amplitude sine has RMS 0.354; lossy codecs and resampling keep it within 15 %.
+    assert np.sqrt(np.mean(wave**2)) == pytest.approx(0.354, rel=0.15)
+
+
+def test_stereo_is_averaged_to_mono(tmp_path: Path, policy: AudioPolicy) -> None:
+    left_only = np.zeros((TARGET, 2), np.float32)
+    left_only[:, 0] = 0.8
+    path = write(tmp_path / "s.wav", left_only, TARGET, "WAV", "FLOAT")
+    clip = decode_window(path, 1.0, policy)
+    assert np.allclose(clip.samples, 0.4)
+
+
+def test_long_track_decodes_only_the_centred_window(tmp_path: Path, policy: AudioPolicy) -> None:
+    seconds, rate = 10.0, 8_000
+    ramp = (np.arange(int(seconds * rate), dtype=np.float32) / (seconds * rate))[:, None]
+    path = write(tmp_path / "ramp.wav", ramp, rate, "WAV", "FLOAT")
+    clip = decode_window(path, 2.0, policy)
+    assert clip.samples.shape == (2 * rate,)
+    assert clip.samples[0] == pytest.approx(0.4, abs=1e-4)  # starts at (10 - 2) / 2 = 4 s
+    assert clip.samples[-1] == pytest.approx(0.6, abs=1e-3)
+    assert clip.source_seconds == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("fmt", ["MP3", "OGG", "FLAC"])
+def test_window_of_compressed_formats_is_the_middle(
+    tmp_path: Path, policy: AudioPolicy, fmt: str
+) -> None:
+    rate = 22_050
+    quiet, loud = tone(4.0, rate) * 0.02, tone(2.0, rate)
+    path = write(tmp_path / f"w.{fmt.lower()}", np.concatenate([quiet, loud, quiet]), rate, fmt)
+    clip = decode_window(path, 1.0, policy)  # the middle second is loud
+    assert np.sqrt(np.mean(clip.samples**2)) > 0.25
+
+
+def test_short_clip_is_zero_padded_at_the_end(tmp_path: Path, policy: AudioPolicy) -> None:
+    path = write(tmp_path / "short.wav", tone(1.0, TARGET), TARGET, "WAV")
+    wave = load_clip(path.as_uri(), policy, Resampler(TARGET, 3.0))
+    assert wave.shape == (3 * TARGET,)
+    assert np.abs(wave[: TARGET - 10]).max() > 0.4
+    assert not wave[TARGET + 10 :].any()
+
+
+def test_resampler_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        Resampler(0, 1.0)
+
+
+def test_unknown_scheme_is_unsupported(policy: AudioPolicy) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri("s3://bucket/a.mp3", policy)
+    assert reason_of(info) is Reason.URI_UNSUPPORTED
+
+
+def test_file_outside_the_roots_is_forbidden(tmp_path: Path, policy: AudioPolicy) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri("file:///etc/passwd", policy)
+    assert reason_of(info) is Reason.URI_FORBIDDEN
+
+
+def test_dot_dot_escape_is_forbidden(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    write(tmp_path / "secret.wav", tone(1, TARGET), TARGET, "WAV")
+    policy = AudioPolicy.create((root,))
+    with pytest.raises(DeadLetter) as info:
+        open_uri(f"file://{root}/../secret.wav", policy)
+    assert reason_of(info) is Reason.URI_FORBIDDEN
+
+
+def test_symlink_escape_is_forbidden(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    target = write(tmp_path / "outside.wav", tone(1, TARGET), TARGET, "WAV")
+    (root / "link.wav").symlink_to(target)
+    with pytest.raises(DeadLetter) as info:
+        open_uri((root / "link.wav").as_uri(), AudioPolicy.create((root,)))
+    assert reason_of(info) is Reason.URI_FORBIDDEN
+
+
+def test_no_roots_means_file_uris_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.wav", tone(1, TARGET), TARGET, "WAV")
+    with pytest.raises(DeadLetter) as info:
+        open_uri(path.as_uri(), AudioPolicy.create(()))
+    assert reason_of(info) is Reason.URI_FORBIDDEN
+
+
+def test_missing_file_is_a_fetch_failure(tmp_path: Path, policy: AudioPolicy) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri((tmp_path / "nope.mp3").as_uri(), policy)
+    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+
+
+def test_file_over_the_byte_limit(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.wav", tone(2, TARGET), TARGET, "WAV")
+    with pytest.raises(DeadLetter) as info:
+        open_uri(path.as_uri(), AudioPolicy.create((tmp_path,), max_bytes=1000))
+    assert reason_of(info) is Reason.AUDIO_TOO_LARGE
+
+
+def test_audio_over_the_duration_limit(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.flac", tone(3, 8_000), 8_000, "FLAC")
+    policy = AudioPolicy.create((tmp_path,), max_seconds=2.0)
+    with pytest.raises(DeadLetter) as info:
+        decode_window(path, 1.0, policy)
+    assert reason_of(info) is Reason.AUDIO_TOO_LONG
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not audio at all" * 100, b"RIFF\x00\x00"])
+def test_undecodable_bytes(tmp_path: Path, policy: AudioPolicy, content: bytes) -> None:
+    path = tmp_path / "bad.mp3"
+    path.write_bytes(content)
+    with pytest.raises(DeadLetter) as info:
+        decode_window(open_uri(path.as_uri(), policy), 1.0, policy)
+    assert reason_of(info) is Reason.AUDIO_DECODE_FAILED
+
+
+def test_truncated_flac_still_fails_cleanly_or_decodes(tmp_path: Path, policy: AudioPolicy) -> None:
+    good = write(tmp_path / "a.flac", tone(3, TARGET), TARGET, "FLAC").read_bytes()
+    try:
+        clip = decode_window(good[: len(good) // 3], 1.0, policy)
+    except DeadLetter as exc:
+        assert exc.reason is Reason.AUDIO_DECODE_FAILED
+    else:
+        assert np.isfinite(clip.samples).all()
+
+
+@pytest.fixture
+def http_audio(tmp_path: Path) -> Iterator[str]:
+    body = (write(tmp_path / "h.wav", tone(1, TARGET), TARGET, "WAV")).read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/a.wav":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/a.wav")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_fetch_and_redirect_when_private_hosts_allowed(http_audio: str) -> None:
+    policy = AudioPolicy.create((), allow_private_hosts=True)
+    for path in ("/a.wav", "/moved"):
+        wave = load_clip(http_audio + path, policy, Resampler(TARGET, 1.0))
+        assert wave.shape == (TARGET,) and np.abs(wave).max() > 0.4
+
+
+def test_http_404_is_a_fetch_failure(http_audio: str) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri(http_audio + "/missing", AudioPolicy.create((), allow_private_hosts=True))
+    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1/a.mp3",
+        "http://localhost/a.mp3",
+        "https://10.1.2.3/a.mp3",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/a.mp3",
+        "http://192.168.0.1/x",
+    ],
+)
+def test_private_hosts_are_forbidden_by_default(uri: str) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri(uri, AudioPolicy.create(()))
+    assert reason_of(info) is Reason.URI_FORBIDDEN
+
+
+def test_http_body_over_the_byte_limit(http_audio: str) -> None:
+    policy = AudioPolicy.create((), allow_private_hosts=True, max_bytes=100)
+    with pytest.raises(DeadLetter) as info:
+        open_uri(http_audio + "/a.wav", policy)
+    assert reason_of(info) is Reason.AUDIO_TOO_LARGE

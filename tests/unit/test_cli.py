@@ -1,0 +1,97 @@
+"""The CLI: --help everywhere, bad arguments and bad settings exit 2 with one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from consumer.cli import main
+from schemas import ScoreRecord
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("args", [[], ["consume"], ["produce"], ["score"]])
+def test_help_everywhere(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--help"])
+    assert info.value.code == 0
+    assert "usage: popscore" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["produce"],
+        ["produce", "--synthetic", "0"],
+        ["produce", "--synthetic", "ten"],
+        ["produce", "--synthetic", "3", "--file", "x.jsonl"],
+        ["produce", "--file", "/no/such/file.jsonl"],
+        ["score", "/no/such.wav"],
+        ["consume", "--bogus"],
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("popscore")
+
+
+def test_score_features_must_be_a_json_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        main(["score", str(audio), "--features", "[1, 2]"])
+    assert info.value.code == 2
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_bad_setting_fails_start_up_naming_the_variable() -> None:
+    env = {"PATH": "/usr/bin:/bin", "POPSCORE_BATCH_SIZE": "-4"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "consumer", "consume"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "POPSCORE_BATCH_SIZE" in proc.stderr
+
+
+def test_score_prints_a_score_record(
+    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = np.arange(3 * 22_050) / 22_050
+    sf.write(tmp_path / "song.ogg", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22_050)
+    features = '{"artist": {"followers": 5000, "popularity": 40}}'
+    code = main(
+        [
+            "score",
+            str(tmp_path / "song.ogg"),
+            "--features",
+            features,
+            "--model",
+            str(artifact),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    record = ScoreRecord.from_json(capsys.readouterr().out)
+    assert record.track_id == "song" and record.model_version == "tiny-test"
+    assert 0 <= record.popularity <= 100

@@ -1,0 +1,122 @@
+"""The device stage and the pipeline over a real (untrained, small) exported artifact."""
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from consumer.audio import AudioPolicy
+from consumer.device import Scorer, pick_device
+from consumer.errors import ArtifactError, DeadLetter
+from consumer.metrics import Metrics
+from consumer.pipeline import Pipeline
+from schemas import ReleaseEvent, ScoreRecord
+from schemas.dead_letter import DeadLetterReason as Reason
+from tests.unit.conftest import CLIP, RATE
+from training.features import DEFAULT_FEATURES
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+
+def inputs(batch: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    waves = (0.3 * rng.standard_normal((batch, int(RATE * CLIP)))).astype(np.float32)
+    feats = (rng.random((batch, len(DEFAULT_FEATURES))) * 50).astype(np.float32)
+    feats[0, 3] = np.nan  # a missing feature is imputed inside the artifact
+    return waves, feats, np.ones(batch, dtype=bool)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+class TestScorer:
+    def test_scores_are_in_range_and_finite(self, artifact: Path, device: str) -> None:
+        scores = Scorer(artifact, device).score(*inputs(5))
+        assert scores.popularity.shape == (5,) and scores.hit_probability.shape == (5,)
+        assert np.isfinite(scores.popularity).all()
+        assert ((scores.popularity >= 0) & (scores.popularity <= 100)).all()
+        assert ((scores.hit_probability >= 0) & (scores.hit_probability <= 1)).all()
+
+    def test_batched_equals_item_by_item(self, artifact: Path, device: str) -> None:
+        scorer = Scorer(artifact, device)
+        waves, feats, mask = inputs(6)
+        batched = scorer.score(waves, feats, mask)
+        for i in range(6):
+            one = scorer.score(waves[i : i + 1], feats[i : i + 1], mask[i : i + 1])
+            assert one.popularity[0] == pytest.approx(batched.popularity[i], abs=1e-4)
+            assert one.hit_probability[0] == pytest.approx(batched.hit_probability[i], abs=1e-5)
+
+    def test_features_only_scoring_is_finite(self, artifact: Path, device: str) -> None:
+        waves, feats, _ = inputs(3)
+        scores = Scorer(artifact, device).score(waves, feats, np.zeros(3, dtype=bool))
+        assert np.isfinite(scores.popularity).all()
+
+
+def test_metadata_is_read(artifact: Path) -> None:
+    meta = Scorer(artifact, "cpu").meta
+    assert (meta.model_version, meta.sample_rate, meta.clip_seconds) == ("tiny-test", RATE, CLIP)
+    assert meta.features == DEFAULT_FEATURES and meta.hit_threshold == 70.0
+
+
+def test_missing_artifact_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="make model"):
+        Scorer(tmp_path / "none.pt", "cpu")
+
+
+def test_not_an_artifact(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a torchscript zip")
+    with pytest.raises(ArtifactError):
+        Scorer(bogus, "cpu")
+
+
+def test_auto_device_is_cpu_without_cuda() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_explicit_cuda_without_cuda_fails() -> None:
+    with pytest.raises(ArtifactError, match="CUDA"):
+        pick_device("cuda")
+
+
+@pytest.fixture
+def pipeline(artifact: Path, tmp_path: Path) -> Iterator[Pipeline]:
+    with ThreadPoolExecutor(2) as pool:
+        yield Pipeline(Scorer(artifact, "cpu"), AudioPolicy.create((tmp_path,)), pool, Metrics())
+
+
+def event(i: int, uri: str) -> ReleaseEvent:
+    return ReleaseEvent.model_validate(
+        {
+            "event_id": f"e{i}",
+            "track_id": f"t{i}",
+            "emitted_at": datetime.now(UTC),
+            "audio_uri": uri,
+            "artist": {"followers": 10 * i},
+        },
+        strict=False,
+    )
+
+
+def test_pipeline_scores_in_order_and_rejects_in_place(pipeline: Pipeline, tmp_path: Path) -> None:
+    t = np.arange(3 * 44_100) / 44_100
+    sf.write(tmp_path / "a.flac", (0.4 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 44_100)
+    good = (tmp_path / "a.flac").as_uri()
+    events = [event(0, good), event(1, "file:///etc/passwd"), event(2, good)]
+    outcomes = pipeline.score_events(events)
+    assert isinstance(outcomes[0], ScoreRecord) and outcomes[0].event_id == "e0"
+    assert isinstance(outcomes[1], DeadLetter) and outcomes[1].reason is Reason.URI_FORBIDDEN
+    assert isinstance(outcomes[2], ScoreRecord) and outcomes[2].event_id == "e2"
+    assert outcomes[0].model_version == "tiny-test" and outcomes[0].audio_used
+    assert outcomes[0].is_hit == (outcomes[0].hit_probability >= 0.5)
+    assert outcomes[0].latency_ms >= 0

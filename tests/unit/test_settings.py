@@ -1,0 +1,69 @@
+"""Settings: defaults, parsing, and one clear line naming the variable on a bad value."""
+
+from pathlib import Path
+
+import pytest
+
+from consumer.errors import ConfigError
+from consumer.settings import load_settings
+
+
+def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("POPSCORE_"):
+            monkeypatch.delenv(name)
+    s = load_settings()
+    assert s.kafka_bootstrap == "localhost:9092"
+    assert s.redis_url.get_secret_value() == "redis://localhost:6379/0"
+    assert (s.input_topic, s.output_topic, s.dlq_topic) == (
+        "releases",
+        "release-scores",
+        "releases-dlq",
+    )
+    assert (s.group_id, s.http_port, s.device) == ("popscore", 9400, "auto")
+    assert s.model == Path("models/demo.pt")
+    assert s.audio_file_roots == () and s.audio_allow_private_hosts is False
+
+
+def test_roots_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPSCORE_AUDIO_FILE_ROOTS", "/a, /b/c,")
+    assert load_settings().audio_file_roots == (Path("/a"), Path("/b/c"))
+
+
+def test_kafka_properties_pass_through_and_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "POPSCORE_KAFKA_PROPERTIES", '{"security.protocol": "SASL_SSL", "sasl.password": "hunter2"}'
+    )
+    s = load_settings()
+    assert s.kafka_common()["sasl.password"] == "hunter2"
+    assert "hunter2" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("POPSCORE_BATCH_SIZE", "0"),
+        ("POPSCORE_BATCH_SIZE", "many"),
+        ("POPSCORE_DEVICE", "tpu"),
+        ("POPSCORE_HTTP_PORT", "70000"),
+        ("POPSCORE_AUDIO_ALLOW_PRIVATE_HOSTS", "perhaps"),
+        ("POPSCORE_INPUT_TOPIC", " "),
+        ("POPSCORE_AUDIO_MAX_SECONDS", "-1"),
+    ],
+)
+def test_bad_value_names_the_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(var + ":") and "\n" not in message
+
+
+def test_bad_secret_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPSCORE_KAFKA_PROPERTIES", "not-json-secret")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "POPSCORE_KAFKA_PROPERTIES" in str(info.value)
+    assert "not-json-secret" not in str(info.value)
