@@ -126,6 +126,7 @@ class KafkaSink:
         self.producer = Producer(
             {
                 **config,
+                "logger": logging.getLogger("librdkafka.producer"),
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,

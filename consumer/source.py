@@ -33,6 +33,8 @@ class KafkaSource:
         self.consumer = Consumer(
             {
                 **config,
+                # librdkafka's own log lines go through Python logging, not raw stderr.
+                "logger": logging.getLogger("librdkafka.consumer"),
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
