@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 from consumer.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "models" / "demo.pt"
+MODEL = Path(os.environ.get("POPSCORE_TEST_MODEL", ROOT / "models" / "demo.pt"))
 
 
 @pytest.fixture(scope="session")
