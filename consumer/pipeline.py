@@ -16,7 +16,7 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from consumer.audio import AudioPolicy, Resampler, decode_window, open_uri
-from consumer.device import Scorer, Scores
+from consumer.device import ArtifactMeta, Scorer, Scores
 from consumer.errors import DeadLetter
 from consumer.metrics import Metrics
 from consumer.sinks import Rejected
@@ -26,8 +26,6 @@ from schemas.scores import ScoreRecord, utc_now
 from training.features import extract
 
 log = logging.getLogger(__name__)
-# The hit head is trained for popularity >= hit_threshold; a record is a hit at even odds.
-HIT_PROBABILITY_CUTOFF = 0.5
 
 
 @dataclass
@@ -122,12 +120,11 @@ class Pipeline:
             scores = None
         self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - start)
         scored_at = utc_now()
-        version = self.scorer.meta.model_version
         outcomes: list[ScoreRecord | DeadLetter] = []
         for i, item in enumerate(items):
             try:
                 one, j = (scores, i) if scores is not None else (self._infer([item]), 0)
-                outcomes.append(_record(item.event, version, one, j, scored_at))
+                outcomes.append(_record(item.event, self.scorer.meta, one, j, scored_at))
             except Exception as exc:
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 outcomes.append(DeadLetter(Reason.INFERENCE_FAILED, detail))
@@ -142,7 +139,7 @@ class Pipeline:
 
 
 def _record(
-    event: ReleaseEvent, model_version: str, scores: Scores, i: int, scored_at: datetime
+    event: ReleaseEvent, meta: ArtifactMeta, scores: Scores, i: int, scored_at: datetime
 ) -> ScoreRecord:
     popularity = float(scores.popularity[i])
     probability = float(scores.hit_probability[i])
@@ -152,10 +149,11 @@ def _record(
     return ScoreRecord(
         event_id=event.event_id,
         track_id=event.track_id,
-        model_version=model_version,
+        model_version=meta.model_version,
         popularity=min(max(popularity, 0.0), 100.0),
         hit_probability=min(max(probability, 0.0), 1.0),
-        is_hit=probability >= HIT_PROBABILITY_CUTOFF,
+        # CONTRACT §5: a hit by the artifact's threshold on the popularity scale.
+        is_hit=popularity >= meta.hit_threshold,
         audio_used=True,
         emitted_at=event.emitted_at,
         scored_at=scored_at,

@@ -118,5 +118,5 @@ def test_pipeline_scores_in_order_and_rejects_in_place(pipeline: Pipeline, tmp_p
     assert isinstance(outcomes[1], DeadLetter) and outcomes[1].reason is Reason.URI_FORBIDDEN
     assert isinstance(outcomes[2], ScoreRecord) and outcomes[2].event_id == "e2"
     assert outcomes[0].model_version == "tiny-test" and outcomes[0].audio_used
-    assert outcomes[0].is_hit == (outcomes[0].hit_probability >= 0.5)
+    assert outcomes[0].is_hit == (outcomes[0].popularity >= 70.0)
     assert outcomes[0].latency_ms >= 0

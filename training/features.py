@@ -1,0 +1,80 @@
+"""Which ReleaseEvent fields the model reads, and how one event becomes a feature row.
+
+The order of `DEFAULT_FEATURES` is part of the artifact: it is written into the artifact's
+metadata (`features`), and serving builds its feature matrix in exactly that order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_AUDIO_FEATURES = (
+    "acousticness",
+    "danceability",
+    "energy",
+    "instrumentalness",
+    "liveness",
+    "loudness",
+    "speechiness",
+    "valence",
+    "tempo",
+    "time_signature",
+    "key",
+    "mode",
+)
+_ENGAGEMENT = ("streams", "saves", "playlist_adds", "skips", "shares")
+
+DEFAULT_FEATURES: tuple[str, ...] = (
+    "artist.popularity",
+    "artist.followers",
+    *(f"audio_features.{name}" for name in _AUDIO_FEATURES),
+    "release.duration_ms",
+    "release.explicit",
+    *(f"engagement.{name}" for name in _ENGAGEMENT),
+)
+
+# Heavy-tailed counts: the model log1p's these before standardising, otherwise one
+# viral release would dominate the fitted mean and std.
+COUNT_FEATURES: frozenset[str] = frozenset(
+    {"artist.followers", "release.duration_ms", *(f"engagement.{name}" for name in _ENGAGEMENT)}
+)
+
+
+def lookup(event: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path, or None where any step is absent."""
+    node: Any = event
+    for key in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _as_float(value: Any) -> float:
+    # bool is checked first because it is an int subclass; anything non-numeric or
+    # non-finite becomes NaN so that the artifact's imputation handles it.
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        number = float(value)
+        return number if math.isfinite(number) else math.nan
+    return math.nan
+
+
+def extract(event_dict: Mapping[str, Any], paths: Sequence[str] = DEFAULT_FEATURES) -> np.ndarray:
+    """One event (a ReleaseEvent as a dict) -> float32 row in `paths` order, NaN where missing."""
+    return np.array([_as_float(lookup(event_dict, path)) for path in paths], dtype=np.float32)
+
+
+def extract_many(
+    events: Iterable[Mapping[str, Any]], paths: Sequence[str] = DEFAULT_FEATURES
+) -> np.ndarray:
+    """Several events -> float32 matrix [n, len(paths)]."""
+    rows = [extract(event, paths) for event in events]
+    if not rows:
+        return np.zeros((0, len(paths)), dtype=np.float32)
+    return np.stack(rows)

@@ -1,0 +1,202 @@
+"""Training loop and held-out evaluation for FusionNet on in-memory arrays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.model import FusionNet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    hit_threshold: float = 70.0  # popularity at or above which a release counts as a hit
+    hit_weight: float = 0.3  # BCE(hit) weight beside MSE(popularity / 100)
+    audio_dropout: float = 0.15  # share of items trained with audio_mask False
+    group_dropout: float = 0.15  # chance, per item and feature group, that the group is hidden
+    features_dropout: float = 0.15  # share of items trained with every feature hidden
+    probe_weight: float = 1.0  # weight of the audio-only auxiliary loss (FusionNet.audio_probe)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise ValueError("need epochs >= 1, batch_size >= 2 (BatchNorm) and lr > 0")
+        rates = (self.audio_dropout, self.group_dropout, self.features_dropout)
+        if not all(0 <= rate < 1 for rate in rates):
+            raise ValueError("audio_dropout, group_dropout and features_dropout must be in [0, 1)")
+
+
+def feature_groups(paths: Sequence[str]) -> torch.Tensor:
+    """Group index per feature column, from the dotted path's first part (artist, engagement...)."""
+    names = [path.split(".")[0] for path in paths]
+    order = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    return torch.tensor([order[name] for name in names])
+
+
+def _hide_modalities(
+    features: torch.Tensor,
+    audio_mask: torch.Tensor,
+    groups: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Real events arrive without audio, or without whole groups (no engagement before release).
+    # Hiding them at random in training teaches the imputation and the "no audio" vector, and
+    # stops the net leaning on features alone when the audio carries signal too.
+    batch = features.size(0)
+    drop_audio = torch.rand(batch, generator=generator) < config.audio_dropout
+    n_groups = int(groups.max()) + 1
+    drop_group = torch.rand(batch, n_groups, generator=generator) < config.group_dropout
+    drop_all = torch.rand(batch, 1, generator=generator) < config.features_dropout
+    hidden = torch.where(drop_group[:, groups] | drop_all, torch.nan, features)
+    return hidden, audio_mask & ~drop_audio
+
+
+def _step_loss(
+    model: FusionNet,
+    waveforms: torch.Tensor,
+    features: torch.Tensor,
+    audio_mask: torch.Tensor,
+    target: torch.Tensor,
+    config: TrainConfig,
+) -> torch.Tensor:
+    audio = model.embed_audio(waveforms)
+    popularity, hit_logit = model.fuse(audio, features, audio_mask)
+    scaled = target / 100.0
+    mse = nn.functional.mse_loss(popularity / 100.0, scaled)
+    is_hit = (target >= config.hit_threshold).to(hit_logit.dtype)
+    bce = nn.functional.binary_cross_entropy_with_logits(hit_logit, is_hit)
+    probe = torch.sigmoid(model.audio_probe(audio).squeeze(1))
+    probe_mse = nn.functional.mse_loss(probe, scaled)
+    return mse + config.hit_weight * bce + config.probe_weight * probe_mse
+
+
+def _cuts(n: int, batch_size: int) -> list[int]:
+    """Batch boundaries; a trailing batch of one would break BatchNorm statistics, so fold it in."""
+    cuts = [*range(0, n, batch_size), n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < 2:
+        del cuts[-2]
+    return cuts
+
+
+def train(
+    model: FusionNet,
+    waveforms: np.ndarray,
+    features: np.ndarray,
+    popularity: np.ndarray,
+    config: TrainConfig,
+    progress: bool = True,
+) -> list[float]:
+    """Adam + cosine decay over all steps; returns the mean training loss of each epoch.
+
+    The caller fits `model.fit_normalizer` first (on the same training rows).
+    """
+    wav = torch.from_numpy(np.ascontiguousarray(waveforms, dtype=np.float32))
+    feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    target = torch.from_numpy(np.ascontiguousarray(popularity, dtype=np.float32))
+    groups = feature_groups(model.feature_paths)
+    generator = torch.Generator().manual_seed(config.seed)
+    cuts = _cuts(len(target), config.batch_size)
+    total = config.epochs * (len(cuts) - 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    history: list[float] = []
+    model.train()
+    with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(target), generator=generator)
+            losses = []
+            for a, b in pairwise(cuts):
+                idx = order[a:b]
+                batch_feats, audio_mask = _hide_modalities(
+                    feats[idx], torch.ones(b - a, dtype=torch.bool), groups, config, generator
+                )
+                loss = _step_loss(model, wav[idx], batch_feats, audio_mask, target[idx], config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+                bar.update()
+            history.append(sum(losses) / len(losses))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}")
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    waveforms: np.ndarray,
+    features: np.ndarray,
+    audio_mask: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode scoring of arrays -> (popularity [n], hit_probability [n])."""
+    model.eval()
+    n = len(features)
+    mask = np.ones(n, dtype=bool) if audio_mask is None else np.asarray(audio_mask, dtype=bool)
+    pops, probs = [], []
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        pop, logit = model(
+            torch.from_numpy(np.ascontiguousarray(waveforms[part], dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(features[part], dtype=np.float32)),
+            torch.from_numpy(mask[part]),
+        )
+        pops.append(pop.numpy())
+        probs.append(torch.sigmoid(logit).numpy())
+    return np.concatenate(pops), np.concatenate(probs)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney ROC-AUC (ties count half); NaN when only one class is present."""
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # Average the ranks of tied scores.
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate(
+    model: nn.Module,
+    waveforms: np.ndarray,
+    features: np.ndarray,
+    popularity: np.ndarray,
+    train_mean: float,
+    hit_threshold: float = 70.0,
+) -> dict[str, float]:
+    """Held-out metrics for the model, its features-only path, and the mean predictor."""
+    target = np.asarray(popularity, dtype=np.float64)
+    pred, hit_prob = predict(model, waveforms, features)
+    feat_only, _ = predict(model, waveforms, features, np.zeros(len(target), dtype=bool))
+    audio_only, _ = predict(model, waveforms, np.full_like(features, np.nan))
+    is_hit = target >= hit_threshold
+    return {
+        "mae": float(np.abs(pred - target).mean()),
+        "rmse": float(np.sqrt(((pred - target) ** 2).mean())),
+        "mean_predictor_mae": float(np.abs(train_mean - target).mean()),
+        "features_only_mae": float(np.abs(feat_only - target).mean()),
+        "audio_only_mae": float(np.abs(audio_only - target).mean()),
+        "hit_accuracy": float(((hit_prob >= 0.5) == is_hit).mean()),
+        "hit_roc_auc": roc_auc(is_hit, hit_prob),
+        "hit_rate": float(is_hit.mean()),
+    }
