@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 from tqdm import tqdm
-from training.synthetic import sample_track, synth_audio, write_audio
 
 from consumer.errors import SinkError
 from schemas.events import ReleaseEvent
+from training.synthetic import sample_track, synth_audio, write_audio
 
 FORMATS = ("MP3", "FLAC", "OGG", "WAV")
 SUFFIX = {"MP3": ".mp3", "FLAC": ".flac", "OGG": ".ogg", "WAV": ".wav"}
@@ -128,6 +128,8 @@ def send(
 
 
 def event_records(events: Iterator[ReleaseEvent]) -> Iterator[tuple[bytes | None, bytes]]:
-    """Kafka (key, value) for each event: key = track id."""
+    """Kafka (key, value) for each event: key = track id, ``emitted_at`` = the moment it is sent
+    (the platform publishes a release once its audio exists, not while it is being made)."""
     for event in events:
-        yield event.track_id.encode(), event.encode()
+        sent = event.model_copy(update={"emitted_at": datetime.now(UTC)})
+        yield sent.track_id.encode(), sent.encode()
