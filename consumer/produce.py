@@ -83,7 +83,8 @@ def synthetic_events(
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = draw_specs(n, seed, min_s, max_s)
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(lambda spec: synthesize(spec, seed, out_dir), specs)
+        jobs = pool.map(lambda spec: synthesize(spec, seed, out_dir), specs)
+        yield from tqdm(jobs, total=n, desc="synthesize audio", unit="file")
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[bytes | None, bytes]]:
