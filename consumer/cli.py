@@ -5,7 +5,7 @@ import json
 import logging
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +19,8 @@ from consumer.settings import Settings, load_settings
 from schemas.events import ReleaseEvent
 
 EXIT_USAGE = 2
+# A subcommand's implementation: parsed arguments and settings in, exit status out.
+Handler = Callable[[argparse.Namespace, Settings], int]
 log = logging.getLogger("popscore")
 
 
@@ -37,6 +39,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     consume = sub.add_parser("consume", help="run the scoring service (POPSCORE_* settings)")
+    consume.set_defaults(handler=_consume)
     consume.add_argument(
         "--stop-at-end",
         action="store_true",
@@ -49,6 +52,7 @@ def build_parser() -> Parser:
     )
 
     produce = sub.add_parser("produce", help="publish ReleaseEvents to the input topic")
+    produce.set_defaults(handler=_produce)
     source = produce.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--synthetic",
@@ -75,6 +79,7 @@ def build_parser() -> Parser:
     )
 
     score = sub.add_parser("score", help="score one audio file offline, print a ScoreRecord")
+    score.set_defaults(handler=_score)
     score.add_argument("file", type=_existing_file)
     score.add_argument(
         "--features",
@@ -93,10 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handlers = {"consume": _consume, "produce": _produce, "score": _score}
     try:
         settings = load_settings()
-        return handlers[args.command](args, settings)
+        handler: Handler = args.handler
+        return handler(args, settings)
     except ConfigError as exc:
         print(f"popscore: {exc}", file=sys.stderr)
         return EXIT_USAGE
