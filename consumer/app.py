@@ -1,17 +1,24 @@
-"""The service: wires settings, source, pipeline and sinks, and runs the loop.
+"""The service: wires settings, source, pipeline, sinks and transactions, and runs the loop.
 
-    while running:
-        poll a micro-batch → pipeline (parse, decode, score) → Redis → results + DLQ → commit
+    main thread (owns the consumer and the transactional producer):
+        poll (never blocked by work) → micro-batch → submit ─┐
+        commit finished batches in order  ◄──────────────────┘
+    stage threads, per batch, in order:
+        prepare (parse + fetch/decode on the pool) → infer (device) → Redis upsert
 
-Offsets are committed only after Redis and the Kafka sinks confirmed the batch. SIGTERM and
-SIGINT set a flag: the batch in hand is finished, flushed and committed before exit.
+A batch is committed — scores, dead letters and input offsets in one Kafka transaction — only
+after its Redis write. At most ``max_inflight_batches`` are in flight; then the partitions are
+paused while the loop keeps polling, so no batch can outlast ``max.poll.interval.ms`` and memory
+stays bounded. SIGTERM/SIGINT: the batches in hand are finished and committed, then exit 0.
 """
 
 import logging
 import signal
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,17 +29,19 @@ from confluent_kafka import Message
 
 from consumer.audio import AudioPolicy
 from consumer.batcher import MicroBatcher
+from consumer.commit import TransactionAborted, Transactions
 from consumer.device import Scorer
 from consumer.health import Health, HealthServer
-from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_SCORED, Metrics
+from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline
 from consumer.settings import Settings
-from consumer.sinks import KafkaSink, RedisSink
-from consumer.source import KafkaSource
+from consumer.sinks import RedisSink, Upsert
+from consumer.source import KafkaSource, Partition, next_offsets, partition_of
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
-IDLE_POLL_S = 0.5
+IDLE_POLL_S = 0.2
+BUSY_POLL_S = 0.02
 # The demo prints the records of its run; a long-running service keeps only the latest.
 STATS_KEPT = 10_000
 
@@ -41,11 +50,18 @@ STATS_KEPT = 10_000
 class RunStats:
     """What this process did, for the demo's table and summary."""
 
-    started: float = field(default_factory=time.monotonic)
     scored: deque[ScoreRecord] = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
     dead_letters: dict[str, int] = field(default_factory=dict)
     first_event_at: float | None = None
     last_write_at: float | None = None
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A submitted batch: its messages and the future of its last stage."""
+
+    messages: list[Message]
+    future: "Future[BatchResult]"
 
 
 class App:
@@ -58,6 +74,9 @@ class App:
         self.health = Health()
         self.stats = RunStats()
         self.running = True
+        self.inflight: deque[InFlight] = deque()
+        self._stop_writes = threading.Event()
+        self._needs_rewind = False
         self._stack = ExitStack()
 
     def __enter__(self) -> "App":
@@ -73,23 +92,35 @@ class App:
             s.audio_max_seconds,
             s.audio_fetch_timeout_s,
         )
-        pool = self._stack.enter_context(ThreadPoolExecutor(s.decode_workers, "decode"))
-        self.pipeline = Pipeline(self.scorer, policy, pool, self.metrics)
+        pool = self._executor(s.decode_workers, "decode")
+        self.pipeline = Pipeline(self.scorer, policy, pool, self.metrics, s.max_event_bytes)
+        # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
+        # stage n of the next (decode of batch k+1 while batch k is on the device).
+        self._stages = [self._executor(1, name) for name in ("prepare", "device", "sink")]
         self.redis = redis.Redis.from_url(
             s.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
         )
         self._stack.callback(self.redis.close)
-        self.redis_sink = RedisSink(self.redis, s.redis_ttl_s)
-        self.kafka_sink = KafkaSink(s.kafka_common(), s.output_topic, s.dlq_topic)
-        self._stack.callback(self.kafka_sink.close)
-        batcher = MicroBatcher(s.batch_size, s.batch_wait_ms / 1000.0)
+        self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
+        self.txn = Transactions(
+            s.kafka_common(), s.instance_transactional_id(), s.output_topic, s.dlq_topic
+        )
+        self._stack.callback(self.txn.close)
+        self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         self.source = KafkaSource(
-            s.kafka_common(), s.group_id, s.input_topic, batcher, self.metrics
+            s.kafka_common(),
+            s.group_id,
+            s.input_topic,
+            self.metrics,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         self._stack.callback(self.source.close)
         self.health.readiness = self._readiness
         self.http = HealthServer(s.http_port, self.metrics.registry, self.health).start()
         self._stack.callback(self.http.close)
+        # Last in, first out: unblock Redis retries before the stage threads are joined.
+        self._stack.callback(self._stop_writes.set)
         log.info("serving /metrics, /healthz, /readyz on port %d", self.http.port)
         return self
 
@@ -97,7 +128,7 @@ class App:
         self._stack.close()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: finish the batch in hand, then leave the loop."""
+        """SIGTERM/SIGINT: finish the batches in hand, then leave the loop."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
 
@@ -105,57 +136,151 @@ class App:
         """The main loop; returns after a stop signal (or at the end, with ``stop_at_end``)."""
         while self.running:
             self.health.beat()
-            messages = self.source.poll_batch(IDLE_POLL_S)
-            if messages:
-                self._handle(messages)
-            self.source.refresh_lag(force=not messages)
-            if self.stop_at_end and self.source.caught_up():
+            self._commit_finished()
+            self._poll()
+            self.source.refresh_lag()
+            if self.stop_at_end and self._idle() and self.source.caught_up():
                 log.info("all assigned partitions read to the end; stopping")
                 break
+        self._drain(self.settings.shutdown_grace_s)
 
-    def _handle(self, messages: list[Message]) -> None:
+    # --- polling and submitting --------------------------------------------------------
+
+    def _poll(self) -> None:
+        if self._needs_rewind:
+            self._needs_rewind = False
+            self.source.rewind()
+        if len(self.inflight) >= self.settings.max_inflight_batches:
+            self.source.pause()  # backpressure; polling on keeps the group membership alive
+            self.batcher.add(self.source.fetch(1, BUSY_POLL_S))
+            return
+        self.source.resume()
+        idle = BUSY_POLL_S if self.inflight else IDLE_POLL_S
+        room = self.batcher.room()
+        if room > 0:
+            self.batcher.add(self.source.fetch(room, self.batcher.wait_left(idle)))
+        if self.batcher.ready():
+            self._submit(self.batcher.take())
+
+    def _submit(self, messages: list[Message]) -> None:
         if self.stats.first_event_at is None:
             self.stats.first_event_at = time.monotonic()
-        self.metrics.inflight.set(len(messages))
-        result = self.pipeline.run(messages)
-        self._write(result)
-        with self._timed("commit"):
-            self.source.commit(messages)
-        self.metrics.inflight.set(0)
-        self._count(result)
+        prepare, device, sink = self._stages
+        prepared = prepare.submit(self.pipeline.prepare, messages)
+        scored = device.submit(lambda: self.pipeline.infer(prepared.result()))
+        written = sink.submit(lambda: self._write_redis(scored.result()))
+        self.inflight.append(InFlight(messages, written))
+        self._set_inflight_gauge()
 
-    def _write(self, result: BatchResult) -> None:
-        with self._timed("redis"):
-            self.redis_sink.write(result.scored)
+    def _write_redis(self, result: BatchResult) -> BatchResult:
+        """Sink stage: the idempotent upsert; drops re-deliveries of already claimed events."""
+        start = time.perf_counter()
+        records = [record for _msg, record in result.scored]
+        sources = ["{}/{}/{}".format(*partition_of(msg), msg.offset()) for msg, _r in result.scored]
+        codes = self.redis_sink.write(records, sources, self._stop_writes)
+        self.metrics.stage_seconds.labels("redis").observe(time.perf_counter() - start)
         written_at = datetime.now(UTC)
-        for record in result.scored:
+        kept = []
+        for (msg, record), code in zip(result.scored, codes, strict=True):
+            if code is Upsert.DUPLICATE:
+                result.duplicates.append(msg)
+                continue
+            kept.append((msg, record))
             self.metrics.e2e_latency.observe((written_at - record.emitted_at).total_seconds())
-        with self._timed("produce"):
-            self.kafka_sink.write_scores(result.scored)
-            self.kafka_sink.write_dead_letters(result.rejected)
-            self.kafka_sink.flush()
-        self.stats.last_write_at = time.monotonic()
+        result.scored = kept
+        return result
+
+    # --- committing ---------------------------------------------------------------------
+
+    def _commit_finished(self) -> None:
+        """Commit, in order, every batch at the head of the queue whose stages are done."""
+        while self.inflight and self.inflight[0].future.done():
+            self._commit(self.inflight.popleft())
+
+    def _commit(self, item: InFlight) -> None:
+        result = item.future.result()  # a stage's unexpected exception stops the process
+        start = time.perf_counter()
+        try:
+            self.txn.commit(
+                [record for _msg, record in result.scored],
+                result.rejected,
+                next_offsets(item.messages),
+                self.source.group_metadata(),
+            )
+        except TransactionAborted:
+            self._drop_uncommitted()
+            return
+        self.metrics.stage_seconds.labels("commit").observe(time.perf_counter() - start)
+        self._count(result)
+        self._set_inflight_gauge()
+
+    def _drain(self, timeout_s: float) -> None:
+        """Finish and commit every batch in hand within ``timeout_s``, else drop the rest."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight:
+            head = self.inflight[0].future
+            wait_futures([head], timeout=max(0.0, deadline - time.monotonic()))
+            if not head.done():
+                log.warning("batches in hand did not finish in %.0fs; dropping them", timeout_s)
+                self._stop_writes.set()
+                self._drop_uncommitted()
+                return
+            self._commit_finished()
+
+    def _drop_uncommitted(self) -> None:
+        """Forget everything not committed; the partitions rewind to their committed offsets.
+        Stage threads may still finish old batches: their Redis writes are idempotent, and
+        their results are never committed."""
+        self.inflight.clear()
+        self.batcher.take()
+        self._needs_rewind = True
+        self._set_inflight_gauge()
+
+    # --- rebalances -----------------------------------------------------------------------
+
+    def _on_revoke(self, gone: set[Partition]) -> None:
+        """We still own ``gone``: finish and commit what is in hand, or drop it uncommitted."""
+        self._drain(self.settings.shutdown_grace_s)
+        self.batcher.discard(lambda msg: partition_of(msg) not in gone)
+
+    def _on_lost(self, gone: set[Partition]) -> None:
+        """``gone`` already belongs to someone else: nothing of it may be committed."""
+        log.warning("partitions lost: %s; dropping uncommitted work", sorted(gone))
+        self._drop_uncommitted()
+
+    # --- bookkeeping ----------------------------------------------------------------------
 
     def _count(self, result: BatchResult) -> None:
-        if result.scored:
-            self.metrics.batch_size.observe(len(result.scored))
-        self.metrics.events.labels(OUTCOME_SCORED).inc(len(result.scored))
+        scored = [record for _msg, record in result.scored]
+        if result.messages:
+            self.metrics.batch_size.observe(len(result.messages))
+        self.metrics.events.labels(OUTCOME_SCORED).inc(len(scored))
         self.metrics.events.labels(OUTCOME_DEAD_LETTERED).inc(len(result.rejected))
+        self.metrics.events.labels(OUTCOME_DUPLICATE).inc(len(result.duplicates))
         for item in result.rejected:
             reason = item.error.reason.value
             self.metrics.dead_letters.labels(reason).inc()
             self.stats.dead_letters[reason] = self.stats.dead_letters.get(reason, 0) + 1
+            msg = item.message
             log.warning(
                 "dead-lettered %s[%s]@%s: %s",
-                item.message.topic(),
-                item.message.partition(),
-                item.message.offset(),
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
                 item.error,
             )
-        self.stats.scored.extend(result.scored)
+        self.stats.scored.extend(scored)
+        self.stats.last_write_at = time.monotonic()
 
-    def _timed(self, stage: str) -> "_StageTimer":
-        return _StageTimer(self.metrics, stage)
+    def _set_inflight_gauge(self) -> None:
+        in_hand = sum(len(item.messages) for item in self.inflight) + len(self.batcher)
+        self.metrics.inflight.set(in_hand)
+
+    def _idle(self) -> bool:
+        return not self.inflight and len(self.batcher) == 0
+
+    def _executor(self, workers: int, name: str) -> ThreadPoolExecutor:
+        return self._stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix=name))
 
     def _readiness(self) -> tuple[bool, str]:
         if not self.health.model_loaded:
@@ -169,16 +294,5 @@ class App:
         return True, "ready"
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: finishing the batch in hand", signum)
+        log.info("signal %d: finishing the batches in hand", signum)
         self.running = False
-
-
-class _StageTimer:
-    def __init__(self, metrics: Metrics, stage: str) -> None:
-        self.metrics, self.stage = metrics, stage
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.metrics.stage_seconds.labels(self.stage).observe(time.perf_counter() - self.start)

@@ -14,6 +14,7 @@ from typing import NoReturn
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
+from consumer import replay
 from consumer.errors import ConfigError, DeadLetter, PopscoreError
 from consumer.settings import Settings, load_settings
 from schemas.events import ReleaseEvent
@@ -89,6 +90,7 @@ def build_parser() -> Parser:
     )
     score.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
     score.add_argument("--device", help="default: POPSCORE_DEVICE")
+    replay.register(sub)
     return parser
 
 

@@ -19,21 +19,22 @@ from consumer.audio import AudioPolicy, Resampler, decode_window, open_uri
 from consumer.device import ArtifactMeta, Scorer, Scores
 from consumer.errors import DeadLetter
 from consumer.metrics import Metrics
-from consumer.sinks import Rejected
 from schemas.dead_letter import DeadLetterReason as Reason
 from schemas.events import ReleaseEvent
 from schemas.scores import ScoreRecord, utc_now
 from training.features import extract
 
 log = logging.getLogger(__name__)
+# A ReleaseEvent is a few kB; anything this big is abuse or a producer bug.
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 
-@dataclass
-class BatchResult:
-    """What one batch produced: scores to write and messages to dead-letter."""
+@dataclass(frozen=True)
+class Rejected:
+    """A consumed message that goes to the DLQ, and why."""
 
-    scored: list[ScoreRecord] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
+    message: Message
+    error: DeadLetter
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,32 @@ class _Ready:
     waveform: np.ndarray
 
 
-def parse_event(msg: Message) -> ReleaseEvent:
+@dataclass
+class Prepared:
+    """A batch after parsing and decoding, before the device."""
+
+    messages: list[Message]
+    ready: list[tuple[Message, _Ready]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: scores (with their messages) and messages to dead-letter."""
+
+    messages: list[Message]
+    scored: list[tuple[Message, ScoreRecord]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    duplicates: list[Message] = field(default_factory=list)
+
+
+def parse_event(msg: Message, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> ReleaseEvent:
     """The message's ReleaseEvent, or a DeadLetter naming the first problem."""
     value = msg.value()
     if value is None:
         raise DeadLetter(Reason.INVALID_JSON, "the message has no value")
+    if len(value) > max_bytes:
+        raise DeadLetter(Reason.MESSAGE_TOO_LARGE, f"{len(value)} bytes > {max_bytes}")
     try:
         return ReleaseEvent.from_json(value)
     except ValidationError as exc:
@@ -60,30 +82,49 @@ class Pipeline:
     """Turns messages into scores with the loaded model."""
 
     def __init__(
-        self, scorer: Scorer, policy: AudioPolicy, pool: Executor, metrics: Metrics
+        self,
+        scorer: Scorer,
+        policy: AudioPolicy,
+        pool: Executor,
+        metrics: Metrics,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.scorer = scorer
+        self.max_event_bytes = max_event_bytes
         self.policy = policy
         self.pool = pool
         self.metrics = metrics
         meta = scorer.meta
         self.resampler = Resampler(meta.sample_rate, meta.clip_seconds)
 
-    def run(self, messages: list[Message]) -> BatchResult:
-        """Score every message that can be scored; reject the rest with a reason."""
-        result = BatchResult()
+    def prepare(self, messages: list[Message]) -> Prepared:
+        """Parse every message and fetch + decode its audio on the pool (stage 1)."""
+        prepared = Prepared(messages)
         parsed: list[tuple[Message, ReleaseEvent]] = []
         for msg in messages:
             try:
-                parsed.append((msg, parse_event(msg)))
+                parsed.append((msg, parse_event(msg, self.max_event_bytes)))
             except DeadLetter as exc:
-                result.rejected.append(Rejected(msg, exc))
-        outcomes = self.score_events([event for _msg, event in parsed])
-        for (msg, _event), outcome in zip(parsed, outcomes, strict=True):
+                prepared.rejected.append(Rejected(msg, exc))
+        loaded = self.pool.map(self._load, [event for _msg, event in parsed])
+        for (msg, _event), outcome in zip(parsed, loaded, strict=True):
+            if isinstance(outcome, DeadLetter):
+                prepared.rejected.append(Rejected(msg, outcome))
+            else:
+                prepared.ready.append((msg, outcome))
+        return prepared
+
+    def infer(self, prepared: Prepared) -> BatchResult:
+        """Score what was decoded, as one batch on the device (stage 2)."""
+        result = BatchResult(prepared.messages, rejected=list(prepared.rejected))
+        if not prepared.ready:
+            return result
+        outcomes = self._score([item for _msg, item in prepared.ready])
+        for (msg, _item), outcome in zip(prepared.ready, outcomes, strict=True):
             if isinstance(outcome, DeadLetter):
                 result.rejected.append(Rejected(msg, outcome))
             else:
-                result.scored.append(outcome)
+                result.scored.append((msg, outcome))
         return result
 
     def score_events(self, events: list[ReleaseEvent]) -> list[ScoreRecord | DeadLetter]:

@@ -1,6 +1,7 @@
 """Every knob of the service, read once from ``POPSCORE_*`` environment variables (CONTRACT §2)."""
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +39,17 @@ class Settings(BaseSettings):
     """Longest wait for a micro-batch to fill before it is scored anyway."""
     decode_workers: Annotated[int, Field(ge=1, le=64)] = 4
     """Threads fetching and decoding audio (libsndfile releases the GIL)."""
+    max_inflight_batches: Annotated[int, Field(ge=1, le=16)] = 2
+    """Batches decoded, scored or written but not yet committed; when full, partitions pause."""
+    max_event_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    """Largest Kafka value parsed as a ReleaseEvent; larger ones are dead-lettered."""
+    transactional_id: str | None = None
+    """Kafka transactional.id of this instance; default popscore-<group>-<hostname>. Must be
+    unique per running instance and stable across its restarts (a restart fences the old one)."""
+    dedupe_ttl_s: Annotated[int, Field(ge=60)] = 7 * 86_400
+    """How long an event id is remembered to drop re-deliveries of the same event."""
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 30.0
+    """On SIGTERM or a revoke, how long batches in hand may take to finish and commit."""
     http_port: Annotated[int, Field(ge=0, le=65_535)] = 9400
     """Port of /metrics, /healthz, /readyz; 0 picks a free one."""
     input_topic: str = "releases"
@@ -79,6 +91,10 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    def instance_transactional_id(self) -> str:
+        """The configured transactional.id, or one stable for this host and group."""
+        return self.transactional_id or f"popscore-{self.group_id}-{socket.gethostname()}"
 
     def kafka_common(self) -> dict[str, str]:
         """librdkafka properties shared by consumer, producer and admin client."""

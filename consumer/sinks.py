@@ -1,182 +1,125 @@
-"""Where scores go: Redis (one idempotent Lua upsert per batch), the results topic and the DLQ.
+"""Redis: one idempotent Lua upsert per batch (score hashes, day leaderboards, event markers).
 
-Redis is written first; Kafka records are produced and flushed next; only then may the source
-commit offsets. A replay after a crash rewrites Redis idempotently: the script never lets an
-older event (by ``emitted_at``, then ``event_id``) overwrite a newer score.
+Runs on the sink thread, before the batch's Kafka transaction. A replay rewrites what it wrote
+before without changing anything visible, and the script never lets an older event (by
+``emitted_at``, then ``event_id``) overwrite a newer score. Each event id is claimed by the
+Kafka record (topic/partition/offset) that first carried it: a replay of that record is not a
+duplicate, another record with the same event id is.
 """
 
 import json
 import logging
-import time
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, date
+from enum import IntEnum
 from typing import Any
 
 import redis
-from confluent_kafka import KafkaError, Message, Producer
 
-from consumer.errors import DeadLetter, SinkError
-from schemas.dead_letter import (
-    HEADER_DETAIL,
-    HEADER_OFFSET,
-    HEADER_PARTITION,
-    HEADER_REASON,
-    HEADER_TOPIC,
-)
-from schemas.redis_keys import leaderboard_key, score_key
+from consumer.errors import SinkError
+from schemas.redis_keys import KEY_PREFIX, leaderboard_key, score_key
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
-ORDER_FIELD = "_order"
-BOARD_FIELD = "_leaderboard"
-MAX_DETAIL = 1000
+MAX_BACKOFF_S = 5.0
 
-# KEYS: per record its hash key then its leaderboard key. ARGV[1]: ttl seconds (0 = none);
-# ARGV[1 + i]: record i as JSON {order, event_id, member, score, fields}.
-# Returns per record 1 when written, 0 when a newer score was already there.
+# KEYS: per record its hash key, leaderboard key and event marker key.
+# ARGV[1]: score ttl (0 = none); ARGV[2]: marker ttl; ARGV[2 + i]: record i as JSON
+# {order, event_id, member, score, source, fields}. Returns per record an Upsert code.
 UPSERT_LUA = """
-local ttl = tonumber(ARGV[1])
-local written = {}
-for i = 2, #ARGV do
+local ttl, marker_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV do
   local rec = cjson.decode(ARGV[i])
-  local hkey, zkey = KEYS[2 * i - 3], KEYS[2 * i - 2]
-  local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard')
-  local order = tonumber(cur[1])
-  if order and (order > rec.order or (order == rec.order and cur[2] > rec.event_id)) then
-    written[#written + 1] = 0
+  local base = 3 * (i - 3)
+  local hkey, zkey, ekey = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
+  local claimed = redis.call('GET', ekey)
+  if claimed and claimed ~= rec.source then
+    out[#out + 1] = 2
   else
-    local args = {'_order', string.format('%d', rec.order), '_leaderboard', zkey}
-    for k, v in pairs(rec.fields) do
-      args[#args + 1] = k
-      args[#args + 1] = v
+    if not claimed then redis.call('SET', ekey, rec.source, 'EX', marker_ttl) end
+    local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard')
+    local order = tonumber(cur[1])
+    if order and (order > rec.order or (order == rec.order and cur[2] > rec.event_id)) then
+      out[#out + 1] = 0
+    else
+      local args = {'_order', string.format('%d', rec.order), '_leaderboard', zkey}
+      for k, v in pairs(rec.fields) do
+        args[#args + 1] = k
+        args[#args + 1] = v
+      end
+      redis.call('HSET', hkey, unpack(args))
+      if ttl > 0 then redis.call('EXPIRE', hkey, ttl) end
+      if cur[3] and cur[3] ~= zkey then redis.call('ZREM', cur[3], rec.member) end
+      redis.call('ZADD', zkey, rec.score, rec.member)
+      out[#out + 1] = 1
     end
-    redis.call('HSET', hkey, unpack(args))
-    if ttl > 0 then redis.call('EXPIRE', hkey, ttl) end
-    if cur[3] and cur[3] ~= zkey then redis.call('ZREM', cur[3], rec.member) end
-    redis.call('ZADD', zkey, rec.score, rec.member)
-    written[#written + 1] = 1
   end
 end
-return written
+return out
 """
 
 
-class RedisSink:
-    """Score hashes and day leaderboards, one script call (one round trip) per batch."""
+class Upsert(IntEnum):
+    """What the script did with one record."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = 0, retries: int = 5) -> None:
+    STALE = 0
+    """A newer score of the track was already stored; the record is still a valid result."""
+    WRITTEN = 1
+    DUPLICATE = 2
+    """Another Kafka record already carried this event id: not scored again, not emitted."""
+
+
+def event_key(event_id: str) -> str:
+    """Marks which Kafka record first carried an event id."""
+    return f"{KEY_PREFIX}:event:{event_id}"
+
+
+class RedisSink:
+    """Score hashes, leaderboards and event markers in one round trip per batch."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = 0, marker_ttl_s: int = 7 * 86_400) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self.retries = retries
+        self.marker_ttl_s = marker_ttl_s
         self._upsert = client.register_script(UPSERT_LUA)
 
-    def write(self, records: Sequence[ScoreRecord]) -> list[bool]:
-        """Upsert every record; True where it was newer than what Redis held."""
+    def write(
+        self, records: Sequence[ScoreRecord], sources: Sequence[str], stop: threading.Event
+    ) -> list[Upsert]:
+        """Upsert every record (``sources[i]`` names its Kafka record). Redis outages are retried
+        with capped exponential backoff until it answers, or until ``stop`` is set."""
         if not records:
             return []
         keys: list[str] = []
-        args: list[Any] = [self.ttl_s]
-        for record in records:
+        args: list[Any] = [self.ttl_s, self.marker_ttl_s]
+        for record, source in zip(records, sources, strict=True):
             keys += [score_key(record.track_id), leaderboard_key(_utc_day(record))]
-            args.append(json.dumps(_script_item(record)))
-        result = self._with_retries(lambda: self._upsert(keys=keys, args=args))
-        return [bool(flag) for flag in result]
-
-    def _with_retries(self, call: Any) -> Any:
+            keys.append(event_key(record.event_id))
+            args.append(json.dumps(_script_item(record, source)))
         delay = 0.1
-        for attempt in range(self.retries + 1):
+        while True:
             try:
-                return call()
+                return [Upsert(int(code)) for code in self._upsert(keys=keys, args=args)]
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if attempt == self.retries:
-                    raise SinkError(f"redis unavailable after {attempt + 1} tries: {exc}") from exc
+                if stop.is_set():
+                    raise SinkError(f"redis unavailable and stopping: {exc}") from exc
                 log.warning("redis write failed (%s); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+                stop.wait(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
 
 def _utc_day(record: ScoreRecord) -> date:
     return record.emitted_at.astimezone(UTC).date()
 
 
-def _script_item(record: ScoreRecord) -> dict[str, Any]:
+def _script_item(record: ScoreRecord, source: str) -> dict[str, Any]:
     return {
         "order": int(record.emitted_at.timestamp() * 1_000_000),
         "event_id": record.event_id,
         "member": record.track_id,
         "score": record.popularity,
+        "source": source,
         "fields": record.redis_fields(),
     }
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A consumed message that goes to the DLQ, and why."""
-
-    message: Message
-    error: DeadLetter
-
-
-class KafkaSink:
-    """Results and dead letters through one idempotent producer; ``flush`` confirms delivery."""
-
-    def __init__(self, config: dict[str, Any], results_topic: str, dlq_topic: str) -> None:
-        self.producer = Producer(
-            {
-                **config,
-                "logger": logging.getLogger("librdkafka.producer"),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "zstd",
-            }
-        )
-        self.results_topic = results_topic
-        self.dlq_topic = dlq_topic
-        self._failures: list[str] = []
-
-    def write_scores(self, records: Sequence[ScoreRecord]) -> None:
-        """One record per score, keyed by track id so a track's scores stay ordered."""
-        for record in records:
-            self._produce(self.results_topic, record.track_id.encode(), record.encode(), None)
-
-    def write_dead_letters(self, rejected: Sequence[Rejected]) -> None:
-        """The original bytes, untouched, with reason and source headers (CONTRACT §3)."""
-        for item in rejected:
-            msg = item.message
-            headers = [
-                (HEADER_REASON, item.error.reason.value.encode()),
-                (HEADER_DETAIL, item.error.detail[:MAX_DETAIL].encode()),
-                (HEADER_TOPIC, (msg.topic() or "").encode()),
-                (HEADER_PARTITION, str(msg.partition()).encode()),
-                (HEADER_OFFSET, str(msg.offset()).encode()),
-            ]
-            self._produce(self.dlq_topic, msg.key(), msg.value(), headers)
-
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait for every delivery report; any failure raises, so nothing gets committed."""
-        remaining = self.producer.flush(timeout_s)
-        failures, self._failures = self._failures, []
-        if remaining:
-            raise SinkError(f"{remaining} records not delivered within {timeout_s}s")
-        if failures:
-            raise SinkError(f"{len(failures)} records failed delivery: {failures[0]}")
-
-    def close(self) -> None:
-        """Deliver what is queued."""
-        self.producer.flush(10.0)
-
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=self._report)
-                return
-            except BufferError:
-                # Local queue full: serve delivery reports until there is room.
-                self.producer.poll(0.5)
-
-    def _report(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            self._failures.append(str(err))

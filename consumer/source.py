@@ -1,34 +1,58 @@
-"""The Kafka side of the loop: poll micro-batches, track assignment and lag, commit offsets.
+"""The Kafka input: poll, assignment (cooperative-sticky), pause/resume, rewind, lag.
 
-Auto-commit and auto offset store are off: offsets move only through ``commit``, which the app
-calls after Redis and the results topic hold the batch.
+Only the main thread touches the consumer. Offsets never move by themselves (auto-commit and
+auto offset store are off): they are committed inside the producer's transaction
+(``consumer/commit.py``) once Redis and the results topic hold the batch.
 """
 
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
-from consumer.batcher import MicroBatcher
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_S = 5.0
+Partition = tuple[str, int]
+RebalanceHook = Callable[[set[Partition]], None]
+
+
+def partition_of(msg: Message) -> Partition:
+    """The (topic, partition) a message came from."""
+    return (msg.topic() or "", msg.partition() or 0)
+
+
+def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
+    """Per partition, the offset after its last message: what a commit of these messages stores."""
+    offsets: dict[Partition, int] = {}
+    for msg in messages:
+        tp = partition_of(msg)
+        offsets[tp] = max(offsets.get(tp, 0), (msg.offset() or 0) + 1)
+    return [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
 
 
 class KafkaSource:
-    """One consumer in the group, subscribed to the input topic."""
+    """One member of the consumer group, subscribed to the input topic."""
 
     def __init__(
         self,
         config: dict[str, Any],
         group_id: str,
         topic: str,
-        batcher: MicroBatcher,
         metrics: Metrics,
+        on_revoke: RebalanceHook,
+        on_lost: RebalanceHook,
     ) -> None:
         self.consumer = Consumer(
             {
@@ -40,57 +64,29 @@ class KafkaSource:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": True,
+                # Upstream producers may be transactional: never score an aborted event.
+                "isolation.level": "read_committed",
+                # Incremental rebalances: partitions that stay are never stopped.
+                "partition.assignment.strategy": "cooperative-sticky",
             }
         )
         self.topic = topic
-        self.batcher = batcher
         self.metrics = metrics
-        self.assignment: set[tuple[str, int]] = set()
-        self._at_end: set[tuple[str, int]] = set()
+        self.assignment: set[Partition] = set()
+        self.paused = False
+        self._hooks = (on_revoke, on_lost)
+        self._at_end: set[Partition] = set()
         self._lag_checked = 0.0
-        self.consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.consumer.subscribe(
+            [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
 
-    def poll_batch(self, idle_timeout: float) -> list[Message]:
-        """The next micro-batch of real messages (errors and end-of-partition events handled)."""
-        return self.batcher.collect(self._fetch, idle_timeout)
-
-    def caught_up(self) -> bool:
-        """Every assigned partition has been read to its end (used by ``consume --stop-at-end``)."""
-        return bool(self.assignment) and self.assignment <= self._at_end
-
-    def commit(self, messages: Sequence[Message]) -> None:
-        """Synchronously commit the offset after the last message of each partition."""
-        next_offsets: dict[tuple[str, int], int] = {}
-        for msg in messages:
-            tp = (msg.topic() or "", msg.partition() or 0)
-            next_offsets[tp] = max(next_offsets.get(tp, 0), (msg.offset() or 0) + 1)
-        if next_offsets:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-
-    def refresh_lag(self, force: bool = False) -> None:
-        """Set ``popscore_consumer_lag`` from the high watermarks, at most every few seconds."""
-        now = time.monotonic()
-        if not force and now - self._lag_checked < LAG_REFRESH_S:
-            return
-        self._lag_checked = now
-        parts = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
-        if not parts:
-            return
-        for tp in self.consumer.position(parts):
-            _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
-            lag = high - tp.offset if tp.offset >= 0 else high
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
-
-    def close(self) -> None:
-        """Leave the group cleanly so partitions move at once."""
-        self.consumer.close()
-
-    def _fetch(self, n: int, timeout: float) -> list[Message]:
+    def fetch(self, n: int, timeout: float) -> list[Message]:
+        """Up to n real messages (errors and end-of-partition events are handled here)."""
         real = []
         for msg in self.consumer.consume(n, timeout):
             err = msg.error()
-            tp = (msg.topic() or "", msg.partition() or 0)
+            tp = partition_of(msg)
             if err is None:
                 self._at_end.discard(tp)
                 real.append(msg)
@@ -102,15 +98,76 @@ class KafkaSource:
                 log.warning("consumer error: %s", err)
         return real
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def caught_up(self) -> bool:
+        """Every assigned partition has been read to its end (``consume --stop-at-end``)."""
+        return bool(self.assignment) and self.assignment <= self._at_end
+
+    def pause(self) -> None:
+        """Stop fetching; ``fetch`` keeps serving callbacks, so the group membership lives on."""
+        if not self.paused and self.assignment:
+            self.consumer.pause(self._partitions(self.assignment))
+        self.paused = True
+
+    def resume(self) -> None:
+        """Fetch again."""
+        if self.paused and self.assignment:
+            self.consumer.resume(self._partitions(self.assignment))
+        self.paused = False
+
+    def rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset (after an abort)."""
+        if not self.assignment:
+            return
+        committed = self.consumer.committed(self._partitions(self.assignment), timeout=30)
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            self._at_end.discard((tp.topic, tp.partition))
+        log.warning("rewound %d partitions to their committed offsets", len(committed))
+
+    def group_metadata(self) -> Any:
+        """For ``send_offsets_to_transaction``: fences commits from an outdated generation."""
+        return self.consumer.consumer_group_metadata()
+
+    def refresh_lag(self, force: bool = False) -> None:
+        """Set ``popscore_consumer_lag`` from the high watermarks, at most every few seconds."""
+        now = time.monotonic()
+        if not self.assignment or (not force and now - self._lag_checked < LAG_REFRESH_S):
+            return
+        self._lag_checked = now
+        for tp in self.consumer.position(self._partitions(self.assignment)):
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+            lag = high - tp.offset if tp.offset >= 0 else high
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+
+    def close(self) -> None:
+        """Leave the group cleanly so partitions move at once."""
+        self.consumer.close()
+
+    @staticmethod
+    def _partitions(parts: Iterable[Partition]) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in sorted(parts)]
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        consumer.incremental_assign(partitions)
+        if self.paused:
+            # New partitions arrive fetching; re-apply the backpressure pause to them.
+            consumer.pause(partitions)
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("assigned %s", sorted(self.assignment))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        self.assignment -= revoked
-        self._at_end -= revoked
-        for topic, partition in revoked:
+        self._leave(partitions, self._hooks[0], "revoked")
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._leave(partitions, self._hooks[1], "lost")
+
+    def _leave(self, partitions: list[TopicPartition], hook: RebalanceHook, how: str) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        hook(gone)  # while we still own them: finish and commit, or drop
+        self.assignment -= gone
+        self._at_end -= gone
+        for topic, partition in gone:
             with contextlib.suppress(KeyError):  # never exported if no lag check ran yet
                 self.metrics.consumer_lag.remove(topic, str(partition))
-        log.info("revoked %s", sorted(revoked))
+        log.info("%s %s", how, sorted(gone))

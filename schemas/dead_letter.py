@@ -8,6 +8,8 @@ class DeadLetterReason(StrEnum):
 
     INVALID_JSON = "invalid_json"
     """The value is not UTF-8 JSON."""
+    MESSAGE_TOO_LARGE = "message_too_large"
+    """The Kafka value is over ``POPSCORE_MAX_EVENT_BYTES``; it is not parsed."""
     INVALID_EVENT = "invalid_event"
     """JSON, but not a valid ReleaseEvent v1 (missing field, wrong type, out of range)."""
     URI_UNSUPPORTED = "uri_unsupported"

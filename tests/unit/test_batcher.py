@@ -1,4 +1,4 @@
-"""MicroBatcher: max size, max wait from the first item, empty when idle."""
+"""MicroBatcher: max size, max wait from the first item, non-blocking accumulation."""
 
 import pytest
 
@@ -13,55 +13,55 @@ class FakeClock:
         return self.now
 
 
-class Feed:
-    """Returns scripted chunks; each call advances the fake clock by its timeout or step."""
-
-    def __init__(self, clock: FakeClock, chunks: list[list[int]], step: float = 0.01) -> None:
-        self.clock, self.chunks, self.step = clock, chunks, step
-        self.calls: list[tuple[int, float]] = []
-
-    def __call__(self, n: int, timeout: float) -> list[int]:
-        self.calls.append((n, timeout))
-        if not self.chunks:
-            self.clock.now += timeout
-            return []
-        self.clock.now += self.step
-        return self.chunks.pop(0)[:n]
+def test_empty_batcher_is_not_ready_and_polls_for_idle() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(4, 0.25, FakeClock())
+    assert not batcher.ready() and len(batcher) == 0
+    assert batcher.wait_left(0.5) == 0.5
 
 
-def test_full_batch_returns_without_waiting() -> None:
+def test_full_batch_is_ready_at_once() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(4, 10.0, FakeClock())
+    batcher.add([1, 2])
+    assert not batcher.ready() and batcher.room() == 2
+    batcher.add([3, 4])
+    assert batcher.ready()
+    assert batcher.take() == [1, 2, 3, 4] and len(batcher) == 0
+
+
+def test_partial_batch_is_ready_after_max_wait_from_its_first_item() -> None:
     clock = FakeClock()
-    feed = Feed(clock, [[1, 2, 3, 4]])
-    assert MicroBatcher(4, 1.0, clock).collect(feed, 0.5) == [1, 2, 3, 4]
-    assert len(feed.calls) == 1
+    batcher: MicroBatcher[int] = MicroBatcher(8, 0.25, clock)
+    clock.now = 5.0
+    batcher.add([1])
+    clock.now = 5.2
+    batcher.add([2])  # later items do not extend the wait
+    assert not batcher.ready()
+    assert batcher.wait_left(1.0) == pytest.approx(0.05)
+    clock.now = 5.25
+    assert batcher.ready() and batcher.wait_left(1.0) == 0.0
 
 
-def test_fills_from_several_fetches_asking_only_for_the_rest() -> None:
+def test_next_batch_starts_a_new_wait() -> None:
     clock = FakeClock()
-    feed = Feed(clock, [[1], [2, 3], [4, 5, 6]])
-    assert MicroBatcher(4, 1.0, clock).collect(feed, 0.5) == [1, 2, 3, 4]
-    assert [n for n, _ in feed.calls] == [4, 3, 1]
+    batcher: MicroBatcher[int] = MicroBatcher(8, 0.25, clock)
+    batcher.add([1])
+    clock.now = 1.0
+    assert batcher.take() == [1]
+    batcher.add([2])
+    assert not batcher.ready()
 
 
-def test_partial_batch_returns_after_max_wait_from_first_item() -> None:
-    clock = FakeClock()
-    feed = Feed(clock, [[1, 2]])
-    batch = MicroBatcher(8, 0.25, clock).collect(feed, 0.5)
-    assert batch == [1, 2]
-    assert clock.now == pytest.approx(0.01 + 0.25)
+def test_zero_wait_is_ready_with_one_item() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(8, 0.0, FakeClock())
+    batcher.add([1])
+    assert batcher.ready()
 
 
-def test_idle_stream_returns_empty_after_idle_timeout() -> None:
-    clock = FakeClock()
-    feed = Feed(clock, [])
-    assert MicroBatcher(8, 0.25, clock).collect(feed, 0.5) == []
-    assert feed.calls == [(8, 0.5)]
-
-
-def test_zero_wait_takes_what_the_first_fetch_gave() -> None:
-    clock = FakeClock()
-    feed = Feed(clock, [[1], [2]])
-    assert MicroBatcher(8, 0.0, clock).collect(feed, 0.5) == [1]
+def test_discard_drops_items_of_revoked_partitions() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(8, 1.0, FakeClock())
+    batcher.add([1, 2, 3, 4])
+    assert batcher.discard(lambda x: x % 2 == 0) == 2
+    assert batcher.take() == [2, 4]
 
 
 @pytest.mark.parametrize(("size", "wait"), [(0, 1.0), (1, -0.1)])

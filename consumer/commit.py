@@ -1,0 +1,141 @@
+"""The transaction: scores and dead letters produced, and the input offsets committed, as one.
+
+    begin → produce ScoreRecords + DLQ records → send_offsets_to_transaction → commit
+
+Either all of it becomes visible to ``read_committed`` readers, or none of it does and the
+batch is replayed. Redis was written (idempotently) before ``begin``, so a replay is invisible
+downstream. Errors follow librdkafka's transaction error classes:
+retriable → the same call again; abortable → abort, and the caller rewinds to the committed
+offsets; fatal (e.g. fenced by a newer instance) → ``FatalKafkaError``, the process exits
+non-zero and the orchestrator restarts it.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from consumer.errors import PopscoreError
+from consumer.pipeline import Rejected
+from schemas.dead_letter import (
+    HEADER_DETAIL,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    HEADER_TOPIC,
+)
+from schemas.scores import ScoreRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TXN_TIMEOUT_S = 30.0
+# An open transaction of a crashed process blocks read_committed readers until it times out
+# (unless a restart with the same transactional.id fences it first): keep it short.
+TRANSACTION_TIMEOUT_MS = 60_000
+RETRIES = 5
+MAX_DETAIL = 1000
+
+
+class TransactionAborted(PopscoreError):
+    """The batch's transaction was aborted; nothing of it is visible. Rewind and replay."""
+
+
+class FatalKafkaError(PopscoreError):
+    """The producer cannot continue (fenced, or a fatal broker error). Exit non-zero."""
+
+
+class Transactions:
+    """A transactional producer owned by the main thread (``transactional.id`` per instance)."""
+
+    def __init__(
+        self, config: dict[str, Any], transactional_id: str, results_topic: str, dlq_topic: str
+    ) -> None:
+        self.producer = Producer(
+            {
+                **config,
+                "logger": logging.getLogger("librdkafka.producer"),
+                "transactional.id": transactional_id,
+                "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                "linger.ms": 5,
+                "compression.type": "zstd",
+            }
+        )
+        self.results_topic = results_topic
+        self.dlq_topic = dlq_topic
+        # Fences an earlier process with the same id and aborts its open transaction at once.
+        self._call(lambda: self.producer.init_transactions(TXN_TIMEOUT_S))
+
+    def commit(
+        self,
+        scores: Sequence[ScoreRecord],
+        dead_letters: Sequence[Rejected],
+        offsets: list[TopicPartition],
+        group_metadata: Any,
+    ) -> None:
+        """Produce and commit one batch atomically, or raise TransactionAborted / Fatal."""
+        try:
+            self.producer.begin_transaction()
+            for record in scores:
+                self._produce(self.results_topic, record.track_id.encode(), record.encode(), None)
+            for item in dead_letters:
+                msg = item.message
+                self._produce(self.dlq_topic, msg.key(), msg.value(), _headers(item))
+            self._call(
+                lambda: self.producer.send_offsets_to_transaction(
+                    offsets, group_metadata, TXN_TIMEOUT_S
+                )
+            )
+            self._call(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S))
+        except KafkaException as exc:
+            self._abort(exc)
+
+    def close(self) -> None:
+        """Nothing is left open: every commit either committed or aborted."""
+        self.producer.flush(5)
+
+    def _abort(self, exc: KafkaException) -> None:
+        err: KafkaError = exc.args[0]
+        if err.fatal():
+            raise FatalKafkaError(f"fatal producer error: {err}") from exc
+        log.warning("transaction failed (%s); aborting", err)
+        try:
+            self._call(lambda: self.producer.abort_transaction(TXN_TIMEOUT_S))
+        except KafkaException as abort_exc:
+            raise FatalKafkaError(f"cannot abort transaction: {abort_exc}") from abort_exc
+        raise TransactionAborted(str(err)) from exc
+
+    def _call(self, call: Callable[[], T]) -> T:
+        """Retry a transactional call while librdkafka says the error is retriable."""
+        for attempt in range(RETRIES):
+            try:
+                return call()
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if not err.retriable() or attempt == RETRIES - 1:
+                    raise
+                log.warning("retriable transaction error (%s); retrying", err)
+                time.sleep(min(0.2 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key, headers=headers)
+                return
+            except BufferError:
+                # Local queue full: let librdkafka send until there is room.
+                self.producer.poll(0.5)
+
+
+def _headers(item: Rejected) -> list[tuple[str, bytes]]:
+    """CONTRACT §3: why, and where the original came from."""
+    msg = item.message
+    return [
+        (HEADER_REASON, item.error.reason.value.encode()),
+        (HEADER_DETAIL, item.error.detail[:MAX_DETAIL].encode()),
+        (HEADER_TOPIC, (msg.topic() or "").encode()),
+        (HEADER_PARTITION, str(msg.partition()).encode()),
+        (HEADER_OFFSET, str(msg.offset()).encode()),
+    ]
