@@ -27,7 +27,6 @@ MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
 MAX_REDIRECTS = 5
-_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,9 @@ def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -
     if declared > policy.max_bytes:
         raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{declared} bytes > {policy.max_bytes}")
     body = bytearray()
-    for chunk in response.iter_bytes(_CHUNK):
+    # No chunk size: chunks come as the network delivers them, so the deadline is checked
+    # even when a server drips a byte at a time.
+    for chunk in response.iter_bytes():
         body += chunk
         if len(body) > policy.max_bytes:
             raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {policy.max_bytes} bytes")

@@ -61,6 +61,12 @@ class Metrics:
         self.inflight = Gauge(
             "popscore_inflight_events", "Events consumed but not yet committed.", registry=r
         )
+        self.rebalances = Counter(
+            "popscore_rebalances_total",
+            "Partitions assigned, revoked or lost in rebalances.",
+            ["event"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "popscore_model_info",
             "The loaded model (value 1).",

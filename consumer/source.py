@@ -154,6 +154,7 @@ class KafkaSource:
             # New partitions arrive fetching; re-apply the backpressure pause to them.
             consumer.pause(partitions)
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        self.metrics.rebalances.labels("assigned").inc(len(partitions))
         log.info("assigned %s", sorted(self.assignment))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -165,6 +166,7 @@ class KafkaSource:
     def _leave(self, partitions: list[TopicPartition], hook: RebalanceHook, how: str) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         hook(gone)  # while we still own them: finish and commit, or drop
+        self.metrics.rebalances.labels(how).inc(len(gone))
         self.assignment -= gone
         self._at_end -= gone
         for topic, partition in gone:

@@ -1,6 +1,7 @@
 """Audio intake: every format and rate, window and pad, and the URI policy's refusals."""
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -185,6 +186,19 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+            elif self.path == "/drip":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            elif self.path == "/stall":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                time.sleep(3)
             elif self.path == "/moved":
                 self.send_response(302)
                 self.send_header("Location", "/a.wav")
@@ -238,3 +252,57 @@ def test_http_body_over_the_byte_limit(http_audio: str) -> None:
     with pytest.raises(DeadLetter) as info:
         open_uri(http_audio + "/a.wav", policy)
     assert reason_of(info) is Reason.AUDIO_TOO_LARGE
+
+
+@pytest.mark.parametrize("path", ["/drip", "/stall"])
+def test_slow_drip_and_stalled_servers_hit_the_deadline(http_audio: str, path: str) -> None:
+    policy = AudioPolicy.create((), allow_private_hosts=True, fetch_timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(DeadLetter) as info:
+        open_uri(http_audio + path, policy)
+    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+    assert time.monotonic() - start < 2.5
+
+
+def test_every_redirect_hop_passes_the_host_check(
+    http_audio: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first hop stands for a public host; the hop it redirects to is refused."""
+    hops: list[str] = []
+
+    def check(host: str, _policy: AudioPolicy) -> None:
+        hops.append(host)
+        if len(hops) > 1:
+            raise DeadLetter(Reason.URI_FORBIDDEN, f"host {host!r} is private")
+
+    monkeypatch.setattr("consumer.audio.check_host", check)
+    with pytest.raises(DeadLetter) as info:
+        open_uri(http_audio + "/moved", AudioPolicy.create(()))
+    assert reason_of(info) is Reason.URI_FORBIDDEN and len(hops) == 2
+
+
+@pytest.mark.parametrize("claimed", [0x7FFF_FFF0, 10])
+def test_wav_header_that_lies_about_its_length(
+    tmp_path: Path, policy: AudioPolicy, claimed: int
+) -> None:
+    data = bytearray(write(tmp_path / "lie.wav", tone(2, TARGET), TARGET, "WAV").read_bytes())
+    at = data.index(b"data") + 4
+    data[at : at + 4] = claimed.to_bytes(4, "little")
+    try:
+        clip = decode_window(bytes(data), 1.0, policy)
+    except DeadLetter as exc:
+        assert exc.reason in (Reason.AUDIO_DECODE_FAILED, Reason.AUDIO_TOO_LONG)
+    else:
+        assert np.isfinite(clip.samples).all() and clip.samples.size > 0
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(999_999, 1), (8_000, 200)])
+def test_absurd_sample_rate_or_channel_count(
+    tmp_path: Path, policy: AudioPolicy, rate: int, channels: int
+) -> None:
+    data = bytearray(write(tmp_path / "odd.wav", tone(1, 8_000), 8_000, "WAV").read_bytes())
+    data[22:24] = channels.to_bytes(2, "little")  # WAVE fmt chunk: channels, then sample rate
+    data[24:28] = rate.to_bytes(4, "little")
+    with pytest.raises(DeadLetter) as info:
+        decode_window(bytes(data), 1.0, policy)
+    assert reason_of(info) is Reason.AUDIO_DECODE_FAILED
