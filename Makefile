@@ -49,10 +49,11 @@ test-unit: $(STAMP) ## unit tests only, no services
 test-integration: $(STAMP) $(MODEL) stack-up
 	$(BIN)/pytest -q -m integration
 
-lint: $(STAMP) ## ruff, formatting and mypy
+lint: $(STAMP) ## ruff, formatting, mypy and hadolint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 schemas: $(STAMP) ## regenerate schemas/json/*.json after changing a model
 	$(BIN)/python -m schemas

@@ -160,6 +160,8 @@ def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterat
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": True,
+            # Dead letters of aborted transactions were never real: the batch was retried.
+            "isolation.level": "read_committed",
         }
     )
     try:

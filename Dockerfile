@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# popscore: build the wheel, then install it into a slim runtime with the chosen torch build.
+#   docker build -t popscore:cpu .
+#   docker build --build-arg TORCH_VARIANT=cu130 -t popscore:cu130 .   # GPU nodes (CUDA 13.0)
+# The torch pin below must equal pyproject.toml's (tests/unit/test_dockerfile.py checks it).
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY schemas/ schemas/
+COPY consumer/ consumer/
+COPY training/ training/
+# Only popscore's own wheel: the runtime stage resolves its dependencies.
+RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim AS runtime
+# cpu | cu130 (any suffix of https://download.pytorch.org/whl/ that has torch 2.11.0).
+ARG TORCH_VARIANT=cpu
+ARG TORCH_VERSION=2.11.0
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# The torch build comes from PyTorch's index for the variant; everything else from PyPI.
+# soundfile's manylinux wheel bundles libsndfile (MP3/FLAC/OGG), so no apt packages are needed.
+COPY --from=build /wheels/popscore-*.whl /tmp/wheels/
+RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+        "torch==${TORCH_VERSION}" "torchaudio==${TORCH_VERSION}" \
+ && pip install /tmp/wheels/popscore-*.whl \
+ && rm -rf /tmp/wheels
+
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it. /data/audio is where the
+# compose demo's shared audio volume is mounted (a fresh named volume takes this ownership).
+RUN useradd --system --no-log-init --create-home --home-dir /app --uid 10001 --user-group popscore \
+ && mkdir -p /app/models /data/audio \
+ && chown 10001:10001 /data/audio
+WORKDIR /app
+COPY --chown=10001:10001 models/demo.pt /app/models/demo.pt
+USER 10001:10001
+
+ENV POPSCORE_MODEL=/app/models/demo.pt \
+    POPSCORE_HTTP_PORT=9400
+EXPOSE 9400
+# Liveness of the main loop (CONTRACT §7); slim has no curl, so Python's urllib asks.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os,urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('POPSCORE_HTTP_PORT', '9400'), timeout=4)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["popscore"]
+CMD ["consume"]

@@ -1,0 +1,41 @@
+"""Shared by the deploy/ tests: paths, YAML loading, the metric names the service exports."""
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics_core import Metric
+
+from consumer.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gauge": ("",),
+}
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_yaml_docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def exported_series_names() -> set[str]:
+    """Every sample name the consumer's registry can export (CONTRACT §8)."""
+    families: list[Metric] = list(Metrics().registry.collect())
+    return {f.name + suffix for f in families for suffix in _SUFFIXES[f.type]}
+
+
+def promtool() -> str:
+    """The promtool binary, or skip: `deploy/local/install-tools.sh` installs it."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not found: run deploy/local/install-tools.sh (Debian 'prometheus')")
+    return path
