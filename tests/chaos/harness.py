@@ -1,0 +1,224 @@
+"""Chaos harness: a corpus of good and bad events, supervised consumer processes, and the
+exactly-once audit of what reached the results topic, Redis and the DLQ.
+
+Consumers run as real ``python -m consumer consume`` processes; a supervisor restarts any that
+exit (as Kubernetes would), except the ones a scenario kills for good.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import redis
+import soundfile as sf
+
+from consumer import produce
+from schemas import ScoreRecord, score_key
+from schemas.dead_letter import HEADER_REASON
+from tests.integration.conftest import ROOT, committed_and_end, read_all
+
+FORMATS = (("wav", "WAV"), ("flac", "FLAC"), ("ogg", "OGG"), ("mp3", "MP3"))
+BAD_EVERY = 50
+# Short timeouts so a killed member's partitions and its open transaction are released
+# in seconds, not the production defaults' minute.
+CHAOS_KAFKA = {
+    "session.timeout.ms": "6000",
+    "heartbeat.interval.ms": "1500",
+    "transaction.timeout.ms": "10000",
+}
+
+
+@dataclass
+class Corpus:
+    """What was sent: good events by id, and the exact bytes of every bad one with its reason."""
+
+    good: dict[str, str] = field(default_factory=dict)  # event_id -> track_id
+    bad: dict[bytes, str] = field(default_factory=dict)  # value -> expected reason
+
+
+def write_audio_files(folder: Path, n: int = 8) -> list[str]:
+    """A few short real audio files in each format; events point at them round-robin."""
+    uris = []
+    for i in range(n):
+        ext, fmt = FORMATS[i % len(FORMATS)]
+        t = np.arange(3 * 22_050) / 22_050
+        wave = (0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t)).astype(np.float32)[:, None]
+        path = folder / f"chaos-{i}.{ext}"
+        with sf.SoundFile(path, "w", 22_050, 1, format=fmt) as f:
+            for start in range(0, len(wave), 22_050):
+                f.write(wave[start : start + 22_050])
+        uris.append(path.as_uri())
+    return uris
+
+
+def make_corpus(n: int, folder: Path) -> tuple[Corpus, list[tuple[bytes, bytes]]]:
+    """n records, every BAD_EVERY-th one bad in one of three ways."""
+    uris = write_audio_files(folder)
+    tag = uuid.uuid4().hex[:6]
+    corpus, records = Corpus(), []
+    for i in range(n):
+        track = f"chaos-{tag}-{i:05d}"
+        if i % BAD_EVERY == BAD_EVERY - 1:
+            value, reason = _bad_value(i, track, folder)
+            corpus.bad[value] = reason
+        else:
+            event_id = f"{track}-e"
+            corpus.good[event_id] = track
+            value = _event(event_id, track, uris[i % len(uris)])
+        records.append((track.encode(), value))
+    return corpus, records
+
+
+def _event(event_id: str, track: str, uri: str) -> bytes:
+    doc = {
+        "event_id": event_id,
+        "track_id": track,
+        "audio_uri": uri,
+        "emitted_at": datetime.now(UTC).isoformat(),
+        "artist": {"followers": 1000 + len(track), "popularity": 50},
+    }
+    return json.dumps(doc).encode()
+
+
+def _bad_value(i: int, track: str, folder: Path) -> tuple[bytes, str]:
+    kind = (i // BAD_EVERY) % 3
+    if kind == 0:
+        return f"{{not json {i}".encode(), "invalid_json"
+    if kind == 1:
+        return _event(f"{track}-e", track, "file:///etc/passwd"), "uri_forbidden"
+    return _event(f"{track}-e", track, (folder / f"missing-{i}.wav").as_uri()), "audio_fetch_failed"
+
+
+class Supervisor:
+    """Runs consumer processes and restarts any that exit unless told they are gone for good."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env, self.log_dir = env, log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.retired: set[str] = set()
+        self.restarts = 0
+        self.ports: dict[str, int] = {}
+
+    def start(self, name: str, port: int) -> None:
+        env = {
+            **os.environ,
+            **self.env,
+            "POPSCORE_HTTP_PORT": str(port),
+            "POPSCORE_TRANSACTIONAL_ID": f"{self.env['POPSCORE_GROUP_ID']}-{name}",
+        }
+        with (self.log_dir / f"{name}.log").open("ab") as log:  # the child keeps its own fd
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "consumer", "--log-level", "WARNING", "consume"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.ports[name] = port
+
+    def kill(self, name: str, for_good: bool = False) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait()
+        if for_good:
+            self.retired.add(name)
+
+    def tick(self) -> None:
+        """Restart exited consumers (a crash loop is the orchestrator's job, not ours)."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is not None and name not in self.retired:
+                self.restarts += 1
+                self.start(name, self.ports[name])
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def all_committed(env: dict[str, str]) -> bool:
+    committed, ends = committed_and_end(
+        env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_GROUP_ID"], env["POPSCORE_INPUT_TOPIC"]
+    )
+    return [max(c, 0) for c in committed] == ends
+
+
+@dataclass
+class Audit:
+    """The result of one chaos run; every count but ``events`` must be 0."""
+
+    events: int
+    lost: int
+    duplicated: int
+    missing_in_redis: int
+    dlq_wrong: int
+
+    def line(self, name: str) -> str:
+        return (
+            f"chaos[{name}]: events={self.events} lost={self.lost} "
+            f"duplicated={self.duplicated} missing_in_redis={self.missing_in_redis} "
+            f"dlq_wrong={self.dlq_wrong}"
+        )
+
+
+def audit(env: dict[str, str], corpus: Corpus, client: redis.Redis) -> Audit:
+    bootstrap = env["POPSCORE_KAFKA_BOOTSTRAP"]
+    results = read_all(bootstrap, env["POPSCORE_OUTPUT_TOPIC"], len(corpus.good))
+    seen = Counter(ScoreRecord.from_json(m.value()).event_id for m in results)
+    lost = sum(1 for event_id in corpus.good if seen[event_id] == 0)
+    duplicated = sum(count - 1 for count in seen.values() if count > 1)
+    duplicated += sum(1 for event_id in seen if event_id not in corpus.good)
+    pipe = client.pipeline()
+    for track in corpus.good.values():
+        pipe.hget(score_key(track), "event_id")
+    stored = pipe.execute()
+    missing = sum(
+        1
+        for (event_id, _t), got in zip(corpus.good.items(), stored, strict=True)
+        if got is None or got.decode() != event_id
+    )
+    dead = read_all(bootstrap, env["POPSCORE_DLQ_TOPIC"], len(corpus.bad))
+    got_dead = Counter((m.value(), dict(m.headers())[HEADER_REASON].decode()) for m in dead)
+    expected_dead = Counter(corpus.bad.items())
+    dlq_wrong = sum(((got_dead - expected_dead) + (expected_dead - got_dead)).values())
+    return Audit(len(corpus.good) + len(corpus.bad), lost, duplicated, missing, dlq_wrong)
+
+
+def send(env: dict[str, str], records: list[tuple[bytes, bytes]]) -> None:
+    produce.send(
+        {"bootstrap.servers": env["POPSCORE_KAFKA_BOOTSTRAP"]},
+        env["POPSCORE_INPUT_TOPIC"],
+        iter(records),
+        len(records),
+    )
+
+
+def wait_until(condition, timeout_s: float, tick=None) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if tick:
+            tick()
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def scored_count(client: redis.Redis, corpus: Corpus) -> int:
+    pipe = client.pipeline()
+    for track in corpus.good.values():
+        pipe.exists(score_key(track))
+    return sum(pipe.execute())
