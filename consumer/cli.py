@@ -1,8 +1,10 @@
 """The ``popscore`` command line (CONTRACT §1). Bad arguments: one line on stderr, exit 2."""
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from consumer import replay
 from consumer.errors import ConfigError, DeadLetter, PopscoreError
 from consumer.settings import Settings, load_settings
 from schemas.events import ReleaseEvent
+from training import commands as training_commands
 
 EXIT_USAGE = 2
 # A subcommand's implementation: parsed arguments and settings in, exit status out.
@@ -91,12 +94,16 @@ def build_parser() -> Parser:
     score.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
     score.add_argument("--device", help="default: POPSCORE_DEVICE")
     replay.register(sub)
+    training_commands.register(sub)  # train, evaluate, export; torch loads in handlers
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m consumer``."""
     args = build_parser().parse_args(argv)
+    # `kill -USR1 <pid>` prints every thread's stack: the first question about a stuck pod.
+    # (the process's own stderr, not a replaced sys.stderr, which may have no file descriptor)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__ or 2, all_threads=True)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

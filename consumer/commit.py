@@ -11,8 +11,11 @@ non-zero and the orchestrator restarts it.
 """
 
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
@@ -35,6 +38,8 @@ TXN_TIMEOUT_S = 30.0
 # (unless a restart with the same transactional.id fences it first): keep it short.
 TRANSACTION_TIMEOUT_MS = 60_000
 RETRIES = 5
+WATCHDOG_MARGIN_S = 15.0
+EXIT_WEDGED = 75  # EX_TEMPFAIL: restart me
 MAX_DETAIL = 1000
 
 
@@ -54,12 +59,12 @@ class Transactions:
     ) -> None:
         self.producer = Producer(
             {
-                **config,
-                "logger": logging.getLogger("librdkafka.producer"),
-                "transactional.id": transactional_id,
                 "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
                 "linger.ms": 5,
                 "compression.type": "zstd",
+                **config,  # tunables above may be overridden; what follows may not
+                "logger": logging.getLogger("librdkafka.producer"),
+                "transactional.id": transactional_id,
             }
         )
         self.results_topic = results_topic
@@ -110,7 +115,8 @@ class Transactions:
         """Retry a transactional call while librdkafka says the error is retriable."""
         for attempt in range(RETRIES):
             try:
-                return call()
+                with _watchdog(TXN_TIMEOUT_S + WATCHDOG_MARGIN_S):
+                    return call()
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if not err.retriable() or attempt == RETRIES - 1:
@@ -127,6 +133,26 @@ class Transactions:
             except BufferError:
                 # Local queue full: let librdkafka send until there is room.
                 self.producer.poll(0.5)
+
+
+@contextmanager
+def _watchdog(seconds: float) -> Iterator[None]:
+    """librdkafka can block in a transactional call past its timeout when the coordinator
+    goes away (confluentinc/librdkafka#5456, #5511). A wedged handle cannot be recovered in
+    process: exit, and the restart (same transactional.id) fences and aborts the open txn."""
+    timer = threading.Timer(seconds, _exit_wedged, args=(seconds,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _exit_wedged(seconds: float) -> None:
+    log.critical("a Kafka transaction call blocked for %.0fs; exiting to be restarted", seconds)
+    logging.shutdown()
+    os._exit(EXIT_WEDGED)
 
 
 def _headers(item: Rejected) -> list[tuple[str, bytes]]:

@@ -56,13 +56,13 @@ class KafkaSource:
     ) -> None:
         self.consumer = Consumer(
             {
-                **config,
+                "auto.offset.reset": "earliest",
+                **config,  # tunables (session.timeout.ms, fetch sizes) may be overridden
                 # librdkafka's own log lines go through Python logging, not raw stderr.
                 "logger": logging.getLogger("librdkafka.consumer"),
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
                 "enable.partition.eof": True,
                 # Upstream producers may be transactional: never score an aborted event.
                 "isolation.level": "read_committed",

@@ -29,10 +29,10 @@ from tests.chaos.harness import (
 )
 from tests.integration.conftest import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(900)]
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "300"))
 KILLS = 5
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 600
 LOCAL_STACK = not (
     os.environ.get("POPSCORE_KAFKA_BOOTSTRAP") or os.environ.get("POPSCORE_REDIS_URL")
 )
