@@ -119,3 +119,14 @@ def load_artifact(
         raise ArtifactError(f"{path}: {META_FILE} lacks {', '.join(missing)}")
     module.eval()
     return module, meta
+
+
+def resave_artifact(module: torch.jit.ScriptModule, path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write an already scripted artifact again with new metadata (`popscore export`)."""
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ArtifactError(f"artifact metadata lacks {', '.join(missing)}")
+    target = Path(path)
+    with _quiet_torchscript():
+        _save_atomically(module, target, json.dumps(meta, indent=2))
+    return target

@@ -6,8 +6,9 @@ metadata (`features`), and serving builds its feature matrix in exactly that ord
 
 from __future__ import annotations
 
+import datetime as dt
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,22 @@ def lookup(event: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+def release_year(event: Mapping[str, Any]) -> Any:
+    """`release.year`, derived from `release.date`: a date (what model_dump gives), or an ISO
+    string, "YYYY-MM-DD" or a bare "YYYY" (catalogues often know only the year)."""
+    value = lookup(event, "release.date")
+    if isinstance(value, dt.date):
+        return value.year
+    if isinstance(value, str) and len(value) >= 4 and value[:4].isdigit():
+        return int(value[:4])
+    return None
+
+
+# Paths that are not fields of ReleaseEvent but computed from one; serving gets them through
+# `extract` like any other path, so training and the consumer can never compute them apart.
+DERIVED: dict[str, Callable[[Mapping[str, Any]], Any]] = {"release.year": release_year}
+
+
 def _as_float(value: Any) -> float:
     # bool is checked first because it is an int subclass; anything non-numeric or
     # non-finite becomes NaN so that the artifact's imputation handles it.
@@ -67,7 +84,8 @@ def _as_float(value: Any) -> float:
 
 def extract(event_dict: Mapping[str, Any], paths: Sequence[str] = DEFAULT_FEATURES) -> np.ndarray:
     """One event (a ReleaseEvent as a dict) -> float32 row in `paths` order, NaN where missing."""
-    return np.array([_as_float(lookup(event_dict, path)) for path in paths], dtype=np.float32)
+    values = [DERIVED[p](event_dict) if p in DERIVED else lookup(event_dict, p) for p in paths]
+    return np.array([_as_float(value) for value in values], dtype=np.float32)
 
 
 def extract_many(

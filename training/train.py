@@ -22,7 +22,8 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     hit_threshold: float = 70.0  # popularity at or above which a release counts as a hit
-    hit_weight: float = 0.3  # BCE(hit) weight beside MSE(popularity / 100)
+    hit_weight: float = 0.3  # BCE(hit) weight beside Huber(standardised popularity)
+    huber_delta: float = 1.0  # in standard deviations of popularity: robust to outlier tracks
     audio_dropout: float = 0.15  # share of items trained with audio_mask False
     group_dropout: float = 0.15  # chance, per item and feature group, that the group is hidden
     features_dropout: float = 0.15  # share of items trained with every feature hidden
@@ -35,6 +36,20 @@ class TrainConfig:
         rates = (self.audio_dropout, self.group_dropout, self.features_dropout)
         if not all(0 <= rate < 1 for rate in rates):
             raise ValueError("audio_dropout, group_dropout and features_dropout must be in [0, 1)")
+
+
+# Features-only on ~2k tabular rows: full-batch steps, strong weight decay, no audio terms.
+# Chosen on artist-grouped CV of the paper data (docs/MODEL.md), not on any test fold.
+TABULAR_CONFIG = TrainConfig(
+    epochs=150,
+    batch_size=4096,
+    lr=1e-2,
+    weight_decay=1e-2,
+    audio_dropout=0.0,
+    group_dropout=0.02,
+    features_dropout=0.0,
+    probe_weight=0.0,
+)
 
 
 def feature_groups(paths: Sequence[str]) -> torch.Tensor:
@@ -55,12 +70,15 @@ def _hide_modalities(
     # Hiding them at random in training teaches the imputation and the "no audio" vector, and
     # stops the net leaning on features alone when the audio carries signal too.
     batch = features.size(0)
+    # Drawn on the CPU generator (reproducible on any device), then moved beside the batch.
     drop_audio = torch.rand(batch, generator=generator) < config.audio_dropout
     n_groups = int(groups.max()) + 1
     drop_group = torch.rand(batch, n_groups, generator=generator) < config.group_dropout
     drop_all = torch.rand(batch, 1, generator=generator) < config.features_dropout
-    hidden = torch.where(drop_group[:, groups] | drop_all, torch.nan, features)
-    return hidden, audio_mask & ~drop_audio
+    hide = (drop_group[:, groups] | drop_all).to(features.device)
+    hidden = torch.where(hide, torch.nan, features)
+    audio_mask = audio_mask.to(features.device) & ~drop_audio.to(features.device)
+    return hidden, audio_mask
 
 
 def _step_loss(
@@ -73,13 +91,16 @@ def _step_loss(
 ) -> torch.Tensor:
     audio = model.embed_audio(waveforms)
     popularity, hit_logit = model.fuse(audio, features, audio_mask)
-    scaled = target / 100.0
-    mse = nn.functional.mse_loss(popularity / 100.0, scaled)
+    scale = model.pop_scale
+    loss = nn.functional.huber_loss(popularity / scale, target / scale, delta=config.huber_delta)
     is_hit = (target >= config.hit_threshold).to(hit_logit.dtype)
-    bce = nn.functional.binary_cross_entropy_with_logits(hit_logit, is_hit)
-    probe = torch.sigmoid(model.audio_probe(audio).squeeze(1))
-    probe_mse = nn.functional.mse_loss(probe, scaled)
-    return mse + config.hit_weight * bce + config.probe_weight * probe_mse
+    loss = loss + config.hit_weight * nn.functional.binary_cross_entropy_with_logits(
+        hit_logit, is_hit
+    )
+    if model.use_audio and config.probe_weight > 0:
+        probe = model.pop_centre + scale * model.audio_probe(audio).squeeze(1)
+        loss = loss + config.probe_weight * nn.functional.mse_loss(probe / scale, target / scale)
+    return loss
 
 
 def _cuts(n: int, batch_size: int) -> list[int]:
@@ -90,32 +111,49 @@ def _cuts(n: int, batch_size: int) -> list[int]:
     return cuts
 
 
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+
+
 def train(
     model: FusionNet,
-    waveforms: np.ndarray,
+    waveforms: np.ndarray | None,
     features: np.ndarray,
     popularity: np.ndarray,
     config: TrainConfig,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[float]:
-    """Adam + cosine decay over all steps; returns the mean training loss of each epoch.
+    """AdamW + cosine decay over all steps; returns the mean training loss of each epoch.
 
-    The caller fits `model.fit_normalizer` first (on the same training rows).
+    Fits the model's feature normaliser and popularity scale on these rows first. `waveforms`
+    may be None for a features-only model (`use_audio=False`). The model ends in eval mode.
     """
-    wav = torch.from_numpy(np.ascontiguousarray(waveforms, dtype=np.float32))
-    feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    target = torch.from_numpy(np.ascontiguousarray(popularity, dtype=np.float32))
+    if waveforms is None and model.use_audio:
+        raise ValueError("this model has an audio branch: waveforms are required")
+    model.fit_normalizer(features)
+    model.fit_target(popularity)
+    device = torch.device(device)
+    model.to(device)
+    n = len(popularity)
+    # The features-only model never reads the waveform; one sample per row keeps shapes valid.
+    wav = _tensor(np.zeros((n, 1)) if waveforms is None else waveforms, device)
+    feats = _tensor(features, device)
+    target = _tensor(popularity, device)
     groups = feature_groups(model.feature_paths)
     generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
     cuts = _cuts(len(target), config.batch_size)
     total = config.epochs * (len(cuts) - 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     history: list[float] = []
     model.train()
     with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
         for epoch in range(config.epochs):
-            order = torch.randperm(len(target), generator=generator)
+            order = torch.randperm(len(target), generator=generator).to(device)
             losses = []
             for a, b in pairwise(cuts):
                 idx = order[a:b]
@@ -138,25 +176,31 @@ def train(
 @torch.inference_mode()
 def predict(
     model: nn.Module,
-    waveforms: np.ndarray,
+    waveforms: np.ndarray | None,
     features: np.ndarray,
     audio_mask: np.ndarray | None = None,
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode scoring of arrays -> (popularity [n], hit_probability [n])."""
+    """Eval-mode scoring of arrays -> (popularity [n], hit_probability [n]).
+
+    Runs on the model's device; `waveforms=None` scores features only (audio_mask False).
+    """
     model.eval()
+    device = next(model.parameters()).device
     n = len(features)
+    if waveforms is None:
+        waveforms, audio_mask = np.zeros((n, 1), np.float32), np.zeros(n, dtype=bool)
     mask = np.ones(n, dtype=bool) if audio_mask is None else np.asarray(audio_mask, dtype=bool)
     pops, probs = [], []
     for start in range(0, n, batch_size):
         part = slice(start, start + batch_size)
         pop, logit = model(
-            torch.from_numpy(np.ascontiguousarray(waveforms[part], dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(features[part], dtype=np.float32)),
-            torch.from_numpy(mask[part]),
+            _tensor(waveforms[part], device),
+            _tensor(features[part], device),
+            torch.from_numpy(mask[part]).to(device),
         )
-        pops.append(pop.numpy())
-        probs.append(torch.sigmoid(logit).numpy())
+        pops.append(pop.cpu().numpy())
+        probs.append(torch.sigmoid(logit).cpu().numpy())
     return np.concatenate(pops), np.concatenate(probs)
 
 

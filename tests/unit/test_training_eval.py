@@ -1,0 +1,279 @@
+"""Unit tests for the evaluation side of training/: CSV mapping, grouped folds, the report,
+the features-only model and its artifact, and the train/evaluate/export commands."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from consumer.cli import main
+from training.data import PAPER_CSV, PAPER_FEATURES, TrackTable, load_csv, row_to_event
+from training.evaluate import (
+    BASELINES,
+    FEATURES_ONLY,
+    THRESHOLDS,
+    best_cut,
+    cross_validate,
+    group_folds,
+    oof_path,
+    write_report,
+)
+from training.export import export_artifact, load_artifact
+from training.features import extract
+from training.model import Ensemble, FusionNet
+from training.train import TrainConfig
+
+F = len(PAPER_FEATURES)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]  # fmt: skip
+# Tiny but complete: two seeds, an inner CV for the decision cut, a few full-batch steps.
+TINY = replace(
+    FEATURES_ONLY, members=2, inner_folds=2, config=replace(FEATURES_ONLY.config, epochs=5)
+)
+HEADER = ["name", "popularity", "duration_ms", "artist", "release_date", "tempo",
+          "artist_popularity", "artist_followers", "music_file"]  # fmt: skip
+
+
+def _table(n: int = 60, artists: int = 12, seed: int = 0) -> TrackTable:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, F)).astype(np.float32)
+    features[:, 1] = rng.integers(1_000, 10**8, n)  # followers: a count, log1p'd
+    features[rng.random((n, F)) < 0.05] = np.nan
+    popularity = np.clip(70 + 10 * np.nan_to_num(features[:, 0]) + rng.normal(0, 5, n), 0, 100)
+    groups = np.array([f"artist-{i % artists}" for i in range(n)])
+    return TrackTable(features, popularity.astype(np.float32), groups, PAPER_FEATURES, "test")
+
+
+def _write_csv(path: Path, rows: list[list[object]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    return path
+
+
+# --- features and CSV mapping ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("date", "year"),
+    [(dt.date(2014, 8, 25), 2014), ("2014-08-25", 2014), ("2009", 2009), (None, None), ("?", None)],
+)
+def test_release_year_is_derived_from_the_date(date: object, year: int | None) -> None:
+    [value] = extract({"release": {"date": date}}, ["release.year"])
+    assert (math.isnan(value) and year is None) or value == year
+
+
+def test_release_year_from_a_validated_event() -> None:
+    from schemas.events import ReleaseEvent
+
+    event = ReleaseEvent.model_validate_json(
+        json.dumps({"event_id": "e", "track_id": "t", "emitted_at": "2024-01-01T00:00:00Z",
+                    "audio_uri": "file:///x.wav", "release": {"date": "2021-03-04"}})
+    )  # fmt: skip
+    assert extract(event.model_dump(), ["release.year"])[0] == 2021
+
+
+def test_row_to_event_maps_columns_to_release_event_paths() -> None:
+    row = {"artist": "A", "artist_popularity": "85", "artist_followers": "94489318",
+           "release_date": "2014-08-25", "duration_ms": "236133", "tempo": "98.99",
+           "time_signature": "4", "loudness": "", "name": "ignored"}  # fmt: skip
+    event = row_to_event(row)
+    assert event["artist"] == {"name": "A", "popularity": 85, "followers": 94489318}
+    assert event["release"] == {"date": "2014-08-25", "duration_ms": 236133}
+    assert event["audio_features"] == {"tempo": 98.99, "time_signature": 4}
+    features = extract(event, PAPER_FEATURES)
+    assert features[PAPER_FEATURES.index("release.year")] == 2014
+    assert math.isnan(features[PAPER_FEATURES.index("audio_features.loudness")])
+
+
+def test_load_csv_groups_by_artist_and_resolves_audio(tmp_path: Path) -> None:
+    path = _write_csv(tmp_path / "t.csv", [
+        ["a", 50, 200000, "X", "2020-01-01", 120, 80, 1000, "a.wav"],
+        ["b", 70, 180000, "Y", "2019", "", 70, 10, ""],
+    ])  # fmt: skip
+    table = load_csv(path, audio_column="music_file")
+    assert table.features.shape == (2, F) and list(table.groups) == ["X", "Y"]
+    assert table.popularity.tolist() == [50.0, 70.0]
+    assert table.audio_paths == (str(tmp_path / "a.wav"), None)
+    with pytest.raises(ValueError, match="column"):
+        load_csv(path, audio_column="no_such_column")
+
+
+@pytest.mark.skipif(not PAPER_CSV.is_file(), reason=f"paper data not found at {PAPER_CSV}")
+def test_paper_csv_maps_fully() -> None:
+    table = load_csv(PAPER_CSV)
+    assert table.features.shape == (1967, F)
+    assert len(np.unique(table.groups)) == 98
+    assert np.isfinite(table.features).all(), "every paper row has every mapped feature"
+
+
+# --- folds and the report -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_folds_never_share_an_artist(seed: int) -> None:
+    groups = _table(n=200, artists=37).groups
+    folds = group_folds(groups, 5, seed)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(200))
+    artists = [set(groups[f]) for f in folds]
+    for i, a in enumerate(artists):
+        for b in artists[i + 1 :]:
+            assert not a & b
+    assert max(map(len, folds)) - min(map(len, folds)) <= 10  # balanced
+    again = group_folds(groups, 5, seed)
+    assert all(np.array_equal(x, y) for x, y in zip(folds, again, strict=True))
+    with pytest.raises(ValueError):
+        group_folds(groups, 38, seed)
+
+
+def test_best_cut_separates_a_clean_split() -> None:
+    target = np.array([60, 65, 75, 80.0])
+    assert 62 < best_cut(target, np.array([1, 2, 3, 4.0]) + 60, 70) <= 63
+    assert 65 < best_cut(target, target, 70) <= 75
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, TrackTable]:
+    table = _table()
+    folds = group_folds(table.groups, 3, 0)
+    result, oof = cross_validate(table, [TINY], folds, seed=0, progress=False)
+    path = tmp_path_factory.mktemp("eval") / "r.json"
+    write_report(result, oof, table.popularity, path)
+    return json.loads(path.read_text()), path, table
+
+
+def test_report_has_every_metric_for_model_and_baselines(report: tuple) -> None:
+    data, _, _ = report
+    blocks = [data["models"][data["model"]], *data["baselines"].values()]
+    assert set(data["baselines"]) == set(BASELINES) == {"mean", "always_hit", "ridge"}
+    for block in blocks:
+        m = block["metrics"]
+        assert {"mae", "rmse", "r2"} <= set(m)
+        assert set(m["at"]) == {f"{t:g}" for t in THRESHOLDS} == {"50", "70"}
+        for at in m["at"].values():
+            assert {"accuracy", "f1", "macro_f1", "roc_auc", "positive_rate"} <= set(at)
+    split = data["split"]
+    assert split["folds"] == 3 and split["seed"] == 0 and split["group_key"] == "artist"
+    assert split["artists_in_two_folds"] == 0
+    assert len(data["models"][data["model"]]["fold_cuts"]) == 3
+
+
+def test_oof_csv_has_one_row_per_input_row(report: tuple) -> None:
+    data, path, table = report
+    oof = oof_path(path)
+    assert oof.name == "r.oof.csv" and data["oof"] == oof.name
+    with oof.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(table.popularity)
+    assert list(rows[0]) == ["row", "target", "prediction"]
+    assert [int(r["row"]) for r in rows] == list(range(len(rows)))
+    assert all(math.isfinite(float(r["prediction"])) for r in rows)
+
+
+# --- the features-only model and its artifact -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def features_only() -> Ensemble:
+    table = _table()
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = FusionNet(PAPER_FEATURES, use_audio=False, **TINY.net)
+        from training.train import train
+
+        train(net, None, table.features, table.popularity, TrainConfig(epochs=3), False)
+        members.append(net)
+    return Ensemble(members).eval()
+
+
+def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    features = torch.from_numpy(_table(n=n, seed=3).features)
+    return torch.zeros(n, 22050), features, torch.tensor([True, False] * (n // 2) + [True])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_features_only_artifact_matches_eager(
+    features_only: Ensemble, tmp_path: Path, device: str
+) -> None:
+    meta = {"model_version": "fo-test", "sample_rate": 22050, "clip_seconds": 1.0}
+    path = export_artifact(features_only, tmp_path / "fo.pt", meta)
+    scripted, loaded = load_artifact(path, device)
+    assert loaded["features"] == list(PAPER_FEATURES)
+    eager = features_only.to(device)
+    inputs = [x.to(device) for x in _batch()]
+    with torch.inference_mode():
+        for a, b in zip(eager(*inputs), scripted(*inputs), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    features_only.cpu()
+
+
+def test_features_only_batched_equals_item_by_item(features_only: Ensemble) -> None:
+    wave, feats, mask = _batch()
+    with torch.inference_mode():
+        whole = features_only(wave, feats, mask)
+        items = [
+            features_only(wave[i : i + 1], feats[i : i + 1], mask[i : i + 1]) for i in range(5)
+        ]
+    for k in range(2):
+        torch.testing.assert_close(whole[k], torch.cat([x[k] for x in items]), atol=1e-4, rtol=0)
+
+
+def test_features_only_scores_nan_features_and_no_audio(features_only: Ensemble) -> None:
+    wave, feats, _ = _batch()
+    with torch.inference_mode():
+        pop, logit = features_only(wave * math.nan, feats * math.nan, torch.zeros(5, dtype=bool))
+    assert torch.isfinite(pop).all() and torch.isfinite(logit).all()
+    assert ((pop >= 0) & (pop <= 100)).all()
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate"],
+        ["evaluate", "--synthetic", "100"],
+        ["evaluate", "--data", "/no/such.csv", "--report", "r.json"],
+        ["evaluate", "--synthetic", "5", "--report", "r.json"],
+        ["evaluate", "--synthetic", "100", "--report", "r.json", "--folds", "1"],
+        ["evaluate", "--synthetic", "100", "--report", "r.json", "--device", "tpu"],
+        ["train", "--synthetic", "100"],
+        ["export", "/no/such.pt", "--out", "x.pt"],
+    ],
+)
+def test_training_commands_reject_bad_arguments(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("popscore")
+
+
+def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [[f"t{i}", 40 + i % 50, 200000 + i, f"A{i % 9}", f"{2000 + i % 20}-01-01",
+             100 + i % 40, 60 + i % 30, 1000 * (i + 1), ""] for i in range(45)]  # fmt: skip
+    data = _write_csv(tmp_path / "d.csv", rows)
+    out = tmp_path / "m.pt"
+    assert (
+        main(["train", "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    )
+    _, meta = load_artifact(out)
+    assert meta["features"] == list(PAPER_FEATURES) and meta["hit_threshold"] == 70.0
+    again = tmp_path / "m2.pt"
+    assert main(["export", str(out), "--out", str(again), "--hit-threshold", "66.5"]) == 0
+    _, meta2 = load_artifact(again)
+    assert meta2["hit_threshold"] == 66.5 and meta2["model_version"] == meta["model_version"]
+    capsys.readouterr()

@@ -1,0 +1,390 @@
+"""Artist-grouped k-fold evaluation with baselines: `popscore evaluate` (CONTRACT §10).
+
+    folds = group_folds(table.groups, k=5, seed=0)        # no artist in two folds
+    report, oof = cross_validate(table, spec, folds)      # model + mean, always-hit, ridge
+    write_report(report, oof, table, "bench/results/x.json")   # + x.oof.csv beside it
+
+Everything fitted (feature normalisation, ridge, the model, the decision cut) sees only the
+training folds: the decision cut comes from an inner grouped CV on those folds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.data import TrackTable
+from training.features import COUNT_FEATURES
+from training.model import Ensemble, FusionNet
+from training.train import TABULAR_CONFIG, TrainConfig, predict, roc_auc, train
+
+THRESHOLDS: tuple[float, ...] = (50.0, 70.0)
+RIDGE_ALPHA = 1.0
+Rows = np.ndarray  # int indices into a TrackTable
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build and train one model variant (an ensemble of `members` seeds)."""
+
+    name: str = "fusion"
+    use_audio: bool = True
+    use_features: bool = True  # False: every feature is hidden (NaN) — the audio-only variant
+    members: int = 1
+    net: dict[str, Any] = field(default_factory=dict)  # FusionNet keyword arguments
+    config: TrainConfig = field(default_factory=TrainConfig)
+    inner_folds: int = 0  # > 1: choose each threshold's decision cut by inner grouped CV
+
+    def build(self, paths: Sequence[str], sample_rate: int, seed: int) -> FusionNet:
+        torch.manual_seed(seed)
+        return FusionNet(paths, sample_rate=sample_rate, use_audio=self.use_audio, **self.net)
+
+
+# Features-only: small nets (the audio branch is built tiny and never run), 5 seeds averaged.
+FEATURES_ONLY = ModelSpec(
+    name="features_only",
+    use_audio=False,
+    members=5,
+    net={"channels": (4, 8), "audio_dim": 8, "feature_dim": 16, "hidden": 32, "dropout": 0.3},
+    config=TABULAR_CONFIG,
+    inner_folds=3,
+)
+
+
+# With audio (the synthetic benchmark): the default FusionNet, one seed, a short schedule.
+FUSION = ModelSpec(name="fusion", config=TrainConfig(epochs=6))
+AUDIO_ONLY = ModelSpec(name="audio_only", use_features=False, config=TrainConfig(epochs=6))
+
+
+def group_folds(groups: np.ndarray, k: int, seed: int) -> list[Rows]:
+    """k test folds, each a set of whole groups; sizes balanced greedily after a seeded shuffle."""
+    names, counts = np.unique(groups, return_counts=True)
+    if k < 2 or k > len(names):
+        raise ValueError(f"need 2 <= folds <= {len(names)} groups, got {k}")
+    order = np.random.default_rng(seed).permutation(len(names))
+    # Largest groups first, ties in shuffled order: the greedy fill then balances row counts.
+    order = order[np.argsort(-counts[order], kind="stable")]
+    fold_of = np.empty(len(names), dtype=np.int64)
+    sizes = np.zeros(k, dtype=np.int64)
+    for g in order:
+        fold_of[g] = int(np.argmin(sizes))
+        sizes[fold_of[g]] += counts[g]
+    row_fold = fold_of[np.searchsorted(names, groups)]
+    return [np.flatnonzero(row_fold == f) for f in range(k)]
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def _f1(truth: np.ndarray, decided: np.ndarray) -> float:
+    tp = float((truth & decided).sum())
+    denominator = float(truth.sum() + decided.sum())
+    return 2 * tp / denominator if denominator else 1.0
+
+
+def classification_metrics(
+    target: np.ndarray, score: np.ndarray, decided: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """At one popularity threshold: label = target >= threshold; `decided` is the prediction."""
+    truth = target >= threshold
+    macro = (_f1(truth, decided) + _f1(~truth, ~decided)) / 2
+    return {
+        "accuracy": float((truth == decided).mean()),
+        "f1": _f1(truth, decided),
+        "macro_f1": macro,
+        "roc_auc": roc_auc(truth, score),
+        "positive_rate": float(decided.mean()),
+        "base_rate": float(truth.mean()),
+    }
+
+
+def metrics(
+    target: np.ndarray,
+    prediction: np.ndarray,
+    cuts: dict[float, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """MAE, RMSE, R² and per-threshold metrics. `cuts`: per-row decision cut on the predicted
+    popularity for each threshold (the model's, fitted per fold); default: the threshold."""
+    target = np.asarray(target, dtype=np.float64)
+    prediction = np.asarray(prediction, dtype=np.float64)
+    error = prediction - target
+    total = float(((target - target.mean()) ** 2).sum())
+    out: dict[str, Any] = {
+        "mae": float(np.abs(error).mean()),
+        "rmse": float(np.sqrt((error**2).mean())),
+        "r2": 1.0 - float((error**2).sum()) / total if total else math.nan,
+        "at": {},
+    }
+    for t in THRESHOLDS:
+        cut = cuts[t] if cuts else np.full(len(target), t)
+        out["at"][f"{t:g}"] = classification_metrics(target, prediction, prediction >= cut, t)
+    return out
+
+
+def best_cut(target: np.ndarray, prediction: np.ndarray, threshold: float) -> float:
+    """The cut on predicted popularity that maximises macro-F1 at `threshold` on these rows."""
+    candidates = np.unique(np.quantile(prediction, np.linspace(0.02, 0.98, 97)))
+    truth = target >= threshold
+    scores = [(_f1(truth, prediction >= c) + _f1(~truth, prediction < c)) / 2 for c in candidates]
+    return float(candidates[int(np.argmax(scores))])
+
+
+# --- baselines ------------------------------------------------------------------------------
+
+
+def _ridge(table: TrackTable, train_rows: Rows, test_rows: Rows) -> np.ndarray:
+    """Ridge on the same features: log1p counts, train-fold mean imputation and scaling."""
+    is_count = np.array([p in COUNT_FEATURES for p in table.feature_paths])
+    x = table.features.astype(np.float64)
+    x = np.where(is_count, np.log1p(np.clip(x, 0, None)), x)
+    mean = np.nan_to_num(np.nanmean(x[train_rows], axis=0))
+    x = np.where(np.isfinite(x), x, mean)
+    std = x[train_rows].std(axis=0)
+    z = (x - mean) / np.where(std > 1e-9, std, 1.0)
+    a, y = z[train_rows], table.popularity[train_rows].astype(np.float64)
+    y_mean = y.mean()
+    weights = np.linalg.solve(a.T @ a + RIDGE_ALPHA * np.eye(a.shape[1]), a.T @ (y - y_mean))
+    return z[test_rows] @ weights + y_mean
+
+
+BASELINES: dict[str, Callable[[TrackTable, Rows, Rows], np.ndarray]] = {
+    "mean": lambda t, tr, te: np.full(len(te), float(t.popularity[tr].mean())),
+    # "Every release is a hit": popularity 100, so positive at every threshold.
+    "always_hit": lambda t, tr, te: np.full(len(te), 100.0),
+    "ridge": _ridge,
+}
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+def _inputs(table: TrackTable, spec: ModelSpec, rows: Rows) -> tuple[Any, np.ndarray]:
+    features = table.features[rows]
+    if not spec.use_features:
+        features = np.full_like(features, np.nan)
+    waveforms = None
+    if spec.use_audio:
+        if table.waveforms is None:
+            raise ValueError(f"{spec.name} needs audio, and this table has none loaded")
+        waveforms = table.waveforms[rows]
+    return waveforms, features
+
+
+def fit_model(
+    table: TrackTable,
+    spec: ModelSpec,
+    rows: Rows,
+    seed: int,
+    sample_rate: int,
+    device: str = "cpu",
+) -> torch.nn.Module:
+    """Train `spec.members` seeds on `rows`; one member is returned bare, several as Ensemble."""
+    waveforms, features = _inputs(table, spec, rows)
+    members = []
+    for m in range(spec.members):
+        net = spec.build(table.feature_paths, sample_rate, seed + m)
+        config = TrainConfig(**{**asdict(spec.config), "seed": seed + m})
+        train(net, waveforms, features, table.popularity[rows], config, False, device)
+        members.append(net)
+    return members[0] if len(members) == 1 else Ensemble(members).eval()
+
+
+def predict_rows(
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+) -> np.ndarray:
+    waveforms, features = _inputs(table, spec, rows)
+    mask = table.audio_mask[rows] if spec.use_audio and table.audio_mask is not None else None
+    return predict(model, waveforms, features, mask)[0]
+
+
+def choose_cuts(
+    table: TrackTable, spec: ModelSpec, rows: Rows, seed: int, sample_rate: int, device: str
+) -> dict[float, float]:
+    """Decision cut per threshold from an inner grouped CV on `rows` (training folds only)."""
+    if spec.inner_folds < 2:
+        return {t: t for t in THRESHOLDS}
+    inner = group_folds(table.groups[rows], spec.inner_folds, seed + 1)
+    prediction = np.empty(len(rows))
+    for test in inner:
+        train_rows = rows[np.setdiff1d(np.arange(len(rows)), test)]
+        model = fit_model(table, spec, train_rows, seed, sample_rate, device)
+        prediction[test] = predict_rows(model, table, spec, rows[test])
+    target = table.popularity[rows]
+    return {t: best_cut(target, prediction, t) for t in THRESHOLDS}
+
+
+@dataclass
+class FoldResult:
+    prediction: np.ndarray  # OOF popularity per row of the table
+    cuts: dict[float, np.ndarray]  # per-row decision cut (that row's fold's cut)
+    fold_cuts: list[dict[str, float]]
+
+
+def oof_predictions(
+    table: TrackTable,
+    spec: ModelSpec,
+    folds: Sequence[Rows],
+    seed: int,
+    sample_rate: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> FoldResult:
+    """Out-of-fold predictions of `spec`, plus each fold's decision cuts."""
+    n = len(table.popularity)
+    result = FoldResult(np.full(n, np.nan), {t: np.full(n, t) for t in THRESHOLDS}, [])
+    for test in tqdm(folds, desc=spec.name, unit="fold", disable=not progress):
+        train_rows = np.setdiff1d(np.arange(n), test)
+        cuts = choose_cuts(table, spec, train_rows, seed, sample_rate, device)
+        model = fit_model(table, spec, train_rows, seed, sample_rate, device)
+        result.prediction[test] = predict_rows(model, table, spec, test)
+        for t, cut in cuts.items():
+            result.cuts[t][test] = cut
+        result.fold_cuts.append({f"{t:g}": round(c, 3) for t, c in cuts.items()})
+    return result
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _describe(spec: ModelSpec, result: FoldResult, target: np.ndarray) -> dict[str, Any]:
+    return {
+        "variant": spec.name,
+        "uses_audio": spec.use_audio,
+        "uses_features": spec.use_features,
+        "members": spec.members,
+        "net": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.net.items()},
+        "train": asdict(spec.config),
+        "decision": (
+            f"predicted popularity >= a cut per threshold, chosen by {spec.inner_folds}-fold "
+            "inner grouped CV on the training folds (maximising macro-F1)"
+            if spec.inner_folds > 1
+            else "predicted popularity >= the threshold"
+        ),
+        "fold_cuts": result.fold_cuts,
+        "metrics": metrics(target, result.prediction, result.cuts),
+    }
+
+
+def cross_validate(
+    table: TrackTable,
+    specs: Sequence[ModelSpec],
+    folds: Sequence[Rows],
+    seed: int,
+    sample_rate: int = 22050,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The report dict and the first spec's OOF predictions (the model the report is about)."""
+    started = time.perf_counter()
+    target = table.popularity.astype(np.float64)
+    n = len(target)
+    models, first = {}, None
+    for spec in specs:
+        result = oof_predictions(table, spec, folds, seed, sample_rate, device, progress)
+        models[spec.name] = _describe(spec, result, target)
+        first = result.prediction if first is None else first
+    baselines = {}
+    for name, fit in BASELINES.items():
+        prediction = np.empty(n)
+        for test in folds:
+            prediction[test] = fit(table, np.setdiff1d(np.arange(n), test), test)
+        baselines[name] = {"metrics": metrics(target, prediction)}
+    report = {
+        "data": {
+            "source": table.source,
+            "rows": n,
+            "groups": len(np.unique(table.groups)),
+            "features": list(table.feature_paths),
+            "target": "popularity (0-100)",
+        },
+        "split": split_description(table, folds, seed),
+        "thresholds": list(THRESHOLDS),
+        "model": specs[0].name,
+        "models": models,
+        "baselines": baselines,
+        "device": device,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    assert first is not None
+    return report, first
+
+
+def split_description(table: TrackTable, folds: Sequence[Rows], seed: int) -> dict[str, Any]:
+    fold_groups = [set(table.groups[f]) for f in folds]
+    shared = sum(len(a & b) for i, a in enumerate(fold_groups) for b in fold_groups[i + 1 :])
+    return {
+        "method": "k-fold grouped by artist (whole artists per fold, sizes balanced)",
+        "group_key": "artist",
+        "folds": len(folds),
+        "seed": seed,
+        "fold_rows": [len(f) for f in folds],
+        "artists_in_two_folds": shared,
+    }
+
+
+def oof_path(report_path: str | Path) -> Path:
+    path = Path(report_path)
+    return path.with_name(path.name.removesuffix(".json") + ".oof.csv")
+
+
+def write_report(report: dict[str, Any], prediction: np.ndarray, target: np.ndarray,
+                 path: str | Path) -> Path:  # fmt: skip
+    """The report JSON at `path` and the OOF CSV (row, target, prediction) beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    oof = oof_path(path)
+    report = {**report, "oof": oof.name}
+    path.write_text(json.dumps(_no_nan(report), indent=2, default=_plain, allow_nan=False) + "\n")
+    with oof.open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["row", "target", "prediction"])
+        for i, (y, p) in enumerate(zip(target, prediction, strict=True)):
+            out.writerow([i, f"{float(y):g}", f"{float(p):.4f}"])
+    return oof
+
+
+def _no_nan(value: Any) -> Any:
+    # NaN (e.g. ROC-AUC with one class present) is not JSON: it is written as null.
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _plain(value: Any) -> Any:
+    # numpy scalars become plain Python numbers.
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers an artifact carries about its evaluation (CONTRACT §9)."""
+
+    def brief(block: dict[str, Any]) -> dict[str, float]:
+        m = block["metrics"]
+        out = {"mae": m["mae"], "rmse": m["rmse"], "r2": m["r2"]}
+        for t, at in m["at"].items():
+            out |= {f"roc_auc@{t}": at["roc_auc"], f"macro_f1@{t}": at["macro_f1"]}
+        return {k: round(v, 4) for k, v in out.items()}
+
+    model = report["models"][report["model"]]
+    return {
+        "source": report["data"]["source"],
+        "split": {k: report["split"][k] for k in ("method", "folds", "seed")},
+        "model": brief(model),
+        "baselines": {name: brief(b) for name, b in report["baselines"].items()},
+    }
