@@ -1,0 +1,177 @@
+"""Delivery guarantees against the real Kafka and Redis: duplicates, idempotent upserts,
+slow batches that outlast max.poll.interval.ms, backpressure."""
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import soundfile as sf
+
+from consumer import produce
+from consumer.app import App
+from consumer.settings import load_settings
+from consumer.sinks import RedisSink, Upsert
+from schemas import ScoreRecord, score_key
+from tests.integration.conftest import committed_and_end, read_all
+
+pytestmark = pytest.mark.integration
+
+
+def settings_from(env: dict[str, str]):  # type: ignore[no-untyped-def]
+    fields = {k.removeprefix("POPSCORE_").lower(): v for k, v in env.items()}
+    if "kafka_properties" in fields:  # from the environment it is JSON text
+        fields["kafka_properties"] = json.loads(fields["kafka_properties"])
+    return load_settings(**fields)
+
+
+def tone_file(folder: Path, name: str, seconds: float = 2.0) -> Path:
+    t = np.arange(int(seconds * 22_050)) / 22_050
+    path = folder / name
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 22_050)
+    return path
+
+
+def event(event_id: str, track: str, uri: str, emitted: datetime | None = None) -> bytes:
+    when = (emitted or datetime.now(UTC)).isoformat()
+    doc = {"event_id": event_id, "track_id": track, "emitted_at": when, "audio_uri": uri}
+    return json.dumps(doc).encode()
+
+
+def send(env: dict[str, str], values: list[tuple[bytes, bytes]]) -> None:
+    config = {"bootstrap.servers": env["POPSCORE_KAFKA_BOOTSTRAP"]}
+    produce.send(config, env["POPSCORE_INPUT_TOPIC"], iter(values))
+
+
+def record(event_id: str, track: str, emitted: datetime, popularity: float) -> ScoreRecord:
+    return ScoreRecord(
+        event_id=event_id,
+        track_id=track,
+        model_version="m",
+        popularity=popularity,
+        hit_probability=0.5,
+        is_hit=False,
+        audio_used=True,
+        emitted_at=emitted,
+        scored_at=emitted + timedelta(seconds=1),
+        latency_ms=1000.0,
+    )
+
+
+def test_redis_upsert_is_idempotent_and_never_goes_back_in_time(
+    redis_client: redis.Redis,
+) -> None:
+    sink, stop = RedisSink(redis_client), threading.Event()
+    track = f"upsert-{uuid.uuid4().hex[:8]}"
+    t0 = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    newer, older = (
+        record("e-new", track, t0, 80.0),
+        record("e-old", track, t0 - timedelta(hours=1), 20.0),
+    )
+
+    assert sink.write([newer], ["in/0/10"], stop) == [Upsert.WRITTEN]
+    assert sink.write([older], ["in/0/11"], stop) == [Upsert.STALE]
+    assert sink.write([newer], ["in/0/10"], stop) == [Upsert.WRITTEN]  # a replay of the record
+    assert sink.write([newer], ["in/1/99"], stop) == [Upsert.DUPLICATE]  # same event, other record
+    stored = ScoreRecord.from_redis(redis_client.hgetall(score_key(track)))
+    assert (stored.event_id, stored.popularity) == ("e-new", 80.0)
+    board = f"popscore:leaderboard:{t0.date().isoformat()}"
+    assert redis_client.zscore(board, track) == 80.0
+
+
+def test_same_event_id_twice_is_scored_once_and_emitted_once(
+    consumer_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    uri = tone_file(Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"]), "d.wav").as_uri()
+    tag = uuid.uuid4().hex[:8]
+    twice = event(f"dup-{tag}", f"track-{tag}", uri)
+    other = event(f"other-{tag}", f"track2-{tag}", uri)
+    send(
+        consumer_env,
+        [
+            (f"track-{tag}".encode(), twice),
+            (f"track2-{tag}".encode(), other),
+            (f"track-{tag}".encode(), twice),
+        ],
+    )
+    with App(settings_from(consumer_env), stop_at_end=True) as app:
+        app.run()
+    results = read_all(
+        consumer_env["POPSCORE_KAFKA_BOOTSTRAP"], consumer_env["POPSCORE_OUTPUT_TOPIC"], 2
+    )
+    ids = sorted(ScoreRecord.from_json(m.value()).event_id for m in results)
+    assert ids == sorted([f"dup-{tag}", f"other-{tag}"])
+    get = app.metrics.registry.get_sample_value
+    assert get("popscore_events_total", {"outcome": "duplicate"}) == 1
+    assert get("popscore_events_total", {"outcome": "scored"}) == 2
+    committed, ends = committed_and_end(
+        consumer_env["POPSCORE_KAFKA_BOOTSTRAP"],
+        consumer_env["POPSCORE_GROUP_ID"],
+        consumer_env["POPSCORE_INPUT_TOPIC"],
+    )
+    assert [max(c, 0) for c in committed] == ends
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path) -> Iterator[str]:
+    """Serves a real audio file, taking ~12 s for it (a slow CDN)."""
+    body = tone_file(tmp_path, "slow.wav", seconds=1.0).read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            step = len(body) // 24 + 1
+            for i in range(0, len(body), step):
+                self.wfile.write(body[i : i + step])
+                self.wfile.flush()
+                time.sleep(0.5)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.wav"
+    server.shutdown()
+    server.server_close()
+
+
+def test_batch_slower_than_max_poll_interval_keeps_the_group(
+    consumer_env: dict[str, str], slow_server: str
+) -> None:
+    """A 12 s fetch with max.poll.interval.ms = 7 s: the poll loop never stops, so the member
+    is never kicked out, nothing is lost or re-processed."""
+    env = {
+        **consumer_env,
+        "POPSCORE_AUDIO_ALLOW_PRIVATE_HOSTS": "true",
+        "POPSCORE_AUDIO_FETCH_TIMEOUT_S": "60",
+        "POPSCORE_KAFKA_PROPERTIES": json.dumps(
+            {
+                "max.poll.interval.ms": "7000",
+                "session.timeout.ms": "6000",
+                "heartbeat.interval.ms": "1000",
+            }
+        ),
+    }
+    tag = uuid.uuid4().hex[:8]
+    send(env, [(f"slow-{tag}".encode(), event(f"slow-{tag}", f"slow-{tag}", slow_server))])
+    started = time.monotonic()
+    with App(settings_from(env), stop_at_end=True) as app:
+        app.run()
+        get = app.metrics.registry.get_sample_value
+        lost = get("popscore_rebalances_total", {"event": "lost"}) or 0
+        revoked = get("popscore_rebalances_total", {"event": "revoked"}) or 0
+    assert time.monotonic() - started > 10, "the fetch really outlasted max.poll.interval.ms"
+    assert (lost, revoked) == (0, 0)
+    results = read_all(env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_OUTPUT_TOPIC"], 1)
+    assert [ScoreRecord.from_json(m.value()).event_id for m in results] == [f"slow-{tag}"]
+    assert get("popscore_events_total", {"outcome": "scored"}) == 1
