@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down model demo test test-unit test-integration lint schemas clean
+.PHONY: setup stack-up stack-down model demo test test-unit test-integration chaos lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -48,6 +48,11 @@ test-unit: $(STAMP) ## unit tests only, no services
 
 test-integration: $(STAMP) $(MODEL) stack-up
 	$(BIN)/pytest -q -m integration
+
+chaos: $(STAMP) $(MODEL) stack-up ## the full chaos suite: 2,000 events per scenario, figures in bench/results/chaos.txt
+	mkdir -p bench/results
+	echo "# chaos run $$(date -u +%FT%TZ) on $$(nproc) cores" >> bench/results/chaos.txt
+	CHAOS_EVENTS=2000 CHAOS_REPORT=bench/results/chaos.txt $(BIN)/pytest -q -s -m chaos
 
 lint: $(STAMP) ## ruff, formatting, mypy and hadolint
 	$(BIN)/ruff check .
