@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY consumer/ consumer/
 COPY training/ training/
+COPY bench/ bench/
 # Only popscore's own wheel: the runtime stage resolves its dependencies.
 RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /wheels .
 

@@ -60,6 +60,11 @@ lint: $(STAMP) ## ruff, formatting, mypy and hadolint
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
+BENCH_ARGS ?=
+BENCH_JSON ?= bench/results/bench-cpu-$(shell nproc)core.json
+bench: $(STAMP) $(MODEL) stack-up ## benchmark: compute ceiling, end to end, naive (~3-5 min)
+	$(BIN)/popscore --log-level WARNING bench --json $(BENCH_JSON) $(BENCH_ARGS)
+
 schemas: $(STAMP) ## regenerate schemas/json/*.json after changing a model
 	$(BIN)/python -m schemas
 

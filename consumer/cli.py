@@ -16,6 +16,7 @@ from typing import NoReturn
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
+from bench import cli as bench_cli
 from consumer import replay
 from consumer.errors import ConfigError, DeadLetter, PopscoreError
 from consumer.settings import Settings, load_settings
@@ -94,6 +95,7 @@ def build_parser() -> Parser:
     score.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
     score.add_argument("--device", help="default: POPSCORE_DEVICE")
     replay.register(sub)
+    bench_cli.register(sub)
     training_commands.register(sub)  # train, evaluate, export; torch loads in handlers
     return parser
 

@@ -5,6 +5,7 @@ module only moves tensors: waveforms and features go to the device in one copy p
 """
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,22 @@ def load_artifact(path: Path, device: torch.device) -> tuple[torch.jit.ScriptMod
     return module, ArtifactMeta.parse(raw)
 
 
+def configure_cpu_threads() -> int:
+    """Intra-op threads for CPU inference: half the usable cores (at least 1), unless
+    ``OMP_NUM_THREADS`` says otherwise. The other half runs the decode pool and the other
+    stages; on 2 cores two intra-op threads fighting the decode threads made a batch 2-4x
+    slower than one (docs/PERFORMANCE.md)."""
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        threads = int(explicit)
+    else:
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        log.info("torch intra-op threads: %d", threads)
+    return threads
+
+
 @dataclass(frozen=True)
 class Scores:
     """Per-item model outputs of one batch, as plain numpy on the host."""
@@ -76,6 +93,8 @@ class Scorer:
 
     def __init__(self, path: Path, device: str = "auto") -> None:
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            configure_cpu_threads()
         self.module, self.meta = load_artifact(path, self.device)
         log.info("model %s loaded on %s", self.meta.model_version, self.device)
 

@@ -306,3 +306,16 @@ def test_absurd_sample_rate_or_channel_count(
     with pytest.raises(DeadLetter) as info:
         decode_window(bytes(data), 1.0, policy)
     assert reason_of(info) is Reason.AUDIO_DECODE_FAILED
+
+
+def test_request_goes_to_the_checked_address_not_a_second_dns_answer(
+    http_audio: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cdn.invalid never resolves: the fetch can only succeed by connecting to the address the
+    host check approved (a DNS-rebinding answer in between would be ignored)."""
+    port = http_audio.rsplit(":", 1)[1]
+    monkeypatch.setattr("consumer.audio.check_host", lambda host, policy: "127.0.0.1")
+    wave = load_clip(
+        f"http://cdn.invalid:{port}/a.wav", AudioPolicy.create(()), Resampler(TARGET, 1.0)
+    )
+    assert np.abs(wave).max() > 0.4

@@ -1,0 +1,177 @@
+"""``popscore bench``: the three modes on one corpus, a table, and JSON (CONTRACT §11)."""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from consumer.settings import Settings
+
+MODES = ("compute", "e2e", "naive")
+
+
+def register(sub: Any) -> None:
+    """Add the ``bench`` subcommand to the CLI's subparsers."""
+    bench = sub.add_parser("bench", help="benchmark: compute ceiling, end to end, naive consumer")
+    bench.set_defaults(handler=_bench)
+    bench.add_argument("--events", type=_positive_int, default=96, help="events per mode")
+    bench.add_argument(
+        "--clip",
+        type=float,
+        metavar="SECONDS",
+        help="releases of this length (e.g. 30) instead of full-length 3-4 min",
+    )
+    bench.add_argument("--format", default="MP3", choices=["MP3", "WAV", "FLAC", "OGG"])
+    bench.add_argument("--sample-rate", type=_positive_int, default=44_100)
+    bench.add_argument("--channels", type=_positive_int, default=2)
+    bench.add_argument(
+        "--unique-files", type=_positive_int, default=8, help="distinct audio files (cached)"
+    )
+    bench.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated subset of compute,e2e,naive"
+    )
+    bench.add_argument(
+        "--rate",
+        type=float,
+        help="offered events/s of the latency run (default: half the measured max)",
+    )
+    bench.add_argument("--batch-size", type=_positive_int, help="default: POPSCORE_BATCH_SIZE")
+    bench.add_argument("--batch-wait-ms", type=int, help="default: POPSCORE_BATCH_WAIT_MS")
+    bench.add_argument("--decode-workers", type=_positive_int, help="POPSCORE_DECODE_WORKERS")
+    bench.add_argument("--torch-threads", type=_positive_int, help="default: torch's own")
+    bench.add_argument("--device", help="default: POPSCORE_DEVICE")
+    bench.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
+    bench.add_argument("--corpus-dir", type=Path, default=Path(".bench/corpus"))
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from bench import compute, corpus, e2e, naive
+    from bench.stats import ModeResult, Workload, report, table
+    from consumer.audio import AudioPolicy
+    from consumer.device import Scorer
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if args.torch_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
+        torch.set_num_threads(args.torch_threads)
+    overrides: dict[str, Any] = {
+        "batch_size": args.batch_size or settings.batch_size,
+        "batch_wait_ms": settings.batch_wait_ms
+        if args.batch_wait_ms is None
+        else args.batch_wait_ms,
+        "decode_workers": args.decode_workers or settings.decode_workers,
+        "device": args.device or settings.device,
+        "model": args.model or settings.model,
+    }
+    lo, hi = (args.clip, args.clip) if args.clip else (180.0, 240.0)
+    paths = corpus.build(
+        args.corpus_dir,
+        args.format,
+        args.sample_rate,
+        args.channels,
+        lo,
+        hi,
+        args.unique_files,
+        args.seed,
+        workers=os.cpu_count() or 2,
+    )
+    roots = (paths[0].parent,)
+    overrides["audio_file_roots"] = roots
+    base = settings.model_copy(update=overrides)
+    run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
+    scorer = Scorer(base.model, base.device)
+    workload = Workload(
+        events=args.events,
+        audio_format=args.format,
+        clip_seconds=args.clip,
+        min_seconds=lo,
+        max_seconds=hi,
+        sample_rate=args.sample_rate,
+        channels=args.channels,
+        unique_files=args.unique_files,
+        batch_size=base.batch_size,
+        batch_wait_ms=base.batch_wait_ms,
+        decode_workers=base.decode_workers,
+        torch_threads=torch.get_num_threads(),
+        device=str(scorer.device),
+        model_version=scorer.meta.model_version,
+    )
+    policy = AudioPolicy.create(roots, max_bytes=base.audio_max_bytes)
+
+    def fresh(mode: str) -> list[Any]:
+        return corpus.events(paths, args.events, args.seed, f"{run_id}-{mode}")
+
+    results: list[ModeResult] = []
+    if "compute" in modes:
+        results.append(
+            compute.run(scorer, policy, fresh("compute"), base.batch_size, base.decode_workers)
+        )
+    if "e2e" in modes:
+        maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
+        results.append(maxed)
+        rate = args.rate or maxed.events_per_s / 2
+        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate"), rate, "e2e_rate"))
+    if "naive" in modes:
+        results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
+    doc = report(workload, results, machine_info())
+    print(table(doc))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _unique(settings: Settings, run_id: str, mode: str) -> Settings:
+    """Topics, group and transactional id of their own for one mode of one run."""
+    tag = f"bench-{run_id}-{mode}"
+    return settings.model_copy(
+        update={
+            "input_topic": f"{tag}-in",
+            "output_topic": f"{tag}-out",
+            "dlq_topic": f"{tag}-dlq",
+            "group_id": tag,
+            "transactional_id": tag,
+            "http_port": 0,
+        }
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and count, Python and torch versions."""
+    import torch
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value

@@ -1,0 +1,135 @@
+"""Mode (b), end to end: the real consumer (``consumer.app.App``, in-process) on unique topics.
+
+The App runs its own loop on a thread; this module produces the events (``emitted_at`` = the
+moment each is sent) either all at once (max throughput) or at a fixed rate, and records for
+every event the time from ``emitted_at`` to its Redis write (the same point the service's
+``popscore_e2e_latency_seconds`` observes).
+"""
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from tqdm import tqdm
+
+from bench.corpus import stamped
+from bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
+from consumer.app import App
+from consumer.settings import Settings
+from consumer.topics import ensure_topics
+from schemas.events import ReleaseEvent
+from schemas.scores import ScoreRecord
+
+ASSIGN_TIMEOUT_S = 60.0
+
+
+class Recorder:
+    """Latency of every record at its Redis write, and when the last one was written."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.latencies: list[float] = []
+        self.last_write = 0.0
+        self.done = threading.Event()
+        self.total = total
+        self._lock = threading.Lock()
+        self._bar = tqdm(total=total, desc=desc, unit="event")
+
+    def written(self, records: Sequence[ScoreRecord]) -> None:
+        now = datetime.now(UTC)
+        with self._lock:
+            self.latencies += [(now - r.emitted_at).total_seconds() for r in records]
+            self.last_write = time.perf_counter()
+            self._bar.update(len(records))
+            if len(self.latencies) >= self.total:
+                self.done.set()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def send(
+    config: dict[str, Any], topic: str, events: list[ReleaseEvent], rate: float | None
+) -> float:
+    """Produce the events (paced at ``rate`` per second, or at once); returns the first send."""
+    producer = Producer({**config, "linger.ms": 0 if rate else 5, "enable.idempotence": True})
+    first = time.perf_counter()
+    for i, event in enumerate(events):
+        if rate:
+            delay = first + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        producer.produce(topic, stamped(event), event.track_id.encode())
+        producer.poll(0)
+    producer.flush(30)
+    return first
+
+
+def wait_assigned(is_assigned: Callable[[], bool], what: str) -> None:
+    """Wait until the consumer holds its partitions (so the group join is not measured)."""
+    deadline = time.monotonic() + ASSIGN_TIMEOUT_S
+    while not is_assigned():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: no partitions assigned in {ASSIGN_TIMEOUT_S:.0f}s")
+        time.sleep(0.05)
+
+
+def run(
+    settings: Settings,
+    events: list[ReleaseEvent],
+    rate: float | None,
+    mode: str,
+    partitions: int = 3,
+    timeout_s: float = 600.0,
+) -> ModeResult:
+    """Run the App on fresh topics, send ``events``, return when all are written to Redis."""
+    s = settings
+    ensure_topics(s.kafka_common(), [s.input_topic, s.output_topic, s.dlq_topic], partitions)
+    recorder = Recorder(len(events), f"end to end ({mode})")
+    app = App(s, stop_at_end=False)
+    with app:
+        sink = app.redis_sink
+        original = sink.write
+
+        def write(records: Any, sources: Any, stop: threading.Event) -> Any:
+            codes = original(records, sources, stop)
+            recorder.written(records)
+            return codes
+
+        sink.write = write  # type: ignore[method-assign]
+        # Warm-up outside the measurement: TorchScript's profiling executor optimises on the
+        # first calls, and the resampler builds its kernel for the corpus's rate.
+        app.pipeline.score_events(events[:1])
+        app.pipeline.score_events(events[: s.batch_size])
+        loop = threading.Thread(target=app.run, name="bench-app", daemon=True)
+        loop.start()
+        try:
+            wait_assigned(lambda: bool(app.source.assignment), mode)
+            reset_peak_rss()
+            first = send(s.kafka_common(), s.input_topic, events, rate)
+            finished = recorder.done.wait(timeout_s)
+        finally:
+            app.running = False
+            loop.join(timeout=120)
+            recorder.close()
+        if not finished:
+            raise TimeoutError(f"{mode}: {len(recorder.latencies)}/{len(events)} events written")
+        rss = peak_rss_mb()
+        dead = dict(app.stats.dead_letters)
+    return ModeResult(
+        mode=mode,
+        events=len(events),
+        seconds=recorder.last_write - first,
+        latencies_s=recorder.latencies,
+        peak_rss_mb=rss,
+        offered_rate=rate,
+        notes={"dead_letters": dead} if dead else {},
+    )
+
+
+def assigned(consumer: Consumer) -> bool:
+    """True once a plain consumer holds at least one partition (polls once)."""
+    consumer.poll(0.1)
+    return bool(consumer.assignment())

@@ -1,0 +1,196 @@
+"""GPU check of the artifact with only torch, torchaudio and numpy (no popscore install needed).
+
+    python bench/gpu_check.py [--model models/demo.pt] [--device cuda|cpu] [--out DIR]
+
+1. parity: frontend and full model on CPU vs the device, same random inputs (max abs diff);
+2. throughput: frontend + model clips/s at batch 1..256, fp32 and bf16/fp16 autocast;
+3. host→device copy of one batch: pinned vs pageable, float32 vs int16 (converted on device);
+4. the saturating batch size: the smallest batch within 10 % of the best fp32 clips/s.
+Writes gpu-check.json to --out (default: $OUT, else bench/results). --device cpu is a smoke test.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def load(path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    extra = {"popscore.json": ""}
+    module: Any = torch.jit.load(  # type: ignore[no-untyped-call]
+        str(path), map_location=device, _extra_files=extra
+    )
+    module.eval()
+    return module, json.loads(extra["popscore.json"])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def inputs(
+    batch: int, samples: int, n_features: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    wave = (torch.rand(batch, samples, generator=gen) * 2 - 1) * 0.5
+    feats = torch.rand(batch, n_features, generator=gen) * 10
+    mask = torch.ones(batch, dtype=torch.bool)
+    return wave.to(device), feats.to(device), mask.to(device)
+
+
+def parity(model_path: Path, device: torch.device, samples: int, nf: int) -> dict[str, Any]:
+    cpu_mod, _ = load(model_path, torch.device("cpu"))
+    dev_mod, _ = load(model_path, device)
+    wave, feats, mask = inputs(8, samples, nf, torch.device("cpu"), seed=1)
+    with torch.inference_mode():
+        ref_pop, ref_hit = cpu_mod(wave, feats, mask)
+        ref_mel = cpu_mod.frontend(wave)
+        pop, hit = dev_mod(wave.to(device), feats.to(device), mask.to(device))
+        mel = dev_mod.frontend(wave.to(device))
+    return {
+        "frontend_max_abs_diff": float((mel.cpu() - ref_mel).abs().max()),
+        "frontend_max_rel_diff": float(
+            ((mel.cpu() - ref_mel).abs() / ref_mel.abs().clamp_min(1e-3)).max()
+        ),
+        "popularity_max_abs_diff": float((pop.cpu() - ref_pop).abs().max()),
+        "hit_logit_max_abs_diff": float((hit.cpu() - ref_hit).abs().max()),
+    }
+
+
+def throughput(
+    module: Any,
+    device: torch.device,
+    samples: int,
+    nf: int,
+    batches: list[int],
+    dtype: str,
+    seconds: float,
+) -> list[dict[str, Any]]:
+    out = []
+    amp = dtype != "fp32"
+    amp_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    for batch in batches:
+        wave, feats, mask = inputs(batch, samples, nf, device)
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, amp_dtype, enabled=amp):
+                for _ in range(3):  # TorchScript's profiling executor optimises on early calls
+                    module(wave, feats, mask)
+                sync(device)
+                runs, start = 0, time.perf_counter()
+                while runs < 3 or time.perf_counter() - start < seconds:
+                    module(wave, feats, mask)
+                    runs += 1
+                sync(device)
+                elapsed = time.perf_counter() - start
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            out.append({"batch": batch, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        out.append(
+            {
+                "batch": batch,
+                "dtype": dtype,
+                "clips_per_s": round(batch * runs / elapsed, 2),
+                "ms_per_batch": round(elapsed / runs * 1e3, 3),
+            }
+        )
+        print(f"  {dtype} batch {batch:>4}: {batch * runs / elapsed:10.1f} clips/s", flush=True)
+    return out
+
+
+def copies(device: torch.device, batch: int, samples: int, repeats: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"batch": batch, "samples": samples}
+    for name, dtype in (("float32", torch.float32), ("int16", torch.int16)):
+        host = torch.zeros(batch, samples, dtype=dtype)
+        for pinned in (False, True):
+            if pinned and device.type != "cuda":
+                continue
+            src = host.pin_memory() if pinned else host
+            src.to(device, non_blocking=pinned)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                moved = src.to(device, non_blocking=pinned)
+                if dtype == torch.int16:
+                    moved = moved.float() / 32768.0
+            sync(device)
+            ms = (time.perf_counter() - start) / repeats * 1e3
+            key = f"{name}_{'pinned' if pinned else 'pageable'}_ms"
+            out[key] = round(ms, 3)
+            out[key.replace("_ms", "_gb_per_s")] = round(
+                src.numel() * src.element_size() / ms / 1e6, 2
+            )
+    return out
+
+
+def saturating(rows: list[dict[str, Any]]) -> int | None:
+    ok = [r for r in rows if "clips_per_s" in r]
+    if not ok:
+        return None
+    best = max(r["clips_per_s"] for r in ok)
+    return int(min(r["batch"] for r in ok if r["clips_per_s"] >= 0.9 * best))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/demo.pt"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results"))
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per point")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            "gpu_check: CUDA is not available (use --device cpu for a smoke test)", file=sys.stderr
+        )
+        return 2
+    module, meta = load(args.model, device)
+    samples = round(meta["sample_rate"] * meta["clip_seconds"])
+    nf = len(meta["features"])
+    batches = [b for b in BATCHES if b <= args.max_batch]
+    doc: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        "torch": torch.__version__,
+        "model_version": meta.get("model_version"),
+        "clip_samples": samples,
+    }
+    print("parity CPU vs", device, flush=True)
+    doc["parity"] = parity(args.model, device, samples, nf)
+    print(" ", doc["parity"], flush=True)
+    rows = throughput(module, device, samples, nf, batches, "fp32", args.seconds)
+    half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    rows += throughput(module, device, samples, nf, batches, half, args.seconds)
+    doc["throughput"] = rows
+    doc["saturating_batch_fp32"] = saturating([r for r in rows if r["dtype"] == "fp32"])
+    doc[f"saturating_batch_{half}"] = saturating([r for r in rows if r["dtype"] == half])
+    doc["h2d_copy"] = copies(device, min(32, args.max_batch), samples, 20)
+    print(" ", doc["h2d_copy"], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / f"gpu-check-{device.type}.json"
+    target.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

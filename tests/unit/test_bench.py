@@ -1,0 +1,113 @@
+"""popscore bench: statistics, the JSON shape, and the naive consumer's per-message function."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from bench.naive import centre_crop, score_message
+from bench.stats import ModeResult, Workload, peak_rss_mb, percentile, report, table
+from consumer.audio import AudioPolicy
+from consumer.cli import build_parser
+from consumer.device import Scorer
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0], 95) == 3.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_peak_rss_is_positive() -> None:
+    assert peak_rss_mb() > 1.0
+
+
+def workload() -> Workload:
+    return Workload(
+        events=4,
+        audio_format="MP3",
+        clip_seconds=None,
+        min_seconds=180.0,
+        max_seconds=240.0,
+        sample_rate=44_100,
+        channels=2,
+        unique_files=2,
+        batch_size=2,
+        batch_wait_ms=100,
+        decode_workers=2,
+        torch_threads=2,
+        device="cpu",
+    )
+
+
+def test_report_has_the_contract_fields_and_targets() -> None:
+    compute = ModeResult(
+        "compute",
+        4,
+        1.0,
+        [0.1, 0.2, 0.3, 0.4],
+        500.0,
+        stage_s_per_event={"decode": 0.1, "model": 0.05},
+        notes={"batch_compute_s": 0.5},
+    )
+    e2e = ModeResult("e2e_max", 4, 1.25, [1.0] * 4, 600.0)
+    rated = ModeResult("e2e_rate", 4, 2.0, [0.2, 0.3, 0.4, 1.0], 600.0, offered_rate=2.0)
+    naive = ModeResult("naive", 4, 8.0, [2.0] * 4, 700.0)
+    doc = json.loads(json.dumps(report(workload(), [compute, e2e, rated, naive], {"cpus": 2})))
+    assert doc["workload"]["audio_format"] == "MP3"
+    assert doc["workload"]["batch_size"] == 2
+    modes = {m["mode"]: m for m in doc["modes"]}
+    assert set(modes) == {"compute", "e2e_max", "e2e_rate", "naive"}
+    for m in modes.values():
+        assert {"events_per_s", "p50_ms", "p95_ms", "p99_ms", "peak_rss_mb"} <= set(m)
+    assert modes["compute"]["stage_s_per_event"] == {"decode": 0.1, "model": 0.05}
+    assert modes["e2e_max"]["events_per_s"] == 3.2
+    assert modes["e2e_rate"]["offered_rate"] == 2.0
+    targets = doc["targets"]
+    assert targets["e2e_over_naive"] == {"value": 6.4, "target": 5.0, "met": True}
+    assert targets["e2e_over_compute"]["value"] == 0.8
+    # bound: batch wait 0.1 s + 2 x 0.5 s = 1.1 s; p99 of the rated run is 0.982 s.
+    assert targets["p99_at_rate_ms"]["target"] == 1100.0
+    assert targets["p99_at_rate_ms"]["met"] is True
+    text = table(doc)
+    assert "e2e_rate" in text
+    assert "target e2e_over_naive" in text
+
+
+def test_centre_crop_takes_the_middle_and_pads_short_audio() -> None:
+    wave = np.arange(10, dtype=np.float32)
+    assert centre_crop(wave, 4).tolist() == [3, 4, 5, 6]
+    assert centre_crop(wave[:2], 4).tolist() == [0, 1, 0, 0]
+
+
+def test_naive_scores_one_message(artifact: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "song.wav"
+    sf.write(path, rng.uniform(-0.5, 0.5, size=(16_000 * 5, 2)).astype(np.float32), 16_000)
+    value = json.dumps(
+        {
+            "event_id": "e1",
+            "track_id": "t1",
+            "emitted_at": "2026-11-27T10:00:00+00:00",
+            "audio_uri": path.as_uri(),
+            "artist": {"followers": 1200},
+        }
+    ).encode()
+    scorer = Scorer(artifact, "cpu")
+    record = score_message(value, scorer, AudioPolicy.create((tmp_path,)))
+    assert record.track_id == "t1"
+    assert record.model_version == "tiny-test"
+    assert 0.0 <= record.popularity <= 100.0
+    assert record.audio_used
+
+
+def test_bench_subcommand_is_registered() -> None:
+    args = build_parser().parse_args(["bench", "--events", "3", "--clip", "30"])
+    assert args.events == 3
+    assert args.clip == 30.0
+    assert callable(args.handler)
