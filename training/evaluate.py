@@ -44,20 +44,33 @@ class ModelSpec:
     net: dict[str, Any] = field(default_factory=dict)  # FusionNet keyword arguments
     config: TrainConfig = field(default_factory=TrainConfig)
     inner_folds: int = 0  # > 1: choose each threshold's decision cut by inner grouped CV
+    # > 0: add boosted trees (training.trees, needs scikit-learn) as one more member, with
+    # this share of the ensemble's weight; the seeds share the rest equally.
+    trees: float = 0.0
 
     def build(self, paths: Sequence[str], sample_rate: int, seed: int) -> FusionNet:
         torch.manual_seed(seed)
         return FusionNet(paths, sample_rate=sample_rate, use_audio=self.use_audio, **self.net)
 
 
-# Features-only: small nets (the audio branch is built tiny and never run), 5 seeds averaged.
+# Features-only: small nets (the audio branch is built tiny and never run) over a
+# piecewise-linear encoding of every feature, 5 seeds, averaged half and half with boosted
+# trees (docs/MODEL.md).
 FEATURES_ONLY = ModelSpec(
     name="features_only",
     use_audio=False,
     members=5,
-    net={"channels": (4, 8), "audio_dim": 8, "feature_dim": 16, "hidden": 32, "dropout": 0.3},
+    net={
+        "channels": (4, 8),
+        "audio_dim": 8,
+        "feature_dim": 16,
+        "hidden": 32,
+        "dropout": 0.3,
+        "n_bins": 8,
+    },
     config=TABULAR_CONFIG,
     inner_folds=3,
+    trees=0.5,
 )
 
 
@@ -112,9 +125,14 @@ def metrics(
     target: np.ndarray,
     prediction: np.ndarray,
     cuts: dict[float, np.ndarray] | None = None,
+    hit_score: np.ndarray | None = None,
+    hit_threshold: float = 70.0,
 ) -> dict[str, Any]:
     """MAE, RMSE, R² and per-threshold metrics. `cuts`: per-row decision cut on the predicted
-    popularity for each threshold (the model's, fitted per fold); default: the threshold."""
+    popularity for each threshold (the model's, fitted per fold); default: the threshold.
+
+    `roc_auc` always ranks the predicted popularity (comparable with every baseline); with a
+    `hit_score` (the hit head's output), `roc_auc_hit_head` at `hit_threshold` ranks that too."""
     target = np.asarray(target, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
     error = prediction - target
@@ -128,6 +146,8 @@ def metrics(
     for t in THRESHOLDS:
         cut = cuts[t] if cuts else np.full(len(target), t)
         out["at"][f"{t:g}"] = classification_metrics(target, prediction, prediction >= cut, t)
+        if hit_score is not None and t == hit_threshold:
+            out["at"][f"{t:g}"]["roc_auc_hit_head"] = roc_auc(target >= t, hit_score)
     return out
 
 
@@ -188,23 +208,39 @@ def fit_model(
     sample_rate: int,
     device: str = "cpu",
 ) -> torch.nn.Module:
-    """Train `spec.members` seeds on `rows`; one member is returned bare, several as Ensemble."""
+    """Train `spec.members` seeds (and the trees, if `spec.trees`) on `rows`; one member is
+    returned bare, several as an Ensemble."""
     waveforms, features = _inputs(table, spec, rows)
-    members = []
+    members: list[torch.nn.Module] = []
     for m in range(spec.members):
         net = spec.build(table.feature_paths, sample_rate, seed + m)
         config = TrainConfig(**{**asdict(spec.config), "seed": seed + m})
         train(net, waveforms, features, table.popularity[rows], config, False, device)
         members.append(net)
-    return members[0] if len(members) == 1 else Ensemble(members).eval()
+    weights = [1.0 / spec.members] * spec.members
+    if spec.trees > 0:
+        from training.trees import fit_trees  # noqa: PLC0415 (needs the optional scikit-learn)
+
+        trees = fit_trees(table.feature_paths, features, table.popularity[rows],
+                          spec.config.hit_threshold, seed, sample_rate)  # fmt: skip
+        members.append(trees.to(device))
+        weights = [w * (1.0 - spec.trees) for w in weights] + [spec.trees]
+    return members[0] if len(members) == 1 else Ensemble(members, weights).eval()
 
 
 def predict_rows(
     model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
 ) -> np.ndarray:
+    return predict_both(model, table, spec, rows)[0]
+
+
+def predict_both(
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+) -> tuple[np.ndarray, np.ndarray]:
+    """(popularity, hit probability) for `rows`."""
     waveforms, features = _inputs(table, spec, rows)
     mask = table.audio_mask[rows] if spec.use_audio and table.audio_mask is not None else None
-    return predict(model, waveforms, features, mask)[0]
+    return predict(model, waveforms, features, mask)
 
 
 def choose_cuts(
@@ -226,6 +262,7 @@ def choose_cuts(
 @dataclass
 class FoldResult:
     prediction: np.ndarray  # OOF popularity per row of the table
+    hit_probability: np.ndarray  # OOF sigmoid(hit logit) per row
     cuts: dict[float, np.ndarray]  # per-row decision cut (that row's fold's cut)
     fold_cuts: list[dict[str, float]]
 
@@ -241,12 +278,16 @@ def oof_predictions(
 ) -> FoldResult:
     """Out-of-fold predictions of `spec`, plus each fold's decision cuts."""
     n = len(table.popularity)
-    result = FoldResult(np.full(n, np.nan), {t: np.full(n, t) for t in THRESHOLDS}, [])
+    result = FoldResult(
+        np.full(n, np.nan), np.full(n, np.nan), {t: np.full(n, t) for t in THRESHOLDS}, []
+    )
     for test in tqdm(folds, desc=spec.name, unit="fold", disable=not progress):
         train_rows = np.setdiff1d(np.arange(n), test)
         cuts = choose_cuts(table, spec, train_rows, seed, sample_rate, device)
         model = fit_model(table, spec, train_rows, seed, sample_rate, device)
-        result.prediction[test] = predict_rows(model, table, spec, test)
+        result.prediction[test], result.hit_probability[test] = predict_both(
+            model, table, spec, test
+        )
         for t, cut in cuts.items():
             result.cuts[t][test] = cut
         result.fold_cuts.append({f"{t:g}": round(c, 3) for t, c in cuts.items()})
@@ -270,8 +311,18 @@ def _describe(spec: ModelSpec, result: FoldResult, target: np.ndarray) -> dict[s
             if spec.inner_folds > 1
             else "predicted popularity >= the threshold"
         ),
+        "scores": (
+            "roc_auc ranks predicted popularity (as for every baseline); roc_auc_hit_head "
+            f"ranks the hit head (trained on popularity >= {spec.config.hit_threshold:g})"
+        ),
         "fold_cuts": result.fold_cuts,
-        "metrics": metrics(target, result.prediction, result.cuts),
+        "metrics": metrics(
+            target,
+            result.prediction,
+            result.cuts,
+            result.hit_probability,
+            spec.config.hit_threshold,
+        ),
     }
 
 

@@ -44,11 +44,15 @@ class FeatureNormalizer(nn.Module):
     is_count: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    edges: torch.Tensor
+    widths: torch.Tensor
 
-    def __init__(self, feature_paths: Sequence[str]) -> None:
+    def __init__(self, feature_paths: Sequence[str], n_bins: int = 0) -> None:
         super().__init__()
         if not feature_paths:
             raise ValueError("at least one feature is needed")
+        if n_bins < 0 or n_bins == 1:
+            raise ValueError(f"n_bins must be 0 (off) or >= 2, got {n_bins}")
         n = len(feature_paths)
         is_count = [path in COUNT_FEATURES for path in feature_paths]
         self.num_features = n
@@ -58,10 +62,17 @@ class FeatureNormalizer(nn.Module):
         self.register_buffer("std", torch.ones(n))
         # Learned, in standardised units: 0 (the training mean) is only the starting point.
         self.impute = nn.Parameter(torch.zeros(n))
+        # Piecewise-linear encoding (n_bins > 0): per feature, n_bins ramps between training
+        # quantiles (in standardised units), each 0 below its bin, 1 above, linear inside. A
+        # linear layer over them is an additive model with a learned shape per feature, which
+        # gives the MLP the step-like splits trees find on tabular data.
+        self.n_bins = n_bins
+        self.register_buffer("edges", torch.zeros(n, max(n_bins, 1)))
+        self.register_buffer("widths", torch.ones(n, max(n_bins, 1)))
 
     @property
     def out_features(self) -> int:
-        return 2 * self.num_features
+        return (2 + self.n_bins) * self.num_features
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         # clamp(min=0) keeps log1p defined on a (schema-invalid) negative count.
@@ -80,6 +91,25 @@ class FeatureNormalizer(nn.Module):
         std = torch.where(torch.isfinite(std) & (std > 1e-6), std, torch.ones_like(std))
         self.mean.copy_(mean.float())
         self.std.copy_(std.float())
+        if self.n_bins > 0:
+            self._fit_bins(((x - mean) / std).clamp(-self.z_limit, self.z_limit))
+
+    @torch.jit.ignore
+    def _fit_bins(self, z: torch.Tensor) -> None:
+        # Bin edges at the quantiles of each standardised column (NaN ignored); a column with
+        # too few distinct values gets zero-width bins merged away (width 1, never crossed).
+        probs = np.linspace(0.0, 1.0, self.n_bins + 1)
+        for j in range(self.num_features):
+            column = z[:, j].numpy()
+            column = column[np.isfinite(column)]
+            if column.size == 0:
+                continue
+            q = np.quantile(column, probs)
+            lower, width = q[:-1], np.diff(q)
+            flat = width <= 1e-6
+            # A zero-width bin is a step at that value: lower it a little so it still fires.
+            self.edges[j] = torch.from_numpy(np.where(flat, lower - 1e-3, lower)).float()
+            self.widths[j] = torch.from_numpy(np.where(flat, 1e-3, width)).float()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         present = torch.isfinite(features)
@@ -87,7 +117,11 @@ class FeatureNormalizer(nn.Module):
         x = self._transform(torch.where(present, features, torch.zeros_like(features)))
         z = ((x - self.mean) / self.std).clamp(-self.z_limit, self.z_limit)
         z = torch.where(present, z, self.impute.expand_as(z))
-        return torch.cat([z, (~present).to(z.dtype)], dim=1)
+        parts = [z, (~present).to(z.dtype)]
+        if self.n_bins > 0:
+            ramps = ((z.unsqueeze(2) - self.edges) / self.widths).clamp(0.0, 1.0)
+            parts.append(ramps.flatten(1))
+        return torch.cat(parts, dim=1)
 
 
 def _conv_block(c_in: int, c_out: int, first: bool) -> nn.Sequential:
@@ -145,6 +179,7 @@ class FusionNet(nn.Module):
         hidden: int = 64,
         dropout: float = 0.1,
         use_audio: bool = True,
+        n_bins: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -156,7 +191,7 @@ class FusionNet(nn.Module):
         self.frontend = LogMel(sample_rate=sample_rate, n_mels=n_mels)
         self.audio = AudioEncoder(n_mels, channels, audio_dim)
         self.no_audio = nn.Parameter(torch.zeros(audio_dim))
-        self.normalizer = FeatureNormalizer(self.feature_paths)
+        self.normalizer = FeatureNormalizer(self.feature_paths, n_bins)
         self.features = nn.Sequential(
             nn.Dropout(dropout / 2),
             nn.Linear(self.normalizer.out_features, hidden),
@@ -240,24 +275,37 @@ class FusionNet(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Several FusionNets (e.g. one per seed) averaged: popularity and hit logit are means.
+    """Several members (FusionNet seeds, a `training.trees.TreeModel`) averaged with weights:
+    popularity and hit logit are weighted means (default: equal weights).
 
     Same forward and attributes as FusionNet, so it exports and serves unchanged; averaging
-    seeds is the cheapest variance reduction on a dataset of two thousand tracks.
+    seeds is the cheapest variance reduction on a dataset of two thousand tracks, and mixing
+    model families (an MLP and trees) reduces it further.
     """
 
-    def __init__(self, members: Sequence[FusionNet]) -> None:
+    weights: torch.Tensor
+
+    def __init__(
+        self, members: Sequence[nn.Module], weights: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         first = members[0]
-        if any(m.feature_paths != first.feature_paths for m in members):
+        paths = [list(getattr(m, "feature_paths")) for m in members]  # noqa: B009
+        if any(p != paths[0] for p in paths):
             raise ValueError("ensemble members disagree on their features")
-        if any(m.sample_rate != first.sample_rate for m in members):
+        if any(getattr(m, "sample_rate") != getattr(first, "sample_rate") for m in members):  # noqa: B009
             raise ValueError("ensemble members disagree on their sample rate")
-        self.feature_paths = list(first.feature_paths)
-        self.sample_rate = first.sample_rate
+        if weights is None:
+            weights = [1.0] * len(members)
+        if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError("need one non-negative weight per member, not all zero")
+        total = float(sum(weights))
+        self.feature_paths = paths[0]
+        self.sample_rate = int(getattr(first, "sample_rate"))  # noqa: B009
         self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.tensor([w / total for w in weights]))
 
     def forward(
         self, waveform: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
@@ -268,4 +316,5 @@ class Ensemble(nn.Module):
             pop, logit = member(waveform, features, audio_mask)
             pops.append(pop)
             logits.append(logit)
-        return torch.stack(pops).mean(dim=0), torch.stack(logits).mean(dim=0)
+        w = self.weights.unsqueeze(1)
+        return (torch.stack(pops) * w).sum(dim=0), (torch.stack(logits) * w).sum(dim=0)
