@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the Dockerfile's install steps without a Docker engine: the same files copied into a
+# build folder, the same `pip wheel`, a clean venv with the same torch pin (from PyPI here:
+# download.pytorch.org is out of reach), the same wheel install, then the image's entrypoint
+# from outside the repo. tests/unit/test_dockerfile.py keeps the Dockerfile and this in step.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+py=${PYTHON:-python3}
+torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' "$root/Dockerfile")
+
+mkdir -p "$work/src" "$work/wheels"
+cp "$root/pyproject.toml" "$root/README.md" "$work/src/"
+for dir in $(sed -n 's|^COPY \([a-z_]*\)/ .*|\1|p' "$root/Dockerfile"); do
+  cp -r "$root/$dir" "$work/src/$dir"
+done
+(cd "$work/src" && "$py" -m pip wheel -q --no-cache-dir --disable-pip-version-check --no-deps \
+  --wheel-dir "$work/wheels" .)
+
+"$py" -m venv "$work/venv"
+"$work/venv/bin/pip" install -q --disable-pip-version-check \
+  "torch==$torch_version" "torchaudio==$torch_version"
+"$work/venv/bin/pip" install -q --disable-pip-version-check "$work"/wheels/popscore-*.whl
+
+# The image's entrypoint, from a folder that is not the repo: only the wheel's code is used.
+cd "$work"
+"$work/venv/bin/popscore" --help >/dev/null
+"$work/venv/bin/python" - "$root/models/demo.pt" <<'PY'
+import subprocess, sys, numpy as np, soundfile as sf
+sf.write("probe.wav", (0.3 * np.sin(np.arange(66150) / 10)).astype(np.float32), 22050)
+out = subprocess.run([sys.prefix + "/bin/popscore", "score", "probe.wav", "--model", sys.argv[1],
+                      "--device", "cpu"], check=True, capture_output=True, text=True).stdout
+assert '"popularity"' in out, out
+PY
+echo "docker steps: wheel built, clean install of torch $torch_version + popscore, entrypoint scored a file"
