@@ -22,7 +22,7 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
-from training.features import DEFAULT_FEATURES, extract
+from training.features import AUDIO_FEATURE_NAMES, DEFAULT_FEATURES, extract
 from training.synthetic import sample_track, synth_audio
 
 PAPER_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paper_tracks.csv"
@@ -35,23 +35,7 @@ CSV_COLUMNS: dict[str, str] = {
     "release_date": "release.date",
     "duration_ms": "release.duration_ms",
     "explicit": "release.explicit",
-    **{
-        name: f"audio_features.{name}"
-        for name in (
-            "acousticness",
-            "danceability",
-            "energy",
-            "instrumentalness",
-            "liveness",
-            "loudness",
-            "speechiness",
-            "tempo",
-            "time_signature",
-            "valence",
-            "key",
-            "mode",
-        )
-    },
+    **{name: f"audio_features.{name}" for name in AUDIO_FEATURE_NAMES},
 }
 
 # What the paper's CSV can feed: the 10 audio descriptors it has, artist popularity,

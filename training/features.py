@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-_AUDIO_FEATURES = (
+AUDIO_FEATURE_NAMES = (
     "acousticness",
     "danceability",
     "energy",
@@ -32,7 +32,7 @@ _ENGAGEMENT = ("streams", "saves", "playlist_adds", "skips", "shares")
 DEFAULT_FEATURES: tuple[str, ...] = (
     "artist.popularity",
     "artist.followers",
-    *(f"audio_features.{name}" for name in _AUDIO_FEATURES),
+    *(f"audio_features.{name}" for name in AUDIO_FEATURE_NAMES),
     "release.duration_ms",
     "release.explicit",
     *(f"engagement.{name}" for name in _ENGAGEMENT),
