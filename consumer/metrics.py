@@ -2,6 +2,8 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from schemas.dead_letter import DeadLetterReason
+
 OUTCOME = "outcome"
 REASON = "reason"
 STAGE = "stage"
@@ -77,3 +79,5 @@ class Metrics:
             self.events.labels(outcome)  # export zeros, so rate() works from the first scrape
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        for reason in DeadLetterReason:
+            self.dead_letters.labels(reason.value)

@@ -143,21 +143,28 @@ def test_every_panel_and_recording_returns_data(
             return bool(data["result"]) and float(data["result"][0]["value"][1]) >= SCORED + BAD
 
         wait_for(all_handled, 90, "Prometheus to see every event handled")
-        time.sleep(2)  # two more scrapes and rule evaluations after the last batch
         window = {"start": str(started), "end": str(time.time()), "step": "1"}
+
+        def without_data(exprs: list[str]) -> list[str]:
+            window["end"] = str(time.time())
+            return [
+                e
+                for e in exprs
+                if not has_data(api(prom_port, "query_range", query=e, **window)["result"])
+            ]
+
+        # Rates need two samples after the last batch: wait for the rule evaluations.
+        exprs = [expr for _title, expr in panel_queries()] + recordings()
+        wait_for(lambda: not without_data(exprs), 30, "every panel and rule to have data")
         empty = [
             f"{title}: {expr}"
             for title, expr in panel_queries()
             if not has_data(api(prom_port, "query_range", query=expr, **window)["result"])
         ]
         assert not empty, "panels without data:\n" + "\n".join(empty)
-        missing = [
-            rule
-            for rule in recordings()
-            if not has_data(api(prom_port, "query_range", query=rule, **window)["result"])
-        ]
+        missing = without_data(recordings())
         assert not missing, f"recording rules without data: {missing}"
-        reasons = api(prom_port, "query", query="sum by (reason) (popscore_dead_letters_total)")
+        reasons = api(prom_port, "query", query="sum by (reason) (popscore_dead_letters_total) > 0")
         assert {r["metric"]["reason"] for r in reasons["result"]} == {"invalid_json"}
         rules = api(prom_port, "rules")
         health = {r["name"]: r["health"] for g in rules["groups"] for r in g["rules"]}
