@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from consumer.argtypes import positive_int
 from consumer.settings import Settings
 
 MODES = ("compute", "e2e", "naive")
@@ -19,7 +20,7 @@ def register(sub: Any) -> None:
     """Add the ``bench`` subcommand to the CLI's subparsers."""
     bench = sub.add_parser("bench", help="benchmark: compute ceiling, end to end, naive consumer")
     bench.set_defaults(handler=_bench)
-    bench.add_argument("--events", type=_positive_int, default=96, help="events per mode")
+    bench.add_argument("--events", type=positive_int, default=96, help="events per mode")
     bench.add_argument(
         "--clip",
         type=float,
@@ -27,10 +28,10 @@ def register(sub: Any) -> None:
         help="releases of this length (e.g. 30) instead of full-length 3-4 min",
     )
     bench.add_argument("--format", default="MP3", choices=["MP3", "WAV", "FLAC", "OGG"])
-    bench.add_argument("--sample-rate", type=_positive_int, default=44_100)
-    bench.add_argument("--channels", type=_positive_int, default=2)
+    bench.add_argument("--sample-rate", type=positive_int, default=44_100)
+    bench.add_argument("--channels", type=positive_int, default=2)
     bench.add_argument(
-        "--unique-files", type=_positive_int, default=8, help="distinct audio files (cached)"
+        "--unique-files", type=positive_int, default=8, help="distinct audio files (cached)"
     )
     bench.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated subset of compute,e2e,naive"
@@ -40,10 +41,10 @@ def register(sub: Any) -> None:
         type=float,
         help="offered events/s of the latency run (default: half the measured max)",
     )
-    bench.add_argument("--batch-size", type=_positive_int, help="default: POPSCORE_BATCH_SIZE")
+    bench.add_argument("--batch-size", type=positive_int, help="default: POPSCORE_BATCH_SIZE")
     bench.add_argument("--batch-wait-ms", type=int, help="default: POPSCORE_BATCH_WAIT_MS")
-    bench.add_argument("--decode-workers", type=_positive_int, help="POPSCORE_DECODE_WORKERS")
-    bench.add_argument("--torch-threads", type=_positive_int, help="default: torch's own")
+    bench.add_argument("--decode-workers", type=positive_int, help="POPSCORE_DECODE_WORKERS")
+    bench.add_argument("--torch-threads", type=positive_int, help="default: torch's own")
     bench.add_argument("--device", help="default: POPSCORE_DEVICE")
     bench.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
     bench.add_argument("--corpus-dir", type=Path, default=Path(".bench/corpus"))
@@ -168,10 +169,3 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value

@@ -2,7 +2,6 @@
 
 import argparse
 import faulthandler
-import json
 import logging
 import signal
 import sys
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from bench import cli as bench_cli
 from consumer import replay
+from consumer.argtypes import existing_file, json_object, positive_float, positive_int
 from consumer.errors import ConfigError, DeadLetter, PopscoreError
 from consumer.settings import Settings, load_settings
 from schemas.events import ReleaseEvent
@@ -61,11 +61,11 @@ def build_parser() -> Parser:
     source = produce.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--synthetic",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="synthesize N releases with real audio files",
     )
-    source.add_argument("--file", type=_existing_file, help="a JSONL file, one event per line")
+    source.add_argument("--file", type=existing_file, help="a JSONL file, one event per line")
     produce.add_argument("--topic", help="default: POPSCORE_INPUT_TOPIC")
     produce.add_argument("--seed", type=int, default=0)
     produce.add_argument(
@@ -74,21 +74,21 @@ def build_parser() -> Parser:
         default=Path(".demo/audio"),
         help="where synthetic audio files are written",
     )
-    produce.add_argument("--min-seconds", type=_positive_float, default=5.0)
-    produce.add_argument("--max-seconds", type=_positive_float, default=240.0)
+    produce.add_argument("--min-seconds", type=positive_float, default=5.0)
+    produce.add_argument("--max-seconds", type=positive_float, default=240.0)
     produce.add_argument(
         "--partitions",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         help="partitions of the topic when it must be created",
     )
 
     score = sub.add_parser("score", help="score one audio file offline, print a ScoreRecord")
     score.set_defaults(handler=_score)
-    score.add_argument("file", type=_existing_file)
+    score.add_argument("file", type=existing_file)
     score.add_argument(
         "--features",
-        type=_json_object,
+        type=json_object,
         default={},
         help='ReleaseEvent groups as JSON, e.g. \'{"artist": {"followers": 1200}}\'',
     )
@@ -209,34 +209,3 @@ def _offline_event(path: Path, features: dict[str, object]) -> ReleaseEvent:
 
 def _usage(message: str) -> NoReturn:
     build_parser().error(message)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return path
-
-
-def _json_object(text: str) -> dict[str, object]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value

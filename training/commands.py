@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from consumer.argtypes import existing_file, int_at_least
+
 if TYPE_CHECKING:
     from consumer.settings import Settings
     from training.data import TrackTable
@@ -26,31 +28,31 @@ def register(sub: Any) -> None:
     evaluate.set_defaults(handler=_evaluate)
     _data_arguments(evaluate)
     evaluate.add_argument("--report", type=Path, required=True, help="report JSON to write")
-    evaluate.add_argument("--folds", type=_int_at_least(2), default=5)
+    evaluate.add_argument("--folds", type=int_at_least(2), default=5)
 
     train = sub.add_parser("train", help="train on every row and export an artifact")
     train.set_defaults(handler=_train)
     _data_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="artifact path, e.g. models/x.pt")
     train.add_argument(
-        "--evaluation", type=_existing_file, help="a report from `evaluate` to embed (summary)"
+        "--evaluation", type=existing_file, help="a report from `evaluate` to embed (summary)"
     )
     train.add_argument("--model-version", help="default: derived from data, seed and weights")
 
     export = sub.add_parser("export", help="re-export an artifact with updated metadata")
     export.set_defaults(handler=_export)
-    export.add_argument("artifact", type=_existing_file, help="an existing popscore artifact")
+    export.add_argument("artifact", type=existing_file, help="an existing popscore artifact")
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--evaluation", type=_existing_file, help="report whose summary to embed")
+    export.add_argument("--evaluation", type=existing_file, help="report whose summary to embed")
     export.add_argument("--hit-threshold", type=float, help="new is_hit cut on popularity")
     export.add_argument("--model-version")
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=_existing_file, help="a Spotify-API-shaped CSV")
+    source.add_argument("--data", type=existing_file, help="a Spotify-API-shaped CSV")
     source.add_argument(
-        "--synthetic", type=_int_at_least(20), metavar="N", help="N SYNTHETIC tracks with audio"
+        "--synthetic", type=int_at_least(20), metavar="N", help="N SYNTHETIC tracks with audio"
     )
     parser.add_argument("--features-only", action="store_true", help="no audio branch")
     parser.add_argument("--audio-column", help="CSV column naming each row's audio file")
@@ -176,23 +178,3 @@ def _device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SystemExit("popscore: --device cuda, but no CUDA device is available")
     return choice
-
-
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return path
