@@ -6,6 +6,7 @@ module only moves tensors: waveforms and features go to the device in one copy p
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,22 @@ def configure_cpu_threads() -> int:
     return threads
 
 
+# On CPU a batch runs through the artifact in slices of at most this many samples (~47 s
+# at 22050 Hz): the STFT output and first conv then stay in cache, 2-3x faster than one pass
+# over 32 thirty-second clips on 2 cores (the same cut as FusionNet.forward's).
+CPU_CHUNK_SAMPLES = 1 << 20
+
+
 @dataclass(frozen=True)
 class Scores:
-    """Per-item model outputs of one batch, as plain numpy on the host."""
+    """Per-item model outputs of one batch, as plain numpy on the host, and where its time
+    went: ``frontend_s`` is the log-Mel frontend (None when the artifact does not expose it
+    apart), ``total_s`` everything from host arrays to host arrays."""
 
     popularity: np.ndarray
     hit_probability: np.ndarray
+    frontend_s: float | None = None
+    total_s: float = 0.0
 
 
 class Scorer:
@@ -100,17 +111,52 @@ class Scorer:
 
     def score(self, waveforms: np.ndarray, features: np.ndarray, audio_mask: np.ndarray) -> Scores:
         """``waveforms[B, S]`` float32, ``features[B, F]`` float32 (NaN = missing), mask[B] bool."""
+        start = time.perf_counter()
         pinned = self.device.type == "cuda"
         with torch.inference_mode():
             wave = _to_device(waveforms, self.device, pinned)
             feats = _to_device(features, self.device, pinned)
             mask = _to_device(audio_mask, self.device, pinned)
-            popularity, hit_logit = self.module(wave, feats, mask)
+            if self.staged:
+                popularity, hit_logit, frontend_s = self._staged(wave, feats, mask)
+            else:
+                popularity, hit_logit = self.module(wave, feats, mask)
+                frontend_s = None
             probability = torch.sigmoid(hit_logit)
-        return Scores(
-            popularity=popularity.float().cpu().numpy(),
-            hit_probability=probability.float().cpu().numpy(),
-        )
+            popularity_host = popularity.float().cpu().numpy()
+            probability_host = probability.float().cpu().numpy()
+        return Scores(popularity_host, probability_host, frontend_s, time.perf_counter() - start)
+
+    @property
+    def staged(self) -> bool:
+        """Whether the artifact exports spectrogram() and score_spectrogram() (built since
+        the frontend stage was timed apart); older artifacts run as one forward()."""
+        return hasattr(self.module, "spectrogram") and hasattr(self.module, "score_spectrogram")
+
+    def _staged(
+        self, wave: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """forward() as frontend then network, per cache-sized slice on CPU, timing the first."""
+        rows = wave.size(0)
+        if self.device.type == "cpu":
+            step = max(1, CPU_CHUNK_SAMPLES // max(1, wave.size(1)))
+        else:
+            step = max(1, rows)
+        frontend_s = 0.0
+        pops: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        for lo in range(0, rows, step):
+            t0 = time.perf_counter()
+            logmel = self.module.spectrogram(wave[lo : lo + step])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # kernels are async: wait to time them
+            frontend_s += time.perf_counter() - t0
+            pop, logit = self.module.score_spectrogram(
+                logmel, feats[lo : lo + step], mask[lo : lo + step]
+            )
+            pops.append(pop)
+            logits.append(logit)
+        return torch.cat(pops), torch.cat(logits), frontend_s
 
 
 def _to_device(array: np.ndarray, device: torch.device, pinned: bool) -> torch.Tensor:

@@ -159,7 +159,12 @@ class Pipeline:
         except Exception:
             log.exception("batch inference failed; scoring items one by one")
             scores = None
-        self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if scores is not None and scores.frontend_s is not None:
+            # "inference" is the rest: feature rows, host<->device copies and the network.
+            self.metrics.stage_seconds.labels("frontend").observe(scores.frontend_s)
+            elapsed -= scores.frontend_s
+        self.metrics.stage_seconds.labels("inference").observe(elapsed)
         scored_at = utc_now()
         outcomes: list[ScoreRecord | DeadLetter] = []
         for i, item in enumerate(items):

@@ -18,6 +18,7 @@ buffer or parameter of this module, so the TorchScript artifact cannot drift fro
 
 # No `from __future__ import annotations` here: TorchScript must resolve the class-level
 # buffer annotations as real types, not strings.
+import copy
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -273,6 +274,27 @@ class FusionNet(nn.Module):
         self._check_inputs(waveform, features, audio_mask)
         return self.fuse(self.embed_audio(waveform), features, audio_mask)
 
+    # forward() in two calls, so serving can time the torchaudio frontend apart from the
+    # network (popscore_stage_seconds{stage="frontend"}): score_spectrogram(spectrogram(w), f,
+    # m) == forward(w, f, m) in eval mode.
+    @torch.jit.export
+    def spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Waveforms [B, S] -> log-mel [B, 1, M, T]; [B, 0] when there is no audio branch."""
+        if not self.use_audio:
+            return waveform.new_zeros(waveform.size(0), 0)
+        return self.frontend(waveform)
+
+    @torch.jit.export
+    def score_spectrogram(
+        self, logmel: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What forward() does after the frontend: (popularity 0..100, hit_logit)."""
+        if self.use_audio:
+            audio = self.audio(logmel)
+        else:
+            audio = self.no_audio.unsqueeze(0).expand(features.size(0), -1)
+        return self.fuse(audio, features, audio_mask)
+
 
 class Ensemble(nn.Module):
     """Several members (FusionNet seeds, a `training.trees.TreeModel`) averaged with weights:
@@ -306,6 +328,14 @@ class Ensemble(nn.Module):
         self.sample_rate = int(getattr(first, "sample_rate"))  # noqa: B009
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", torch.tensor([w / total for w in weights]))
+        # One frontend for every audio member (spectrogram() runs it once per batch).
+        listening = [m for m in members if getattr(m, "use_audio", False)]
+        self.use_audio = bool(listening)
+        self.frontend = (
+            copy.deepcopy(listening[0].frontend) if listening else LogMel(self.sample_rate)
+        )
+        if any(not _same_module(m.frontend, self.frontend) for m in listening):
+            raise ValueError("ensemble members disagree on their audio frontend")
 
     def forward(
         self, waveform: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
@@ -318,3 +348,31 @@ class Ensemble(nn.Module):
             logits.append(logit)
         w = self.weights.unsqueeze(1)
         return (torch.stack(pops) * w).sum(dim=0), (torch.stack(logits) * w).sum(dim=0)
+
+    @torch.jit.export
+    def spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The members' shared frontend: log-mel [B, 1, M, T], or [B, 0] if none listens."""
+        if not self.use_audio:
+            return waveform.new_zeros(waveform.size(0), 0)
+        return self.frontend(waveform)
+
+    @torch.jit.export
+    def score_spectrogram(
+        self, logmel: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pops: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        for member in self.members:
+            pop, logit = member.score_spectrogram(logmel, features, audio_mask)
+            pops.append(pop)
+            logits.append(logit)
+        w = self.weights.unsqueeze(1)
+        return (torch.stack(pops) * w).sum(dim=0), (torch.stack(logits) * w).sum(dim=0)
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """Same buffers and parameters (names, shapes, values): two frontends that compute alike."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
+    )

@@ -141,6 +141,17 @@ class TreeModel(nn.Module):
         x = self.normalizer(features)
         return self.regressor(x).clamp(0.0, 100.0), self.classifier(x)
 
+    # The two-call form of forward() that FusionNet and Ensemble export (no audio here).
+    @torch.jit.export
+    def spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
+        return waveform.new_zeros(waveform.size(0), 0)
+
+    @torch.jit.export
+    def score_spectrogram(
+        self, logmel: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(logmel, features, audio_mask)
+
 
 def fit_trees(
     feature_paths: Sequence[str],

@@ -1,5 +1,6 @@
 """The device stage and the pipeline over a real (untrained, small) exported artifact."""
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -58,6 +59,44 @@ class TestScorer:
         waves, feats, _ = inputs(3)
         scores = Scorer(artifact, device).score(waves, feats, np.zeros(3, dtype=bool))
         assert np.isfinite(scores.popularity).all()
+
+    def test_frontend_is_timed_apart_and_changes_nothing(self, artifact: Path, device: str) -> None:
+        scorer = Scorer(artifact, device)
+        waves, feats, mask = inputs(4)
+        scores = scorer.score(waves, feats, mask)
+        assert scorer.staged and scores.frontend_s is not None
+        assert 0 < scores.frontend_s < scores.total_s
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(a).to(scorer.device) for a in (waves, feats, mask)]
+            whole, _ = scorer.module(*tensors)
+        np.testing.assert_allclose(scores.popularity, whole.cpu().numpy(), atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/save
+def test_artifact_without_the_two_call_form_still_scores(artifact: Path, tmp_path: Path) -> None:
+    """Artifacts built before spectrogram()/score_spectrogram() run as one forward()."""
+
+    class ForwardOnly(torch.nn.Module):
+        def __init__(self, inner: torch.jit.ScriptModule) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(
+            self, waveform: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inner(waveform, features, audio_mask)
+
+    scorer = Scorer(artifact, "cpu")
+    old = tmp_path / "old.pt"
+    extra = {"popscore.json": json.dumps(scorer.meta.raw)}
+    torch.jit.save(torch.jit.script(ForwardOnly(scorer.module)), str(old), _extra_files=extra)
+    legacy = Scorer(old, "cpu")
+    assert not legacy.staged
+    waves, feats, mask = inputs(3)
+    scores = legacy.score(waves, feats, mask)
+    assert scores.frontend_s is None
+    np.testing.assert_allclose(scores.popularity, scorer.score(waves, feats, mask).popularity,
+                               atol=1e-4)  # fmt: skip
 
 
 def test_metadata_is_read(artifact: Path) -> None:

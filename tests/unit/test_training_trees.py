@@ -109,3 +109,36 @@ def test_ensemble_weights_are_a_weighted_mean(trees: torch.nn.Module) -> None:
     torch.testing.assert_close(logit, 0.75 * l1 + 0.25 * l2)
     with pytest.raises(ValueError, match="weight"):
         Ensemble([net, trees], [1.0])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_two_call_form_equals_forward_for_every_member_kind(trees: torch.nn.Module) -> None:
+    """spectrogram() then score_spectrogram() is forward(), eager and scripted, for an audio
+    net, a features-only net, trees, and an ensemble of all three (one shared frontend)."""
+    features, _ = _rows()
+    torch.manual_seed(0)
+    small = {"channels": (4, 8), "audio_dim": 8, "feature_dim": 8, "hidden": 8}
+    listening = FusionNet(PAPER_FEATURES, sample_rate=8000, n_mels=16, **small).eval()
+    tabular = FusionNet(PAPER_FEATURES, sample_rate=8000, n_mels=16, use_audio=False, **small)
+    for net in (listening, tabular):
+        net.fit_normalizer(features)
+    trees.sample_rate = 8000
+    ensemble = Ensemble([listening, tabular.eval(), trees], [2.0, 1.0, 1.0]).eval()
+    wave = 0.2 * torch.randn(4, 8000)
+    inputs = (torch.from_numpy(features[:4]), torch.tensor([True, False, True, True]))
+    for model in (listening, tabular, trees, ensemble):
+        for runnable in (model, torch.jit.script(model)):
+            with torch.inference_mode():
+                expected = runnable(wave, *inputs)
+                staged = runnable.score_spectrogram(runnable.spectrogram(wave), *inputs)
+            torch.testing.assert_close(staged, expected, atol=1e-5, rtol=1e-5)
+    assert ensemble.spectrogram(wave).shape[:3] == (4, 1, 16)
+    assert tabular.spectrogram(wave).shape == (4, 0)
+
+
+def test_ensemble_rejects_members_with_different_frontends() -> None:
+    small = {"channels": (4, 8), "audio_dim": 8, "feature_dim": 8, "hidden": 8}
+    a = FusionNet(PAPER_FEATURES, n_mels=16, **small)
+    b = FusionNet(PAPER_FEATURES, n_mels=32, **small)
+    with pytest.raises(ValueError, match="frontend"):
+        Ensemble([a, b])
