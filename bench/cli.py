@@ -10,10 +10,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from consumer.argtypes import positive_int
+from consumer.argtypes import existing_dir, positive_float, positive_int
 from consumer.settings import Settings
 
-MODES = ("compute", "e2e", "naive")
+MODES = ("compute", "e2e", "naive", "compute_process", "soak")
+DEFAULT_MODES = ("compute", "e2e", "naive")
+# Debian's wesnoth-1.16-music: real music, OGG/Vorbis 44.1 kHz stereo, 5 s to 9 min.
+WESNOTH_GLOB = "/usr/share/games/wesnoth/*/data/core/music"
 
 
 def register(sub: Any) -> None:
@@ -34,11 +37,29 @@ def register(sub: Any) -> None:
         "--unique-files", type=positive_int, default=8, help="distinct audio files (cached)"
     )
     bench.add_argument(
-        "--modes", default=",".join(MODES), help="comma-separated subset of compute,e2e,naive"
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="comma-separated, of: compute, e2e, naive (the default), compute_process (the "
+        "compute ceiling with a process pool instead of threads), soak",
+    )
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument(
+        "--audio-dir", type=existing_dir, help="real audio files to use instead of synthesized"
+    )
+    source.add_argument(
+        "--wesnoth",
+        action="store_true",
+        help="real music: the OGG files of Debian's wesnoth-1.16-music, when installed",
+    )
+    bench.add_argument(
+        "--soak-seconds",
+        type=positive_int,
+        default=600,
+        help="length of the soak mode at --rate (default: half the e2e max)",
     )
     bench.add_argument(
         "--rate",
-        type=float,
+        type=positive_float,
         help="offered events/s of the latency run (default: half the measured max)",
     )
     bench.add_argument("--batch-size", type=positive_int, help="default: POPSCORE_BATCH_SIZE")
@@ -55,7 +76,7 @@ def register(sub: Any) -> None:
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
-    from bench import compute, corpus, e2e, naive
+    from bench import compute, corpus, e2e, naive, soak
     from bench.stats import ModeResult, Workload, report, table
     from consumer.audio import AudioPolicy
     from consumer.device import Scorer
@@ -64,9 +85,17 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := set(modes) - set(MODES):
         print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
         return 2
+    if "soak" in modes and not args.rate and "e2e" not in modes:
+        print("popscore bench: the soak mode needs --rate or the e2e mode", file=sys.stderr)
+        return 2
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
         torch.set_num_threads(args.torch_threads)
+    try:
+        paths, shape = _corpus(args)
+    except corpus.CorpusError as exc:
+        print(f"popscore bench: {exc}", file=sys.stderr)
+        return 2
     overrides: dict[str, Any] = {
         "batch_size": args.batch_size or settings.batch_size,
         "batch_wait_ms": settings.batch_wait_ms
@@ -75,33 +104,14 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         "decode_workers": args.decode_workers or settings.decode_workers,
         "device": args.device or settings.device,
         "model": args.model or settings.model,
+        "audio_file_roots": tuple(sorted({p.parent for p in paths})),
     }
-    lo, hi = (args.clip, args.clip) if args.clip else (180.0, 240.0)
-    paths = corpus.build(
-        args.corpus_dir,
-        args.format,
-        args.sample_rate,
-        args.channels,
-        lo,
-        hi,
-        args.unique_files,
-        args.seed,
-        workers=os.cpu_count() or 2,
-    )
-    roots = (paths[0].parent,)
-    overrides["audio_file_roots"] = roots
     base = settings.model_copy(update=overrides)
     run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
     scorer = Scorer(base.model, base.device)
     workload = Workload(
         events=args.events,
-        audio_format=args.format,
-        clip_seconds=args.clip,
-        min_seconds=lo,
-        max_seconds=hi,
-        sample_rate=args.sample_rate,
-        channels=args.channels,
-        unique_files=args.unique_files,
+        **shape,
         batch_size=base.batch_size,
         batch_wait_ms=base.batch_wait_ms,
         decode_workers=base.decode_workers,
@@ -109,23 +119,27 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         device=str(scorer.device),
         model_version=scorer.meta.model_version,
     )
-    policy = AudioPolicy.create(roots, max_bytes=base.audio_max_bytes)
+    policy = AudioPolicy.create(base.audio_file_roots, max_bytes=base.audio_max_bytes)
 
-    def fresh(mode: str) -> list[Any]:
-        return corpus.events(paths, args.events, args.seed, f"{run_id}-{mode}")
+    def fresh(mode: str, n: int = args.events) -> list[Any]:
+        return corpus.events(paths, n, args.seed, f"{run_id}-{mode}")
 
     results: list[ModeResult] = []
-    if "compute" in modes:
-        results.append(
-            compute.run(scorer, policy, fresh("compute"), base.batch_size, base.decode_workers)
-        )
+    for kind in ("thread", "process"):
+        if ("compute" if kind == "thread" else "compute_process") in modes:
+            results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,
+                                       base.decode_workers, kind))  # fmt: skip
+    rate = args.rate
     if "e2e" in modes:
         maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
         results.append(maxed)
-        rate = args.rate or maxed.events_per_s / 2
+        rate = rate or maxed.events_per_s / 2
         results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate"), rate, "e2e_rate"))
     if "naive" in modes:
         results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
+    if "soak" in modes and rate:
+        n = max(1, round(rate * args.soak_seconds))
+        results.append(soak.run(_unique(base, run_id, "soak"), fresh("soak", n), rate))
     doc = report(workload, results, machine_info())
     print(table(doc))
     if args.json:
@@ -133,6 +147,41 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
+    """The audio files of this run and the Workload fields that describe them: real files
+    (--audio-dir, --wesnoth) as they are, or synthesized releases (cached)."""
+    from bench import corpus
+
+    if args.wesnoth or args.audio_dir:
+        folder = args.audio_dir or _wesnoth_dir()
+        return corpus.from_dir(folder)
+    lo, hi = (args.clip, args.clip) if args.clip else (180.0, 240.0)
+    paths = corpus.build(args.corpus_dir, args.format, args.sample_rate, args.channels, lo, hi,
+                         args.unique_files, args.seed, workers=os.cpu_count() or 2)  # fmt: skip
+    return paths, {
+        "audio_format": args.format,
+        "clip_seconds": args.clip,
+        "min_seconds": lo,
+        "max_seconds": hi,
+        "sample_rate": args.sample_rate,
+        "channels": args.channels,
+        "unique_files": args.unique_files,
+    }
+
+
+def _wesnoth_dir() -> Path:
+    import glob
+
+    from bench.corpus import CorpusError
+
+    found = sorted(glob.glob(WESNOTH_GLOB))
+    if not found:
+        raise CorpusError(
+            f"no {WESNOTH_GLOB}: install Debian's wesnoth-1.16-music, or use --audio-dir"
+        )
+    return Path(found[-1])
 
 
 def _unique(settings: Settings, run_id: str, mode: str) -> Settings:

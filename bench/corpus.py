@@ -6,18 +6,26 @@ from its file, so the work per event is the same as with distinct files.
 """
 
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 from tqdm import tqdm
 
 from schemas.events import ReleaseEvent
 from training.synthetic import sample_track, synth_audio, write_audio
 
 SUFFIX = {"MP3": ".mp3", "FLAC": ".flac", "OGG": ".ogg", "WAV": ".wav"}
+
+
+class CorpusError(Exception):
+    """The corpus cannot be built (e.g. a folder of real audio holds none)."""
+
+
 DEFAULT_ROOT = Path(".bench/corpus")
 
 
@@ -64,6 +72,26 @@ def build(
             jobs = pool.map(make, missing)
             list(tqdm(jobs, total=len(missing), desc=f"synthesize {fmt} corpus", unit="file"))
     return paths
+
+
+def from_dir(folder: Path) -> tuple[list[Path], dict[str, Any]]:
+    """Every audio file directly in ``folder`` (real music, used as it is) and the Workload
+    fields describing them: formats, length range, the most common rate and channel count."""
+    paths = sorted(p.resolve() for p in folder.iterdir() if p.suffix.upper()[1:] in SUFFIX)
+    if not paths:
+        raise CorpusError(f"no audio files ({', '.join(SUFFIX)}) in {folder}")
+    infos = [sf.info(str(p)) for p in paths]
+    rates = Counter(i.samplerate for i in infos)
+    return paths, {
+        "audio_format": ",".join(sorted({p.suffix.upper()[1:] for p in paths})),
+        "clip_seconds": None,
+        "min_seconds": round(min(i.duration for i in infos), 2),
+        "max_seconds": round(max(i.duration for i in infos), 2),
+        "sample_rate": rates.most_common(1)[0][0],
+        "channels": max(i.channels for i in infos),
+        "unique_files": len(paths),
+        "source": str(folder),
+    }
 
 
 def events(paths: list[Path], n: int, seed: int, run_id: str) -> list[ReleaseEvent]:

@@ -97,6 +97,8 @@ class Workload:
     torch_threads: int
     device: str
     model_version: str = ""
+    source: str = "synthetic"
+    """Where the audio came from: "synthetic" (training.synthetic) or a folder of real files."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,18 +140,18 @@ def report(
 
 def table(doc: dict[str, Any]) -> str:
     """A readable table of a report."""
-    head = f"{'mode':<10} {'events':>6} {'ev/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
+    head = f"{'mode':<16} {'events':>6} {'ev/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
     head += f"{'rate':>6} {'RSS MB':>7}"
     lines = [head, "-" * len(head)]
     for m in doc["modes"]:
         rate = "" if m["offered_rate"] is None else f"{m['offered_rate']:.2f}"
         lines.append(
-            f"{m['mode']:<10} {m['events']:>6} {m['events_per_s']:>8.2f} {_f(m['p50_ms'])} "
+            f"{m['mode']:<16} {m['events']:>6} {m['events_per_s']:>8.2f} {_f(m['p50_ms'])} "
             f"{_f(m['p95_ms'])} {_f(m['p99_ms'])} {rate:>6} {m['peak_rss_mb']:>7.0f}"
         )
         if "stage_s_per_event" in m:
             stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m["stage_s_per_event"].items())
-            lines.append(f"{'':<10} per event: {stages}")
+            lines.append(f"{'':<16} per event: {stages}")
     for name, t in doc["targets"].items():
         verdict = "met" if t["met"] else "NOT met"
         lines.append(f"target {name}: {t['value']} (target {t['target']}) {verdict}")

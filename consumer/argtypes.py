@@ -49,6 +49,14 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def existing_dir(text: str) -> Path:
+    """A path to a directory that exists."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return path
+
+
 def json_object(text: str) -> dict[str, object]:
     """A JSON object given on the command line."""
     try:

@@ -2,17 +2,23 @@
 
 import json
 import math
+import pickle
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from bench.compute import Loader
+from bench.corpus import from_dir
 from bench.naive import centre_crop, score_message
+from bench.soak import RssSampler, trend
 from bench.stats import ModeResult, Workload, peak_rss_mb, percentile, report, table
 from consumer.audio import AudioPolicy
 from consumer.cli import build_parser
 from consumer.device import Scorer
+from consumer.settings import Settings
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -111,3 +117,62 @@ def test_bench_subcommand_is_registered() -> None:
     assert args.events == 3
     assert args.clip == 30.0
     assert callable(args.handler)
+
+
+def test_soak_trend_is_the_slope_after_warmup() -> None:
+    # 10 minutes sampled every 5 s: a jump during warm-up, then +2 MB per minute.
+    samples = [(t, 500.0 if t < 60 else 900.0 + 2.0 * t / 60.0) for t in range(0, 601, 5)]
+    out = trend(samples, warmup_s=60.0)
+    assert out["rss_slope_mb_per_min"] == pytest.approx(2.0)
+    assert out["rss_first_minute_mb"] == pytest.approx(903.0, abs=1.0)
+    assert out["rss_last_minute_mb"] == pytest.approx(919.0, abs=1.0)
+    assert out["rss_max_mb"] == pytest.approx(920.0)
+    flat = trend([(t, 800.0) for t in range(0, 601, 5)])
+    assert flat["rss_slope_mb_per_min"] == 0.0
+
+
+def test_rss_sampler_samples_until_stopped() -> None:
+    sampler = RssSampler(0.01)
+    sampler.start()
+    time.sleep(0.1)
+    samples = sampler.stop()
+    assert len(samples) >= 3
+    assert all(mb > 1.0 for _, mb in samples)
+    assert [t for t, _ in samples] == sorted(t for t, _ in samples)
+
+
+def test_real_audio_folder_describes_its_files(tmp_path: Path) -> None:
+    sf.write(tmp_path / "a.ogg", np.zeros((22_050 * 2, 2), dtype=np.float32), 22_050)
+    sf.write(tmp_path / "b.flac", np.zeros((44_100 * 3, 1), dtype=np.float32), 44_100)
+    sf.write(tmp_path / "c.flac", np.zeros((44_100 * 1, 1), dtype=np.float32), 44_100)
+    (tmp_path / "notes.txt").write_text("not audio")
+    paths, shape = from_dir(tmp_path)
+    assert [p.name for p in paths] == ["a.ogg", "b.flac", "c.flac"]
+    assert shape["audio_format"] == "FLAC,OGG"
+    assert (shape["min_seconds"], shape["max_seconds"]) == (1.0, 3.0)
+    assert (shape["sample_rate"], shape["channels"], shape["unique_files"]) == (44_100, 2, 3)
+    Workload(events=1, **shape, batch_size=1, batch_wait_ms=0, decode_workers=1,
+             torch_threads=1, device="cpu")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--modes", "compute,warp"], "unknown modes"),
+        (["--modes", "soak"], "soak mode needs --rate"),
+        (["--audio-dir", "EMPTY"], "no audio files"),
+    ],
+)
+def test_bench_bad_arguments_exit_2_with_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+    args = build_parser().parse_args(["bench", *argv])
+    assert args.handler(args, Settings()) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_process_pool_loader_pickles(tmp_path: Path) -> None:
+    loader = Loader(AudioPolicy.create((tmp_path,)), 22_050, 30.0, ("artist.followers",))
+    assert pickle.loads(pickle.dumps(loader)) == loader
