@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from training.evaluate import ModelSpec
 
 SAMPLE_RATE = 22050
-SYNTHETIC_SECONDS = 4.0  # crops of synthetic audio: the CNN pools over time, any length serves
+SYNTHETIC_SECONDS = 6.0  # crops of synthetic audio: the CNN pools over time, any length serves
 
 
 def register(sub: Any) -> None:
@@ -86,9 +86,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     table, [spec] = _table_and_specs(args, comparison=False)
     rows = np.arange(len(table.popularity))
-    model = fit_model(table, spec, rows, args.seed, SAMPLE_RATE, _device(args.device))
     evaluation = _evaluation(args.evaluation)
-    cut = _hit_cut(evaluation)
+    cut, tree_weight = _hit_cut(evaluation), _tree_weight(evaluation)
+    model = fit_model(table, spec, rows, args.seed, SAMPLE_RATE, _device(args.device), tree_weight)
     version = args.model_version or f"{spec.name}-{args.seed}-{weights_digest(model)}"
     meta = {
         "model_version": version,
@@ -168,6 +168,13 @@ def _hit_cut(evaluation: dict[str, Any] | None) -> float:
         return 70.0
     cuts = sorted(float(f["70"]) for f in evaluation["fold_cuts"])
     return cuts[len(cuts) // 2]
+
+
+def _tree_weight(evaluation: dict[str, Any] | None) -> float | None:
+    # The trees' share the evaluation's inner CVs chose (median over folds), else the spec's.
+    weights = sorted(float(f["tree_weight"]) for f in (evaluation or {}).get("fold_cuts", [])
+                     if "tree_weight" in f)  # fmt: skip
+    return weights[len(weights) // 2] if weights else None
 
 
 def _device(choice: str) -> str:

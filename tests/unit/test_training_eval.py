@@ -20,10 +20,13 @@ from training.evaluate import (
     BASELINES,
     FEATURES_ONLY,
     THRESHOLDS,
+    _split_predictions,
     best_cut,
     cross_validate,
+    fit_model,
     group_folds,
     oof_path,
+    predict_rows,
     write_report,
 )
 from training.export import export_artifact, load_artifact
@@ -165,6 +168,20 @@ def test_report_has_every_metric_for_model_and_baselines(report: tuple) -> None:
     assert split["folds"] == 3 and split["seed"] == 0 and split["group_key"] == "artist"
     assert split["artists_in_two_folds"] == 0
     assert len(data["models"][data["model"]]["fold_cuts"]) == 3
+    # The trees' share is chosen per fold by the inner CV, from the spec's grid.
+    assert all(f["tree_weight"] in TINY.tree_weight_grid
+               for f in data["models"][data["model"]]["fold_cuts"])  # fmt: skip
+    assert "inner CV" in data["models"][data["model"]]["blend"]
+
+
+def test_split_predictions_reblend_to_the_ensemble() -> None:
+    """(1 - w) * nets + w * trees is the ensemble built with the trees at share w."""
+    table = _table()
+    rows = np.arange(40)
+    model = fit_model(table, TINY, rows, seed=0, sample_rate=22050, tree_weight=0.3)
+    nets, trees = _split_predictions(model, table, TINY, np.arange(40, 60))
+    whole = predict_rows(model, table, TINY, np.arange(40, 60))
+    np.testing.assert_allclose(0.7 * nets + 0.3 * trees, whole, atol=1e-3)
 
 
 def test_oof_csv_has_one_row_per_input_row(report: tuple) -> None:
