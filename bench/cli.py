@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     """Add the ``bench`` subcommand to the CLI's subparsers."""
     bench = sub.add_parser("bench", help="benchmark: compute ceiling, end to end, naive consumer")
     bench.set_defaults(handler=_bench)
-    bench.add_argument("--events", type=positive_int, default=96, help="events per mode")
+    bench.add_argument("--events", type=positive_int, default=192, help="events per mode")
     bench.add_argument(
         "--clip",
         type=float,
@@ -50,6 +50,12 @@ def register(sub: Any) -> None:
         "--wesnoth",
         action="store_true",
         help="real music: the OGG files of Debian's wesnoth-1.16-music, when installed",
+    )
+    bench.add_argument(
+        "--rate-seconds",
+        type=positive_int,
+        default=60,
+        help="the latency run sends at least this long at --rate, so its p99 has samples",
     )
     bench.add_argument(
         "--soak-seconds",
@@ -134,7 +140,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
         results.append(maxed)
         rate = rate or maxed.events_per_s / 2
-        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate"), rate, "e2e_rate"))
+        n = max(args.events, round(rate * args.rate_seconds))
+        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate", n), rate, "e2e_rate"))
     if "naive" in modes:
         results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
     if "soak" in modes and rate:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
+from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 from bench.corpus import stamped
@@ -108,8 +109,10 @@ def run(
         try:
             wait_assigned(lambda: bool(app.source.assignment), mode)
             reset_peak_rss()
+            before = stage_totals(app.metrics.registry)
             first = send(s.kafka_common(), s.input_topic, events, rate)
             finished = recorder.done.wait(timeout_s)
+            stages = stage_means(before, stage_totals(app.metrics.registry))
         finally:
             app.running = False
             loop.join(timeout=120)
@@ -125,8 +128,41 @@ def run(
         latencies_s=recorder.latencies,
         peak_rss_mb=rss,
         offered_rate=rate,
-        notes={"dead_letters": dead} if dead else {},
+        notes={"stages": stages, **({"dead_letters": dead} if dead else {})},
     )
+
+
+def stage_totals(registry: CollectorRegistry) -> dict[str, tuple[float, float]]:
+    """(observations, seconds) so far per stage of ``popscore_stage_seconds``."""
+    totals: dict[str, list[float]] = {}
+    for metric in registry.collect():
+        if metric.name != "popscore_stage_seconds":
+            continue
+        for sample in metric.samples:
+            slot = totals.setdefault(sample.labels.get("stage", ""), [0.0, 0.0])
+            if sample.name.endswith("_count"):
+                slot[0] = sample.value
+            elif sample.name.endswith("_sum"):
+                slot[1] = sample.value
+    return {stage: (count, seconds) for stage, (count, seconds) in totals.items()}
+
+
+def stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, dict[str, float]]:
+    """What the service's own stage histograms saw between two snapshots: observations, mean
+    ms per observation (per event for fetch/decode, per batch for the rest), total seconds."""
+    out = {}
+    for stage, (count, seconds) in after.items():
+        n = count - before.get(stage, (0.0, 0.0))[0]
+        total = seconds - before.get(stage, (0.0, 0.0))[1]
+        if n > 0:
+            out[stage] = {
+                "n": int(n),
+                "mean_ms": round(1e3 * total / n, 1),
+                "total_s": round(total, 2),
+            }
+    return out
 
 
 def assigned(consumer: Consumer) -> bool:

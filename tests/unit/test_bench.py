@@ -12,12 +12,14 @@ import soundfile as sf
 
 from bench.compute import Loader
 from bench.corpus import from_dir
+from bench.e2e import stage_means, stage_totals
 from bench.naive import centre_crop, score_message
 from bench.soak import RssSampler, trend
 from bench.stats import ModeResult, Workload, peak_rss_mb, percentile, report, table
 from consumer.audio import AudioPolicy
 from consumer.cli import build_parser
 from consumer.device import Scorer
+from consumer.metrics import Metrics
 from consumer.settings import Settings
 
 
@@ -176,3 +178,16 @@ def test_bench_bad_arguments_exit_2_with_one_line(
 def test_process_pool_loader_pickles(tmp_path: Path) -> None:
     loader = Loader(AudioPolicy.create((tmp_path,)), 22_050, 30.0, ("artist.followers",))
     assert pickle.loads(pickle.dumps(loader)) == loader
+
+
+def test_stage_means_are_what_the_service_histograms_saw_between_snapshots() -> None:
+    metrics = Metrics()
+    metrics.stage_seconds.labels("decode").observe(5.0)  # before: warm-up, not counted
+    before = stage_totals(metrics.registry)
+    for seconds in (0.1, 0.3):
+        metrics.stage_seconds.labels("decode").observe(seconds)
+    metrics.stage_seconds.labels("commit").observe(0.02)
+    means = stage_means(before, stage_totals(metrics.registry))
+    assert means["decode"] == {"n": 2, "mean_ms": 200.0, "total_s": 0.4}
+    assert means["commit"]["n"] == 1 and means["commit"]["mean_ms"] == 20.0
+    assert "redis" not in means  # exported at zero, never observed
