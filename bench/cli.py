@@ -72,6 +72,9 @@ def register(sub: Any) -> None:
     bench.add_argument("--batch-wait-ms", type=int, help="default: POPSCORE_BATCH_WAIT_MS")
     bench.add_argument("--decode-workers", type=positive_int, help="POPSCORE_DECODE_WORKERS")
     bench.add_argument("--torch-threads", type=positive_int, help="default: torch's own")
+    bench.add_argument(
+        "--resample-on", choices=["auto", "pool", "device"], help="POPSCORE_RESAMPLE_ON"
+    )
     bench.add_argument("--device", help="default: POPSCORE_DEVICE")
     bench.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
     bench.add_argument("--corpus-dir", type=Path, default=Path(".bench/corpus"))
@@ -84,7 +87,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     from bench import compute, corpus, e2e, naive, soak
     from bench.stats import ModeResult, Workload, report, table
-    from consumer.audio import AudioPolicy
+    from consumer.audio import AudioPolicy, BatchResampler
     from consumer.device import Scorer
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -111,10 +114,14 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         "device": args.device or settings.device,
         "model": args.model or settings.model,
         "audio_file_roots": tuple(sorted({p.parent for p in paths})),
+        "resample_on": args.resample_on or settings.resample_on,
     }
     base = settings.model_copy(update=overrides)
     run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
     scorer = Scorer(base.model, base.device)
+    on_device = base.resample_on == "device" or (
+        base.resample_on == "auto" and scorer.device.type == "cuda"
+    )
     workload = Workload(
         events=args.events,
         **shape,
@@ -124,17 +131,20 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         torch_threads=torch.get_num_threads(),
         device=str(scorer.device),
         model_version=scorer.meta.model_version,
+        resample_on="device" if on_device else "pool",
     )
     policy = AudioPolicy.create(base.audio_file_roots, max_bytes=base.audio_max_bytes)
 
     def fresh(mode: str, n: int = args.events) -> list[Any]:
         return corpus.events(paths, n, args.seed, f"{run_id}-{mode}")
 
+    resampler = BatchResampler(scorer.meta.sample_rate, scorer.meta.clip_seconds, scorer.device)
     results: list[ModeResult] = []
     for kind in ("thread", "process"):
         if ("compute" if kind == "thread" else "compute_process") in modes:
             results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,
-                                       base.decode_workers, kind))  # fmt: skip
+                                       base.decode_workers, kind,
+                                       resampler if on_device else None))  # fmt: skip
     rate = args.rate
     if "e2e" in modes:
         maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")

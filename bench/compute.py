@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
-from consumer.audio import AudioPolicy, Resampler, decode_window, open_uri
+from consumer.audio import AudioPolicy, BatchResampler, Resampler, decode_window, open_uri
 from consumer.device import Scorer
 from schemas.events import ReleaseEvent
 from training.features import extract
@@ -26,7 +26,7 @@ from training.features import extract
 LOOKAHEAD = 2
 REPEATS = 3
 POOLS = ("thread", "process")
-_Loaded = tuple[np.ndarray, np.ndarray, float, float, float]
+_Loaded = tuple[Any, np.ndarray, float, float, float]  # (waveform or Clip, features, times)
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,14 @@ class Loader:
     sample_rate: int
     clip_seconds: float
     features: tuple[str, ...]
+    resample: bool = True  # False: the decoded window as it is, for a BatchResampler
 
     def __call__(self, event: ReleaseEvent) -> _Loaded:
         resampler = _resampler(self.sample_rate, self.clip_seconds)
         t0 = time.perf_counter()
         clip = decode_window(open_uri(event.audio_uri, self.policy), self.clip_seconds, self.policy)
         t1 = time.perf_counter()
-        wave = resampler(clip)
+        wave = resampler(clip) if self.resample else clip
         t2 = time.perf_counter()
         feats = extract(event.model_dump(), self.features)
         return wave, feats, t1 - t0, t2 - t1, time.perf_counter() - t2
@@ -81,8 +82,11 @@ def run(
     batch_size: int,
     workers: int,
     pool_kind: str = "thread",
+    batch_resampler: BatchResampler | None = None,
 ) -> ModeResult:
-    """Score every event in batches; per-stage seconds per event and per-batch wall time."""
+    """Score every event in batches; per-stage seconds per event and per-batch wall time.
+    With ``batch_resampler``, the pool only decodes and the batch is resampled on the device
+    (as the service does with POPSCORE_RESAMPLE_ON=device)."""
     meta = scorer.meta
     load = Loader(policy, meta.sample_rate, meta.clip_seconds, meta.features)
     batches = [events[i : i + batch_size] for i in range(0, len(events), batch_size)]
@@ -91,6 +95,8 @@ def run(
     latencies: list[float] = []
     batch_walls: list[float] = []
     frontend_s = 0.0
+    if batch_resampler is not None:
+        load = Loader(policy, meta.sample_rate, meta.clip_seconds, meta.features, resample=False)
     with _pool(pool_kind, workers) as pool:
         # Worker processes start (and import torch) here, outside the measurement.
         list(pool.map(load, events[: 2 * workers]))
@@ -106,10 +112,16 @@ def run(
                 queued.append((time.perf_counter(), [pool.submit(load, e) for e in nxt]))
             began, futures = queued.pop(0)
             loaded = [f.result() for f in futures]
-            waves = np.stack([item[0] for item in loaded])
+            t0 = time.perf_counter()
+            waves: np.ndarray | torch.Tensor
+            if batch_resampler is None:
+                waves = np.stack([item[0] for item in loaded])
+            else:
+                waves = batch_resampler([item[0] for item in loaded])
+            resample_s = time.perf_counter() - t0 if batch_resampler is not None else 0.0
             feats = np.stack([item[1] for item in loaded])
             scores = scorer.score(waves, feats, np.ones(len(loaded), dtype=bool))
-            frontend_s += scores.frontend_s or 0.0
+            frontend_s += (scores.frontend_s or 0.0) + resample_s
             done = time.perf_counter()
             latencies += [done - began] * len(loaded)
             batch_walls.append(done - began)
@@ -122,6 +134,7 @@ def run(
         # One full batch's compute at the ceiling rate (for the latency target).
         "batch_compute_s": round(batch_size * seconds / n, 4),
         "decode_pool": pool_kind,
+        "resample_on": "pool" if batch_resampler is None else "device",
         "frontend_share_of_wall": round(frontend_s / seconds, 3),
         "stages": "measured serially, one event at a time, then one batch on the device",
         "latency": "per event: its batch's decode start to its scores",

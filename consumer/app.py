@@ -93,7 +93,9 @@ class App:
             s.audio_fetch_timeout_s,
         )
         pool = self._executor(s.decode_workers, "decode")
-        self.pipeline = Pipeline(self.scorer, policy, pool, self.metrics, s.max_event_bytes)
+        self.pipeline = Pipeline(
+            self.scorer, policy, pool, self.metrics, s.max_event_bytes, s.resample_on
+        )
         # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
         # stage n of the next (decode of batch k+1 while batch k is on the device).
         self._stages = [self._executor(1, name) for name in ("prepare", "device", "sink")]

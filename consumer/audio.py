@@ -7,10 +7,12 @@ GIL, so a thread pool decodes in parallel; torchaudio only resamples.
 
 import io
 import ipaddress
+import math
 import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +248,61 @@ class Resampler:
             if rate not in self._kernels:
                 self._kernels[rate] = torchaudio.transforms.Resample(rate, self.target_rate)
             return self._kernels[rate]
+
+
+class BatchResampler:
+    """Resamples a batch of decoded windows on the scoring device, one batched conv per source
+    rate, into ``[B, clip_samples]`` there. On a GPU this takes the resample off the decode
+    cores (CPU is what bounds a GPU pod); on CPU the per-item ``Resampler`` on the pool
+    measured faster (docs/PERFORMANCE.md), so serving uses this one only on CUDA by default.
+    Each row equals what ``Resampler`` gives for that clip."""
+
+    def __init__(self, target_rate: int, clip_seconds: float, device: torch.device) -> None:
+        if target_rate <= 0 or clip_seconds <= 0:
+            raise ValueError("target_rate and clip_seconds must be positive")
+        self.target_rate = target_rate
+        self.clip_samples = round(target_rate * clip_seconds)
+        self.device = device
+        self._kernels: dict[int, torchaudio.transforms.Resample] = {}
+
+    def __call__(self, clips: Sequence[Clip]) -> torch.Tensor:
+        out = torch.zeros(len(clips), self.clip_samples, device=self.device)
+        by_rate: dict[int, list[int]] = {}
+        for i, clip in enumerate(clips):
+            by_rate.setdefault(clip.source_rate, []).append(i)
+        with torch.inference_mode():
+            for rate, rows in by_rate.items():
+                lengths = [clips[i].samples.shape[0] for i in rows]
+                host = np.zeros((len(rows), max(lengths)), dtype=np.float32)
+                for row, i in enumerate(rows):
+                    host[row, : lengths[row]] = clips[i].samples
+                batch = torch.from_numpy(host)
+                if self.device.type == "cuda":
+                    batch = batch.pin_memory()
+                batch = batch.to(self.device, non_blocking=True)
+                if rate != self.target_rate:
+                    batch = self._kernel(rate)(batch)
+                    # A shorter clip's row runs on into its zero padding; cut it where its own
+                    # resampled length ends, as item-by-item resampling would.
+                    g = math.gcd(rate, self.target_rate)  # torchaudio's own length rule
+                    ends = [math.ceil(self.target_rate // g * n / (rate // g)) for n in lengths]
+                else:
+                    ends = lengths
+                keep = (
+                    torch.arange(batch.shape[1], device=self.device)[None, :]
+                    < torch.tensor(ends, device=self.device)[:, None]
+                )
+                batch = batch * keep
+                n = min(self.clip_samples, batch.shape[1])
+                out[torch.tensor(rows, device=self.device), :n] = batch[:, :n]
+        return out
+
+    def _kernel(self, rate: int) -> torchaudio.transforms.Resample:
+        # Only the device stage's thread calls this: no lock needed.
+        if rate not in self._kernels:
+            kernel = torchaudio.transforms.Resample(rate, self.target_rate)
+            self._kernels[rate] = kernel.to(self.device)
+        return self._kernels[rate]
 
 
 def load_clip(uri: str, policy: AudioPolicy, resampler: Resampler) -> np.ndarray:

@@ -109,12 +109,21 @@ class Scorer:
         self.module, self.meta = load_artifact(path, self.device)
         log.info("model %s loaded on %s", self.meta.model_version, self.device)
 
-    def score(self, waveforms: np.ndarray, features: np.ndarray, audio_mask: np.ndarray) -> Scores:
-        """``waveforms[B, S]`` float32, ``features[B, F]`` float32 (NaN = missing), mask[B] bool."""
+    def score(
+        self,
+        waveforms: np.ndarray | torch.Tensor,
+        features: np.ndarray,
+        audio_mask: np.ndarray,
+    ) -> Scores:
+        """``waveforms[B, S]`` float32 (host array, or a tensor already on the device, e.g.
+        from ``BatchResampler``), ``features[B, F]`` float32 (NaN = missing), mask[B] bool."""
         start = time.perf_counter()
         pinned = self.device.type == "cuda"
         with torch.inference_mode():
-            wave = _to_device(waveforms, self.device, pinned)
+            if isinstance(waveforms, torch.Tensor):
+                wave = waveforms.to(self.device)
+            else:
+                wave = _to_device(waveforms, self.device, pinned)
             feats = _to_device(features, self.device, pinned)
             mask = _to_device(audio_mask, self.device, pinned)
             if self.staged:

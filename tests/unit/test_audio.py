@@ -9,8 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
-from consumer.audio import AudioPolicy, Resampler, decode_window, load_clip, open_uri
+from consumer.audio import (
+    AudioPolicy,
+    BatchResampler,
+    Clip,
+    Resampler,
+    decode_window,
+    load_clip,
+    open_uri,
+)
 from consumer.errors import DeadLetter
 from schemas.dead_letter import DeadLetterReason as Reason
 
@@ -319,3 +328,17 @@ def test_request_goes_to_the_checked_address_not_a_second_dns_answer(
         f"http://cdn.invalid:{port}/a.wav", AudioPolicy.create(()), Resampler(TARGET, 1.0)
     )
     assert np.abs(wave).max() > 0.4
+
+
+def test_batch_resampler_rows_equal_the_item_by_item_resampler() -> None:
+    """Mixed source rates and lengths (longer than the clip, shorter, already at the target
+    rate, a few samples) in one batch: every row is what Resampler gives for that clip."""
+    rng = np.random.default_rng(0)
+    shapes = [(44_100, 44_100 * 3), (44_100, 30_000), (48_000, 48_000 * 2), (TARGET, TARGET),
+              (TARGET, 1_000), (16_000, 16_000 * 2), (44_100, 7)]  # fmt: skip
+    clips = [Clip((0.1 * rng.standard_normal(n)).astype(np.float32), rate, n / rate)
+             for rate, n in shapes]  # fmt: skip
+    one_by_one = np.stack([Resampler(TARGET, 2.0)(clip) for clip in clips])
+    batched = BatchResampler(TARGET, 2.0, torch.device("cpu"))(clips)
+    assert batched.shape == (len(clips), 2 * TARGET) and batched.dtype == torch.float32
+    np.testing.assert_allclose(batched.numpy(), one_by_one, atol=1e-6)

@@ -159,3 +159,36 @@ def test_pipeline_scores_in_order_and_rejects_in_place(pipeline: Pipeline, tmp_p
     assert outcomes[0].model_version == "tiny-test" and outcomes[0].audio_used
     assert outcomes[0].is_hit == (outcomes[0].popularity >= 70.0)
     assert outcomes[0].latency_ms >= 0
+
+
+def test_resampling_on_the_device_scores_as_on_the_pool(artifact: Path, tmp_path: Path) -> None:
+    """POPSCORE_RESAMPLE_ON=device (the CUDA default) gives the pool's scores, for clips of
+    several source rates and lengths in one batch, and its time counts as frontend."""
+    rng = np.random.default_rng(4)
+    uris = []
+    for name, rate, seconds in [("a.flac", 44_100, 3.0), ("b.wav", 48_000, 1.5),
+                                ("c.wav", RATE, 2.0), ("d.flac", 44_100, 0.7)]:  # fmt: skip
+        path = tmp_path / name
+        sf.write(path, (0.3 * rng.standard_normal(int(rate * seconds))).astype(np.float32), rate)
+        uris.append(path.as_uri())
+    events = [event(i, uri) for i, uri in enumerate(uris)]
+    scorer, policy = Scorer(artifact, "cpu"), AudioPolicy.create((tmp_path,))
+    outcomes = {}
+    with ThreadPoolExecutor(2) as pool:
+        for where in ("pool", "device"):
+            metrics = Metrics()
+            pipeline = Pipeline(scorer, policy, pool, metrics, resample_on=where)
+            assert (pipeline.batch_resampler is None) == (where == "pool")
+            outcomes[where] = pipeline.score_events(events)
+            frontend = metrics.registry.get_sample_value(
+                "popscore_stage_seconds_count", {"stage": "frontend"}
+            )
+            assert frontend == 1.0
+    for pooled, batched in zip(outcomes["pool"], outcomes["device"], strict=True):
+        assert isinstance(pooled, ScoreRecord) and isinstance(batched, ScoreRecord)
+        assert batched.popularity == pytest.approx(pooled.popularity, abs=1e-4)
+        assert batched.hit_probability == pytest.approx(pooled.hit_probability, abs=1e-5)
+
+
+def test_auto_resamples_on_the_pool_on_cpu(pipeline: Pipeline) -> None:
+    assert pipeline.batch_resampler is None
