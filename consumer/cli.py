@@ -122,10 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer.app import App
+    from consumer.app import REPORT_KEPT, App
     from consumer.report import metrics_summary, score_table
 
-    with App(settings, stop_at_end=args.stop_at_end) as app:
+    kept = REPORT_KEPT if args.report else 0
+    with App(settings, stop_at_end=args.stop_at_end, keep_scored=kept) as app:
         app.install_signal_handlers()
         app.run()
         stats = app.stats
