@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down model demo test test-unit test-integration chaos lint schemas clean
+.PHONY: setup stack-up stack-down model demo test test-unit test-integration chaos bench soak lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -62,8 +62,13 @@ lint: $(STAMP) ## ruff, formatting, mypy and hadolint
 
 BENCH_ARGS ?=
 BENCH_JSON ?= bench/results/bench-cpu-$(shell nproc)core.json
-bench: $(STAMP) $(MODEL) stack-up ## benchmark: compute ceiling, end to end, naive (~3-5 min)
+bench: $(STAMP) $(MODEL) stack-up ## benchmark: compute ceiling, end to end, naive (~5-7 min)
 	$(BIN)/popscore --log-level WARNING bench --json $(BENCH_JSON) $(BENCH_ARGS)
+
+SOAK_RATE ?= 8
+soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the real consumer, RSS sampled
+	$(BIN)/popscore --log-level WARNING bench --modes soak --rate $(SOAK_RATE) --soak-seconds 600 \
+		--json bench/results/soak-cpu-$(shell nproc)core.json
 
 schemas: $(STAMP) ## regenerate schemas/json/*.json after changing a model
 	$(BIN)/python -m schemas
