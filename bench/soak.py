@@ -52,7 +52,8 @@ class RssSampler(threading.Thread):
 
 
 def trend(samples: list[tuple[float, float]], warmup_s: float = WARMUP_S) -> dict[str, float]:
-    """Least-squares RSS slope (MB per minute) after the warm-up, first and last minute means."""
+    """RSS slope (MB per minute) after the warm-up, least squares and Theil-Sen; the first and
+    last minute's means; the maximum."""
     steady = [(t, mb) for t, mb in samples if t >= warmup_s] or samples
     if len(steady) < 2:
         return {"rss_slope_mb_per_min": 0.0}
@@ -64,8 +65,13 @@ def trend(samples: list[tuple[float, float]], warmup_s: float = WARMUP_S) -> dic
     end = ts[-1]
     first = [mb for t, mb in steady if t < ts[0] + 60.0]
     last = [mb for t, mb in steady if t > end - 60.0]
+    # Theil-Sen (the median of pairwise slopes): a one-off step (an allocator arena, a larger
+    # buffer once) barely moves it, steady growth does; least squares is moved by both.
+    pairwise = sorted((b[1] - a[1]) / (b[0] - a[0]) for i, a in enumerate(steady)
+                      for b in steady[i + 1 :] if b[0] > a[0])  # fmt: skip
     return {
         "rss_slope_mb_per_min": round(60.0 * cov / var, 3) if var > 0 else 0.0,
+        "rss_slope_theil_sen_mb_per_min": round(60.0 * pairwise[len(pairwise) // 2], 3),
         "rss_first_minute_mb": round(sum(first) / len(first), 1),
         "rss_last_minute_mb": round(sum(last) / len(last), 1),
         "rss_max_mb": round(max(mb for _, mb in samples), 1),

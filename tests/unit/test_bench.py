@@ -129,8 +129,13 @@ def test_soak_trend_is_the_slope_after_warmup() -> None:
     assert out["rss_first_minute_mb"] == pytest.approx(903.0, abs=1.0)
     assert out["rss_last_minute_mb"] == pytest.approx(919.0, abs=1.0)
     assert out["rss_max_mb"] == pytest.approx(920.0)
+    assert out["rss_slope_theil_sen_mb_per_min"] == pytest.approx(2.0)
     flat = trend([(t, 800.0) for t in range(0, 601, 5)])
     assert flat["rss_slope_mb_per_min"] == 0.0
+    # One step of +18 MB half-way, flat otherwise: least squares sees growth, Theil-Sen not.
+    step = trend([(t, 850.0 if t < 400 else 868.0) for t in range(0, 601, 5)])
+    assert step["rss_slope_mb_per_min"] > 1.0
+    assert step["rss_slope_theil_sen_mb_per_min"] == 0.0
 
 
 def test_rss_sampler_samples_until_stopped() -> None:
