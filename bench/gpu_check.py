@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchaudio
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -133,6 +134,36 @@ def copies(device: torch.device, batch: int, samples: int, repeats: int) -> dict
     return out
 
 
+def resample(device: torch.device, batch: int, seconds: float, repeats: int) -> dict[str, Any]:
+    """44.1 -> 22.05 kHz of `batch` windows: batched on `device` (POPSCORE_RESAMPLE_ON=device)
+    vs one item at a time on one CPU thread (the decode pool's way), ms per batch."""
+    source = round(44_100 * seconds)
+    host = 0.1 * torch.randn(batch, source)
+    out: dict[str, Any] = {"batch": batch, "source_rate": 44_100, "target_rate": 22_050}
+    kernel = torchaudio.transforms.Resample(44_100, 22_050).to(device)
+    moved = host.to(device)
+    with torch.inference_mode():
+        kernel(moved)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            kernel(host.to(device))  # the copy of the 44.1 kHz batch is part of the cost
+        sync(device)
+        out["device_batched_ms"] = round((time.perf_counter() - start) / repeats * 1e3, 3)
+        cpu_kernel, threads = (
+            torchaudio.transforms.Resample(44_100, 22_050),
+            torch.get_num_threads(),
+        )
+        torch.set_num_threads(1)
+        cpu_kernel(host[0])
+        start = time.perf_counter()
+        for row in host:
+            cpu_kernel(row)
+        out["cpu_per_item_one_thread_ms"] = round((time.perf_counter() - start) * 1e3, 3)
+        torch.set_num_threads(threads)
+    return out
+
+
 def saturating(rows: list[dict[str, Any]]) -> int | None:
     ok = [r for r in rows if "clips_per_s" in r]
     if not ok:
@@ -185,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     doc[f"saturating_batch_{half}"] = saturating([r for r in rows if r["dtype"] == half])
     doc["h2d_copy"] = copies(device, min(32, args.max_batch), samples, 20)
     print(" ", doc["h2d_copy"], flush=True)
+    doc["resample"] = resample(device, min(32, args.max_batch), meta["clip_seconds"], 5)
+    print(" ", doc["resample"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / f"gpu-check-{device.type}.json"
     target.write_text(json.dumps(doc, indent=2) + "\n")
