@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
         "--soak-seconds",
         type=positive_int,
         default=600,
-        help="length of the soak mode at --rate (default: half the e2e max)",
+        help="length of the soak mode, sent at --rate (or half the e2e max)",
     )
     bench.add_argument(
         "--rate",

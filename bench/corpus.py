@@ -77,10 +77,17 @@ def build(
 def from_dir(folder: Path) -> tuple[list[Path], dict[str, Any]]:
     """Every audio file directly in ``folder`` (real music, used as it is) and the Workload
     fields describing them: formats, length range, the most common rate and channel count."""
-    paths = sorted(p.resolve() for p in folder.iterdir() if p.suffix.upper()[1:] in SUFFIX)
+    paths = sorted(
+        p.resolve() for p in folder.iterdir() if p.is_file() and p.suffix.upper()[1:] in SUFFIX
+    )
     if not paths:
         raise CorpusError(f"no audio files ({', '.join(SUFFIX)}) in {folder}")
-    infos = [sf.info(str(p)) for p in paths]
+    infos = []
+    for path in paths:
+        try:
+            infos.append(sf.info(str(path)))
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise CorpusError(f"{path}: {exc}") from None
     rates = Counter(i.samplerate for i in infos)
     return paths, {
         "audio_format": ",".join(sorted({p.suffix.upper()[1:] for p in paths})),

@@ -98,9 +98,9 @@ class Workload:
     device: str
     model_version: str = ""
     source: str = "synthetic"
+    """Where the audio came from: "synthetic" (training.synthetic) or a folder of real files."""
     resample_on: str = "pool"
     """Where audio was resampled: "pool" (per item, decode threads) or "device" (batched)."""
-    """Where the audio came from: "synthetic" (training.synthetic) or a folder of real files."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -221,6 +221,24 @@ def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:
     return rate, frames
 
 
+# torchaudio's sinc kernel has about (target/g) x (source/g) taps, g = gcd of the two rates:
+# a few hundred thousand for every standard rate (48 kHz -> 22.05 kHz: 147 x 320), but ~1e9
+# (4 GB) for a near-coprime rate such as 44,101 Hz. A file with such a rate is refused before
+# any kernel is built, so one event cannot exhaust the host's or the GPU's memory.
+MAX_RESAMPLE_TAPS = 1_000_000
+
+
+def check_resample_rate(source_rate: int, target_rate: int) -> None:
+    """DeadLetter (audio_decode_failed) when resampling ``source_rate`` would need a huge kernel."""
+    g = math.gcd(source_rate, target_rate)
+    if (source_rate // g) * (target_rate // g) > MAX_RESAMPLE_TAPS:
+        raise DeadLetter(
+            Reason.AUDIO_DECODE_FAILED,
+            f"sample rate {source_rate} Hz cannot be resampled to {target_rate} Hz "
+            "at a sane cost (no common factor)",
+        )
+
+
 class Resampler:
     """Resamples to the artifact's rate, one cached torchaudio kernel per source rate."""
 
@@ -244,6 +262,7 @@ class Resampler:
         return out
 
     def _kernel(self, rate: int) -> torchaudio.transforms.Resample:
+        check_resample_rate(rate, self.target_rate)
         with self._lock:
             if rate not in self._kernels:
                 self._kernels[rate] = torchaudio.transforms.Resample(rate, self.target_rate)

@@ -187,7 +187,8 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         (path.parent,), max_bytes=settings.audio_max_bytes, max_seconds=settings.audio_max_seconds
     )
     with ThreadPoolExecutor(1) as pool:
-        [outcome] = Pipeline(scorer, policy, pool, Metrics()).score_events([event])
+        pipeline = Pipeline(scorer, policy, pool, Metrics(), resample_on=settings.resample_on)
+        [outcome] = pipeline.score_events([event])
     if isinstance(outcome, DeadLetter):
         print(f"popscore: cannot score {path}: {outcome}", file=sys.stderr)
         return 1

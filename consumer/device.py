@@ -107,7 +107,16 @@ class Scorer:
         if self.device.type == "cpu":
             configure_cpu_threads()
         self.module, self.meta = load_artifact(path, self.device)
+        self.listens = self._listens()
         log.info("model %s loaded on %s", self.meta.model_version, self.device)
+
+    def _listens(self) -> bool:
+        """Whether the artifact has an audio branch (its spectrogram is not empty)."""
+        if not self.staged:
+            return True
+        probe = torch.zeros(1, 4096, device=self.device)
+        with torch.inference_mode():
+            return bool(self.module.spectrogram(probe).dim() == 4)
 
     def score(
         self,
@@ -147,13 +156,15 @@ class Scorer:
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """forward() as frontend then network, per cache-sized slice on CPU, timing the first."""
         rows = wave.size(0)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.listens:
             step = max(1, CPU_CHUNK_SAMPLES // max(1, wave.size(1)))
         else:
-            step = max(1, rows)
+            step = max(1, rows)  # a features-only model scores the batch in one call
         frontend_s = 0.0
         pops: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the waveform copy is not frontend time
         for lo in range(0, rows, step):
             t0 = time.perf_counter()
             logmel = self.module.spectrogram(wave[lo : lo + step])

@@ -22,6 +22,7 @@ from consumer.audio import (
     BatchResampler,
     Clip,
     Resampler,
+    check_resample_rate,
     decode_window,
     open_uri,
 )
@@ -159,7 +160,12 @@ class Pipeline:
             source = open_uri(event.audio_uri, self.policy)
             fetched = time.perf_counter()
             clip = decode_window(source, self.scorer.meta.clip_seconds, self.policy)
-            waveform = clip if self.batch_resampler else self.resampler(clip)
+            if self.batch_resampler:
+                # Refused here, on the pool, so one odd rate cannot fail the device's batch.
+                check_resample_rate(clip.source_rate, self.batch_resampler.target_rate)
+                waveform: np.ndarray | Clip = clip
+            else:
+                waveform = self.resampler(clip)
         except DeadLetter as exc:
             return exc
         except Exception as exc:

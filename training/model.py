@@ -289,6 +289,10 @@ class FusionNet(nn.Module):
         self, logmel: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What forward() does after the frontend: (popularity 0..100, hit_logit)."""
+        if features.dim() != 2 or features.size(1) != self.normalizer.num_features:
+            raise ValueError("features has the wrong number of columns for this model")
+        if audio_mask.dim() != 1 or audio_mask.size(0) != features.size(0):
+            raise ValueError("features and audio_mask disagree on batch size")
         if self.use_audio:
             audio = self.audio(logmel)
         else:
@@ -334,7 +338,7 @@ class Ensemble(nn.Module):
         self.frontend = (
             copy.deepcopy(listening[0].frontend) if listening else LogMel(self.sample_rate)
         )
-        if any(not _same_module(m.frontend, self.frontend) for m in listening):
+        if any(not _same_frontend(m.frontend, self.frontend) for m in listening):
             raise ValueError("ensemble members disagree on their audio frontend")
 
     def forward(
@@ -370,8 +374,17 @@ class Ensemble(nn.Module):
         return (torch.stack(pops) * w).sum(dim=0), (torch.stack(logits) * w).sum(dim=0)
 
 
-def _same_module(a: nn.Module, b: nn.Module) -> bool:
-    """Same buffers and parameters (names, shapes, values): two frontends that compute alike."""
+def _same_frontend(a: nn.Module, b: nn.Module) -> bool:
+    """Two LogMel frontends that compute alike: same settings, same buffers (window, mel
+    filterbank, eps)."""
+
+    def settings(m: nn.Module) -> tuple[object, ...]:
+        stft = m.mel.spectrogram  # type: ignore[union-attr]
+        return (m.sample_rate, m.n_fft, m.hop_length, m.n_mels,
+                stft.center, stft.pad_mode, stft.power, stft.normalized)  # fmt: skip
+
+    if settings(a) != settings(b):
+        return False
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa

@@ -16,6 +16,7 @@ from consumer.audio import (
     BatchResampler,
     Clip,
     Resampler,
+    check_resample_rate,
     decode_window,
     load_clip,
     open_uri,
@@ -342,3 +343,18 @@ def test_batch_resampler_rows_equal_the_item_by_item_resampler() -> None:
     batched = BatchResampler(TARGET, 2.0, torch.device("cpu"))(clips)
     assert batched.shape == (len(clips), 2 * TARGET) and batched.dtype == torch.float32
     np.testing.assert_allclose(batched.numpy(), one_by_one, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [44_101, 47_999, 383_999])
+def test_a_near_coprime_rate_is_refused_before_any_kernel_is_built(rate: int) -> None:
+    """torchaudio would build a ~(22050 x 44101)-tap kernel (4 GB) for 44,101 Hz."""
+    clip = Clip(np.zeros(rate, dtype=np.float32), rate, 1.0)
+    with pytest.raises(DeadLetter) as caught:
+        Resampler(TARGET, 1.0)(clip)
+    assert caught.value.reason is Reason.AUDIO_DECODE_FAILED and "sample rate" in str(caught.value)
+
+
+@pytest.mark.parametrize("rate", [8_000, 11_025, 16_000, 24_000, 32_000, 44_100, 48_000,
+                                  88_200, 96_000, 176_400, 192_000, 384_000])  # fmt: skip
+def test_every_standard_rate_resamples(rate: int) -> None:
+    check_resample_rate(rate, TARGET)  # does not raise

@@ -168,12 +168,16 @@ def test_real_audio_folder_describes_its_files(tmp_path: Path) -> None:
         (["--modes", "compute,warp"], "unknown modes"),
         (["--modes", "soak"], "soak mode needs --rate"),
         (["--audio-dir", "EMPTY"], "no audio files"),
+        (["--audio-dir", "CORRUPT"], "corrupt.ogg"),
     ],
 )
 def test_bench_bad_arguments_exit_2_with_one_line(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "corrupt.ogg").write_bytes(b"not an ogg file")
+    folders = {"EMPTY": str(tmp_path), "CORRUPT": str(tmp_path / "corrupt")}
+    argv = [folders.get(a, a) for a in argv]
     args = build_parser().parse_args(["bench", *argv])
     assert args.handler(args, Settings()) == 2
     err = capsys.readouterr().err.strip()

@@ -192,3 +192,17 @@ def test_resampling_on_the_device_scores_as_on_the_pool(artifact: Path, tmp_path
 
 def test_auto_resamples_on_the_pool_on_cpu(pipeline: Pipeline) -> None:
     assert pipeline.batch_resampler is None
+
+
+def test_an_odd_sample_rate_is_refused_on_the_pool_when_resampling_on_device(
+    artifact: Path, tmp_path: Path
+) -> None:
+    sf.write(tmp_path / "odd.wav", np.zeros(44_101, dtype=np.float32), 44_101)
+    sf.write(tmp_path / "ok.wav", np.zeros(44_100, dtype=np.float32), 44_100)
+    events = [event(0, (tmp_path / "odd.wav").as_uri()), event(1, (tmp_path / "ok.wav").as_uri())]
+    with ThreadPoolExecutor(2) as pool:
+        pipeline = Pipeline(Scorer(artifact, "cpu"), AudioPolicy.create((tmp_path,)), pool,
+                            Metrics(), resample_on="device")  # fmt: skip
+        odd, ok = pipeline.score_events(events)
+    assert isinstance(odd, DeadLetter) and odd.reason is Reason.AUDIO_DECODE_FAILED
+    assert isinstance(ok, ScoreRecord)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from consumer.cli import main
+from consumer.device import Scorer
 from training.data import PAPER_CSV, PAPER_FEATURES, TrackTable, load_csv, row_to_event
 from training.evaluate import (
     BASELINES,
@@ -232,6 +233,14 @@ def test_features_only_artifact_matches_eager(
         for a, b in zip(eager(*inputs), scripted(*inputs), strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     features_only.cpu()
+    # Served: no audio branch, so the Scorer scores the batch in one call, not per slice.
+    scorer = Scorer(path, device)
+    assert scorer.staged and not scorer.listens
+    wave, feats, mask = _batch()
+    scores = scorer.score(wave.numpy(), feats.numpy(), mask.numpy())
+    with torch.inference_mode():
+        expected, _ = features_only(wave, feats, mask)
+    np.testing.assert_allclose(scores.popularity, expected.numpy(), atol=1e-4)
 
 
 def test_features_only_batched_equals_item_by_item(features_only: Ensemble) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from training.data import PAPER_FEATURES
 from training.export import export_artifact, load_artifact
+from training.frontend import LogMel
 from training.model import Ensemble, FeatureNormalizer, FusionNet
 
 F = len(PAPER_FEATURES)
@@ -142,3 +143,8 @@ def test_ensemble_rejects_members_with_different_frontends() -> None:
     b = FusionNet(PAPER_FEATURES, n_mels=32, **small)
     with pytest.raises(ValueError, match="frontend"):
         Ensemble([a, b])
+    # Same buffers' shapes and values would not catch a setting such as the hop length.
+    c = FusionNet(PAPER_FEATURES, n_mels=16, **small)
+    c.frontend = LogMel(n_mels=16, hop_length=256)
+    with pytest.raises(ValueError, match="frontend"):
+        Ensemble([FusionNet(PAPER_FEATURES, n_mels=16, **small), c])
