@@ -350,8 +350,7 @@ class Ensemble(nn.Module):
             pop, logit = member(waveform, features, audio_mask)
             pops.append(pop)
             logits.append(logit)
-        w = self.weights.unsqueeze(1)
-        return (torch.stack(pops) * w).sum(dim=0), (torch.stack(logits) * w).sum(dim=0)
+        return self._blend(pops, logits)
 
     @torch.jit.export
     def spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -370,6 +369,12 @@ class Ensemble(nn.Module):
             pop, logit = member.score_spectrogram(logmel, features, audio_mask)
             pops.append(pop)
             logits.append(logit)
+        return self._blend(pops, logits)
+
+    def _blend(
+        self, pops: list[torch.Tensor], logits: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' weighted means of popularity and of hit logit."""
         w = self.weights.unsqueeze(1)
         return (torch.stack(pops) * w).sum(dim=0), (torch.stack(logits) * w).sum(dim=0)
 
