@@ -24,6 +24,11 @@ from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_S = 5.0
+# A partition assigned this long without a fetch position is restarted from its committed
+# offset. Seen in the chaos suite: a partition taken over from a consumer killed inside a
+# transaction (its offsets "unstable" until the broker aborts it) was never fetched again by
+# librdkafka 2.16 (lag = the whole partition, no error surfaced, until the next rebalance).
+NO_POSITION_RESTART_S = 30.0
 Partition = tuple[str, int]
 RebalanceHook = Callable[[set[Partition]], None]
 
@@ -77,6 +82,7 @@ class KafkaSource:
         self._hooks = (on_revoke, on_lost)
         self._at_end: set[Partition] = set()
         self._lag_checked = 0.0
+        self._no_position_since: dict[Partition, float] = {}
         self.consumer.subscribe(
             [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -139,6 +145,32 @@ class KafkaSource:
             _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
             lag = high - tp.offset if tp.offset >= 0 else high
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+            self._watch_position((tp.topic, tp.partition), tp.offset, lag, now)
+
+    def _watch_position(self, key: Partition, offset: int, lag: int, now: float) -> None:
+        """Restart a partition that has had records to read but no fetch position for
+        NO_POSITION_RESTART_S while not paused: seek it to its committed offset."""
+        if offset >= 0 or lag <= 0 or self.paused:
+            self._no_position_since.pop(key, None)
+            return
+        since = self._no_position_since.setdefault(key, now)
+        if now - since < NO_POSITION_RESTART_S:
+            return
+        tp = TopicPartition(*key)
+        try:
+            [committed] = self.consumer.committed([tp], timeout=10)
+        except KafkaException as exc:  # offsets still unstable: try again next refresh
+            log.warning("partition %s has no fetch position; committed offset: %s", key, exc)
+            return
+        start = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
+        try:
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, start))
+        except KafkaException as exc:
+            log.warning("partition %s has no fetch position; seek failed: %s", key, exc)
+            return
+        self._no_position_since.pop(key, None)
+        log.warning("partition %s had no fetch position for %.0f s: restarted at %s",
+                    key, now - since, start)  # fmt: skip
 
     def close(self) -> None:
         """Leave the group cleanly so partitions move at once."""
@@ -169,6 +201,8 @@ class KafkaSource:
         self.metrics.rebalances.labels(how).inc(len(gone))
         self.assignment -= gone
         self._at_end -= gone
+        for key in gone:
+            self._no_position_since.pop(key, None)
         for topic, partition in gone:
             with contextlib.suppress(KeyError):  # never exported if no lag check ran yet
                 self.metrics.consumer_lag.remove(topic, str(partition))

@@ -1,0 +1,69 @@
+"""KafkaSource's restart of a partition left without a fetch position (no broker needed)."""
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+
+from consumer.metrics import Metrics
+from consumer.source import NO_POSITION_RESTART_S, KafkaSource
+
+KEY = ("releases", 0)
+
+
+class FakeConsumer:
+    """Records seeks; `committed` answers `offset`, or raises while offsets are unstable."""
+
+    def __init__(self, offset: int, unstable: bool = False) -> None:
+        self.offset, self.unstable = offset, unstable
+        self.seeks: list[tuple[str, int, int]] = []
+
+    def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if self.unstable:
+            raise KafkaException(KafkaError(KafkaError.UNSTABLE_OFFSET_COMMIT))
+        return [TopicPartition(tp.topic, tp.partition, self.offset) for tp in parts]
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
+
+
+def source(fake: FakeConsumer) -> KafkaSource:
+    real = KafkaSource({"bootstrap.servers": "127.0.0.1:1"}, "g", "releases", Metrics(),
+                       lambda gone: None, lambda gone: None)  # fmt: skip
+    real.consumer.close()
+    real.consumer = fake  # type: ignore[assignment]
+    return real
+
+
+def watch(src: KafkaSource, offset: int, lag: int, now: float) -> None:
+    src._watch_position(KEY, offset, lag, now)
+
+
+def test_a_partition_without_position_is_restarted_at_its_committed_offset() -> None:
+    fake = FakeConsumer(offset=32)
+    src = source(fake)
+    watch(src, -1001, 70, now=100.0)
+    watch(src, -1001, 70, now=100.0 + NO_POSITION_RESTART_S - 1)
+    assert fake.seeks == []  # not yet: a fresh assignment takes a moment to fetch
+    watch(src, -1001, 70, now=100.0 + NO_POSITION_RESTART_S)
+    assert fake.seeks == [("releases", 0, 32)]
+
+
+def test_no_restart_while_fetching_paused_or_caught_up() -> None:
+    fake = FakeConsumer(offset=32)
+    src = source(fake)
+    for t in range(0, 200, 5):
+        watch(src, 40 + t, 10, now=float(t))  # a position: it is fetching
+        watch(src, -1001, 0, now=float(t))  # nothing to read
+    src.paused = True  # backpressure: not fetching on purpose
+    for t in range(200, 400, 5):
+        watch(src, -1001, 10, now=float(t))
+    assert fake.seeks == []
+
+
+def test_unstable_offsets_are_retried_later_and_no_committed_offset_means_beginning() -> None:
+    fake = FakeConsumer(offset=-1001, unstable=True)
+    src = source(fake)
+    watch(src, -1001, 5, now=0.0)
+    watch(src, -1001, 5, now=NO_POSITION_RESTART_S)
+    assert fake.seeks == []
+    fake.unstable = False
+    watch(src, -1001, 5, now=NO_POSITION_RESTART_S + 5)
+    assert fake.seeks == [("releases", 0, OFFSET_BEGINNING)]
