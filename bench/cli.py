@@ -87,8 +87,9 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     from bench import compute, corpus, e2e, naive, soak
     from bench.stats import ModeResult, Workload, report, table
-    from consumer.audio import AudioPolicy, BatchResampler
+    from consumer.audio import AudioPolicy
     from consumer.device import Scorer
+    from consumer.pipeline import batch_resampler_for
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
@@ -119,9 +120,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     base = settings.model_copy(update=overrides)
     run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
     scorer = Scorer(base.model, base.device)
-    on_device = base.resample_on == "device" or (
-        base.resample_on == "auto" and scorer.device.type == "cuda"
-    )
+    resampler = batch_resampler_for(base.resample_on, scorer)
     workload = Workload(
         events=args.events,
         **shape,
@@ -131,20 +130,19 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         torch_threads=torch.get_num_threads(),
         device=str(scorer.device),
         model_version=scorer.meta.model_version,
-        resample_on="device" if on_device else "pool",
+        resample_on="pool" if resampler is None else "device",
     )
     policy = AudioPolicy.create(base.audio_file_roots, max_bytes=base.audio_max_bytes)
 
     def fresh(mode: str, n: int = args.events) -> list[Any]:
         return corpus.events(paths, n, args.seed, f"{run_id}-{mode}")
 
-    resampler = BatchResampler(scorer.meta.sample_rate, scorer.meta.clip_seconds, scorer.device)
     results: list[ModeResult] = []
     for kind in ("thread", "process"):
         if ("compute" if kind == "thread" else "compute_process") in modes:
             results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,
                                        base.decode_workers, kind,
-                                       resampler if on_device else None))  # fmt: skip
+                                       resampler))  # fmt: skip
     rate = args.rate
     if "e2e" in modes:
         maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")

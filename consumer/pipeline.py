@@ -88,6 +88,16 @@ def parse_event(msg: Message, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Relea
         raise DeadLetter(reason, f"{where}: {first['msg']}") from None
 
 
+def batch_resampler_for(resample_on: str, scorer: Scorer) -> BatchResampler | None:
+    """The device-side resampler POPSCORE_RESAMPLE_ON asks for (``device``, or ``auto`` on
+    CUDA); None: resample per item on the decode pool."""
+    cuda = scorer.device.type == "cuda"
+    if resample_on == "device" or (resample_on == "auto" and cuda):
+        meta = scorer.meta
+        return BatchResampler(meta.sample_rate, meta.clip_seconds, scorer.device)
+    return None
+
+
 class Pipeline:
     """Turns messages into scores with the loaded model."""
 
@@ -107,13 +117,7 @@ class Pipeline:
         self.metrics = metrics
         meta = scorer.meta
         self.resampler = Resampler(meta.sample_rate, meta.clip_seconds)
-        cuda = scorer.device.type == "cuda"
-        on_device = resample_on == "device" or (resample_on == "auto" and cuda)
-        self.batch_resampler = (
-            BatchResampler(meta.sample_rate, meta.clip_seconds, scorer.device)
-            if on_device
-            else None
-        )
+        self.batch_resampler = batch_resampler_for(resample_on, scorer)
 
     def prepare(self, messages: list[Message]) -> Prepared:
         """Parse every message and fetch + decode its audio on the pool (stage 1)."""
