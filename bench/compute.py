@@ -18,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
-from consumer.audio import AudioPolicy, BatchResampler, Resampler, decode_window, open_uri
+from consumer.audio import AudioPolicy, decode_window, open_uri
 from consumer.device import Scorer
+from consumer.resample import BatchResampler, Resampler
 from schemas.events import ReleaseEvent
 from training.features import extract
 

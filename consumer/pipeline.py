@@ -17,18 +17,11 @@ import torch
 from confluent_kafka import Message
 from pydantic import ValidationError
 
-from consumer.audio import (
-    AudioPolicy,
-    BatchResampler,
-    Clip,
-    Resampler,
-    check_resample_rate,
-    decode_window,
-    open_uri,
-)
+from consumer.audio import AudioPolicy, decode_window, open_uri
 from consumer.device import ArtifactMeta, Scorer, Scores
 from consumer.errors import DeadLetter
 from consumer.metrics import Metrics
+from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
 from schemas.dead_letter import DeadLetterReason as Reason
 from schemas.events import ReleaseEvent
 from schemas.scores import ScoreRecord, utc_now

@@ -2,18 +2,32 @@
 
 Downstream services import this package to read what popscore writes:
 ``ScoreRecord.from_redis(redis.hgetall(score_key(track_id)))``.
+
+The names below are imported on first use (PEP 562), so ``schemas.dead_letter`` and
+``schemas.redis_keys`` load without pydantic: the model side and ``bench/gpu_check.py`` import
+``consumer.device`` on machines that have only torch, torchaudio and numpy.
 """
 
-from schemas.dead_letter import DeadLetterReason
-from schemas.events import (
-    Artist,
-    AudioFeatures,
-    Engagement,
-    Release,
-    ReleaseEvent,
-)
-from schemas.redis_keys import leaderboard_key, score_key
-from schemas.scores import ScoreRecord
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.dead_letter import DeadLetterReason
+    from schemas.events import Artist, AudioFeatures, Engagement, Release, ReleaseEvent
+    from schemas.redis_keys import leaderboard_key, score_key
+    from schemas.scores import ScoreRecord
+
+_HOME = {
+    "Artist": "schemas.events",
+    "AudioFeatures": "schemas.events",
+    "DeadLetterReason": "schemas.dead_letter",
+    "Engagement": "schemas.events",
+    "Release": "schemas.events",
+    "ReleaseEvent": "schemas.events",
+    "ScoreRecord": "schemas.scores",
+    "leaderboard_key": "schemas.redis_keys",
+    "score_key": "schemas.redis_keys",
+}
 
 __all__ = [
     "Artist",
@@ -26,3 +40,15 @@ __all__ = [
     "leaderboard_key",
     "score_key",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'schemas' has no attribute {name!r}")
+    value = getattr(import_module(_HOME[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

@@ -11,17 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from consumer.audio import (
-    AudioPolicy,
-    BatchResampler,
-    Clip,
-    Resampler,
-    check_resample_rate,
-    decode_window,
-    load_clip,
-    open_uri,
-)
+from consumer.audio import AudioPolicy, decode_window, load_clip, open_uri
 from consumer.errors import DeadLetter
+from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
 from schemas.dead_letter import DeadLetterReason as Reason
 
 TARGET = 22_050
