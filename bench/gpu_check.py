@@ -5,8 +5,12 @@
 1. parity: frontend and full model on CPU vs the device, same random inputs (max abs diff);
 2. throughput: frontend + model clips/s at batch 1..256, fp32 and bf16/fp16 autocast;
 3. host→device copy of one batch: pinned vs pageable, float32 vs int16 (converted on device);
-4. the saturating batch size: the smallest batch within 10 % of the best fp32 clips/s.
-Writes gpu-check.json to --out (default: $OUT, else bench/results). --device cpu is a smoke test.
+4. the saturating batch size: the smallest batch within 10 % of the best fp32 clips/s;
+5. the service's own device stage (consumer.device.Scorer, consumer.resample.BatchResampler,
+   which import only torch/torchaudio/numpy): CPU vs device parity with missing features and
+   an audio-less row, and events/s per batch size with the resample on the pool or the device.
+Writes gpu-check-<device>.json to --out (default: $OUT, else bench/results). --device cpu is a
+smoke test.
 """
 
 import argparse
@@ -18,8 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchaudio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service's own modules
+from consumer.device import Scorer
+from consumer.resample import BatchResampler, Clip, Resampler
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -164,6 +173,116 @@ def resample(device: torch.device, batch: int, seconds: float, repeats: int) -> 
     return out
 
 
+SOURCE_RATES = (44_100, 48_000, 22_050)
+
+
+def service_inputs(
+    batch: int, meta: dict[str, Any], rates: tuple[int, ...] = (44_100,), seed: int = 0
+) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """Decoded windows as the decode pool hands them over (consumer.resample.Clip at their
+    source rates; every fourth one 10 s long), features with NaNs, the last row audio-less."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(batch):
+        rate = rates[i % len(rates)]
+        seconds = 10.0 if i % 4 == 3 else float(meta["clip_seconds"])
+        samples = (0.1 * rng.standard_normal(round(rate * seconds))).astype(np.float32)
+        clips.append(Clip(samples, rate, seconds))
+    features = (rng.random((batch, len(meta["features"]))) * 10).astype(np.float32)
+    features[::3, 0] = np.nan  # missing values: the artifact imputes them
+    mask = np.ones(batch, dtype=bool)
+    mask[-1] = batch == 1  # an event whose audio could not be fetched scores on features only
+    return clips, features, mask
+
+
+def service_parity(model_path: Path, device: torch.device, meta: dict[str, Any]) -> dict[str, Any]:
+    """The serving path on CPU (per-item resample, Scorer) vs on the device (BatchResampler,
+    Scorer), with mixed source rates, short clips, NaN features and an audio-less row."""
+    threads = torch.get_num_threads()  # Scorer("cpu") sets the serving thread count
+    clips, features, mask = service_inputs(8, meta, SOURCE_RATES, seed=2)
+    rate, seconds = int(meta["sample_rate"]), float(meta["clip_seconds"])
+    per_item = np.stack([Resampler(rate, seconds)(clip) for clip in clips])
+    batched = BatchResampler(rate, seconds, device)(clips)
+    cpu = Scorer(model_path, "cpu").score(per_item, features, mask)
+    dev = Scorer(model_path, str(device)).score(batched, features, mask)
+    torch.set_num_threads(threads)
+    return {
+        "resample_max_abs_diff": float(np.abs(batched.cpu().numpy() - per_item).max()),
+        "popularity_max_abs_diff": float(np.abs(dev.popularity - cpu.popularity).max()),
+        "hit_probability_max_abs_diff": float(
+            np.abs(dev.hit_probability - cpu.hit_probability).max()
+        ),
+        "all_finite": bool(
+            np.isfinite(dev.popularity).all() and np.isfinite(dev.hit_probability).all()
+        ),
+        "device_frontend_s": dev.frontend_s,
+    }
+
+
+def service_throughput(
+    model_path: Path, device: torch.device, meta: dict[str, Any], batches: list[int], seconds: float
+) -> list[dict[str, Any]]:
+    """The service's device stage per batch: Scorer.score on host windows already resampled by
+    the decode pool (POPSCORE_RESAMPLE_ON=pool), or BatchResampler + Scorer.score on the 44.1 kHz
+    windows (device) -- copies, frontend, network and scores back to the host included."""
+    threads = torch.get_num_threads()
+    scorer = Scorer(model_path, str(device))
+    rate, clip_s = int(meta["sample_rate"]), float(meta["clip_seconds"])
+    batch_resampler = BatchResampler(rate, clip_s, device)
+    out: list[dict[str, Any]] = []
+    for batch in batches:
+        out += _service_batch(scorer, batch_resampler, batch, meta, seconds)
+    torch.set_num_threads(threads)
+    return out
+
+
+def _service_batch(
+    scorer: Scorer,
+    batch_resampler: BatchResampler,
+    batch: int,
+    meta: dict[str, Any],
+    seconds: float,
+) -> list[dict[str, Any]]:
+    clips, features, mask = service_inputs(batch, meta)
+    host = np.stack(
+        [Resampler(scorer.meta.sample_rate, scorer.meta.clip_seconds)(c) for c in clips]
+    )
+    steps = {
+        "pool": lambda: scorer.score(host, features, mask),
+        "device": lambda: scorer.score(batch_resampler(clips), features, mask),
+    }
+    rows: list[dict[str, Any]] = []
+    for mode, step in steps.items():
+        try:
+            runs, elapsed = _timed(step, seconds)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            rows.append({"batch": batch, "resample_on": mode, "error": str(exc)[:200]})
+            if scorer.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        rows.append(
+            {
+                "batch": batch,
+                "resample_on": mode,
+                "events_per_s": round(batch * runs / elapsed, 2),
+                "ms_per_batch": round(elapsed / runs * 1e3, 3),
+            }
+        )
+        print(f"  service resample={mode:<6} batch {batch:>4}: {batch * runs / elapsed:9.1f} ev/s")
+    return rows
+
+
+def _timed(step: Any, seconds: float) -> tuple[int, float]:
+    """(runs, seconds) of ``step`` after two warm-up calls; each call ends on the host."""
+    for _ in range(2):
+        step()
+    runs, start = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - start < seconds:
+        step()
+        runs += 1
+    return runs, time.perf_counter() - start
+
+
 def saturating(rows: list[dict[str, Any]]) -> int | None:
     ok = [r for r in rows if "clips_per_s" in r]
     if not ok:
@@ -202,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else platform.processor(),
         "torch": torch.__version__,
+        "torchaudio": torchaudio.__version__,
+        "host_cpu": cpu_name(),
+        "host_cores": len(os.sched_getaffinity(0)),
         "model_version": meta.get("model_version"),
         "clip_samples": samples,
     }
@@ -218,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     print(" ", doc["h2d_copy"], flush=True)
     doc["resample"] = resample(device, min(32, args.max_batch), meta["clip_seconds"], 5)
     print(" ", doc["resample"], flush=True)
+    print("service path (consumer.device.Scorer, consumer.resample.BatchResampler)", flush=True)
+    doc["service_parity"] = service_parity(args.model, device, meta)
+    print(" ", doc["service_parity"], flush=True)
+    service_batches = [b for b in batches if b >= 8] or batches
+    doc["service"] = service_throughput(args.model, device, meta, service_batches, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / f"gpu-check-{device.type}.json"
     target.write_text(json.dumps(doc, indent=2) + "\n")

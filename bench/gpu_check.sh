@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (bench/gpu_check.py): parity, clips/s at batch 1..256 fp32 + bf16, H2D copies.
+# GPU check (bench/gpu_check.py): parity, clips/s at batch 1..256 fp32 + bf16, H2D copies,
+# batched resample, and the service's own Scorer + BatchResampler (parity and events/s).
 # Needs only python3 with torch, torchaudio and numpy. Output: $OUT (else bench/results).
 #   bench/gpu_check.sh                         # on a GPU machine
 #   bench/gpu_check.sh --device cpu --max-batch 8 --seconds 0.2   # CPU smoke test

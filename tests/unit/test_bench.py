@@ -3,6 +3,8 @@
 import json
 import math
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,3 +202,39 @@ def test_stage_means_are_what_the_service_histograms_saw_between_snapshots() -> 
     assert means["decode"] == {"n": 2, "mean_ms": 200.0, "total_s": 0.4}
     assert means["commit"]["n"] == 1 and means["commit"]["mean_ms"] == 20.0
     assert "redis" not in means  # exported at zero, never observed
+
+
+BARE_GPU_MACHINE = """
+import runpy, sys
+# The GPU machine has only torch, torchaudio and numpy: any other import must fail here too.
+for name in ("pydantic", "httpx", "soundfile", "confluent_kafka", "redis", "prometheus_client"):
+    sys.modules[name] = None
+sys.argv = ["gpu_check"] + sys.argv[1:]
+runpy.run_path("bench/gpu_check.py", run_name="__main__")
+"""
+
+
+def test_gpu_check_runs_with_only_torch_torchaudio_numpy(tmp_path: Path) -> None:
+    """The one GPU run a task may get must not fail on an import or a typo: the CPU smoke test
+    runs every section, the service's own Scorer and BatchResampler included."""
+    args = ["--device", "cpu", "--max-batch", "2", "--seconds", "0.01", "--out", str(tmp_path)]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", BARE_GPU_MACHINE, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu-check-cpu.json").read_text())
+    assert doc["parity"]["popularity_max_abs_diff"] == 0.0  # CPU against CPU: the same kernels
+    assert doc["service_parity"]["resample_max_abs_diff"] == 0.0
+    assert doc["service_parity"]["all_finite"] is True
+    assert {(r["batch"], r["resample_on"]) for r in doc["service"]} == {
+        (b, mode) for b in (1, 2) for mode in ("pool", "device")
+    }
+    assert all(r["events_per_s"] > 0 for r in doc["service"])
+    assert {r["dtype"] for r in doc["throughput"]} == {"fp32", "bf16"}
+    assert doc["saturating_batch_fp32"] in (1, 2)
