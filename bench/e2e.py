@@ -87,7 +87,7 @@ def run(
 ) -> ModeResult:
     """Run the App on fresh topics, send ``events``, return when all are written to Redis."""
     s = settings
-    ensure_topics(s.kafka_common(), [s.input_topic, s.output_topic, s.dlq_topic], partitions)
+    ensure_topics(s.kafka_config("admin"), [s.input_topic, s.output_topic, s.dlq_topic], partitions)
     recorder = Recorder(len(events), f"end to end ({mode})")
     app = App(s, stop_at_end=False)
     with app:
@@ -110,7 +110,7 @@ def run(
             wait_assigned(lambda: bool(app.source.assignment), mode)
             reset_peak_rss()
             before = stage_totals(app.metrics.registry)
-            first = send(s.kafka_common(), s.input_topic, events, rate)
+            first = send(s.kafka_config("producer"), s.input_topic, events, rate)
             finished = recorder.done.wait(timeout_s)
             stages = stage_means(before, stage_totals(app.metrics.registry))
         finally:

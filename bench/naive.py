@@ -63,17 +63,17 @@ def run(
 ) -> ModeResult:
     """Consume ``events`` (sent at once after the group join) one at a time; all are written."""
     s = settings
-    ensure_topics(s.kafka_common(), [s.input_topic, s.output_topic], partitions)
+    ensure_topics(s.kafka_config("admin"), [s.input_topic, s.output_topic], partitions)
     consumer = Consumer(
         {
-            **s.kafka_common(),
+            **s.kafka_config("consumer"),
             "group.id": s.group_id,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
         }
     )
-    producer = Producer({**s.kafka_common(), "linger.ms": 0})
+    producer = Producer({**s.kafka_config("producer"), "linger.ms": 0})
     client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=10)
     sink = RedisSink(client, s.redis_ttl_s, s.dedupe_ttl_s)
     recorder = Recorder(len(events), "naive consumer")
@@ -83,7 +83,7 @@ def run(
         consumer.subscribe([s.input_topic])
         wait_assigned(lambda: assigned(consumer), "naive")
         reset_peak_rss()
-        first = send(s.kafka_common(), s.input_topic, events, None)
+        first = send(s.kafka_config("producer"), s.input_topic, events, None)
         deadline = time.monotonic() + timeout_s
         while not recorder.done.is_set():
             if time.monotonic() > deadline:

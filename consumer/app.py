@@ -106,12 +106,12 @@ class App:
         self._stack.callback(self.redis.close)
         self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         self.txn = Transactions(
-            s.kafka_common(), s.instance_transactional_id(), s.output_topic, s.dlq_topic
+            s.kafka_config("producer"), s.instance_transactional_id(), s.output_topic, s.dlq_topic
         )
         self._stack.callback(self.txn.close)
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         self.source = KafkaSource(
-            s.kafka_common(),
+            s.kafka_config("consumer"),
             s.group_id,
             s.input_topic,
             self.metrics,

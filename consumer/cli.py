@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from pydantic import ValidationError
 
 from bench import cli as bench_cli
@@ -116,9 +116,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"popscore: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (PopscoreError, KafkaException) as exc:
+    except KafkaException as exc:
+        if (detail := kafka_config_problem(exc)) is None:
+            log.error("%s", exc)
+            return 1
+        print(f"popscore: POPSCORE_KAFKA_PROPERTIES: {detail}", file=sys.stderr)
+        return EXIT_USAGE
+    except PopscoreError as exc:
         log.error("%s", exc)
         return 1
+
+
+def kafka_config_problem(exc: KafkaException) -> str | None:
+    """librdkafka's one line when a client refused its configuration (an unknown property or
+    a bad value, which can only come from POPSCORE_KAFKA_PROPERTIES), else None."""
+    error = exc.args[0] if exc.args else None
+    if not isinstance(error, KafkaError) or error.code() != KafkaError._INVALID_ARG:
+        return None
+    text = str(error.str())
+    return text if "configuration property" in text else None
 
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,8 +167,8 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.topics import ensure_topics
 
     topic = args.topic or settings.input_topic
-    config = settings.kafka_common()
-    ensure_topics(config, [topic], args.partitions)
+    ensure_topics(settings.kafka_config("admin"), [topic], args.partitions)
+    config = settings.kafka_config("producer")
     if args.synthetic:
         if args.min_seconds > args.max_seconds:
             _usage("--min-seconds must not exceed --max-seconds")

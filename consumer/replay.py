@@ -154,7 +154,7 @@ def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterat
     """Every record of ``topic`` from its start (or ``since_ms``) to its end offsets as of now."""
     consumer = Consumer(
         {
-            **settings.kafka_common(),
+            **settings.kafka_config("consumer"),
             "group.id": f"popscore-replay-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -220,7 +220,7 @@ def _start_positions(
 def _producer(settings: Settings) -> Producer:
     return Producer(
         {
-            **settings.kafka_common(),
+            **settings.kafka_config("producer"),
             "enable.idempotence": True,
             "linger.ms": 20,
         }

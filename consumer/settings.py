@@ -14,6 +14,10 @@ ENV_PREFIX = "POPSCORE_"
 # Their raw values may hold passwords: an error names the variable but never echoes it.
 _SECRET_FIELDS = frozenset({"redis_url", "kafka_properties"})
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+KafkaRole = Literal["consumer", "producer", "admin"]
+# Kafka Streams' convention: "consumer.session.timeout.ms" reaches only the consumer. No
+# librdkafka property starts with one of these, so a prefixed key is never ambiguous.
+KAFKA_ROLES: tuple[KafkaRole, ...] = ("consumer", "producer", "admin")
 
 
 class Settings(BaseSettings):
@@ -24,7 +28,9 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "localhost:9092"
     """Kafka bootstrap servers, comma-separated host:port."""
     kafka_properties: dict[str, SecretStr] = Field(default_factory=dict)
-    """Extra librdkafka properties as a JSON object (security.protocol, sasl.*, ssl.*)."""
+    """Extra librdkafka properties as a JSON object (security.protocol, sasl.*, ssl.*). A key
+    prefixed ``consumer.``, ``producer.`` or ``admin.`` goes only to that kind of client (without
+    the prefix), so librdkafka does not warn about a property meant for another kind."""
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
     """Redis URL; may hold a password, so it is never logged."""
     redis_ttl_s: Annotated[int, Field(ge=0)] = 0
@@ -99,10 +105,27 @@ class Settings(BaseSettings):
         """The configured transactional.id, or one stable for this host and group."""
         return self.transactional_id or f"popscore-{self.group_id}-{socket.gethostname()}"
 
-    def kafka_common(self) -> dict[str, str]:
-        """librdkafka properties shared by consumer, producer and admin client."""
-        extra = {k: v.get_secret_value() for k, v in self.kafka_properties.items()}
-        return {"bootstrap.servers": self.kafka_bootstrap, **extra}
+    @field_validator("kafka_properties")
+    @classmethod
+    def _roles_name_a_property(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for key in value:
+            role, _, rest = key.partition(".")
+            if not key.strip() or (role in KAFKA_ROLES and not rest):
+                raise ValueError(f"{key!r} names no librdkafka property")
+        return value
+
+    def kafka_config(self, role: KafkaRole) -> dict[str, str]:
+        """librdkafka properties of one kind of client: the bootstrap servers, every unprefixed
+        property, then the ones prefixed with ``role.`` (which win over an unprefixed twin)."""
+        shared: dict[str, str] = {"bootstrap.servers": self.kafka_bootstrap}
+        own: dict[str, str] = {}
+        for key, secret in self.kafka_properties.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in KAFKA_ROLES:
+                shared[key] = secret.get_secret_value()
+            elif prefix == role:
+                own[rest] = secret.get_secret_value()
+        return {**shared, **own}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -30,10 +30,10 @@ FORMATS = (("wav", "WAV"), ("flac", "FLAC"), ("ogg", "OGG"), ("mp3", "MP3"))
 BAD_EVERY = 50
 # Short timeouts so a killed member's partitions and its open transaction are released
 # in seconds, not the production defaults' minute.
-CHAOS_KAFKA = {
-    "session.timeout.ms": "6000",
-    "heartbeat.interval.ms": "1500",
-    "transaction.timeout.ms": "10000",
+CHAOS_KAFKA = {  # each reaches only its kind of client: no CONFWARN lines in the logs
+    "consumer.session.timeout.ms": "6000",
+    "consumer.heartbeat.interval.ms": "1500",
+    "producer.transaction.timeout.ms": "10000",
 }
 
 

@@ -156,9 +156,9 @@ def test_batch_slower_than_max_poll_interval_keeps_the_group(
         "POPSCORE_AUDIO_FETCH_TIMEOUT_S": "60",
         "POPSCORE_KAFKA_PROPERTIES": json.dumps(
             {
-                "max.poll.interval.ms": "7000",
-                "session.timeout.ms": "6000",
-                "heartbeat.interval.ms": "1000",
+                "consumer.max.poll.interval.ms": "7000",
+                "consumer.session.timeout.ms": "6000",
+                "consumer.heartbeat.interval.ms": "1000",
             }
         ),
     }

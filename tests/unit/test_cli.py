@@ -73,6 +73,28 @@ def test_bad_setting_fails_start_up_naming_the_variable() -> None:
     assert "POPSCORE_BATCH_SIZE" in proc.stderr
 
 
+def test_unknown_kafka_property_fails_start_up_naming_the_setting() -> None:
+    """librdkafka refuses the property when the first client is built (no broker needed)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "POPSCORE_HTTP_PORT": "0",
+        "POPSCORE_KAFKA_PROPERTIES": '{"producer.bogus.prop": "1"}',
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "consumer", "--log-level", "WARNING", "consume"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        'popscore: POPSCORE_KAFKA_PROPERTIES: No such configuration property: "bogus.prop"'
+    )
+
+
 def test_score_prints_a_score_record(
     artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,5 +1,6 @@
 """Settings: defaults, parsing, and one clear line naming the variable on a bad value."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,46 @@ def test_kafka_properties_pass_through_and_stay_secret(monkeypatch: pytest.Monke
         "POPSCORE_KAFKA_PROPERTIES", '{"security.protocol": "SASL_SSL", "sasl.password": "hunter2"}'
     )
     s = load_settings()
-    assert s.kafka_common()["sasl.password"] == "hunter2"
+    assert s.kafka_config("consumer")["sasl.password"] == "hunter2"
     assert "hunter2" not in repr(s)
+
+
+def test_prefixed_kafka_properties_reach_only_their_kind_of_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "POPSCORE_KAFKA_PROPERTIES",
+        json.dumps(
+            {
+                "security.protocol": "SASL_SSL",
+                "linger.ms": "5",
+                "consumer.session.timeout.ms": "6000",
+                "producer.transaction.timeout.ms": "30000",
+                "producer.linger.ms": "50",
+                "admin.socket.timeout.ms": "9000",
+            }
+        ),
+    )
+    s = load_settings()
+    base = {"bootstrap.servers": s.kafka_bootstrap, "security.protocol": "SASL_SSL"}
+    assert s.kafka_config("consumer") == {**base, "linger.ms": "5", "session.timeout.ms": "6000"}
+    assert s.kafka_config("producer") == {
+        **base,
+        "linger.ms": "50",  # the prefixed one wins
+        "transaction.timeout.ms": "30000",
+    }
+    assert s.kafka_config("admin") == {**base, "linger.ms": "5", "socket.timeout.ms": "9000"}
+
+
+@pytest.mark.parametrize("key", ["consumer.", "producer.", "admin.", " "])
+def test_a_kafka_property_key_must_name_a_property(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("POPSCORE_KAFKA_PROPERTIES", json.dumps({key: "hunter2"}))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("POPSCORE_KAFKA_PROPERTIES:")
+    assert "hunter2" not in str(info.value)
 
 
 @pytest.mark.parametrize(
