@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down model demo test test-unit test-integration chaos bench soak lint schemas clean
+.PHONY: setup stack-up stack-down model demo test test-unit test-integration chaos bench soak profile lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -69,6 +69,16 @@ SOAK_RATE ?= 8
 soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the real consumer, RSS sampled
 	$(BIN)/popscore --log-level WARNING bench --modes soak --rate $(SOAK_RATE) --soak-seconds 600 \
 		--json bench/results/soak-cpu-$(shell nproc)core.json
+
+PROFILE_TXT = bench/results/profile-e2e-cpu-$(shell nproc)core.txt
+profile: $(STAMP) $(MODEL) stack-up ## py-spy over the e2e benchmark: the service's busy time per stage (~2 min)
+	mkdir -p .bench
+	$(BIN)/py-spy record --rate 25 --format raw --output .bench/profile-e2e.raw -- \
+		$(BIN)/popscore --log-level WARNING bench --modes e2e --json .bench/profile-e2e.json
+	{ echo "# py-spy (25 Hz) over popscore bench --modes e2e, $$(date -u +%FT%TZ)"; \
+	  echo "# $$(nproc) cores: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; \
+	  $(BIN)/python -m bench.profile .bench/profile-e2e.raw; } > $(PROFILE_TXT)
+	cat $(PROFILE_TXT)
 
 schemas: $(STAMP) ## regenerate schemas/json/*.json after changing a model
 	$(BIN)/python -m schemas

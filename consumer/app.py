@@ -31,6 +31,7 @@ from consumer.audio import AudioPolicy
 from consumer.batcher import MicroBatcher
 from consumer.commit import TransactionAborted, Transactions
 from consumer.device import Scorer
+from consumer.errors import ArtifactError, ConfigError, DeviceUnavailable
 from consumer.health import Health, HealthServer
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline
@@ -65,6 +66,17 @@ class InFlight:
     future: "Future[BatchResult]"
 
 
+def load_scorer(s: Settings) -> Scorer:
+    """The artifact on its device; a missing or unreadable artifact, or a device that is not
+    there, is a bad setting: start-up stops with one line naming POPSCORE_MODEL or _DEVICE."""
+    try:
+        return Scorer(s.model, s.device)
+    except DeviceUnavailable as exc:
+        raise ConfigError(f"POPSCORE_DEVICE: {exc}") from None
+    except ArtifactError as exc:
+        raise ConfigError(f"POPSCORE_MODEL: {exc}") from None
+
+
 class App:
     """One consumer process. Use as a context manager; ``run`` returns when asked to stop."""
 
@@ -82,7 +94,7 @@ class App:
 
     def __enter__(self) -> "App":
         s = self.settings
-        self.scorer = Scorer(s.model, s.device)
+        self.scorer = load_scorer(s)
         meta, device = self.scorer.meta, str(self.scorer.device)
         self.metrics.model_info.labels(meta.model_version, device).set(1)
         self.health.model_loaded = True

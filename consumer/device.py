@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from consumer.errors import ArtifactError
+from consumer.errors import ArtifactError, DeviceUnavailable
 from training import export
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available")
     return device
 
 

@@ -4,6 +4,7 @@ PopscoreError
 ├── ConfigError          a bad POPSCORE_* setting; start-up stops with one line
 ├── DeadLetter           one event cannot be scored; it goes to the DLQ with a reason
 ├── ArtifactError        the model file is missing, unreadable or lacks its metadata
+│   └── DeviceUnavailable    the requested device (e.g. CUDA) is not there
 └── SinkError            Redis or Kafka refused a write; the batch is not committed
 """
 
@@ -29,6 +30,10 @@ class DeadLetter(PopscoreError):
 
 class ArtifactError(PopscoreError):
     """The TorchScript artifact cannot serve."""
+
+
+class DeviceUnavailable(ArtifactError):
+    """The artifact cannot serve on the device asked for."""
 
 
 class SinkError(PopscoreError):

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from redis.connection import parse_url
 
 from consumer.errors import ConfigError
 
@@ -85,6 +86,13 @@ class Settings(BaseSettings):
     def _device(cls, value: str) -> str:
         if not _DEVICE.match(value):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        # redis-py's own parser: a bad URL fails start-up here, not at the first write.
+        parse_url(value.get_secret_value())  # type: ignore[no-untyped-call]
         return value
 
     @field_validator("audio_file_roots", mode="before")

@@ -238,3 +238,28 @@ def test_gpu_check_runs_with_only_torch_torchaudio_numpy(tmp_path: Path) -> None
     assert all(r["events_per_s"] > 0 for r in doc["service"])
     assert {r["dtype"] for r in doc["throughput"]} == {"fp32", "bf16"}
     assert doc["saturating_batch_fp32"] in (1, 2)
+
+
+def test_profile_summary_leaves_out_waits_and_names_each_stage() -> None:
+    from bench.profile import parse, render
+
+    raw = [
+        "Thread.run (threading.py:982);Condition.wait (threading.py:327) 50\n",
+        "_worker (concurrent/futures/thread.py:83);decode_window (consumer/audio.py:180);"
+        "SoundFile._cdata_io (soundfile.py:1434) 30\n",
+        "Pipeline._infer (consumer/pipeline.py:204);Scorer._staged (consumer/device.py:170) 10\n",
+        "App._sink (consumer/app.py:200);Transactions.commit (consumer/commit.py:95) 6\n",
+        "Pipeline.prepare (consumer/pipeline.py:120);BaseModel.model_validate_json "
+        "(pydantic/main.py:700) 4\n",
+        "garbage line\n",
+    ]
+    profile = parse(raw)
+    assert profile.idle == 50
+    assert profile.busy == 50
+    assert profile.stages == {
+        "decode (libsndfile) and mixdown": 30,
+        "frontend (artifact spectrogram)": 10,
+        "Kafka transaction (produce, commit)": 6,
+        "event parse and records (Python)": 4,
+    }
+    assert "60.0%" in render(profile, top=3)

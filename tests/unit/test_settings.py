@@ -4,7 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from consumer.app import load_scorer
 from consumer.errors import ConfigError
 from consumer.settings import load_settings
 
@@ -88,6 +90,9 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_AUDIO_ALLOW_PRIVATE_HOSTS", "perhaps"),
         ("POPSCORE_INPUT_TOPIC", " "),
         ("POPSCORE_AUDIO_MAX_SECONDS", "-1"),
+        ("POPSCORE_REDIS_URL", ""),
+        ("POPSCORE_REDIS_URL", "localhost:6379"),
+        ("POPSCORE_REDIS_URL", "redis://h:port/0"),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
@@ -106,3 +111,22 @@ def test_bad_secret_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
     assert "POPSCORE_KAFKA_PROPERTIES" in str(info.value)
     assert "not-json-secret" not in str(info.value)
+
+
+def test_a_bad_redis_url_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPSCORE_REDIS_URL", "http://user:hunter2@redis:6379/0")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("POPSCORE_REDIS_URL:")
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_missing_model_or_device_is_a_bad_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL: model artifact .* does not exist"):
+        load_scorer(load_settings(model=tmp_path / "absent.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a TorchScript file")
+    with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL: "):
+        load_scorer(load_settings(model=tmp_path / "junk.pt"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^POPSCORE_DEVICE: .*CUDA is not available"):
+            load_scorer(load_settings(device="cuda"))
