@@ -78,8 +78,11 @@ class Transactions:
         dead_letters: Sequence[Rejected],
         offsets: list[TopicPartition],
         group_metadata: Any,
-    ) -> None:
-        """Produce and commit one batch atomically, or raise TransactionAborted / Fatal."""
+    ) -> float:
+        """Produce and commit one batch atomically, or raise TransactionAborted / Fatal.
+        Returns the seconds spent producing (records sent and acknowledged); the rest of the
+        call is the commit (offsets and transaction markers)."""
+        start = time.perf_counter()
         try:
             self.producer.begin_transaction()
             for record in scores:
@@ -87,6 +90,10 @@ class Transactions:
             for item in dead_letters:
                 msg = item.message
                 self._produce(self.dlq_topic, msg.key(), msg.value(), _headers(item))
+            # commit_transaction() would flush too; flushing first times the records apart from
+            # the commit protocol (popscore_stage_seconds produce vs commit), at no extra cost.
+            self.producer.flush(TXN_TIMEOUT_S)
+            produce_s = time.perf_counter() - start
             self._call(
                 lambda: self.producer.send_offsets_to_transaction(
                     offsets, group_metadata, TXN_TIMEOUT_S
@@ -95,6 +102,7 @@ class Transactions:
             self._call(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S))
         except KafkaException as exc:
             self._abort(exc)
+        return produce_s
 
     def close(self) -> None:
         """Nothing is left open: every commit either committed or aborted."""

@@ -69,8 +69,10 @@ def test_n_events_in_n_results_n_hashes_offsets_committed(
     board = {m.decode() for m in redis_client.zrange(f"popscore:leaderboard:{day}", 0, -1)}
     assert {e.track_id for e in events} <= board
     assert_all_committed(consumer_env)
-    scored = app.metrics.registry.get_sample_value("popscore_events_total", {"outcome": "scored"})
-    assert scored == 12
+    get = app.metrics.registry.get_sample_value
+    assert get("popscore_events_total", {"outcome": "scored"}) == 12
+    for stage in ("fetch", "decode", "frontend", "inference", "redis", "produce", "commit"):
+        assert (get("popscore_stage_seconds_count", {"stage": stage}) or 0) > 0, stage
 
 
 def write_tone(path: Path, seconds: float = 4.0, rate: int = 44_100) -> Path:
