@@ -303,6 +303,8 @@ class App:
             return False, "model not loaded"
         if not self.source.assignment:
             return False, "no partitions assigned"
+        if self.source.kafka_problem:
+            return False, f"kafka unreachable: {self.source.kafka_problem}"
         try:
             self.redis.ping()
         except redis.RedisError as exc:

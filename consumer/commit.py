@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from consumer.errors import PopscoreError
+from consumer.kafkalog import librdkafka_logger
 from consumer.pipeline import Rejected
 from schemas.dead_letter import (
     HEADER_DETAIL,
@@ -63,7 +64,7 @@ class Transactions:
                 "linger.ms": 5,
                 "compression.type": "zstd",
                 **config,  # tunables above may be overridden; what follows may not
-                "logger": logging.getLogger("librdkafka.producer"),
+                "logger": librdkafka_logger("producer"),
                 "transactional.id": transactional_id,
             }
         )

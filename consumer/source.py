@@ -20,6 +20,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from consumer.kafkalog import librdkafka_logger
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class KafkaSource:
                 "auto.offset.reset": "earliest",
                 **config,  # tunables (session.timeout.ms, fetch sizes) may be overridden
                 # librdkafka's own log lines go through Python logging, not raw stderr.
-                "logger": logging.getLogger("librdkafka.consumer"),
+                "logger": librdkafka_logger("consumer"),
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -83,6 +84,9 @@ class KafkaSource:
         self._at_end: set[Partition] = set()
         self._lag_checked = 0.0
         self._no_position_since: dict[Partition, float] = {}
+        self.kafka_problem: str | None = None
+        """Why Kafka is unreachable (all brokers down, a lag query failed); None once the
+        brokers answer again. Read by /readyz."""
         self.consumer.subscribe(
             [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -96,11 +100,14 @@ class KafkaSource:
             if err is None:
                 self._at_end.discard(tp)
                 real.append(msg)
+                self.kafka_problem = None
             elif err.code() == KafkaError._PARTITION_EOF:
                 self._at_end.add(tp)
             elif err.fatal():
                 raise KafkaException(err)
             else:
+                if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                    self.kafka_problem = str(err.str())
                 log.warning("consumer error: %s", err)
         return real
 
@@ -142,7 +149,13 @@ class KafkaSource:
             return
         self._lag_checked = now
         for tp in self.consumer.position(self._partitions(self.assignment)):
-            _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+            except KafkaException as exc:  # the broker is away: not ready, try again later
+                self.kafka_problem = f"lag query failed: {exc.args[0].str()}"
+                log.warning("partition %s:%d: %s", tp.topic, tp.partition, self.kafka_problem)
+                return
+            self.kafka_problem = None
             lag = high - tp.offset if tp.offset >= 0 else high
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
             self._watch_position((tp.topic, tp.partition), tp.offset, lag, now)

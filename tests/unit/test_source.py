@@ -67,3 +67,38 @@ def test_unstable_offsets_are_retried_later_and_no_committed_offset_means_beginn
     fake.unstable = False
     watch(src, -1001, 5, now=NO_POSITION_RESTART_S + 5)
     assert fake.seeks == [("releases", 0, OFFSET_BEGINNING)]
+
+
+class AwayBroker(FakeConsumer):
+    """Watermark queries time out while ``away``."""
+
+    def __init__(self) -> None:
+        super().__init__(offset=0)
+        self.away = True
+
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, 10) for tp in parts]
+
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float, cached: bool
+    ) -> tuple[int, int]:
+        if self.away:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Local: Timed out"))
+        return 0, 15
+
+
+def test_a_failed_lag_query_marks_kafka_unreachable_until_it_answers_again() -> None:
+    fake = AwayBroker()
+    src = source(fake)
+    src.assignment = {KEY}
+    src.refresh_lag(force=True)  # no exception: the main loop goes on
+    assert src.kafka_problem is not None and "Timed out" in src.kafka_problem
+    fake.away = False
+    src.refresh_lag(force=True)
+    assert src.kafka_problem is None
+    assert (
+        src.metrics.registry.get_sample_value(
+            "popscore_consumer_lag", {"topic": "releases", "partition": "0"}
+        )
+        == 5
+    )
