@@ -107,15 +107,18 @@ def check_host(host: str, policy: AudioPolicy) -> str | None:
 
 
 def _fetch_http(uri: str, policy: AudioPolicy) -> bytes:
+    """The body of ``uri`` within one deadline of ``fetch_timeout_s`` for the whole fetch:
+    every redirect hop's connect and reads get only the time left (DNS lookups are bounded
+    by the resolver's own timeout, and the deadline is checked after each)."""
     deadline = time.monotonic() + policy.fetch_timeout_s
-    timeout = httpx.Timeout(policy.fetch_timeout_s)
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+    with httpx.Client(follow_redirects=False) as client:
         # Redirects are followed by hand so every hop passes the host check.
         for _ in range(MAX_REDIRECTS + 1):
             url = httpx.URL(uri)
             address = check_host(url.host, policy)
+            timeout = httpx.Timeout(_time_left(deadline))
             try:
-                with _pinned_stream(client, url, address) as response:
+                with _pinned_stream(client, url, address, timeout) as response:
                     if response.is_redirect and "location" in response.headers:
                         uri = str(url.join(response.headers["location"]))
                         continue
@@ -126,18 +129,26 @@ def _fetch_http(uri: str, policy: AudioPolicy) -> bytes:
     raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"more than {MAX_REDIRECTS} redirects")
 
 
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "fetch deadline exceeded")
+    return left
+
+
 def _pinned_stream(
-    client: httpx.Client, url: httpx.URL, address: str | None
+    client: httpx.Client, url: httpx.URL, address: str | None, timeout: httpx.Timeout
 ) -> AbstractContextManager[httpx.Response]:
     """GET ``url``, connecting to the already checked ``address`` when one is given: the Host
     header and TLS server name stay the URL's, so virtual hosts and certificates still work."""
     if address is None:
-        return client.stream("GET", url)
+        return client.stream("GET", url, timeout=timeout)
     return client.stream(
         "GET",
         url.copy_with(host=address),
         headers={"Host": url.netloc.decode("ascii")},
         extensions={"sni_hostname": url.host},
+        timeout=timeout,
     )
 
 

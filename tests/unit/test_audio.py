@@ -201,6 +201,12 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 time.sleep(3)
+            elif self.path.startswith("/slowhop/"):  # 0.4 s, then one hop nearer /a.wav
+                time.sleep(0.4)
+                left = int(self.path.rsplit("/", 1)[1])
+                self.send_response(302)
+                self.send_header("Location", f"/slowhop/{left - 1}" if left else "/a.wav")
+                self.end_headers()
             elif self.path == "/moved":
                 self.send_response(302)
                 self.send_header("Location", "/a.wav")
@@ -264,6 +270,19 @@ def test_slow_drip_and_stalled_servers_hit_the_deadline(http_audio: str, path: s
         open_uri(http_audio + path, policy)
     assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
     assert time.monotonic() - start < 2.5
+
+
+def test_the_deadline_covers_every_redirect_hop(http_audio: str) -> None:
+    """Five hops of 0.4 s each: every one is within its own timeout, but not within one
+    deadline for the whole fetch."""
+    policy = AudioPolicy.create((), allow_private_hosts=True, fetch_timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(DeadLetter) as info:
+        open_uri(http_audio + "/slowhop/4", policy)
+    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+    assert time.monotonic() - start < 1.6
+    fine = AudioPolicy.create((), allow_private_hosts=True, fetch_timeout_s=5.0)
+    assert len(open_uri(http_audio + "/slowhop/2", fine)) > 1000
 
 
 def test_every_redirect_hop_passes_the_host_check(
