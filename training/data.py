@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
-import torch
-import torchaudio
 from tqdm import tqdm
 
+from consumer.audio import AudioPolicy, decode_window
+from consumer.errors import DeadLetter
+from consumer.resample import Resampler
 from training.features import AUDIO_FEATURE_NAMES, DEFAULT_FEATURES, extract
 from training.synthetic import sample_track, synth_audio
 
@@ -146,30 +146,29 @@ def load_csv(
     return TrackTable(features, popularity, groups, tuple(feature_paths), str(path), audio)
 
 
-def _load_clip(path: str, sample_rate: int, samples: int) -> np.ndarray | None:
+# The service's default header limits; the files are the caller's own, so no URI policy.
+_TRAINING_POLICY = AudioPolicy.create(())
+
+
+def _load_clip(path: str, resampler: Resampler) -> np.ndarray | None:
+    """The clip the service would score for this file: the consumer's own decode of the
+    centred window, mixdown and resample (so training never sees a different crop)."""
+    seconds = resampler.clip_samples / resampler.target_rate
     try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (OSError, RuntimeError, sf.LibsndfileError):
+        return resampler(decode_window(Path(path), seconds, _TRAINING_POLICY))
+    except DeadLetter:
         return None
-    mono = torch.from_numpy(audio.mean(axis=1))
-    if rate != sample_rate:
-        mono = torchaudio.functional.resample(mono, rate, sample_rate)
-    clip = np.zeros(samples, dtype=np.float32)
-    # The first `samples` of the track, zero-padded: the same crop the consumer serves.
-    head = mono[:samples].numpy()
-    clip[: head.size] = head
-    return clip
 
 
 def with_audio(table: TrackTable, sample_rate: int, seconds: float) -> TrackTable:
     """Decode each row's audio file into a fixed-length mono clip; unreadable -> mask False."""
     if table.audio_paths is None:
         raise ValueError("this table names no audio files")
-    samples = round(sample_rate * seconds)
-    waveforms = np.zeros((len(table.popularity), samples), dtype=np.float32)
+    resampler = Resampler(sample_rate, seconds)
+    waveforms = np.zeros((len(table.popularity), resampler.clip_samples), dtype=np.float32)
     mask = np.zeros(len(table.popularity), dtype=bool)
     for i, path in enumerate(tqdm(table.audio_paths, desc="decoding audio", unit="file")):
-        clip = None if path is None else _load_clip(path, sample_rate, samples)
+        clip = None if path is None else _load_clip(path, resampler)
         if clip is not None:
             waveforms[i], mask[i] = clip, True
     return TrackTable(

@@ -12,11 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
+from consumer.audio import AudioPolicy, decode_window
 from consumer.cli import main
 from consumer.device import Scorer
-from training.data import PAPER_CSV, PAPER_FEATURES, TrackTable, load_csv, row_to_event
+from consumer.resample import Resampler
+from training.data import (
+    PAPER_CSV,
+    PAPER_FEATURES,
+    TrackTable,
+    load_csv,
+    row_to_event,
+    with_audio,
+)
 from training.evaluate import (
     BASELINES,
     FEATURES_ONLY,
@@ -110,6 +120,28 @@ def test_load_csv_groups_by_artist_and_resolves_audio(tmp_path: Path) -> None:
     assert table.audio_paths == (str(tmp_path / "a.wav"), None)
     with pytest.raises(ValueError, match="column"):
         load_csv(path, audio_column="no_such_column")
+
+
+def test_training_clips_are_the_clips_the_service_scores(tmp_path: Path) -> None:
+    """Train/serve parity: the centred window, decoded, mixed down and resampled by the
+    consumer's own code (the head of the track used to be taken: silence in this file)."""
+    rate = 44_100
+    t = np.arange(10 * rate) / rate
+    tone = np.where((t > 4) & (t < 6), 0.4 * np.sin(2 * np.pi * 440 * t), 0.0)
+    sf.write(tmp_path / "a.wav", np.stack([tone, tone], axis=1).astype(np.float32), rate)
+    (tmp_path / "b.wav").write_bytes(b"not audio")
+    path = _write_csv(tmp_path / "t.csv", [
+        ["a", 50, 200000, "X", "2020-01-01", 120, 80, 1000, "a.wav"],
+        ["b", 70, 180000, "Y", "2019", "", 70, 10, "b.wav"],
+    ])  # fmt: skip
+    table = with_audio(load_csv(path, audio_column="music_file"), 22_050, 2.0)
+    assert table.audio_mask is not None and table.audio_mask.tolist() == [True, False]
+    served = Resampler(22_050, 2.0)(
+        decode_window(tmp_path / "a.wav", 2.0, AudioPolicy.create((tmp_path,)))
+    )
+    assert table.waveforms is not None
+    np.testing.assert_array_equal(table.waveforms[0], served)
+    assert np.abs(table.waveforms[0]).max() > 0.3  # the tone in the middle, not the silent head
 
 
 @pytest.mark.skipif(not PAPER_CSV.is_file(), reason=f"paper data not found at {PAPER_CSV}")
