@@ -50,7 +50,7 @@ def score_message(value: bytes, scorer: Scorer, policy: AudioPolicy) -> ScoreRec
     wave = centre_crop(mono.numpy(), round(meta.sample_rate * meta.clip_seconds))
     feats = extract(event.model_dump(), meta.features)
     scores = scorer.score(wave[None], feats[None], np.ones(1, dtype=bool))
-    return _record(event, meta, scores, 0, utc_now())
+    return _record(event, meta, scores, 0, utc_now(), audio_used=True)
 
 
 def run(

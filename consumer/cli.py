@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from bench import cli as bench_cli
 from consumer import replay
 from consumer.argtypes import existing_file, json_object, positive_float, positive_int
-from consumer.errors import ConfigError, DeadLetter, PopscoreError
+from consumer.errors import ConfigError, DeadLetter, PopscoreError, UsageError
 from consumer.settings import Settings, load_settings
 from schemas.events import ReleaseEvent
 from training import commands as training_commands
@@ -116,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"popscore: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except UsageError as exc:
+        _usage(str(exc))
     except KafkaException as exc:
         if (detail := kafka_config_problem(exc)) is None:
             log.error("%s", exc)

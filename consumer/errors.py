@@ -2,6 +2,7 @@
 
 PopscoreError
 ├── ConfigError          a bad POPSCORE_* setting; start-up stops with one line
+├── UsageError           a command's argument names something unusable; one line, exit 2
 ├── DeadLetter           one event cannot be scored; it goes to the DLQ with a reason
 ├── ArtifactError        the model file is missing, unreadable or lacks its metadata
 │   └── DeviceUnavailable    the requested device (e.g. CUDA) is not there
@@ -17,6 +18,11 @@ class PopscoreError(Exception):
 
 class ConfigError(PopscoreError):
     """A setting is invalid; the message names the environment variable."""
+
+
+class UsageError(PopscoreError):
+    """An argument is well-formed but what it names cannot be used (a file that is not a
+    report, a CSV without its columns); the message names the argument."""
 
 
 class DeadLetter(PopscoreError):

@@ -43,7 +43,8 @@ class Rejected:
 @dataclass(frozen=True)
 class _Ready:
     event: ReleaseEvent
-    waveform: np.ndarray | Clip  # the decoded window itself when resampled on the device
+    # None for a features-only artifact; the decoded window itself when resampled on the device
+    waveform: np.ndarray | Clip | None
 
 
 @dataclass
@@ -152,6 +153,8 @@ class Pipeline:
 
     def _load(self, event: ReleaseEvent) -> "_Ready | DeadLetter":
         """Runs on a pool thread: fetch, decode the window, resample."""
+        if not self.scorer.listens:
+            return _Ready(event, None)  # a features-only artifact: the audio is never read
         start = time.perf_counter()
         try:
             source = open_uri(event.audio_uri, self.policy)
@@ -190,7 +193,9 @@ class Pipeline:
         for i, item in enumerate(items):
             try:
                 one, j = (scores, i) if scores is not None else (self._infer([item]), 0)
-                outcomes.append(_record(item.event, self.scorer.meta, one, j, scored_at))
+                outcomes.append(
+                    _record(item.event, self.scorer.meta, one, j, scored_at, self.scorer.listens)
+                )
             except Exception as exc:
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 outcomes.append(DeadLetter(Reason.INFERENCE_FAILED, detail))
@@ -200,6 +205,8 @@ class Pipeline:
         paths = self.scorer.meta.features
         feats = np.stack([extract(item.event.model_dump(), paths) for item in items])
         mask = np.ones(len(items), dtype=bool)
+        if not self.scorer.listens:  # one dummy sample per row: the artifact reads no audio
+            return self.scorer.score(np.zeros((len(items), 1), np.float32), feats, ~mask)
         if self.batch_resampler is None:
             waves = np.stack([cast(np.ndarray, item.waveform) for item in items])
             return self.scorer.score(waves, feats, mask)
@@ -215,7 +222,12 @@ class Pipeline:
 
 
 def _record(
-    event: ReleaseEvent, meta: ArtifactMeta, scores: Scores, i: int, scored_at: datetime
+    event: ReleaseEvent,
+    meta: ArtifactMeta,
+    scores: Scores,
+    i: int,
+    scored_at: datetime,
+    audio_used: bool,
 ) -> ScoreRecord:
     popularity = float(scores.popularity[i])
     probability = float(scores.hit_probability[i])
@@ -230,7 +242,7 @@ def _record(
         hit_probability=min(max(probability, 0.0), 1.0),
         # CONTRACT §5: a hit by the artifact's threshold on the popularity scale.
         is_hit=popularity >= meta.hit_threshold,
-        audio_used=True,
+        audio_used=audio_used,
         emitted_at=event.emitted_at,
         scored_at=scored_at,
         latency_ms=latency_ms,

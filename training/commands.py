@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumer.argtypes import existing_file, int_at_least
+from consumer.errors import UsageError
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -34,8 +35,15 @@ def register(sub: Any) -> None:
     train.set_defaults(handler=_train)
     _data_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="artifact path, e.g. models/x.pt")
-    train.add_argument(
-        "--evaluation", type=existing_file, help="a report from `evaluate` to embed (summary)"
+    # CONTRACT §9: an artifact carries its evaluation; leaving it out is a deliberate choice.
+    evaluated = train.add_mutually_exclusive_group(required=True)
+    evaluated.add_argument(
+        "--evaluation",
+        type=existing_file,
+        help="the `evaluate` report of this data and variant, embedded (summary, cuts)",
+    )
+    evaluated.add_argument(
+        "--no-evaluation", action="store_true", help="embed no evaluation (an experiment)"
     )
     train.add_argument("--model-version", help="default: derived from data, seed and weights")
 
@@ -86,7 +94,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     table, [spec] = _table_and_specs(args, comparison=False)
     rows = np.arange(len(table.popularity))
-    evaluation = _evaluation(args.evaluation)
+    evaluation = _evaluation(args.evaluation, spec.name, len(rows))
     cut, tree_weight = _hit_cut(evaluation), _tree_weight(evaluation)
     model = fit_model(table, spec, rows, args.seed, SAMPLE_RATE, _device(args.device), tree_weight)
     version = args.model_version or f"{spec.name}-{args.seed}-{weights_digest(model)}"
@@ -108,9 +116,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 def _export(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
-    from training.export import load_artifact, resave_artifact
+    from training.export import ArtifactError, load_artifact, resave_artifact
 
-    module, meta = load_artifact(args.artifact)
+    try:
+        module, meta = load_artifact(args.artifact)
+    except ArtifactError as exc:
+        raise UsageError(f"{args.artifact}: {str(exc).splitlines()[0]}") from None
     if args.evaluation:
         meta.setdefault("training", {})["evaluation"] = _evaluation(args.evaluation)
     if args.hit_threshold is not None:
@@ -144,7 +155,10 @@ def _table_and_specs(
     if args.synthetic:
         table = data.synthetic_table(args.synthetic, args.seed, SYNTHETIC_SECONDS, SAMPLE_RATE)
     else:
-        table = data.load_csv(args.data, audio_column=args.audio_column)
+        try:
+            table = data.load_csv(args.data, audio_column=args.audio_column)
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--data {args.data}: {exc}") from None
         if args.audio_column and not args.features_only:
             table = data.with_audio(table, SAMPLE_RATE, 30.0)
     with_audio = table.waveforms is not None and not args.features_only
@@ -153,13 +167,32 @@ def _table_and_specs(
     return table, [FUSION, AUDIO_ONLY, FEATURES_ONLY] if comparison else [FUSION]
 
 
-def _evaluation(path: Path | None) -> dict[str, Any] | None:
+def _evaluation(
+    path: Path | None, variant: str | None = None, rows: int | None = None
+) -> dict[str, Any] | None:
+    """The report's summary and per-fold cuts; it must be an `evaluate` report, and of the
+    variant and row count being trained when those are given."""
     if path is None:
         return None
     from training.evaluate import summary
 
-    report = json.loads(path.read_text())
-    return {**summary(report), "fold_cuts": report["models"][report["model"]]["fold_cuts"]}
+    try:
+        report = json.loads(path.read_text())
+        evaluation = {
+            **summary(report),
+            "fold_cuts": report["models"][report["model"]]["fold_cuts"],
+        }
+        evaluated, evaluated_rows = report["model"], report["data"]["rows"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"--evaluation {path}: not a `popscore evaluate` report ({exc!r})"
+        ) from None
+    if (variant, rows) != (None, None) and (evaluated, evaluated_rows) != (variant, rows):
+        raise UsageError(
+            f"--evaluation {path}: it evaluated {evaluated} on {evaluated_rows} rows; "
+            f"this run trains {variant} on {rows}"
+        )
+    return evaluation
 
 
 def _hit_cut(evaluation: dict[str, Any] | None) -> float:

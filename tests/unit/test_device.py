@@ -19,7 +19,9 @@ from consumer.pipeline import Pipeline
 from schemas import ReleaseEvent, ScoreRecord
 from schemas.dead_letter import DeadLetterReason as Reason
 from tests.unit.conftest import CLIP, RATE
-from training.features import DEFAULT_FEATURES
+from training.export import export_artifact
+from training.features import DEFAULT_FEATURES, extract
+from training.model import FusionNet
 
 DEVICES = [
     "cpu",
@@ -159,6 +161,32 @@ def test_pipeline_scores_in_order_and_rejects_in_place(pipeline: Pipeline, tmp_p
     assert outcomes[0].model_version == "tiny-test" and outcomes[0].audio_used
     assert outcomes[0].is_hit == (outcomes[0].popularity >= 70.0)
     assert outcomes[0].latency_ms >= 0
+
+
+def test_a_features_only_artifact_never_reads_the_audio(tmp_path: Path) -> None:
+    """No audio branch: the URI is not fetched (not even checked), audio_used is false, and
+    the score is the artifact's own for those features."""
+    torch.manual_seed(0)
+    net = FusionNet(use_audio=False, sample_rate=RATE, feature_dim=8, hidden=8)
+    net.fit_normalizer(np.random.default_rng(0).random((32, len(DEFAULT_FEATURES))) * 100)
+    meta = {"model_version": "fo", "sample_rate": RATE, "clip_seconds": CLIP}
+    path = export_artifact(net.eval(), tmp_path / "fo.pt", meta)
+    metrics = Metrics()
+    with ThreadPoolExecutor(2) as pool:
+        scorer = Scorer(path, "cpu")
+        pipeline = Pipeline(scorer, AudioPolicy.create(()), pool, metrics)
+        outcomes = pipeline.score_events([event(1, "file:///no/such.mp3"), event(2, "https://x/y")])
+    assert all(isinstance(o, ScoreRecord) and not o.audio_used for o in outcomes)
+    for stage in ("fetch", "decode"):
+        assert metrics.registry.get_sample_value(
+            "popscore_stage_seconds_count", {"stage": stage}
+        ) in (None, 0.0)
+    feats = torch.from_numpy(np.stack([extract(event(i, "x:").model_dump(), scorer.meta.features)
+                                       for i in (1, 2)]))  # fmt: skip
+    with torch.inference_mode():
+        expected, _ = net(torch.zeros(2, 1), feats, torch.zeros(2, dtype=torch.bool))
+    got = [o.popularity for o in outcomes if isinstance(o, ScoreRecord)]
+    np.testing.assert_allclose(got, expected.clamp(0, 100).numpy(), atol=1e-4)
 
 
 def test_resampling_on_the_device_scores_as_on_the_pool(artifact: Path, tmp_path: Path) -> None:

@@ -307,6 +307,7 @@ def test_features_only_scores_nan_features_and_no_audio(features_only: Ensemble)
         ["evaluate", "--synthetic", "100", "--report", "r.json", "--folds", "1"],
         ["evaluate", "--synthetic", "100", "--report", "r.json", "--device", "tpu"],
         ["train", "--synthetic", "100"],
+        ["train", "--synthetic", "100", "--out", "x.pt"],  # neither --evaluation nor --no-
         ["export", "/no/such.pt", "--out", "x.pt"],
     ],
 )
@@ -325,9 +326,8 @@ def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
              100 + i % 40, 60 + i % 30, 1000 * (i + 1), ""] for i in range(45)]  # fmt: skip
     data = _write_csv(tmp_path / "d.csv", rows)
     out = tmp_path / "m.pt"
-    assert (
-        main(["train", "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    )
+    args = ["train", "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main([*args, "--no-evaluation"]) == 0
     _, meta = load_artifact(out)
     assert meta["features"] == list(PAPER_FEATURES) and meta["hit_threshold"] == 70.0
     again = tmp_path / "m2.pt"
@@ -335,3 +335,30 @@ def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
     _, meta2 = load_artifact(again)
     assert meta2["hit_threshold"] == 66.5 and meta2["model_version"] == meta["model_version"]
     capsys.readouterr()
+
+
+def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [[f"t{i}", 40 + i % 50, 200000 + i, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
+            for i in range(30)]  # fmt: skip
+    data = _write_csv(tmp_path / "d.csv", rows)
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"model": "fusion", "data": {"rows": 999}, "models": {
+        "fusion": {"fold_cuts": [], "metrics": {}}}}))  # fmt: skip
+    not_csv = tmp_path / "x.csv"
+    not_csv.write_text("just one line, no header worth the name\n")
+    not_pt = tmp_path / "x.pt"
+    not_pt.write_text("not a TorchScript artifact")
+    out = str(tmp_path / "m.pt")
+    for args, needle in [
+        (["train", "--data", str(data), "--out", out, "--evaluation", str(report)], "evaluat"),
+        (["train", "--data", str(data), "--out", out, "--evaluation", str(not_csv)], "report"),
+        (["evaluate", "--data", str(not_csv), "--report", str(tmp_path / "r2.json")], "--data"),
+        (["export", str(not_pt), "--out", out], "x.pt"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("popscore") and needle in err, err
