@@ -7,13 +7,32 @@ ranges. Unknown fields are ignored so producers can add fields before popscore k
 import datetime as dt
 from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 WIRE_CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Count = Annotated[int, Field(ge=0)]
 ShortText = Annotated[str, Field(max_length=512)]
+
+
+def _calendar_date(value: str) -> str:
+    """The pattern admits 2024-13 and 2024-02-30; the calendar does not."""
+    year, month, day = (value.split("-") + ["01", "01"])[:3]
+    dt.date(int(year), int(month), int(day))  # ValueError: pydantic reports it on the field
+    return value
+
+
+# Catalogues know some releases only to the month or the year (Spotify's
+# release_date_precision): "1981" and "1981-06" are dates too, not bad events.
+ReleaseDate = Annotated[
+    str,
+    Field(
+        pattern=r"^[0-9]{4}(-[0-9]{2}(-[0-9]{2})?)?$",
+        description="YYYY-MM-DD, or YYYY-MM / YYYY when only the month or the year is known",
+    ),
+    AfterValidator(_calendar_date),
+]
 
 
 class Artist(BaseModel):
@@ -33,7 +52,7 @@ class Release(BaseModel):
 
     model_config = WIRE_CONFIG
 
-    date: dt.date | None = None
+    date: ReleaseDate | None = None
     market: ShortText | None = None
     explicit: bool | None = None
     duration_ms: Count | None = None

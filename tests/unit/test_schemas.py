@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from schemas import ReleaseEvent, ScoreRecord, leaderboard_key, score_key
 from schemas.jsonschema import EXPORTED, JSON_DIR, render
+from training.features import extract
 
 VALID = {
     "event_id": "e-1",
@@ -98,11 +99,23 @@ def test_wrong_types_are_rejected(path: str, value: object) -> None:
         ("track_id", "x" * 129),
         ("emitted_at", "2026-11-27T10:00:00"),  # RFC 3339 needs an offset
         ("schema_version", 2),
+        ("release.date", "2024-13"),
+        ("release.date", "2023-02-29"),
+        ("release.date", "24"),
+        ("release.date", "2024-03-05T10:00:00Z"),
     ],
 )
 def test_out_of_range_values_are_rejected(path: str, value: object) -> None:
     with pytest.raises(ValidationError):
         parse(with_field(path, value))
+
+
+@pytest.mark.parametrize("date", ["2024-02-29", "2024-03", "1981"])
+def test_a_release_date_may_know_only_its_month_or_year(date: str) -> None:
+    """Spotify's release_date_precision: old catalogue entries often carry just the year."""
+    event = parse(with_field("release.date", date))
+    assert event.release is not None and event.release.date == date
+    assert extract(event.model_dump(), ["release.year"])[0] == int(date[:4])
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
