@@ -19,6 +19,8 @@ import os
 import platform
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -327,29 +329,46 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": meta.get("model_version"),
         "clip_samples": samples,
     }
-    print("parity CPU vs", device, flush=True)
-    doc["parity"] = parity(args.model, device, samples, nf)
-    print(" ", doc["parity"], flush=True)
-    rows = throughput(module, device, samples, nf, batches, "fp32", args.seconds)
     half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
-    rows += throughput(module, device, samples, nf, batches, half, args.seconds)
-    doc["throughput"] = rows
-    doc["saturating_batch_fp32"] = saturating([r for r in rows if r["dtype"] == "fp32"])
-    doc[f"saturating_batch_{half}"] = saturating([r for r in rows if r["dtype"] == half])
-    doc["h2d_copy"] = copies(device, min(32, args.max_batch), samples, 20)
-    print(" ", doc["h2d_copy"], flush=True)
-    doc["resample"] = resample(device, min(32, args.max_batch), meta["clip_seconds"], 5)
-    print(" ", doc["resample"], flush=True)
-    print("service path (consumer.device.Scorer, consumer.resample.BatchResampler)", flush=True)
-    doc["service_parity"] = service_parity(args.model, device, meta)
-    print(" ", doc["service_parity"], flush=True)
     service_batches = [b for b in batches if b >= 8] or batches
-    doc["service"] = service_throughput(args.model, device, meta, service_batches, args.seconds)
+    small = min(32, args.max_batch)
+    sections: list[tuple[str, Callable[[], Any]]] = [
+        ("parity", lambda: parity(args.model, device, samples, nf)),
+        (
+            "throughput_fp32",
+            lambda: throughput(module, device, samples, nf, batches, "fp32", args.seconds),
+        ),
+        (
+            f"throughput_{half}",
+            lambda: throughput(module, device, samples, nf, batches, half, args.seconds),
+        ),
+        ("h2d_copy", lambda: copies(device, small, samples, 20)),
+        ("resample", lambda: resample(device, small, meta["clip_seconds"], 5)),
+        ("service_parity", lambda: service_parity(args.model, device, meta)),
+        (
+            "service",
+            lambda: service_throughput(args.model, device, meta, service_batches, args.seconds),
+        ),
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / f"gpu-check-{device.type}.json"
-    target.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {target}")
-    return 0
+    failed = 0
+    for name, run in sections:
+        print(name, flush=True)
+        try:
+            doc[name] = run()
+        except Exception as exc:  # one failing section must not cost the others' numbers
+            traceback.print_exc()
+            doc[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            failed += 1
+        if isinstance(doc[name], dict):
+            print(" ", doc[name], flush=True)
+        if name.startswith("throughput_") and isinstance(doc[name], list):
+            doc[f"saturating_batch_{name.split('_', 1)[1]}"] = saturating(doc[name])
+        # Written after every section: the one GPU run a task gets keeps what it measured.
+        target.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {target}" + (f" ({failed} section(s) failed)" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

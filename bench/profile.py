@@ -20,19 +20,34 @@ from pathlib import Path
 IDLE_LEAVES = (
     "Condition.wait",
     "Event.wait",
-    "_worker (concurrent/futures/thread.py:81)",  # the pool's queue.get
+    "_worker (concurrent/futures/thread.py:",  # the pool's own loop: blocked in queue.get
     "KafkaSource.fetch (consumer/source.py",  # inside librdkafka's poll
     "_PollLikeSelector.select",
     "select (selectors.py",
     "Thread._wait_for_tstate_lock",
 )
+
+
+def _scorer_calls() -> tuple[str, str]:
+    """py-spy's names for the two artifact calls in Scorer._staged ("consumer/device.py:N"),
+    found in the source, so an edit to device.py cannot silently move their samples."""
+    source = (Path(__file__).resolve().parent.parent / "consumer" / "device.py").read_text()
+    lines = source.splitlines()
+
+    def line_of(call: str) -> str:
+        return f"consumer/device.py:{next(i for i, t in enumerate(lines, 1) if call in t)})"
+
+    return line_of("logmel = self.module.spectrogram("), line_of("= self.module.score_spectrogram(")
+
+
+FRONTEND_CALL, NETWORK_CALL = _scorer_calls()
 # (stage, substrings of a frame). Walking from the leaf up, the first frame that matches any
 # pattern decides, in this order: a torch pad called by the resampler is resample time.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode (libsndfile) and mixdown", ("soundfile.py", "mix_down", "decode_window")),
     ("resample (torchaudio)", ("resample", "Resampler")),
-    ("frontend (artifact spectrogram)", ("module.spectrogram", "consumer/device.py:170")),
-    ("network (artifact score_spectrogram)", ("score_spectrogram", "consumer/device.py:174")),
+    ("frontend (artifact spectrogram)", (FRONTEND_CALL,)),
+    ("network (artifact score_spectrogram)", (NETWORK_CALL,)),
     ("start-up (imports, model load)", ("importlib", "torch/jit/_serialization", "_listens")),
     ("audio fetch and batch assembly", ("consumer/audio.py", "consumer/device.py", "numpy")),
     ("Kafka transaction (produce, commit)", ("consumer/commit.py",)),

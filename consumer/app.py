@@ -17,15 +17,17 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
+from typing import TypeVar
 
 import redis
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from consumer.audio import AudioPolicy
 from consumer.batcher import MicroBatcher
@@ -40,6 +42,7 @@ from consumer.sinks import RedisSink, Upsert
 from consumer.source import KafkaSource, Partition, next_offsets, partition_of
 from schemas.scores import ScoreRecord
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2
 BUSY_POLL_S = 0.02
@@ -64,6 +67,18 @@ class InFlight:
 
     messages: list[Message]
     future: "Future[BatchResult]"
+
+
+def kafka_client(build: Callable[[], T]) -> T:
+    """A Kafka client; a configuration librdkafka refuses (an unknown property, a bad value,
+    a combination it does not allow) is a bad setting: one line naming it, exit 2."""
+    try:
+        return build()
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+            raise ConfigError(f"POPSCORE_KAFKA_PROPERTIES: {err.str()}") from None
+        raise
 
 
 def load_scorer(s: Settings) -> Scorer:
@@ -117,19 +132,34 @@ class App:
         )
         self._stack.callback(self.redis.close)
         self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
-        self.txn = Transactions(
-            s.kafka_config("producer"), s.instance_transactional_id(), s.output_topic, s.dlq_topic
-        )
-        self._stack.callback(self.txn.close)
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
-        self.source = KafkaSource(
-            s.kafka_config("consumer"),
-            s.group_id,
-            s.input_topic,
-            self.metrics,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
+        # The consumer first (it joins the group only at its first poll, in run()): a property
+        # librdkafka refuses then fails start-up before init_transactions waits for a broker.
+        self.source = kafka_client(
+            lambda: KafkaSource(
+                s.kafka_config("consumer"),
+                s.group_id,
+                s.input_topic,
+                self.metrics,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
         )
+        try:
+            self.txn = kafka_client(
+                lambda: Transactions(
+                    s.kafka_config("producer"),
+                    s.instance_transactional_id(),
+                    s.output_topic,
+                    s.dlq_topic,
+                )
+            )
+        except BaseException:
+            self.source.close()
+            raise
+        # Last in, first out: the consumer leaves (its revoke may still commit) before the
+        # producer is closed.
+        self._stack.callback(self.txn.close)
         self._stack.callback(self.source.close)
         self.health.readiness = self._readiness
         self.http = HealthServer(s.http_port, self.metrics.registry, self.health).start()

@@ -26,6 +26,11 @@ MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
 MAX_REDIRECTS = 5
+# One read may wait at most this share of the fetch timeout for the next bytes. The deadline
+# is checked between reads, so a fetch ends by (1 + this) x the timeout at worst, a bound the
+# shutdown grace period relies on (deploy/k8s, tested).
+READ_STALL_SHARE = 0.25
+WORST_FETCH_FACTOR = 1 + READ_STALL_SHARE
 
 
 @dataclass(frozen=True)
@@ -107,16 +112,19 @@ def check_host(host: str, policy: AudioPolicy) -> str | None:
 
 
 def _fetch_http(uri: str, policy: AudioPolicy) -> bytes:
-    """The body of ``uri`` within one deadline of ``fetch_timeout_s`` for the whole fetch:
-    every redirect hop's connect and reads get only the time left (DNS lookups are bounded
-    by the resolver's own timeout, and the deadline is checked after each)."""
+    """The body of ``uri`` within one deadline of ``fetch_timeout_s`` for the whole fetch,
+    redirects included: each hop's connect gets the time left, each read at most a quarter of
+    the timeout, and the body is cut between reads once the deadline passes, so a fetch ends
+    by 1.25x the setting. DNS lookups are bounded by the resolver's own timeout; the deadline
+    is checked after each."""
     deadline = time.monotonic() + policy.fetch_timeout_s
     with httpx.Client(follow_redirects=False) as client:
         # Redirects are followed by hand so every hop passes the host check.
         for _ in range(MAX_REDIRECTS + 1):
             url = httpx.URL(uri)
             address = check_host(url.host, policy)
-            timeout = httpx.Timeout(_time_left(deadline))
+            left = _time_left(deadline)
+            timeout = httpx.Timeout(left, read=min(left, READ_STALL_SHARE * policy.fetch_timeout_s))
             try:
                 with _pinned_stream(client, url, address, timeout) as response:
                     if response.is_redirect and "location" in response.headers:

@@ -102,7 +102,9 @@ class Transactions:
                 )
             )
             t2 = time.perf_counter()
-            self.producer.flush(TXN_TIMEOUT_S)
+            if (unsent := self.producer.flush(TXN_TIMEOUT_S)) > 0:  # abort, as commit would
+                detail = f"{unsent} records unacknowledged after {TXN_TIMEOUT_S} s"
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, detail))
             t3 = time.perf_counter()
             self._call(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S))
         except KafkaException as exc:

@@ -51,6 +51,9 @@ def pick_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceUnavailable(f"device {name!r} requested but this host has {count} GPU(s)")
     return device
 
 

@@ -10,8 +10,10 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 
 WINDOW_S = 30.0
+MAX_KINDS = 1000  # kinds of line remembered; the least recently seen is forgotten first
 # Parts of a line that change between otherwise identical repeats.
 _VOLATILE = re.compile(r"\d+ms|\d+ ms")
 
@@ -22,20 +24,20 @@ class FoldRepeats(logging.Filter):
     def __init__(self, window_s: float = WINDOW_S) -> None:
         super().__init__()
         self.window_s = window_s
-        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+        self._seen: OrderedDict[tuple[str, int, str], tuple[float, int]] = OrderedDict()
         self._lock = threading.Lock()  # librdkafka logs from its own threads
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, _VOLATILE.sub("N ms", record.getMessage()))
         now = time.monotonic()
         with self._lock:
-            last, folded = self._seen.get(key, (-self.window_s, 0))
+            last, folded = self._seen.pop(key, (-self.window_s, 0))  # re-added as the newest
             if now - last < self.window_s:
                 self._seen[key] = (last, folded + 1)
                 return False
             self._seen[key] = (now, 0)
-            if len(self._seen) > 1000:  # a long run of distinct lines: forget the old ones
-                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
+            if len(self._seen) > MAX_KINDS:  # O(1): many distinct lines (debug logging)
+                self._seen.popitem(last=False)
         if folded:
             record.msg = (
                 f"{record.getMessage()} (and {folded} more like it in {self.window_s:.0f} s)"

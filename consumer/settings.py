@@ -91,8 +91,15 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:
-        # redis-py's own parser: a bad URL fails start-up here, not at the first write.
-        parse_url(value.get_secret_value())  # type: ignore[no-untyped-call]
+        # redis-py's own parser: a bad URL fails start-up here, not at the first write. Its
+        # message may quote a piece of the password (an unescaped "/" in it): not shown.
+        try:
+            parse_url(value.get_secret_value())  # type: ignore[no-untyped-call]
+        except ValueError:
+            raise ValueError(
+                "not a URL redis-py can use (redis://, rediss:// or unix://; "
+                "percent-encode / ? # @ in the password)"
+            ) from None
         return value
 
     @field_validator("audio_file_roots", mode="before")

@@ -60,12 +60,18 @@ class KafkaSource:
         on_revoke: RebalanceHook,
         on_lost: RebalanceHook,
     ) -> None:
+        self.kafka_problem: str | None = None
+        """Why Kafka is unreachable (all brokers down, a lag query failed); None once the
+        brokers answer again. Read by /readyz."""
+        self._fatal: KafkaError | None = None
         self.consumer = Consumer(
             {
                 "auto.offset.reset": "earliest",
                 **config,  # tunables (session.timeout.ms, fetch sizes) may be overridden
                 # librdkafka's own log lines go through Python logging, not raw stderr.
                 "logger": librdkafka_logger("consumer"),
+                # Client-level errors (all brokers down, fatal ones) come here, not from consume().
+                "error_cb": self._on_error,
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -84,9 +90,6 @@ class KafkaSource:
         self._at_end: set[Partition] = set()
         self._lag_checked = 0.0
         self._no_position_since: dict[Partition, float] = {}
-        self.kafka_problem: str | None = None
-        """Why Kafka is unreachable (all brokers down, a lag query failed); None once the
-        brokers answer again. Read by /readyz."""
         self.consumer.subscribe(
             [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -94,7 +97,10 @@ class KafkaSource:
     def fetch(self, n: int, timeout: float) -> list[Message]:
         """Up to n real messages (errors and end-of-partition events are handled here)."""
         real = []
-        for msg in self.consumer.consume(n, timeout):
+        messages = self.consumer.consume(n, timeout)
+        if self._fatal is not None:
+            raise KafkaException(self._fatal)
+        for msg in messages:
             err = msg.error()
             tp = partition_of(msg)
             if err is None:
@@ -106,10 +112,17 @@ class KafkaSource:
             elif err.fatal():
                 raise KafkaException(err)
             else:
-                if err.code() == KafkaError._ALL_BROKERS_DOWN:
-                    self.kafka_problem = str(err.str())
                 log.warning("consumer error: %s", err)
         return real
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's error_cb, served from consume() on the main thread."""
+        if err.fatal():
+            self._fatal = err  # raised by the fetch() in progress
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.kafka_problem = str(err.str())
+        # Through the folding logger: a broker that stays down reports once per attempt.
+        librdkafka_logger("consumer").warning("error: %s", err.str())
 
     def caught_up(self) -> bool:
         """Every assigned partition has been read to its end (``consume --stop-at-end``)."""

@@ -42,13 +42,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'schemas' has no attribute {name!r}")
-    value = getattr(import_module(_HOME[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+if not TYPE_CHECKING:  # mypy sees the imports above, so a misspelt name is still an error
 
+    def __getattr__(name: str) -> Any:
+        if name not in _HOME:
+            raise AttributeError(f"module 'schemas' has no attribute {name!r}")
+        value = getattr(import_module(_HOME[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(_HOME))

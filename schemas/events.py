@@ -18,7 +18,7 @@ ShortText = Annotated[str, Field(max_length=512)]
 
 def _calendar_date(value: str) -> str:
     """The pattern admits 2024-13 and 2024-02-30; the calendar does not."""
-    year, month, day = (value.split("-") + ["01", "01"])[:3]
+    year, month, day = [*value.split("-"), "01", "01"][:3]
     dt.date(int(year), int(month), int(day))  # ValueError: pydantic reports it on the field
     return value
 

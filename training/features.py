@@ -56,8 +56,8 @@ def lookup(event: Mapping[str, Any], path: str) -> Any:
 
 
 def release_year(event: Mapping[str, Any]) -> Any:
-    """`release.year`, derived from `release.date`: a date (what model_dump gives), or an ISO
-    string, "YYYY-MM-DD" or a bare "YYYY" (catalogues often know only the year)."""
+    """`release.year`, derived from `release.date`: "YYYY-MM-DD", "YYYY-MM" or "YYYY" (what
+    ReleaseEvent holds; catalogues often know only the year), or a date object."""
     value = lookup(event, "release.date")
     if isinstance(value, dt.date):
         return value.year

@@ -196,6 +196,14 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
                     self.wfile.write(body[i : i + 1])
                     self.wfile.flush()
                     time.sleep(0.05)
+            elif self.path == "/slowdrip":  # a byte every 0.9 s
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for i in range(5):
+                    time.sleep(0.9)
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
             elif self.path == "/stall":
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -270,6 +278,16 @@ def test_slow_drip_and_stalled_servers_hit_the_deadline(http_audio: str, path: s
         open_uri(http_audio + path, policy)
     assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
     assert time.monotonic() - start < 2.5
+
+
+def test_a_fetch_ends_by_a_quarter_past_its_deadline(http_audio: str) -> None:
+    """Each read waits at most a quarter of the timeout: a byte every 0.9 s against 1 s."""
+    policy = AudioPolicy.create((), allow_private_hosts=True, fetch_timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(DeadLetter) as info:
+        open_uri(http_audio + "/slowdrip", policy)
+    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+    assert time.monotonic() - start < 1.25 + 0.2
 
 
 def test_the_deadline_covers_every_redirect_hop(http_audio: str) -> None:

@@ -236,18 +236,20 @@ def test_gpu_check_runs_with_only_torch_torchaudio_numpy(tmp_path: Path) -> None
         (b, mode) for b in (1, 2) for mode in ("pool", "device")
     }
     assert all(r["events_per_s"] > 0 for r in doc["service"])
-    assert {r["dtype"] for r in doc["throughput"]} == {"fp32", "bf16"}
+    assert [r["batch"] for r in doc["throughput_fp32"]] == [1, 2]
+    assert {r["dtype"] for r in doc["throughput_bf16"]} == {"bf16"}
     assert doc["saturating_batch_fp32"] in (1, 2)
+    assert not any(isinstance(v, dict) and "error" in v for v in doc.values())
 
 
 def test_profile_summary_leaves_out_waits_and_names_each_stage() -> None:
-    from bench.profile import parse, render
+    from bench.profile import FRONTEND_CALL, parse, render
 
     raw = [
         "Thread.run (threading.py:982);Condition.wait (threading.py:327) 50\n",
         "_worker (concurrent/futures/thread.py:83);decode_window (consumer/audio.py:180);"
         "SoundFile._cdata_io (soundfile.py:1434) 30\n",
-        "Pipeline._infer (consumer/pipeline.py:204);Scorer._staged (consumer/device.py:170) 10\n",
+        f"Pipeline._infer (consumer/pipeline.py:204);Scorer._staged ({FRONTEND_CALL} 10\n",
         "App._sink (consumer/app.py:200);Transactions.commit (consumer/commit.py:95) 6\n",
         "Pipeline.prepare (consumer/pipeline.py:120);BaseModel.model_validate_json "
         "(pydantic/main.py:700) 4\n",

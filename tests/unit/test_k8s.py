@@ -11,6 +11,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from consumer.audio import WORST_FETCH_FACTOR
 from consumer.settings import Settings, load_settings
 from tests.unit.deploy_helpers import DEPLOY, load_yaml, load_yaml_docs
 
@@ -125,7 +126,8 @@ def test_probes_resources_and_a_grace_period_longer_than_a_batch(
     assert pod["securityContext"]["runAsNonRoot"] is True
     # The worst batch: every decode worker waits out the fetch timeout for its share.
     rounds = math.ceil(settings.batch_size / settings.decode_workers)
-    worst_batch_s = rounds * settings.audio_fetch_timeout_s + settings.batch_wait_ms / 1000
+    worst_fetch_s = WORST_FETCH_FACTOR * settings.audio_fetch_timeout_s
+    worst_batch_s = rounds * worst_fetch_s + settings.batch_wait_ms / 1000
     assert pod["terminationGracePeriodSeconds"] > worst_batch_s
     # ... and above the service's own shutdown deadline, so SIGKILL never cuts a commit.
     grace_s = getattr(settings, "shutdown_grace_s", 0)

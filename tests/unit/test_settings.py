@@ -113,8 +113,12 @@ def test_bad_secret_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch) -> 
     assert "not-json-secret" not in str(info.value)
 
 
-def test_a_bad_redis_url_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POPSCORE_REDIS_URL", "http://user:hunter2@redis:6379/0")
+@pytest.mark.parametrize(
+    "url", ["http://user:hunter2@redis:6379/0", "redis://:hunter2/Qz@redis:6379/0"]
+)
+def test_a_bad_redis_url_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The second: an unescaped "/" in the password, which redis-py's message would quote."""
+    monkeypatch.setenv("POPSCORE_REDIS_URL", url)
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert str(info.value).startswith("POPSCORE_REDIS_URL:")

@@ -102,3 +102,17 @@ def test_a_failed_lag_query_marks_kafka_unreachable_until_it_answers_again() -> 
         )
         == 5
     )
+
+
+def test_all_brokers_down_marks_kafka_unreachable() -> None:
+    """A real librdkafka consumer with nothing listening: error_cb reports all brokers down."""
+    src = KafkaSource({"bootstrap.servers": "127.0.0.1:1"}, "g", "releases", Metrics(),
+                      lambda gone: None, lambda gone: None)  # fmt: skip
+    try:
+        for _ in range(20):
+            if src.kafka_problem:
+                break
+            assert src.fetch(10, 0.5) == []
+        assert src.kafka_problem is not None and "brokers are down" in src.kafka_problem
+    finally:
+        src.consumer.close()

@@ -344,15 +344,17 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
             for i in range(30)]  # fmt: skip
     data = _write_csv(tmp_path / "d.csv", rows)
     report = tmp_path / "r.json"
-    report.write_text(json.dumps({"model": "fusion", "data": {"rows": 999}, "models": {
-        "fusion": {"fold_cuts": [], "metrics": {}}}}))  # fmt: skip
+    report.write_text(json.dumps(_fake_report("fusion", rows=30)))
     not_csv = tmp_path / "x.csv"
     not_csv.write_text("just one line, no header worth the name\n")
     not_pt = tmp_path / "x.pt"
     not_pt.write_text("not a TorchScript artifact")
     out = str(tmp_path / "m.pt")
     for args, needle in [
-        (["train", "--data", str(data), "--out", out, "--evaluation", str(report)], "evaluat"),
+        (
+            ["train", "--data", str(data), "--out", out, "--evaluation", str(report)],
+            "it evaluated fusion on 30 rows; this run trains features_only on 30",
+        ),
         (["train", "--data", str(data), "--out", out, "--evaluation", str(not_csv)], "report"),
         (["evaluate", "--data", str(not_csv), "--report", str(tmp_path / "r2.json")], "--data"),
         (["export", str(not_pt), "--out", out], "x.pt"),
@@ -362,3 +364,31 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
         assert info.value.code == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("popscore") and needle in err, err
+
+
+def _fake_report(model: str, rows: int) -> dict[str, object]:
+    """The parts of an `evaluate` report that `train --evaluation` reads."""
+    metrics = {"mae": 9.0, "rmse": 11.0, "r2": 0.1, "at": {"70": {"roc_auc": 0.7, "macro_f1": 0.6}}}
+    return {
+        "model": model,
+        "data": {"source": "d.csv", "rows": rows},
+        "split": {"method": "artist-grouped k-fold", "folds": 5, "seed": 0},
+        "models": {
+            model: {"metrics": metrics, "fold_cuts": [{"70": 66.0}, {"70": 68.0}, {"70": 67.0}]}
+        },
+        "baselines": {"mean": {"metrics": metrics}},
+    }
+
+
+def test_train_embeds_a_matching_evaluation_and_its_cut(tmp_path: Path) -> None:
+    rows = [[f"t{i}", 40 + i % 50, 200000 + i, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
+            for i in range(30)]  # fmt: skip
+    data = _write_csv(tmp_path / "d.csv", rows)
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps(_fake_report("features_only", rows=30)))
+    out = tmp_path / "m.pt"
+    args = ["train", "--data", str(data), "--out", str(out), "--evaluation", str(report)]
+    assert main([*args, "--quiet", "--device", "cpu"]) == 0
+    _, meta = load_artifact(out)
+    assert meta["hit_threshold"] == 67.0  # the median of the folds' cuts
+    assert meta["training"]["evaluation"]["model"]["mae"] == 9.0
