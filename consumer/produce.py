@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 from tqdm import tqdm
 
 from consumer.errors import SinkError
+from consumer.kafkalog import librdkafka_logger
 from schemas.events import ReleaseEvent
 from training.synthetic import sample_track, synth_audio, write_audio
 
@@ -111,7 +112,14 @@ def send(
     total: int | None = None,
 ) -> int:
     """Produce every record, wait for all delivery reports; returns the count delivered."""
-    producer = Producer({**config, "enable.idempotence": True, "linger.ms": 20})
+    producer = Producer(
+        {
+            **config,
+            "enable.idempotence": True,
+            "linger.ms": 20,
+            "logger": librdkafka_logger("producer"),
+        }
+    )
     failures: list[str] = []
 
     def report(err: Any, _msg: Any) -> None:

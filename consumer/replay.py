@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumer.errors import ConfigError, SinkError
+from consumer.kafkalog import librdkafka_logger
 from consumer.settings import Settings
 from schemas.dead_letter import HEADER_REASON, DeadLetterReason
 
@@ -155,6 +156,7 @@ def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterat
     consumer = Consumer(
         {
             **settings.kafka_config("consumer"),
+            "logger": librdkafka_logger("consumer"),
             "group.id": f"popscore-replay-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -221,6 +223,7 @@ def _producer(settings: Settings) -> Producer:
     return Producer(
         {
             **settings.kafka_config("producer"),
+            "logger": librdkafka_logger("producer"),
             "enable.idempotence": True,
             "linger.ms": 20,
         }
