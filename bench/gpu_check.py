@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +95,7 @@ def throughput(
         wave, feats, mask = inputs(batch, samples, nf, device)
         try:
             with torch.inference_mode(), torch.autocast(device.type, amp_dtype, enabled=amp):
-                for _ in range(3):  # TorchScript's profiling executor optimises on early calls
-                    module(wave, feats, mask)
-                sync(device)
-                runs, start = 0, time.perf_counter()
-                while runs < 3 or time.perf_counter() - start < seconds:
-                    module(wave, feats, mask)
-                    runs += 1
-                sync(device)
-                elapsed = time.perf_counter() - start
+                runs, elapsed = _timed(partial(module, wave, feats, mask), seconds, device)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             out.append({"batch": batch, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
             if device.type == "cuda":
@@ -256,7 +249,7 @@ def _service_batch(
     rows: list[dict[str, Any]] = []
     for mode, step in steps.items():
         try:
-            runs, elapsed = _timed(step, seconds)
+            runs, elapsed = _timed(step, seconds, scorer.device)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             rows.append({"batch": batch, "resample_on": mode, "error": str(exc)[:200]})
             if scorer.device.type == "cuda":
@@ -274,14 +267,18 @@ def _service_batch(
     return rows
 
 
-def _timed(step: Any, seconds: float) -> tuple[int, float]:
-    """(runs, seconds) of ``step`` after two warm-up calls; each call ends on the host."""
-    for _ in range(2):
+def _timed(step: Any, seconds: float, device: torch.device) -> tuple[int, float]:
+    """(runs, seconds) of ``step`` for at least ``seconds`` and 3 runs, after 3 warm-up calls
+    (TorchScript's profiling executor optimises on early calls); the device is synchronised
+    before and after, as its kernels run asynchronously."""
+    for _ in range(3):
         step()
+    sync(device)
     runs, start = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - start < seconds:
         step()
         runs += 1
+    sync(device)
     return runs, time.perf_counter() - start
 
 

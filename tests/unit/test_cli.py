@@ -57,17 +57,21 @@ def test_score_features_must_be_a_json_object(
     assert "JSON object" in capsys.readouterr().err
 
 
-def test_bad_setting_fails_start_up_naming_the_variable() -> None:
-    env = {"PATH": "/usr/bin:/bin", "POPSCORE_BATCH_SIZE": "-4"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "consumer", "consume"],
-        env=env,
+def consume_with(settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`popscore consume` in a fresh process with only these POPSCORE_* settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", "--log-level", "WARNING", "consume"],
+        env={"PATH": "/usr/bin:/bin", **settings},
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_bad_setting_fails_start_up_naming_the_variable() -> None:
+    proc = consume_with({"POPSCORE_BATCH_SIZE": "-4"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "POPSCORE_BATCH_SIZE" in proc.stderr
@@ -86,20 +90,12 @@ def test_bad_setting_fails_start_up_naming_the_variable() -> None:
 )
 def test_a_kafka_property_librdkafka_refuses_fails_start_up(properties: str, line: str) -> None:
     """Refused when the clients are built, before any broker is needed (none listens here)."""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "POPSCORE_HTTP_PORT": "0",
-        "POPSCORE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
-        "POPSCORE_KAFKA_PROPERTIES": properties,
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "consumer", "--log-level", "WARNING", "consume"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = consume_with(
+        {
+            "POPSCORE_HTTP_PORT": "0",
+            "POPSCORE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+            "POPSCORE_KAFKA_PROPERTIES": properties,
+        }
     )
     assert proc.returncode == 2
     # librdkafka may log a failed connection attempt first; the verdict is the last line

@@ -340,9 +340,7 @@ def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows = [[f"t{i}", 40 + i % 50, 200000 + i, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
-            for i in range(30)]  # fmt: skip
-    data = _write_csv(tmp_path / "d.csv", rows)
+    data = _thirty_rows(tmp_path / "d.csv")
     report = tmp_path / "r.json"
     report.write_text(json.dumps(_fake_report("fusion", rows=30)))
     not_csv = tmp_path / "x.csv"
@@ -366,6 +364,12 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
         assert err.count("\n") == 1 and err.startswith("popscore") and needle in err, err
 
 
+def _thirty_rows(path: Path) -> Path:
+    rows = [[f"t{i}", 40 + i % 50, 200000 + i, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
+            for i in range(30)]  # fmt: skip
+    return _write_csv(path, rows)
+
+
 def _fake_report(model: str, rows: int) -> dict[str, object]:
     """The parts of an `evaluate` report that `train --evaluation` reads."""
     metrics = {"mae": 9.0, "rmse": 11.0, "r2": 0.1, "at": {"70": {"roc_auc": 0.7, "macro_f1": 0.6}}}
@@ -381,9 +385,7 @@ def _fake_report(model: str, rows: int) -> dict[str, object]:
 
 
 def test_train_embeds_a_matching_evaluation_and_its_cut(tmp_path: Path) -> None:
-    rows = [[f"t{i}", 40 + i % 50, 200000 + i, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
-            for i in range(30)]  # fmt: skip
-    data = _write_csv(tmp_path / "d.csv", rows)
+    data = _thirty_rows(tmp_path / "d.csv")
     report = tmp_path / "r.json"
     report.write_text(json.dumps(_fake_report("features_only", rows=30)))
     out = tmp_path / "m.pt"
