@@ -93,23 +93,12 @@ def throughput(
     amp_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     for batch in batches:
         wave, feats, mask = inputs(batch, samples, nf, device)
-        try:
-            with torch.inference_mode(), torch.autocast(device.type, amp_dtype, enabled=amp):
-                runs, elapsed = _timed(partial(module, wave, feats, mask), seconds, device)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            out.append({"batch": batch, "dtype": dtype, "error": str(exc).splitlines()[0][:200]})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        out.append(
-            {
-                "batch": batch,
-                "dtype": dtype,
-                "clips_per_s": round(batch * runs / elapsed, 2),
-                "ms_per_batch": round(elapsed / runs * 1e3, 3),
-            }
-        )
-        print(f"  {dtype} batch {batch:>4}: {batch * runs / elapsed:10.1f} clips/s", flush=True)
+        with torch.inference_mode(), torch.autocast(device.type, amp_dtype, enabled=amp):
+            step = partial(module, wave, feats, mask)
+            row = _measured(step, seconds, device, {"batch": batch, "dtype": dtype}, "clips_per_s")
+        out.append(row)
+        if "clips_per_s" in row:
+            print(f"  {dtype} batch {batch:>4}: {row['clips_per_s']:10.1f} clips/s", flush=True)
     return out
 
 
@@ -248,23 +237,30 @@ def _service_batch(
     }
     rows: list[dict[str, Any]] = []
     for mode, step in steps.items():
-        try:
-            runs, elapsed = _timed(step, seconds, scorer.device)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            rows.append({"batch": batch, "resample_on": mode, "error": str(exc)[:200]})
-            if scorer.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        rows.append(
-            {
-                "batch": batch,
-                "resample_on": mode,
-                "events_per_s": round(batch * runs / elapsed, 2),
-                "ms_per_batch": round(elapsed / runs * 1e3, 3),
-            }
-        )
-        print(f"  service resample={mode:<6} batch {batch:>4}: {batch * runs / elapsed:9.1f} ev/s")
+        head = {"batch": batch, "resample_on": mode}
+        row = _measured(step, seconds, scorer.device, head, "events_per_s")
+        rows.append(row)
+        if "events_per_s" in row:
+            print(f"  service resample={mode:<6} batch {batch:>4}: {row['events_per_s']:9.1f} ev/s")
     return rows
+
+
+def _measured(
+    step: Any, seconds: float, device: torch.device, head: dict[str, Any], rate_key: str
+) -> dict[str, Any]:
+    """``head`` plus items per second under ``rate_key`` and ms per batch, or plus the error
+    that stopped the measurement (an out-of-memory batch size is a result, not a crash)."""
+    try:
+        runs, elapsed = _timed(step, seconds, device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {**head, "error": str(exc).splitlines()[0][:200]}
+    return {
+        **head,
+        rate_key: round(head["batch"] * runs / elapsed, 2),
+        "ms_per_batch": round(elapsed / runs * 1e3, 3),
+    }
 
 
 def _timed(step: Any, seconds: float, device: torch.device) -> tuple[int, float]:
