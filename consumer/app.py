@@ -7,9 +7,10 @@
         prepare (parse + fetch/decode on the pool) → infer (device) → Redis upsert
 
 A batch is committed — scores, dead letters and input offsets in one Kafka transaction — only
-after its Redis write. At most ``max_inflight_batches`` are in flight; then the partitions are
-paused while the loop keeps polling, so no batch can outlast ``max.poll.interval.ms`` and memory
-stays bounded. SIGTERM/SIGINT: the batches in hand are finished and committed, then exit 0.
+after its Redis write. At most ``max_inflight_batches`` are in flight; the next batch fills
+meanwhile, and once it is full the partitions are paused while the loop keeps polling, so no
+batch can outlast ``max.poll.interval.ms`` and memory stays bounded. SIGTERM/SIGINT: the
+batches in hand are finished and committed, then exit 0.
 """
 
 import logging
@@ -195,16 +196,25 @@ class App:
         if self._needs_rewind:
             self._needs_rewind = False
             self.source.rewind()
-        if len(self.inflight) >= self.settings.max_inflight_batches:
-            self.source.pause()  # backpressure; polling on keeps the group membership alive
+        full = len(self.inflight) >= self.settings.max_inflight_batches
+        room = self.batcher.room()
+        if full and room == 0:
+            # Backpressure only once the next batch is formed too: paused partitions fetch
+            # nothing, and polling on keeps the group membership alive.
+            self.source.pause()
             self.batcher.add(self.source.fetch(1, BUSY_POLL_S))
             return
+        # While every slot is busy the next batch keeps filling, so it goes the moment a slot
+        # frees. (Pausing here instead cost a resume: ~0.4 s before the first message came
+        # back, batches of 10-20 a second apart, p50 1.7 s at 10.7 events/s offered.)
         self.source.resume()
-        idle = BUSY_POLL_S if self.inflight else IDLE_POLL_S
-        room = self.batcher.room()
+        if full:
+            timeout = BUSY_POLL_S  # wake soon: the head batch may finish any moment
+        else:
+            timeout = self.batcher.wait_left(BUSY_POLL_S if self.inflight else IDLE_POLL_S)
         if room > 0:
-            self.batcher.add(self.source.fetch(room, self.batcher.wait_left(idle)))
-        if self.batcher.ready():
+            self.batcher.add(self.source.fetch(room, timeout))
+        if not full and self.batcher.ready():
             self._submit(self.batcher.take())
 
     def _submit(self, messages: list[Message]) -> None:
