@@ -61,6 +61,7 @@ def run_scenario(
     tmp_path: Path,
     consumers: int,
     fault: Callable[[Supervisor, Corpus], None],
+    max_restarts: int | None = None,
 ) -> None:
     corpus, records = make_corpus(EVENTS, Path(env["POPSCORE_AUDIO_FILE_ROOTS"]))
     send(env, records)
@@ -89,6 +90,8 @@ def run_scenario(
         0,
         0,
     ), line
+    if max_restarts is not None:
+        assert supervisor.restarts <= max_restarts, line
 
 
 def progress(client: redis.Redis, corpus: Corpus, fraction: float, sup: Supervisor) -> None:
@@ -134,7 +137,9 @@ def test_kafka_broker_restart(
         wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, sup.tick)
         subprocess.run([str(ROOT / "deploy/local/stack-up.sh")], check=True, timeout=180)
 
-    run_scenario("kafka-restart", chaos_env, redis_client, tmp_path, 1, fault)
+    # Ridden out in process: no wedged transactional call, so no exit and restart (before
+    # metadata.recovery.strategy=none, 1 restart per broker restart: librdkafka#5511).
+    run_scenario("kafka-restart", chaos_env, redis_client, tmp_path, 1, fault, max_restarts=0)
 
 
 def test_two_consumers_one_killed(
