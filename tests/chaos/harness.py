@@ -106,6 +106,7 @@ class Supervisor:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.retired: set[str] = set()
         self.restarts = 0
+        self.exit_codes: list[int] = []  # of the exits the supervisor restarted from
         self.ports: dict[str, int] = {}
 
     def start(self, name: str, port: int) -> None:
@@ -136,6 +137,7 @@ class Supervisor:
         for name, proc in list(self.procs.items()):
             if proc.poll() is not None and name not in self.retired:
                 self.restarts += 1
+                self.exit_codes.append(proc.returncode)
                 self.start(name, self.ports[name])
 
     def stop_all(self) -> None:
