@@ -198,7 +198,7 @@ class App:
             self.source.rewind()
         full = len(self.inflight) >= self.settings.max_inflight_batches
         room = self.batcher.room()
-        if full and room == 0:
+        if full and room <= 0:
             # Backpressure only once the next batch is formed too: paused partitions fetch
             # nothing, and polling on keeps the group membership alive.
             self.source.pause()

@@ -63,14 +63,16 @@ class Transactions:
                 "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
                 "linger.ms": 5,
                 "compression.type": "zstd",
-                # With the default "rebootstrap", a broker outage decommissions the known brokers,
-                # and a send_offsets_to_transaction() in flight then waits on a broker thread that
-                # is gone: it blocked past the broker's return in 5 of 6 restarts measured here,
-                # until the watchdog below exited (confluentinc/librdkafka#5511). Without it: 0
-                # of 5. A producer that can reach no known broker fails its transactions, and
-                # the process exits; its restart bootstraps afresh.
-                "metadata.recovery.strategy": "none",
                 **config,  # tunables above may be overridden; what follows may not
+                # With the default "rebootstrap", an outage of every known broker decommissions
+                # them, and a send_offsets_to_transaction() in flight then waits on a broker
+                # thread that is gone: it blocked past the broker's return in 5 of 6 restarts
+                # measured, until the watchdog below exited (confluentinc/librdkafka#5511;
+                # bench/results/broker-restart-probe-2026-11-28.txt). Without it: 0 of 5. Brokers
+                # dropped from metadata are still decommissioned, so the watchdog stays. A
+                # producer that can reach no known broker fails its transactions until the abort
+                # fails or the watchdog fires; the restart then bootstraps afresh.
+                "metadata.recovery.strategy": "none",
                 "logger": librdkafka_logger("producer"),
                 "transactional.id": transactional_id,
             }

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     """Where decoded audio is resampled: on the decode pool per item, or batched on the scoring
     device; auto = device on CUDA (frees the decode cores), pool on CPU (measured faster)."""
     max_inflight_batches: Annotated[int, Field(ge=1, le=16)] = 2
-    """Batches decoded, scored or written but not yet committed; when full, partitions pause."""
+    """Batches decoded, scored or written but not yet committed; when all are busy the next
+    batch keeps filling, and once it is full the partitions pause."""
     max_event_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     """Largest Kafka value parsed as a ReleaseEvent; larger ones are dead-lettered."""
     transactional_id: str | None = None

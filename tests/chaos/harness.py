@@ -141,6 +141,12 @@ class Supervisor:
                 self.start(name, self.ports[name])
 
     def stop_all(self) -> None:
+        # An exit after the last tick() was not restarted; record it too.
+        self.exit_codes += [
+            proc.returncode
+            for name, proc in self.procs.items()
+            if proc.poll() is not None and name not in self.retired
+        ]
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -55,6 +55,7 @@ def test_pauses_once_the_next_batch_is_full_too() -> None:
     app._poll()  # fills the next batch
     app._poll()  # nothing more fits: pause, but keep polling
     assert source.paused
+    assert source.timeouts == [BUSY_POLL_S, BUSY_POLL_S]  # still polling: callbacks are served
     assert len(app.batcher) == 4 and submitted == []
     app.inflight.popleft()  # the head batch was committed
     app._poll()
@@ -67,3 +68,15 @@ def test_submits_a_full_batch_when_a_slot_is_free() -> None:
     app, submitted = app_with(source, inflight=1)
     app._poll()
     assert submitted == [[0, 1, 2, 3]] and not source.paused
+
+
+def test_a_batch_past_its_wait_waits_for_a_free_slot() -> None:
+    source = FakeSource(queued=2)
+    app, submitted = app_with(source, inflight=2)
+    app.batcher = MicroBatcher(4, 0.0)  # every batch is past its wait at once
+    app._poll()
+    assert submitted == [] and len(app.batcher) == 2
+    assert source.timeouts == [BUSY_POLL_S]  # no zero-timeout spin while it waits
+    app.inflight.popleft()
+    app._poll()
+    assert submitted == [[0, 1]]
