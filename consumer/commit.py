@@ -68,7 +68,7 @@ class Transactions:
                 # them, and a send_offsets_to_transaction() in flight then waits on a broker
                 # thread that is gone: it blocked past the broker's return in 5 of 6 restarts
                 # measured, until the watchdog below exited (confluentinc/librdkafka#5511;
-                # bench/results/broker-restart-probe-2026-11-28.txt). Without it: 0 of 5. Brokers
+                # bench/results/broker-restart-probe-2026-11-28.txt). Without it: 0 of 6. Brokers
                 # dropped from metadata are still decommissioned, so the watchdog stays. A
                 # producer that can reach no known broker fails its transactions until the abort
                 # fails or the watchdog fires; the restart then bootstraps afresh.
