@@ -6,6 +6,15 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
+# The clean venv holds a second torch (~5.5 GB with its CUDA libraries): say so up front
+# instead of failing half-way with ENOSPC.
+need_kb=$((6 * 1024 * 1024))
+free_kb=$(df -Pk "$work" | awk 'NR == 2 {print $4}')
+if [ "$free_kb" -lt "$need_kb" ]; then
+  echo "docker steps: need 6 GB free under $(dirname "$work"), have $((free_kb / 1024 / 1024)) GB" >&2
+  rm -rf "$work"
+  exit 1
+fi
 trap 'rm -rf "$work"' EXIT
 py=${PYTHON:-python3}
 torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' "$root/Dockerfile")
