@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
     bench.add_argument("--batch-size", type=positive_int, help="default: POPSCORE_BATCH_SIZE")
     bench.add_argument("--batch-wait-ms", type=int, help="default: POPSCORE_BATCH_WAIT_MS")
     bench.add_argument("--decode-workers", type=positive_int, help="POPSCORE_DECODE_WORKERS")
-    bench.add_argument("--torch-threads", type=positive_int, help="default: torch's own")
+    bench.add_argument("--torch-threads", type=positive_int, help="default: half the usable cores")
     bench.add_argument(
         "--resample-on", choices=["auto", "pool", "device"], help="POPSCORE_RESAMPLE_ON"
     )
@@ -218,6 +218,8 @@ def machine_info() -> dict[str, Any]:
     """CPU model and count, Python and torch versions."""
     import torch
 
+    from bench.stats import reset_peak_rss
+
     model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -232,4 +234,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # False: the kernel's high-water mark could not be reset, so every mode's peak RSS
+        # is the process's peak so far.
+        "peak_rss_per_mode": reset_peak_rss(),
     }

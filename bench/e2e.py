@@ -84,8 +84,10 @@ def run(
     mode: str,
     partitions: int = 3,
     timeout_s: float = 600.0,
+    on_done: Callable[[], object] | None = None,
 ) -> ModeResult:
-    """Run the App on fresh topics, send ``events``, return when all are written to Redis."""
+    """Run the App on fresh topics, send ``events``, return when all are written to Redis.
+    ``on_done`` runs once they are, before the App stops."""
     s = settings
     ensure_topics(s.kafka_config("admin"), [s.input_topic, s.output_topic, s.dlq_topic], partitions)
     recorder = Recorder(len(events), f"end to end ({mode})")
@@ -112,6 +114,8 @@ def run(
             before = stage_totals(app.metrics.registry)
             first = send(s.kafka_config("producer"), s.input_topic, events, rate)
             finished = recorder.done.wait(timeout_s)
+            if on_done is not None:
+                on_done()
             stages = stage_means(before, stage_totals(app.metrics.registry))
         finally:
             app.running = False

@@ -84,8 +84,11 @@ def test_report_has_the_contract_fields_and_targets() -> None:
     # bound: batch wait 0.1 s + 2 x 0.5 s = 1.1 s; p99 of the rated run is 0.982 s.
     assert targets["p99_at_rate_ms"]["target"] == 1100.0
     assert targets["p99_at_rate_ms"]["met"] is True
+    # Offered 2.0 of a 3.2 ev/s max: not the half the bound is set at, and said so.
+    assert targets["p99_at_rate_ms"]["offered_over_max"] == 0.625
     text = table(doc)
     assert "e2e_rate" in text
+    assert "at 0.62x the max rate" in text
     assert "target e2e_over_naive" in text
 
 
@@ -148,6 +151,8 @@ def test_rss_sampler_samples_until_stopped() -> None:
     assert len(samples) >= 3
     assert all(mb > 1.0 for _, mb in samples)
     assert [t for t, _ in samples] == sorted(t for t, _ in samples)
+    # Stopped once (when the last score is written): the shutdown that follows adds nothing.
+    assert len(sampler.stop()) == len(samples)
 
 
 def test_real_audio_folder_describes_its_files(tmp_path: Path) -> None:
