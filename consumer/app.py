@@ -106,6 +106,7 @@ class App:
         self.inflight: deque[InFlight] = deque()
         self._stop_writes = threading.Event()
         self._needs_rewind = False
+        self._drops = 0  # how many times uncommitted work was dropped (see _fetch)
         self._stack = ExitStack()
 
     def __enter__(self) -> "App":
@@ -166,7 +167,7 @@ class App:
         self.http = HealthServer(s.http_port, self.metrics.registry, self.health).start()
         self._stack.callback(self.http.close)
         # Last in, first out: unblock Redis retries before the stage threads are joined.
-        self._stack.callback(self._stop_writes.set)
+        self._stack.callback(self._stop_redis_retries)
         log.info("serving /metrics, /healthz, /readyz on port %d", self.http.port)
         return self
 
@@ -202,7 +203,7 @@ class App:
             # Backpressure only once the next batch is formed too: paused partitions fetch
             # nothing, and polling on keeps the group membership alive.
             self.source.pause()
-            self.batcher.add(self.source.fetch(1, BUSY_POLL_S))
+            self._fetch(1, BUSY_POLL_S)
             return
         # While every slot is busy the next batch keeps filling, so it goes the moment a slot
         # frees. (Pausing here instead cost a resume: ~0.4 s before the first message came
@@ -213,9 +214,18 @@ class App:
         else:
             timeout = self.batcher.wait_left(BUSY_POLL_S if self.inflight else IDLE_POLL_S)
         if room > 0:
-            self.batcher.add(self.source.fetch(room, timeout))
+            self._fetch(room, timeout)
         if not full and self.batcher.ready():
             self._submit(self.batcher.take())
+
+    def _fetch(self, n: int, timeout: float) -> None:
+        """Up to n messages into the batcher. A rebalance callback inside the fetch may drop
+        the uncommitted work: then what the same fetch returned is dropped too, as it lies
+        past the committed offsets the partitions rewind to (and is fetched again there)."""
+        drops = self._drops
+        messages = self.source.fetch(n, timeout)
+        if self._drops == drops:
+            self.batcher.add(messages)
 
     def _submit(self, messages: list[Message]) -> None:
         if self.stats.first_event_at is None:
@@ -223,16 +233,17 @@ class App:
         prepare, device, sink = self._stages
         prepared = prepare.submit(self.pipeline.prepare, messages)
         scored = device.submit(lambda: self.pipeline.infer(prepared.result()))
-        written = sink.submit(lambda: self._write_redis(scored.result()))
+        stop = self._stop_writes  # this batch's: a drop stops its Redis retries, not later ones
+        written = sink.submit(lambda: self._write_redis(scored.result(), stop))
         self.inflight.append(InFlight(messages, written))
         self._set_inflight_gauge()
 
-    def _write_redis(self, result: BatchResult) -> BatchResult:
+    def _write_redis(self, result: BatchResult, stop: threading.Event) -> BatchResult:
         """Sink stage: the idempotent upsert; drops re-deliveries of already claimed events."""
         start = time.perf_counter()
         records = [record for _msg, record in result.scored]
         sources = ["{}/{}/{}".format(*partition_of(msg), msg.offset()) for msg, _r in result.scored]
-        codes = self.redis_sink.write(records, sources, self._stop_writes)
+        codes = self.redis_sink.write(records, sources, stop)
         self.metrics.stage_seconds.labels("redis").observe(time.perf_counter() - start)
         written_at = datetime.now(UTC)
         kept = []
@@ -253,7 +264,13 @@ class App:
             self._commit(self.inflight.popleft())
 
     def _commit(self, item: InFlight) -> None:
-        result = item.future.result()  # a stage's unexpected exception stops the process
+        try:
+            result = item.future.result()  # a stage's unexpected exception stops the process
+        except BaseException:
+            # ... and nothing behind the failed batch may be committed on the way out (the
+            # revoke in the consumer's close drains): its offsets would skip the failed one.
+            self._drop_uncommitted()
+            raise
         start = time.perf_counter()
         try:
             produce_s = self.txn.commit(
@@ -278,10 +295,14 @@ class App:
             wait_futures([head], timeout=max(0.0, deadline - time.monotonic()))
             if not head.done():
                 log.warning("batches in hand did not finish in %.0fs; dropping them", timeout_s)
-                self._stop_writes.set()
+                self._stop_writes.set()  # the dropped batches' Redis retries give up
+                self._stop_writes = threading.Event()  # later batches (after a rebalance) retry
                 self._drop_uncommitted()
                 return
             self._commit_finished()
+
+    def _stop_redis_retries(self) -> None:
+        self._stop_writes.set()  # the current event: a drain timeout replaces it
 
     def _drop_uncommitted(self) -> None:
         """Forget everything not committed; the partitions rewind to their committed offsets.
@@ -290,6 +311,7 @@ class App:
         self.inflight.clear()
         self.batcher.take()
         self._needs_rewind = True
+        self._drops += 1
         self._set_inflight_gauge()
 
     # --- rebalances -----------------------------------------------------------------------

@@ -105,8 +105,10 @@ class KafkaSource:
             tp = partition_of(msg)
             if err is None:
                 self._at_end.discard(tp)
-                real.append(msg)
                 self.kafka_problem = None
+                # A revoke served inside this consume() may have come after the message.
+                if tp in self.assignment:
+                    real.append(msg)
             elif err.code() == KafkaError._PARTITION_EOF:
                 self._at_end.add(tp)
             elif err.fatal():
@@ -208,9 +210,12 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)
+        # librdkafka keeps a partition's pause across its revoke and reassignment
+        # (confluent-kafka-go#193): set the state the loop is in now, either way.
         if self.paused:
-            # New partitions arrive fetching; re-apply the backpressure pause to them.
             consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         self.metrics.rebalances.labels("assigned").inc(len(partitions))
         log.info("assigned %s", sorted(self.assignment))

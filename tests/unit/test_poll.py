@@ -80,3 +80,46 @@ def test_a_batch_past_its_wait_waits_for_a_free_slot() -> None:
     app.inflight.popleft()
     app._poll()
     assert submitted == [[0, 1]]
+
+
+def test_a_fetch_that_dropped_the_uncommitted_work_keeps_nothing() -> None:
+    # A revoke inside consume() whose drain aborted: the partitions rewind to the committed
+    # offsets, so what the same fetch returned comes again and must not be scored now too.
+    source = FakeSource(queued=3)
+    app, submitted = app_with(source, inflight=0, batch_size=3)
+    fetch = source.fetch
+
+    def fetch_with_a_drop(n: int, timeout: float) -> list[Any]:
+        app._drop_uncommitted()
+        return fetch(n, timeout)
+
+    source.fetch = fetch_with_a_drop  # type: ignore[method-assign]
+    app._poll()
+    assert submitted == [] and len(app.batcher) == 0
+    assert app._needs_rewind
+
+
+def test_a_failed_batch_leaves_nothing_behind_it_to_commit() -> None:
+    # The exception stops the process; the consumer's close then drains in its revoke, and a
+    # later batch's offsets committed there would skip the failed batch's events for good.
+    app, _ = app_with(FakeSource(queued=0), inflight=0)
+    failed: Future[Any] = Future()
+    failed.set_exception(RuntimeError("redis: READONLY"))
+    done: Future[Any] = Future()
+    done.set_result(None)
+    app.inflight.extend([InFlight([], failed), InFlight([], done)])
+    try:
+        app._commit_finished()
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failed batch's exception was swallowed")
+    assert not app.inflight and app._needs_rewind
+
+
+def test_a_drain_timeout_stops_only_the_dropped_batches_redis_retries() -> None:
+    app, _ = app_with(FakeSource(queued=0), inflight=1)  # a batch that never finishes
+    dropped = app._stop_writes
+    app._drain(0.0)
+    assert dropped.is_set() and not app.inflight
+    assert not app._stop_writes.is_set()  # batches after the rebalance still retry Redis

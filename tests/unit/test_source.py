@@ -116,3 +116,40 @@ def test_all_brokers_down_marks_kafka_unreachable() -> None:
         assert src.kafka_problem is not None and "brokers are down" in src.kafka_problem
     finally:
         src.consumer.close()
+
+
+class Assigner(FakeConsumer):
+    """Records what the assign callback asks of the consumer."""
+
+    def __init__(self) -> None:
+        super().__init__(offset=0)
+        self.calls: list[tuple[str, list[tuple[str, int]]]] = []
+
+    def _record(self, what: str, parts: list[TopicPartition]) -> None:
+        self.calls.append((what, [(tp.topic, tp.partition) for tp in parts]))
+
+    def incremental_assign(self, parts: list[TopicPartition]) -> None:
+        self._record("assign", parts)
+
+    def pause(self, parts: list[TopicPartition]) -> None:
+        self._record("pause", parts)
+
+    def resume(self, parts: list[TopicPartition]) -> None:
+        self._record("resume", parts)
+
+
+def test_a_reassigned_partition_gets_the_loops_pause_state() -> None:
+    # librdkafka keeps a partition's pause across revoke and reassignment: a partition revoked
+    # while the loop was paused would come back paused for good unless resumed explicitly.
+    fake = Assigner()
+    src = source(fake)
+    parts = [TopicPartition("releases", 1)]
+    src._on_assign(fake, parts)  # type: ignore[arg-type]
+    src.paused = True
+    src._on_assign(fake, parts)  # type: ignore[arg-type]
+    assert fake.calls == [
+        ("assign", [("releases", 1)]),
+        ("resume", [("releases", 1)]),
+        ("assign", [("releases", 1)]),
+        ("pause", [("releases", 1)]),
+    ]
