@@ -29,6 +29,7 @@ from schemas.dead_letter import (
     HEADER_PARTITION,
     HEADER_REASON,
     HEADER_TOPIC,
+    HEADER_VALUE_OMITTED,
 )
 from schemas.scores import ScoreRecord
 
@@ -99,8 +100,7 @@ class Transactions:
             for record in scores:
                 self._produce(self.results_topic, record.track_id.encode(), record.encode(), None)
             for item in dead_letters:
-                msg = item.message
-                self._produce(self.dlq_topic, msg.key(), msg.value(), _headers(item))
+                self._dead_letter(item)
             t1 = time.perf_counter()
             # The offsets go while the records are in flight; commit_transaction() would wait
             # for their acks anyway, so flushing first only splits the time into produce and
@@ -151,6 +151,24 @@ class Transactions:
                 log.warning("%s: retriable transaction error (%s); retrying", name, err)
                 time.sleep(min(0.2 * 2**attempt, 2.0))
         raise AssertionError("unreachable")
+
+    def _dead_letter(self, item: Rejected) -> None:
+        msg = item.message
+        try:
+            self._produce(self.dlq_topic, msg.key(), msg.value(), _headers(item))
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            # An input record can be larger than this producer may send (the broker's default
+            # limit is 1 MiB, librdkafka's 1,000,000 bytes). Aborting would replay the batch
+            # and fail the same way forever: send the dead letter without its value; its
+            # source headers still point at the original.
+            size = len(msg.value() or b"")
+            where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+            log.warning("dead letter of %s: value of %d bytes left out (%s)",
+                        where, size, exc.args[0].str())  # fmt: skip
+            headers = [*_headers(item), (HEADER_VALUE_OMITTED, str(size).encode())]
+            self._produce(self.dlq_topic, msg.key(), None, headers)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
         while True:

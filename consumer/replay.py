@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from consumer.errors import ConfigError, SinkError
 from consumer.kafkalog import librdkafka_logger
 from consumer.settings import Settings
-from schemas.dead_letter import HEADER_REASON, DeadLetterReason
+from schemas.dead_letter import HEADER_REASON, HEADER_VALUE_OMITTED, DeadLetterReason
 
 log = logging.getLogger(__name__)
 # Where a replayed record came from: "<dlq topic>/<partition>/<offset>".
@@ -92,6 +92,8 @@ class ReplayCount:
 
     read: int = 0
     replayed: Counter[str] = field(default_factory=Counter)
+    value_omitted: int = 0
+    """Selected, but left out: the dead letter has no value to replay (too large to copy)."""
 
     def report(self, source: str, target: str, dry_run: bool) -> str:
         """The lines the command prints."""
@@ -99,6 +101,9 @@ class ReplayCount:
         total = sum(self.replayed.values())
         lines = [f"{verb} {total} of {self.read} dead letters read from {source} to {target}"]
         lines += [f"  {reason:<22} {n}" for reason, n in sorted(self.replayed.items())]
+        if self.value_omitted:
+            lines.append(f"skipped {self.value_omitted} without a value ({HEADER_VALUE_OMITTED}):"
+                         " re-publish those from their source offsets")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -122,6 +127,9 @@ def replay(
         count.read += 1
         reason = _reason(msg)
         if not selection.matches(reason, msg.timestamp()[1]):
+            continue
+        if any(key == HEADER_VALUE_OMITTED for key, _ in _headers(msg)):
+            count.value_omitted += 1
             continue
         count.replayed[reason] += 1
         if producer is not None:

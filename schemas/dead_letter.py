@@ -33,3 +33,6 @@ HEADER_DETAIL = "popscore.error.detail"
 HEADER_TOPIC = "popscore.source.topic"
 HEADER_PARTITION = "popscore.source.partition"
 HEADER_OFFSET = "popscore.source.offset"
+HEADER_VALUE_OMITTED = "popscore.error.value_omitted"
+"""Set (to the original value's size in bytes) on a dead letter whose value is left out: it was
+over the producer's ``message.max.bytes``. The source headers still point at the original."""

@@ -202,3 +202,38 @@ def test_sigterm_mid_stream_then_restart_scores_every_event(
         e.event_id for e in events
     }
     assert_all_committed(consumer_env)
+
+
+def test_a_dead_letter_too_large_to_copy_is_sent_without_its_value(
+    consumer_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    # The broker takes records up to ~1 MiB, librdkafka's producer only 1,000,000 bytes: a bad
+    # record in between cannot be copied to the DLQ. It used to abort its batch over and over.
+    from consumer.replay import Selection, replay
+    from schemas.dead_letter import HEADER_VALUE_OMITTED
+
+    audio = Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"])
+    track = f"after-big-{uuid.uuid4().hex[:8]}"
+    big = b"{" + b"x" * 1_010_000  # not JSON, under POPSCORE_MAX_EVENT_BYTES
+    good = event_json(track, write_tone(audio / "after.wav").as_uri())
+    config = {"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"],
+              "message.max.bytes": 1_040_000}  # fmt: skip
+    produce.send(config, consumer_env["POPSCORE_INPUT_TOPIC"], iter([(b"k", big), (b"k", good)]))
+
+    run_until_caught_up(consumer_env)
+
+    bootstrap = consumer_env["POPSCORE_KAFKA_BOOTSTRAP"]
+    [dead] = read_all(bootstrap, consumer_env["POPSCORE_DLQ_TOPIC"], 1)
+    headers = dict(dead.headers())
+    assert dead.value() is None
+    assert int(headers[HEADER_VALUE_OMITTED]) == len(big)
+    assert headers[HEADER_REASON] == b"invalid_json"
+    assert int(headers[HEADER_OFFSET]) == 0  # where the original still lies
+    assert redis_client.exists(score_key(track)), "the record behind it was scored"
+    assert_all_committed(consumer_env)
+    settings = load_settings(
+        **{k.removeprefix("POPSCORE_").lower(): v for k, v in consumer_env.items()}
+    )
+    dlq, source = consumer_env["POPSCORE_DLQ_TOPIC"], consumer_env["POPSCORE_INPUT_TOPIC"]
+    count = replay(settings, dlq, source, Selection(None, None, None), dry_run=True)
+    assert (count.value_omitted, sum(count.replayed.values())) == (1, 0)
