@@ -93,6 +93,21 @@ def load_scorer(s: Settings) -> Scorer:
         raise ConfigError(f"POPSCORE_MODEL: {exc}") from None
 
 
+def audio_policy(s: Settings) -> AudioPolicy:
+    """The audio policy; a file root that is not a folder is a bad setting (else every
+    file:// event would be dead-lettered as uri_forbidden while the mount is missing)."""
+    for root in s.audio_file_roots:
+        if not root.is_dir():
+            raise ConfigError(f"POPSCORE_AUDIO_FILE_ROOTS: {str(root)!r} is not a folder")
+    return AudioPolicy.create(
+        s.audio_file_roots,
+        s.audio_allow_private_hosts,
+        s.audio_max_bytes,
+        s.audio_max_seconds,
+        s.audio_fetch_timeout_s,
+    )
+
+
 class App:
     """One consumer process. Use as a context manager; ``run`` returns when asked to stop."""
 
@@ -111,17 +126,11 @@ class App:
 
     def __enter__(self) -> "App":
         s = self.settings
+        policy = audio_policy(s)
         self.scorer = load_scorer(s)
         meta, device = self.scorer.meta, str(self.scorer.device)
         self.metrics.model_info.labels(meta.model_version, device).set(1)
         self.health.model_loaded = True
-        policy = AudioPolicy.create(
-            s.audio_file_roots,
-            s.audio_allow_private_hosts,
-            s.audio_max_bytes,
-            s.audio_max_seconds,
-            s.audio_fetch_timeout_s,
-        )
         pool = self._executor(s.decode_workers, "decode")
         self.pipeline = Pipeline(
             self.scorer, policy, pool, self.metrics, s.max_event_bytes, s.resample_on

@@ -15,6 +15,9 @@ ENV_PREFIX = "POPSCORE_"
 # Their raw values may hold passwords: an error names the variable but never echoes it.
 _SECRET_FIELDS = frozenset({"redis_url", "kafka_properties"})
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+# Kafka's own rule for topic names (kafka.common.internals.Topic), "." and ".." excepted.
+_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+_TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic")
 KafkaRole = Literal["consumer", "producer", "admin"]
 # Kafka Streams' convention: "consumer.session.timeout.ms" reaches only the consumer. No
 # librdkafka property starts with one of these, so a prefixed key is never ambiguous.
@@ -110,16 +113,31 @@ class Settings(BaseSettings):
             return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
         return value
 
-    @field_validator("kafka_bootstrap", "input_topic", "output_topic", "dlq_topic", "group_id")
+    @field_validator("kafka_bootstrap", "group_id")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
         return value
 
+    @field_validator(*_TOPIC_FIELDS)
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not _TOPIC.match(value) or value in (".", ".."):
+            raise ValueError("not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
+        return value
+
     def instance_transactional_id(self) -> str:
         """The configured transactional.id, or one stable for this host and group."""
         return self.transactional_id or f"popscore-{self.group_id}-{socket.gethostname()}"
+
+    @field_validator("kafka_properties", mode="before")
+    @classmethod
+    def _scalars_as_text(cls, value: Any) -> Any:
+        # librdkafka takes every value as text; JSON's numbers and booleans are natural here.
+        if not isinstance(value, dict):
+            return value
+        return {key: _as_text(key, item) for key, item in value.items()}
 
     @field_validator("kafka_properties")
     @classmethod
@@ -144,10 +162,20 @@ class Settings(BaseSettings):
         return {**shared, **own}
 
 
+def _as_text(key: str, item: Any) -> Any:
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, int | float):
+        return str(item)
+    if not isinstance(item, str | SecretStr):
+        raise ValueError(f"{key!r}: expected a string, number or boolean")
+    return item
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; a bad value raises ConfigError naming its variable in one line."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except SettingsError as exc:
         # Raised before validation when a JSON-typed variable is not JSON.
         match = re.search(r'field "(\w+)"', str(exc))
@@ -158,3 +186,18 @@ def load_settings(**overrides: Any) -> Settings:
         field = str(first["loc"][0]) if first["loc"] else "?"
         shown = "" if field in _SECRET_FIELDS else f" (got {first.get('input')!r})"
         raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}{shown}") from None
+    _distinct_topics(settings)
+    return settings
+
+
+def _distinct_topics(settings: Settings) -> None:
+    """The same topic twice loops: dead letters read back as input, scores as bad events."""
+    seen: dict[str, str] = {}
+    for field in _TOPIC_FIELDS:
+        topic = getattr(settings, field)
+        if topic in seen:
+            raise ConfigError(
+                f"{ENV_PREFIX}{field.upper()}: {topic!r} is already "
+                f"{ENV_PREFIX}{seen[topic].upper()}; the three topics must differ"
+            )
+        seen[topic] = field

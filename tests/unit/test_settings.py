@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumer.app import load_scorer
+from consumer.app import audio_policy, load_scorer
 from consumer.errors import ConfigError
 from consumer.settings import load_settings
 
@@ -134,3 +134,44 @@ def test_a_missing_model_or_device_is_a_bad_setting(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^POPSCORE_DEVICE: .*CUDA is not available"):
             load_scorer(load_settings(device="cuda"))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"POPSCORE_DLQ_TOPIC": "releases"}, "POPSCORE_DLQ_TOPIC: 'releases' is already "
+         "POPSCORE_INPUT_TOPIC"),
+        ({"POPSCORE_OUTPUT_TOPIC": "in", "POPSCORE_INPUT_TOPIC": "in"}, "POPSCORE_OUTPUT_TOPIC:"),
+        ({"POPSCORE_INPUT_TOPIC": "bad topic!"}, "POPSCORE_INPUT_TOPIC: Value error, not a Kafka"),
+        ({"POPSCORE_OUTPUT_TOPIC": ".."}, "POPSCORE_OUTPUT_TOPIC: Value error, not a Kafka"),
+    ],
+)  # fmt: skip
+def test_topics_are_legal_and_distinct(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    # One topic for two roles loops: dead letters read back as input, scores as bad events.
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_kafka_properties_take_json_numbers_and_booleans(monkeypatch: pytest.MonkeyPatch) -> None:
+    json = '{"linger.ms": 5, "enable.ssl.certificate.verification": false}'
+    monkeypatch.setenv("POPSCORE_KAFKA_PROPERTIES", json)
+    config = load_settings().kafka_config("producer")
+    assert config["linger.ms"] == "5" and config["enable.ssl.certificate.verification"] == "false"
+    monkeypatch.setenv("POPSCORE_KAFKA_PROPERTIES", '{"sasl.password": ["hunter2"]}')
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith("POPSCORE_KAFKA_PROPERTIES:")
+    assert "'sasl.password'" in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_an_audio_root_that_is_not_a_folder_is_a_bad_setting(tmp_path: Path) -> None:
+    assert audio_policy(load_settings(audio_file_roots=(tmp_path,))).file_roots == (
+        tmp_path.resolve(),
+    )
+    with pytest.raises(ConfigError, match=r"^POPSCORE_AUDIO_FILE_ROOTS: '.*absent' is not a"):
+        audio_policy(load_settings(audio_file_roots=(tmp_path, tmp_path / "absent")))
