@@ -102,12 +102,29 @@ class RedisSink:
         while True:
             try:
                 return [Upsert(int(code)) for code in self._upsert(keys=keys, args=args)]
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except _TRANSIENT as exc:
+                if isinstance(exc, redis.ReadOnlyError):
+                    # A failover left this connection on a replica: reconnect (the name may
+                    # point at the new primary by now).
+                    self.client.connection_pool.disconnect()
                 if stop.is_set():
                     raise SinkError(f"redis unavailable and stopping: {exc}") from exc
                 log.warning("redis write failed (%s); retrying in %.1fs", exc, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+# Outages and the replies a Redis gives while failing over or out of memory: wait and retry
+# (LOADING is a ConnectionError). Any other error reply is a bug and stops the process.
+_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
 
 
 def _utc_day(record: ScoreRecord) -> date:
