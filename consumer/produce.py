@@ -128,7 +128,12 @@ def send(
 
     count = 0
     for key, value in tqdm(records, total=total, desc=f"produce → {topic}", unit="event"):
-        producer.produce(topic, value, key, on_delivery=report)
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=report)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain, then retry
+                producer.poll(0.5)
         producer.poll(0)
         count += 1
     if producer.flush(30) or failures:
