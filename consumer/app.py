@@ -131,6 +131,12 @@ class App:
         meta, device = self.scorer.meta, str(self.scorer.device)
         self.metrics.model_info.labels(meta.model_version, device).set(1)
         self.health.model_loaded = True
+        # Before the stage pools, so closed after them (last in, first out): a stage still
+        # finishing a dropped batch never finds a closed client.
+        self.redis = redis.Redis.from_url(
+            s.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
+        )
+        self._stack.callback(self.redis.close)
         pool = self._executor(s.decode_workers, "decode")
         self.pipeline = Pipeline(
             self.scorer, policy, pool, self.metrics, s.max_event_bytes, s.resample_on
@@ -138,10 +144,6 @@ class App:
         # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
         # stage n of the next (decode of batch k+1 while batch k is on the device).
         self._stages = [self._executor(1, name) for name in ("prepare", "device", "sink")]
-        self.redis = redis.Redis.from_url(
-            s.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
-        )
-        self._stack.callback(self.redis.close)
         self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first (it joins the group only at its first poll, in run()): a property
@@ -367,7 +369,11 @@ class App:
         return not self.inflight and len(self.batcher) == 0
 
     def _executor(self, workers: int, name: str) -> ThreadPoolExecutor:
-        return self._stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix=name))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        # At exit only dropped batches' jobs can still be queued (a clean stop has committed
+        # everything): cancel them rather than fetch, decode and score them first.
+        self._stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        return pool
 
     def _readiness(self) -> tuple[bool, str]:
         if not self.health.model_loaded:
