@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
 
 # KEYS: per record its hash key, leaderboard key and event marker key.
-# ARGV[1]: score ttl (0 = none); ARGV[2]: marker ttl; ARGV[2 + i]: record i as JSON
+# ARGV[1]: score ttl (0 = none; a day's leaderboard expires that long after its last write); ARGV[2]: marker ttl; ARGV[2 + i]: record i as JSON
 # {order, event_id, member, score, source, fields}. Returns per record an Upsert code.
 UPSERT_LUA = """
 local ttl, marker_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -53,6 +53,7 @@ for i = 3, #ARGV do
       if ttl > 0 then redis.call('EXPIRE', hkey, ttl) end
       if cur[3] and cur[3] ~= zkey then redis.call('ZREM', cur[3], rec.member) end
       redis.call('ZADD', zkey, rec.score, rec.member)
+      if ttl > 0 then redis.call('EXPIRE', zkey, ttl) end
       out[#out + 1] = 1
     end
   end

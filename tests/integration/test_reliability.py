@@ -86,6 +86,15 @@ def test_redis_upsert_is_idempotent_and_never_goes_back_in_time(
     assert redis_client.zscore(board, track) == 80.0
 
 
+def test_with_a_ttl_scores_and_their_leaderboard_expire(redis_client: redis.Redis) -> None:
+    sink = RedisSink(redis_client, ttl_s=3600)
+    track = f"ttl-{uuid.uuid4().hex[:8]}"
+    rec = record("e-ttl", track, datetime(2020, 1, 2, tzinfo=UTC), 50.0)
+    assert sink.write([rec], ["in/0/1"], threading.Event()) == [Upsert.WRITTEN]
+    assert 0 < redis_client.ttl(score_key(track)) <= 3600
+    assert 0 < redis_client.ttl("popscore:leaderboard:2020-01-02") <= 3600
+
+
 def test_same_event_id_twice_is_scored_once_and_emitted_once(
     consumer_env: dict[str, str], redis_client: redis.Redis
 ) -> None:
