@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
 
 # KEYS: per record its hash key, leaderboard key and event marker key.
-# ARGV[1]: score ttl (0 = none; a day's leaderboard expires that long after its last write); ARGV[2]: marker ttl; ARGV[2 + i]: record i as JSON
-# {order, event_id, member, score, source, fields}. Returns per record an Upsert code.
+# ARGV[1]: score ttl (0 = none; a day's leaderboard expires that long after its last write);
+# ARGV[2]: marker ttl; ARGV[2 + i]: record i as JSON {order, event_id, member, score, source,
+# fields}. Returns per record an Upsert code.
 UPSERT_LUA = """
 local ttl, marker_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis
 import soundfile as sf
+from confluent_kafka import Producer
 
 from consumer import produce
 from consumer.app import App
@@ -216,9 +217,12 @@ def test_a_dead_letter_too_large_to_copy_is_sent_without_its_value(
     track = f"after-big-{uuid.uuid4().hex[:8]}"
     big = b"{" + b"x" * 1_010_000  # not JSON, under POPSCORE_MAX_EVENT_BYTES
     good = event_json(track, write_tone(audio / "after.wav").as_uri())
-    config = {"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"],
-              "message.max.bytes": 1_040_000}  # fmt: skip
-    produce.send(config, consumer_env["POPSCORE_INPUT_TOPIC"], iter([(b"k", big), (b"k", good)]))
+    producer = Producer({"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"],
+                         "message.max.bytes": 1_040_000})  # fmt: skip
+    trace = [("traceparent", b"00-4bf92f3577b34da6-00f067aa0ba902b7-01")]
+    producer.produce(consumer_env["POPSCORE_INPUT_TOPIC"], big, b"k", headers=trace)
+    producer.produce(consumer_env["POPSCORE_INPUT_TOPIC"], good, b"k")
+    assert producer.flush(30) == 0
 
     run_until_caught_up(consumer_env)
 
@@ -229,6 +233,7 @@ def test_a_dead_letter_too_large_to_copy_is_sent_without_its_value(
     assert int(headers[HEADER_VALUE_OMITTED]) == len(big)
     assert headers[HEADER_REASON] == b"invalid_json"
     assert int(headers[HEADER_OFFSET]) == 0  # where the original still lies
+    assert headers["traceparent"] == trace[0][1], "the original's own headers are kept"
     assert redis_client.exists(score_key(track)), "the record behind it was scored"
     assert_all_committed(consumer_env)
     settings = load_settings(
