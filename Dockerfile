@@ -18,8 +18,12 @@ FROM python:3.11-slim AS runtime
 # cpu | cu130 (any suffix of https://download.pytorch.org/whl/ that has torch 2.11.0).
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.11.0
+# MALLOC_ARENA_MAX=2: with glibc's default (8 arenas per core) the decode and stage threads
+# ratcheted RSS up in 5-10 MB steps (822 -> 843 MB in a 10-minute soak); with 2 it stayed flat
+# and ~50 MB lower (bench/results/soak-cpu-2core-2026-11-28*.json, docs/PERFORMANCE.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # The torch build comes from PyTorch's index for the variant; everything else from PyPI.

@@ -67,7 +67,7 @@ bench: $(STAMP) $(MODEL) stack-up ## benchmark: compute ceiling, end to end, nai
 
 SOAK_RATE ?= 8
 soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the real consumer, RSS sampled
-	$(BIN)/popscore --log-level WARNING bench --modes soak --rate $(SOAK_RATE) --soak-seconds 600 \
+	MALLOC_ARENA_MAX=2 $(BIN)/popscore --log-level WARNING bench --modes soak --rate $(SOAK_RATE) --soak-seconds 600 \
 		--json bench/results/soak-cpu-$(shell nproc)core.json
 
 PROFILE_TXT = bench/results/profile-e2e-cpu-$(shell nproc)core.txt

@@ -179,6 +179,11 @@ class Pipeline:
         start = time.perf_counter()
         try:
             scores: Scores | None = self._infer(items)
+        except torch.AcceleratorError:
+            # The device itself failed (illegal access, lost GPU): its context is unusable, so
+            # every event would be dead-lettered for it. Fail the batch: the process stops
+            # uncommitted, and its restart scores the batch again.
+            raise
         except Exception:
             log.exception("batch inference failed; scoring items one by one")
             scores = None
@@ -196,6 +201,8 @@ class Pipeline:
                 outcomes.append(
                     _record(item.event, self.scorer.meta, one, j, scored_at, self.scorer.listens)
                 )
+            except torch.AcceleratorError:
+                raise  # as above: not this event's fault
             except Exception as exc:
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 outcomes.append(DeadLetter(Reason.INFERENCE_FAILED, detail))

@@ -163,6 +163,30 @@ def test_pipeline_scores_in_order_and_rejects_in_place(pipeline: Pipeline, tmp_p
     assert outcomes[0].latency_ms >= 0
 
 
+def test_a_model_error_dead_letters_the_event_but_a_device_failure_fails_the_batch(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = np.arange(3 * 44_100) / 44_100
+    sf.write(tmp_path / "a.flac", (0.4 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 44_100)
+    events = [event(i, (tmp_path / "a.flac").as_uri()) for i in range(2)]
+
+    def broken(error: Exception):  # type: ignore[no-untyped-def]
+        def score(*_args: object) -> None:
+            raise error
+
+        return score
+
+    monkeypatch.setattr(pipeline.scorer, "score", broken(RuntimeError("shape mismatch")))
+    outcomes = pipeline.score_events(events)
+    assert all(isinstance(o, DeadLetter) and o.reason is Reason.INFERENCE_FAILED for o in outcomes)
+    # A broken device is not the events' fault: no dead letters, the batch fails (and is
+    # scored again after the restart, as nothing of it was committed).
+    failure = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(pipeline.scorer, "score", broken(failure))
+    with pytest.raises(torch.AcceleratorError):
+        pipeline.score_events(events)
+
+
 def test_a_features_only_artifact_never_reads_the_audio(tmp_path: Path) -> None:
     """No audio branch: the URI is not fetched (not even checked), audio_used is false, and
     the score is the artifact's own for those features."""
