@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from consumer.errors import PopscoreError
 from consumer.kafkalog import librdkafka_logger
 from consumer.pipeline import Rejected
+from consumer.source import Header, foreign_headers
 from schemas.dead_letter import (
     HEADER_DETAIL,
     HEADER_OFFSET,
@@ -43,7 +44,6 @@ RETRIES = 5
 WATCHDOG_MARGIN_S = 15.0
 EXIT_WEDGED = 75  # EX_TEMPFAIL: restart me
 MAX_DETAIL = 1000
-_OWN_HEADER_PREFIX = "popscore."  # a dead letter's popscore.* headers describe this failure
 
 
 class TransactionAborted(PopscoreError):
@@ -201,18 +201,15 @@ def _exit_wedged(name: str, seconds: float) -> None:
     os._exit(EXIT_WEDGED)
 
 
-def _headers(item: Rejected) -> list[tuple[str, str | bytes | None]]:
+def _headers(item: Rejected) -> list[Header]:
     """The original's own headers (tracing, provenance: ``replay-dlq`` carries them back), then
     CONTRACT §3's: why, and where the original came from."""
     msg = item.message
-    raw = msg.headers() or []
-    pairs = list(raw.items()) if isinstance(raw, dict) else list(raw)
-    own = [(k, v) for k, v in pairs if not k.startswith(_OWN_HEADER_PREFIX)]
-    why = [
+    why: list[Header] = [
         (HEADER_REASON, item.error.reason.value.encode()),
         (HEADER_DETAIL, item.error.detail[:MAX_DETAIL].encode()),
         (HEADER_TOPIC, (msg.topic() or "").encode()),
         (HEADER_PARTITION, str(msg.partition()).encode()),
         (HEADER_OFFSET, str(msg.offset()).encode()),
     ]
-    return [*own, *why]
+    return [*foreign_headers(msg), *why]

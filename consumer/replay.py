@@ -22,13 +22,13 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from consumer.errors import ConfigError, SinkError
 from consumer.kafkalog import librdkafka_logger
 from consumer.settings import Settings
+from consumer.source import foreign_headers, headers_of
 from schemas.dead_letter import HEADER_REASON, HEADER_VALUE_OMITTED, DeadLetterReason
 
 log = logging.getLogger(__name__)
 # Where a replayed record came from: "<dlq topic>/<partition>/<offset>".
 HEADER_REPLAYED_FROM = "popscore.replay.from"
 UNKNOWN_REASON = "unknown"
-_OWN_HEADER_PREFIX = "popscore."
 _POLL_S = 1.0
 # A partition that delivers nothing for this long while short of its end offset (e.g. the
 # rest are transaction markers or were deleted by retention) counts as read.
@@ -128,7 +128,7 @@ def replay(
         reason = _reason(msg)
         if not selection.matches(reason, msg.timestamp()[1]):
             continue
-        if any(key == HEADER_VALUE_OMITTED for key, _ in _headers(msg)):
+        if any(key == HEADER_VALUE_OMITTED for key, _ in headers_of(msg)):
             count.value_omitted += 1
             continue
         count.replayed[reason] += 1
@@ -239,7 +239,7 @@ def _producer(settings: Settings) -> Producer:
 
 
 def _publish(producer: Producer, topic: str, msg: Message, on_delivery: Any) -> None:
-    headers = [(k, v) for k, v in _headers(msg) if not k.startswith(_OWN_HEADER_PREFIX)]
+    headers = foreign_headers(msg)
     headers.append((HEADER_REPLAYED_FROM, f"{msg.topic()}/{msg.partition()}/{msg.offset()}"))
     while True:
         try:
@@ -251,13 +251,8 @@ def _publish(producer: Producer, topic: str, msg: Message, on_delivery: Any) -> 
             producer.poll(0.5)  # the local queue is full: let deliveries drain, then retry
 
 
-def _headers(msg: Message) -> list[tuple[str, str | bytes | None]]:
-    headers = msg.headers() or []
-    return list(headers.items()) if isinstance(headers, dict) else list(headers)
-
-
 def _reason(msg: Message) -> str:
-    for key, value in _headers(msg):
+    for key, value in headers_of(msg):
         if key == HEADER_REASON and value is not None:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return UNKNOWN_REASON

@@ -34,6 +34,23 @@ Partition = tuple[str, int]
 RebalanceHook = Callable[[set[Partition]], None]
 
 
+Header = tuple[str, str | bytes | None]
+# popscore's own headers on a record (popscore.error.*, popscore.source.*, popscore.replay.*)
+# describe one failure or replay; the rest belong to whoever produced the original.
+OWN_HEADER_PREFIX = "popscore."
+
+
+def headers_of(msg: Message) -> list[Header]:
+    """A record's headers as (key, value) pairs, in order."""
+    headers = msg.headers() or []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
+def foreign_headers(msg: Message) -> list[Header]:
+    """The headers of a record that are not popscore's own."""
+    return [(k, v) for k, v in headers_of(msg) if not k.startswith(OWN_HEADER_PREFIX)]
+
+
 def partition_of(msg: Message) -> Partition:
     """The (topic, partition) a message came from."""
     return (msg.topic() or "", msg.partition() or 0)
