@@ -9,8 +9,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY consumer/ consumer/
-COPY training/ training/
-COPY bench/ bench/
+# The command, the artifact format and the trainer (the demo's producer synthesizes with it);
+# not the benchmark, popscore/bench/, which `popscore bench` then says is not installed.
+COPY popscore/*.py popscore/
+COPY popscore/cli/ popscore/cli/
+COPY popscore/artifact/ popscore/artifact/
+COPY popscore/training/ popscore/training/
 # Only popscore's own wheel: the runtime stage resolves its dependencies.
 RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /wheels .
 
@@ -18,9 +22,8 @@ FROM python:3.11-slim AS runtime
 # cpu | cu130 (any suffix of https://download.pytorch.org/whl/ that has torch 2.11.0).
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.11.0
-# MALLOC_ARENA_MAX=2: with glibc's default (8 arenas per core) the decode and stage threads
-# ratcheted RSS up in 5-10 MB steps (822 -> 843 MB in a 10-minute soak); with 2 it stayed flat
-# and ~50 MB lower (bench/results/soak-cpu-2core-2026-11-28*.json, docs/PERFORMANCE.md).
+# MALLOC_ARENA_MAX=2: glibc's per-thread arenas ratchet RSS up under the decode and stage
+# threads; two keep it flat (docs/PERFORMANCE.md, "Memory").
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
@@ -46,7 +49,7 @@ USER 10001:10001
 ENV POPSCORE_MODEL=/app/models/demo.pt \
     POPSCORE_HTTP_PORT=9400
 EXPOSE 9400
-# Liveness of the main loop (CONTRACT §7); slim has no curl, so Python's urllib asks.
+# Liveness of the main loop (docs/INTERFACE.md, "HTTP"); slim has no curl, so urllib asks.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os,urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('POPSCORE_HTTP_PORT', '9400'), timeout=4)"]
 STOPSIGNAL SIGTERM

@@ -28,7 +28,7 @@ stack-down: ## stop what stack-up started
 	deploy/local/stack-down.sh
 
 model: $(STAMP) ## (re)build the demo artifact from synthetic data, reproducible from its seed
-	$(BIN)/python -m training.demo_model --out $(MODEL) --seed 0
+	$(BIN)/python -m popscore.training.demo_model --out $(MODEL) --seed 0
 
 $(MODEL):
 	$(MAKE) model
@@ -54,10 +54,11 @@ chaos: $(STAMP) $(MODEL) stack-up ## the full chaos suite: 2,000 events per scen
 	echo "# chaos run $$(date -u +%FT%TZ) on $$(nproc) cores" >> bench/results/chaos.txt
 	CHAOS_EVENTS=2000 CHAOS_REPORT=bench/results/chaos.txt $(BIN)/pytest -q -s -m chaos
 
-lint: $(STAMP) ## ruff, formatting, mypy and hadolint
+lint: $(STAMP) ## ruff, formatting, mypy, import-linter (imports run one way) and hadolint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/hadolint Dockerfile
 
 BENCH_ARGS ?=
@@ -77,7 +78,7 @@ profile: $(STAMP) $(MODEL) stack-up ## py-spy over the e2e benchmark: the servic
 		$(BIN)/popscore --log-level WARNING bench --modes e2e --json .bench/profile-e2e.json
 	{ echo "# py-spy (25 Hz) over popscore bench --modes e2e, $$(date -u +%FT%TZ)"; \
 	  echo "# $$(nproc) cores: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; \
-	  $(BIN)/python -m bench.profile .bench/profile-e2e.raw; } > $(PROFILE_TXT)
+	  $(BIN)/python -m popscore.bench.profile .bench/profile-e2e.raw; } > $(PROFILE_TXT)
 	cat $(PROFILE_TXT)
 
 schemas: $(STAMP) ## regenerate schemas/json/*.json after changing a model

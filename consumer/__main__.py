@@ -1,7 +1,7 @@
-"""``python -m consumer`` is the ``popscore`` command."""
+"""``python -m consumer``: the old name of ``python -m popscore``, kept for compatibility."""
 
 import sys
 
-from consumer.cli import main
+from popscore.cli.main import main
 
 sys.exit(main())

@@ -18,37 +18,36 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
-from typing import TypeVar
 
 import redis
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import Message
 
 from consumer.audio import AudioPolicy
 from consumer.batcher import MicroBatcher
 from consumer.commit import TransactionAborted, Transactions
 from consumer.device import Scorer
-from consumer.errors import ArtifactError, ConfigError, DeviceUnavailable
+from consumer.errors import ConfigError, DeviceUnavailable
 from consumer.health import Health, HealthServer
+from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
 from consumer.source import KafkaSource, Partition, next_offsets, partition_of
+from popscore.artifact import ArtifactError
 from schemas.scores import ScoreRecord
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2
 BUSY_POLL_S = 0.02
-# `consume --report` prints the records of its run (the latest this many); without it none
-# are kept: a long-running service holding 10,000 records grew ~15 MB (the soak found it).
+# `consume --report` prints the records of its run (the latest this many); without it none are
+# kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Soak").
 REPORT_KEPT = 10_000
 
 
@@ -68,18 +67,6 @@ class InFlight:
 
     messages: list[Message]
     future: "Future[BatchResult]"
-
-
-def kafka_client(build: Callable[[], T]) -> T:
-    """A Kafka client; a configuration librdkafka refuses (an unknown property, a bad value,
-    a combination it does not allow) is a bad setting: one line naming it, exit 2."""
-    try:
-        return build()
-    except KafkaException as exc:
-        err = exc.args[0] if exc.args else None
-        if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
-            raise ConfigError(f"POPSCORE_KAFKA_PROPERTIES: {err.str()}") from None
-        raise
 
 
 def load_scorer(s: Settings) -> Scorer:
@@ -148,7 +135,7 @@ class App:
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first (it joins the group only at its first poll, in run()): a property
         # librdkafka refuses then fails start-up before init_transactions waits for a broker.
-        self.source = kafka_client(
+        self.source = client(
             lambda: KafkaSource(
                 s.kafka_config("consumer"),
                 s.group_id,
@@ -159,7 +146,7 @@ class App:
             )
         )
         try:
-            self.txn = kafka_client(
+            self.txn = client(
                 lambda: Transactions(
                     s.kafka_config("producer"),
                     s.instance_transactional_id(),
@@ -217,8 +204,7 @@ class App:
             self._fetch(1, BUSY_POLL_S)
             return
         # While every slot is busy the next batch keeps filling, so it goes the moment a slot
-        # frees. (Pausing here instead cost a resume: ~0.4 s before the first message came
-        # back, batches of 10-20 a second apart, p50 1.7 s at 10.7 events/s offered.)
+        # frees; pausing here would cost a resume (docs/PERFORMANCE.md, "The backpressure fix").
         self.source.resume()
         if full:
             timeout = BUSY_POLL_S  # wake soon: the head batch may finish any moment

@@ -202,8 +202,8 @@ def decode_window(source: AudioSource, clip_seconds: float, policy: AudioPolicy)
 def mix_down(data: np.ndarray) -> np.ndarray:
     """[frames, channels] float32 → [frames] mono, the mean of the channels.
 
-    Channel by channel: ``data.mean(axis=1)`` reduces over a tiny inner axis and cost as much
-    as decoding the MP3 window itself (~50 ms for 30 s of stereo; this is ~3 ms)."""
+    Channel by channel: ``data.mean(axis=1)`` reduces over a tiny inner axis, many times slower
+    (docs/PERFORMANCE.md, "The CPU pass")."""
     channels = data.shape[1]
     mono = np.array(data[:, 0], dtype=np.float32)  # a contiguous copy
     for ch in range(1, channels):

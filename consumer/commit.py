@@ -20,30 +20,18 @@ from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from consumer.dead_letters import Rejected, dead_letter_headers
 from consumer.errors import PopscoreError
-from consumer.kafkalog import librdkafka_logger
-from consumer.pipeline import Rejected
-from consumer.source import Header, foreign_headers
-from schemas.dead_letter import (
-    HEADER_DETAIL,
-    HEADER_OFFSET,
-    HEADER_PARTITION,
-    HEADER_REASON,
-    HEADER_TOPIC,
-    HEADER_VALUE_OMITTED,
-)
+from consumer.kafka import Header, error_of, produce, transactional_config
+from schemas.dead_letter import HEADER_VALUE_OMITTED
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TXN_TIMEOUT_S = 30.0
-# An open transaction of a crashed process blocks read_committed readers until it times out
-# (unless a restart with the same transactional.id fences it first): keep it short.
-TRANSACTION_TIMEOUT_MS = 60_000
 RETRIES = 5
 WATCHDOG_MARGIN_S = 15.0
 EXIT_WEDGED = 75  # EX_TEMPFAIL: restart me
-MAX_DETAIL = 1000
 
 
 class TransactionAborted(PopscoreError):
@@ -60,25 +48,7 @@ class Transactions:
     def __init__(
         self, config: dict[str, Any], transactional_id: str, results_topic: str, dlq_topic: str
     ) -> None:
-        self.producer = Producer(
-            {
-                "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
-                "linger.ms": 5,
-                "compression.type": "zstd",
-                **config,  # tunables above may be overridden; what follows may not
-                # With the default "rebootstrap", an outage of every known broker decommissions
-                # them, and a send_offsets_to_transaction() in flight then waits on a broker
-                # thread that is gone: it blocked past the broker's return in 5 of 6 restarts
-                # measured, until the watchdog below exited (confluentinc/librdkafka#5511;
-                # bench/results/broker-restart-probe-2026-11-28.txt). Without it: 0 of 6. Brokers
-                # dropped from metadata are still decommissioned, so the watchdog stays. A
-                # producer that can reach no known broker fails its transactions until the abort
-                # fails or the watchdog fires; the restart then bootstraps afresh.
-                "metadata.recovery.strategy": "none",
-                "logger": librdkafka_logger("producer"),
-                "transactional.id": transactional_id,
-            }
-        )
+        self.producer = Producer(transactional_config(config, transactional_id))
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         # Fences an earlier process with the same id and aborts its open transaction at once.
@@ -99,7 +69,9 @@ class Transactions:
         try:
             self.producer.begin_transaction()
             for record in scores:
-                self._produce(self.results_topic, record.track_id.encode(), record.encode(), None)
+                produce(
+                    self.producer, self.results_topic, record.encode(), record.track_id.encode()
+                )
             for item in dead_letters:
                 self._dead_letter(item)
             t1 = time.perf_counter()
@@ -129,8 +101,8 @@ class Transactions:
         self.producer.flush(5)
 
     def _abort(self, exc: KafkaException) -> None:
-        err: KafkaError = exc.args[0]
-        if err.fatal():
+        err = error_of(exc)
+        if err is not None and err.fatal():
             raise FatalKafkaError(f"fatal producer error: {err}") from exc
         log.warning("transaction failed (%s); aborting", err)
         try:
@@ -146,8 +118,8 @@ class Transactions:
                 with _watchdog(name, TXN_TIMEOUT_S + WATCHDOG_MARGIN_S):
                     return call()
             except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                if not err.retriable() or attempt == RETRIES - 1:
+                err = error_of(exc)
+                if err is None or not err.retriable() or attempt == RETRIES - 1:
                     raise
                 log.warning("%s: retriable transaction error (%s); retrying", name, err)
                 time.sleep(min(0.2 * 2**attempt, 2.0))
@@ -155,30 +127,22 @@ class Transactions:
 
     def _dead_letter(self, item: Rejected) -> None:
         msg = item.message
+        headers = dead_letter_headers(item)
         try:
-            self._produce(self.dlq_topic, msg.key(), msg.value(), _headers(item))
+            produce(self.producer, self.dlq_topic, msg.value(), msg.key(), headers)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+            err = error_of(exc)
+            if err is None or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
-            # An input record can be larger than this producer may send (the broker's default
-            # limit is 1 MiB, librdkafka's 1,000,000 bytes). Aborting would replay the batch
-            # and fail the same way forever: send the dead letter without its value; its
-            # source headers still point at the original.
+            # An input record can be larger than this producer may send; aborting would replay
+            # the batch and fail the same way forever. The source headers still point at it.
             size = len(msg.value() or b"")
             where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-            log.warning("dead letter of %s: value of %d bytes left out (%s)",
-                        where, size, exc.args[0].str())  # fmt: skip
-            headers = [*_headers(item), (HEADER_VALUE_OMITTED, str(size).encode())]
-            self._produce(self.dlq_topic, msg.key(), None, headers)
-
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers)
-                return
-            except BufferError:
-                # Local queue full: let librdkafka send until there is room.
-                self.producer.poll(0.5)
+            log.warning(
+                "dead letter of %s: value of %d bytes left out (%s)", where, size, err.str()
+            )
+            omitted: list[Header] = [*headers, (HEADER_VALUE_OMITTED, str(size).encode())]
+            produce(self.producer, self.dlq_topic, None, msg.key(), omitted)
 
 
 @contextmanager
@@ -199,17 +163,3 @@ def _exit_wedged(name: str, seconds: float) -> None:
     log.critical("Kafka %s blocked for %.0fs; exiting to be restarted", name, seconds)
     logging.shutdown()
     os._exit(EXIT_WEDGED)
-
-
-def _headers(item: Rejected) -> list[Header]:
-    """The original's own headers (tracing, provenance: ``replay-dlq`` carries them back), then
-    CONTRACT §3's: why, and where the original came from."""
-    msg = item.message
-    why: list[Header] = [
-        (HEADER_REASON, item.error.reason.value.encode()),
-        (HEADER_DETAIL, item.error.detail[:MAX_DETAIL].encode()),
-        (HEADER_TOPIC, (msg.topic() or "").encode()),
-        (HEADER_PARTITION, str(msg.partition()).encode()),
-        (HEADER_OFFSET, str(msg.offset()).encode()),
-    ]
-    return [*foreign_headers(msg), *why]

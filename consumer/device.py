@@ -1,7 +1,7 @@
 """The device stage: one micro-batch to the device, the TorchScript fusion CNN, scores back.
 
-The artifact holds the torchaudio frontend and the feature normalisation (CONTRACT §9), so this
-module only moves tensors: waveforms and features go to the device in one copy per batch.
+The artifact holds the torchaudio frontend and the feature normalisation (``popscore.artifact``),
+so this module only moves tensors: waveforms and features go to the device in one copy per batch.
 """
 
 import logging
@@ -9,39 +9,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from consumer.errors import ArtifactError, DeviceUnavailable
-from training import export
+from consumer.errors import DeviceUnavailable
+from popscore.artifact import ArtifactMeta, StagedScoringModule, load
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ArtifactMeta:
-    """What serving needs from ``popscore.json``."""
-
-    model_version: str
-    sample_rate: int
-    clip_seconds: float
-    features: tuple[str, ...]
-    hit_threshold: float
-    raw: dict[str, Any]
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> "ArtifactMeta":
-        """The typed view of ``popscore.json`` (its required keys are checked on load)."""
-        return cls(
-            model_version=str(raw["model_version"]),
-            sample_rate=int(raw["sample_rate"]),
-            clip_seconds=float(raw["clip_seconds"]),
-            features=tuple(str(f) for f in raw["features"]),
-            hit_threshold=float(raw["hit_threshold"]),
-            raw=raw,
-        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,22 +32,10 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load_artifact(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule, ArtifactMeta]:
-    """Load the TorchScript module onto ``device`` with its metadata."""
-    if not path.is_file():
-        raise ArtifactError(f"model artifact {path} does not exist (run `make model`)")
-    try:
-        module, raw = export.load_artifact(path, device)
-    except export.ArtifactError as exc:
-        raise ArtifactError(str(exc).splitlines()[0]) from exc
-    return module, ArtifactMeta.parse(raw)
-
-
 def configure_cpu_threads() -> int:
     """Intra-op threads for CPU inference: half the usable cores (at least 1), unless
-    ``OMP_NUM_THREADS`` says otherwise. The other half runs the decode pool and the other
-    stages; on 2 cores two intra-op threads fighting the decode threads made a batch 2-4x
-    slower than one (docs/PERFORMANCE.md)."""
+    ``OMP_NUM_THREADS`` says otherwise; the other half runs the decode pool and the other
+    stages, which more intra-op threads would fight (docs/PERFORMANCE.md, "The CPU pass")."""
     explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
     if explicit.isdigit() and int(explicit) > 0:
         threads = int(explicit)
@@ -84,9 +47,9 @@ def configure_cpu_threads() -> int:
     return threads
 
 
-# On CPU a batch runs through the artifact in slices of at most this many samples (~47 s
-# at 22050 Hz): the STFT output and first conv then stay in cache, 2-3x faster than one pass
-# over 32 thirty-second clips on 2 cores (the same cut as FusionNet.forward's).
+# On CPU a batch runs through the artifact in slices of at most this many samples (~47 s at
+# 22050 Hz), so the STFT output and the first conv stay in cache (docs/PERFORMANCE.md, "The CPU
+# pass"); FusionNet.forward cuts the same way.
 CPU_CHUNK_SAMPLES = 1 << 20
 
 
@@ -109,17 +72,13 @@ class Scorer:
         self.device = pick_device(device)
         if self.device.type == "cpu":
             configure_cpu_threads()
-        self.module, self.meta = load_artifact(path, self.device)
-        self.listens = self._listens()
+        artifact = load(path, self.device)
+        self.module = artifact.module
+        self._staged: StagedScoringModule | None = artifact.staged
+        self.meta: ArtifactMeta = artifact.meta
+        self.listens = artifact.uses_audio
+        """Whether the artifact reads audio; when not, the audio is never fetched."""
         log.info("model %s loaded on %s", self.meta.model_version, self.device)
-
-    def _listens(self) -> bool:
-        """Whether the artifact has an audio branch (its spectrogram is not empty)."""
-        if not self.staged:
-            return True
-        probe = torch.zeros(1, 4096, device=self.device)
-        with torch.inference_mode():
-            return bool(self.module.spectrogram(probe).dim() == 4)
 
     def score(
         self,
@@ -138,8 +97,10 @@ class Scorer:
                 wave = _to_device(waveforms, self.device, pinned)
             feats = _to_device(features, self.device, pinned)
             mask = _to_device(audio_mask, self.device, pinned)
-            if self.staged:
-                popularity, hit_logit, frontend_s = self._staged(wave, feats, mask)
+            if self._staged is not None:
+                popularity, hit_logit, frontend_s = self._in_two_calls(
+                    self._staged, wave, feats, mask
+                )
             else:
                 popularity, hit_logit = self.module(wave, feats, mask)
                 frontend_s = None
@@ -150,12 +111,16 @@ class Scorer:
 
     @property
     def staged(self) -> bool:
-        """Whether the artifact exports spectrogram() and score_spectrogram() (built since
-        the frontend stage was timed apart); older artifacts run as one forward()."""
-        return hasattr(self.module, "spectrogram") and hasattr(self.module, "score_spectrogram")
+        """Whether the artifact's frontend is timed apart (it exports spectrogram() and
+        score_spectrogram()); otherwise it runs as one forward()."""
+        return self._staged is not None
 
-    def _staged(
-        self, wave: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor
+    def _in_two_calls(
+        self,
+        module: StagedScoringModule,
+        wave: torch.Tensor,
+        feats: torch.Tensor,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """forward() as frontend then network, per cache-sized slice on CPU, timing the first."""
         rows = wave.size(0)
@@ -170,11 +135,11 @@ class Scorer:
             torch.cuda.synchronize(self.device)  # the waveform copy is not frontend time
         for lo in range(0, rows, step):
             t0 = time.perf_counter()
-            logmel = self.module.spectrogram(wave[lo : lo + step])
+            logmel = module.spectrogram(wave[lo : lo + step])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # kernels are async: wait to time them
             frontend_s += time.perf_counter() - t0
-            pop, logit = self.module.score_spectrogram(
+            pop, logit = module.score_spectrogram(
                 logmel, feats[lo : lo + step], mask[lo : lo + step]
             )
             pops.append(pop)

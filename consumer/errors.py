@@ -4,9 +4,11 @@ PopscoreError
 ├── ConfigError          a bad POPSCORE_* setting; start-up stops with one line
 ├── UsageError           a command's argument names something unusable; one line, exit 2
 ├── DeadLetter           one event cannot be scored; it goes to the DLQ with a reason
-├── ArtifactError        the model file is missing, unreadable or lacks its metadata
-│   └── DeviceUnavailable    the requested device (e.g. CUDA) is not there
+├── DeviceUnavailable     the requested device (e.g. CUDA) is not there
 └── SinkError            Redis or Kafka refused a write; the batch is not committed
+
+A model file that cannot serve raises ``popscore.artifact.ArtifactError`` (its owner's one error);
+start-up turns it, like DeviceUnavailable, into a ConfigError naming POPSCORE_MODEL.
 """
 
 from schemas.dead_letter import DeadLetterReason
@@ -34,11 +36,7 @@ class DeadLetter(PopscoreError):
         self.detail = detail
 
 
-class ArtifactError(PopscoreError):
-    """The TorchScript artifact cannot serve."""
-
-
-class DeviceUnavailable(ArtifactError):
+class DeviceUnavailable(PopscoreError):
     """The artifact cannot serve on the device asked for."""
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics (CONTRACT §8). Names and labels are the dashboard contract: change neither."""
+"""Prometheus metrics (docs/INTERFACE.md, "Metrics"). Names and labels are the dashboards'
+contract: change neither."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 

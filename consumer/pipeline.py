@@ -18,26 +18,19 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from consumer.audio import AudioPolicy, decode_window, open_uri
-from consumer.device import ArtifactMeta, Scorer, Scores
+from consumer.dead_letters import Rejected
+from consumer.device import Scorer, Scores
 from consumer.errors import DeadLetter
 from consumer.metrics import Metrics
 from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
+from popscore.artifact import ArtifactMeta, extract
 from schemas.dead_letter import DeadLetterReason as Reason
 from schemas.events import ReleaseEvent
 from schemas.scores import ScoreRecord, utc_now
-from training.features import extract
 
 log = logging.getLogger(__name__)
 # A ReleaseEvent is a few kB; anything this big is abuse or a producer bug.
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A consumed message that goes to the DLQ, and why."""
-
-    message: Message
-    error: DeadLetter
 
 
 @dataclass(frozen=True)
@@ -199,7 +192,9 @@ class Pipeline:
             try:
                 one, j = (scores, i) if scores is not None else (self._infer([item]), 0)
                 outcomes.append(
-                    _record(item.event, self.scorer.meta, one, j, scored_at, self.scorer.listens)
+                    score_record(
+                        item.event, self.scorer.meta, one, j, scored_at, self.scorer.listens
+                    )
                 )
             except torch.AcceleratorError:
                 raise  # as above: not this event's fault
@@ -228,7 +223,7 @@ class Pipeline:
         return replace(scores, frontend_s=frontend_s, total_s=scores.total_s + resample_s)
 
 
-def _record(
+def score_record(
     event: ReleaseEvent,
     meta: ArtifactMeta,
     scores: Scores,
@@ -240,6 +235,7 @@ def _record(
     probability = float(scores.hit_probability[i])
     if not (math.isfinite(popularity) and math.isfinite(probability)):
         raise ValueError(f"non-finite model output ({popularity}, {probability})")
+    """Row ``i`` of a batch's scores as the event's ScoreRecord (ValueError when non-finite)."""
     latency_ms = (scored_at - event.emitted_at).total_seconds() * 1000.0
     return ScoreRecord(
         event_id=event.event_id,
@@ -247,7 +243,7 @@ def _record(
         model_version=meta.model_version,
         popularity=min(max(popularity, 0.0), 100.0),
         hit_probability=min(max(probability, 0.0), 1.0),
-        # CONTRACT §5: a hit by the artifact's threshold on the popularity scale.
+        # A hit by the artifact's decision cut on the popularity scale.
         is_hit=popularity >= meta.hit_threshold,
         audio_used=audio_used,
         emitted_at=event.emitted_at,

@@ -7,7 +7,6 @@ repeated, and a dry run changes nothing anywhere. Keys and values are re-publish
 the ``popscore.*`` headers of the dead letter are dropped and replaced by one provenance header.
 """
 
-import argparse
 import logging
 import time
 import uuid
@@ -15,58 +14,21 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from consumer.dead_letters import foreign_headers, headers_of
 from consumer.errors import ConfigError, SinkError
-from consumer.kafkalog import librdkafka_logger
+from consumer.kafka import DeliveryCallback, client, consumer_config, produce, producer_config
 from consumer.settings import Settings
-from consumer.source import foreign_headers, headers_of
-from schemas.dead_letter import HEADER_REASON, HEADER_VALUE_OMITTED, DeadLetterReason
+from schemas.dead_letter import HEADER_REASON, HEADER_REPLAYED_FROM, HEADER_VALUE_OMITTED
 
 log = logging.getLogger(__name__)
-# Where a replayed record came from: "<dlq topic>/<partition>/<offset>".
-HEADER_REPLAYED_FROM = "popscore.replay.from"
 UNKNOWN_REASON = "unknown"
 _POLL_S = 1.0
 # A partition that delivers nothing for this long while short of its end offset (e.g. the
 # rest are transaction markers or were deleted by retention) counts as read.
 _STALL_S = 15.0
-
-
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add the ``replay-dlq`` subcommand to the ``popscore`` parser."""
-    parser = sub.add_parser(
-        "replay-dlq",
-        help="re-publish dead letters (all, or by reason / time) to the input topic",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.set_defaults(handler=_replay)
-    reasons = [r.value for r in DeadLetterReason]
-    parser.add_argument(
-        "--reason",
-        action="append",
-        choices=reasons,
-        metavar="REASON",
-        help=f"replay only this reason; repeatable (one of: {', '.join(reasons)})",
-    )
-    parser.add_argument(
-        "--since",
-        type=_rfc3339,
-        help="only dead letters written at or after this RFC 3339 time",
-    )
-    parser.add_argument(
-        "--until",
-        type=_rfc3339,
-        help="only dead letters written before this RFC 3339 time",
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="count what would be replayed; publish nothing"
-    )
-    parser.add_argument("--from-topic", help="dead-letter topic (default: POPSCORE_DLQ_TOPIC)")
-    parser.add_argument("--to-topic", help="where to publish (default: POPSCORE_INPUT_TOPIC)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +38,18 @@ class Selection:
     reasons: frozenset[str] | None = None
     since_ms: int | None = None
     until_ms: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        reasons: list[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> "Selection":
+        """By reasons (None: all) and a window of dead-letter timestamps [since, until)."""
+        if since and until and since >= until:
+            raise ConfigError("--since must be before --until")
+        return cls(frozenset(reasons) if reasons else None, _epoch_ms(since), _epoch_ms(until))
 
     def matches(self, reason: str, timestamp_ms: int) -> bool:
         """The record's reason and timestamp are selected."""
@@ -115,8 +89,11 @@ def replay(
     dry_run: bool = False,
 ) -> ReplayCount:
     """Copy the selected dead letters of ``source`` to ``target``; return the counts."""
+    if source == target:
+        raise ConfigError(f"--to-topic must differ from the dead-letter topic ({source})")
     count = ReplayCount()
-    producer = None if dry_run else _producer(settings)
+    config = producer_config(settings.kafka_config("producer"))
+    producer = None if dry_run else client(lambda: Producer(config))
     failures: list[str] = []
 
     def delivered(err: KafkaError | None, _msg: Message) -> None:
@@ -142,38 +119,12 @@ def replay(
     return count
 
 
-def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    source = args.from_topic or settings.dlq_topic
-    target = args.to_topic or settings.input_topic
-    if source == target:
-        raise ConfigError(f"--to-topic must differ from the dead-letter topic ({source})")
-    if args.since and args.until and args.since >= args.until:
-        raise ConfigError("--since must be before --until")
-    selection = Selection(
-        reasons=frozenset(args.reason) if args.reason else None,
-        since_ms=_epoch_ms(args.since),
-        until_ms=_epoch_ms(args.until),
-    )
-    count = replay(settings, source, target, selection, args.dry_run)
-    print(count.report(source, target, args.dry_run))
-    return 0
-
-
 def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterator[Message]:
     """Every record of ``topic`` from its start (or ``since_ms``) to its end offsets as of now."""
-    consumer = Consumer(
-        {
-            **settings.kafka_config("consumer"),
-            "logger": librdkafka_logger("consumer"),
-            "group.id": f"popscore-replay-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": True,
-            # Dead letters of aborted transactions were never real: the batch was retried.
-            "isolation.level": "read_committed",
-        }
-    )
+    # A throwaway group, and read_committed: dead letters of aborted transactions were never
+    # real (their batch was retried).
+    group = f"popscore-replay-{uuid.uuid4().hex}"
+    consumer = client(lambda: Consumer(consumer_config(settings.kafka_config("consumer"), group)))
     try:
         ends = _start_positions(consumer, topic, since_ms)
         if not ends:
@@ -227,28 +178,10 @@ def _start_positions(
     return positions
 
 
-def _producer(settings: Settings) -> Producer:
-    return Producer(
-        {
-            **settings.kafka_config("producer"),
-            "logger": librdkafka_logger("producer"),
-            "enable.idempotence": True,
-            "linger.ms": 20,
-        }
-    )
-
-
-def _publish(producer: Producer, topic: str, msg: Message, on_delivery: Any) -> None:
+def _publish(producer: Producer, topic: str, msg: Message, on_delivery: DeliveryCallback) -> None:
     headers = foreign_headers(msg)
     headers.append((HEADER_REPLAYED_FROM, f"{msg.topic()}/{msg.partition()}/{msg.offset()}"))
-    while True:
-        try:
-            producer.produce(
-                topic, msg.value(), msg.key(), headers=headers, on_delivery=on_delivery
-            )
-            return
-        except BufferError:
-            producer.poll(0.5)  # the local queue is full: let deliveries drain, then retry
+    produce(producer, topic, msg.value(), msg.key(), headers, on_delivery)
 
 
 def _reason(msg: Message) -> str:
@@ -256,16 +189,6 @@ def _reason(msg: Message) -> str:
         if key == HEADER_REASON and value is not None:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return UNKNOWN_REASON
-
-
-def _rfc3339(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z or +02:00): {text!r}")
-    return value
 
 
 def _epoch_ms(value: datetime | None) -> int | None:

@@ -1,4 +1,5 @@
-"""Every knob of the service, read once from ``POPSCORE_*`` environment variables (CONTRACT §2)."""
+"""Every knob of the service, read once from ``POPSCORE_*`` environment variables (README,
+"Configuration")."""
 
 import re
 import socket
@@ -40,7 +41,7 @@ class Settings(BaseSettings):
     redis_ttl_s: Annotated[int, Field(ge=0)] = 0
     """TTL of score hashes in seconds; 0 keeps them forever."""
     model: Path = Path("models/demo.pt")
-    """Path of the TorchScript artifact (CONTRACT §9)."""
+    """Path of the TorchScript artifact (docs/INTERFACE.md, "Model artifact")."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N; auto picks CUDA when present."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from consumer.errors import SinkError
-from schemas.redis_keys import KEY_PREFIX, leaderboard_key, score_key
+from schemas.redis_keys import event_key, leaderboard_key, score_key
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,6 @@ class Upsert(IntEnum):
     WRITTEN = 1
     DUPLICATE = 2
     """Another Kafka record already carried this event id: not scored again, not emitted."""
-
-
-def event_key(event_id: str) -> str:
-    """Marks which Kafka record first carried an event id."""
-    return f"{KEY_PREFIX}:event:{event_id}"
 
 
 class RedisSink:

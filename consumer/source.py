@@ -1,8 +1,8 @@
 """The Kafka input: poll, assignment (cooperative-sticky), pause/resume, rewind, lag.
 
 Only the main thread touches the consumer. Offsets never move by themselves (auto-commit and
-auto offset store are off): they are committed inside the producer's transaction
-(``consumer/commit.py``) once Redis and the results topic hold the batch.
+auto offset store are off, ``consumer.kafka.consumer_config``): they are committed inside the
+producer's transaction (``consumer/commit.py``) once Redis and the results topic hold the batch.
 """
 
 import contextlib
@@ -20,35 +20,17 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer.kafkalog import librdkafka_logger
+from consumer.kafka import consumer_config, librdkafka_logger
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_S = 5.0
 # A partition assigned this long without a fetch position is restarted from its committed
-# offset. Seen in the chaos suite: a partition taken over from a consumer killed inside a
-# transaction (its offsets "unstable" until the broker aborts it) was never fetched again by
-# librdkafka 2.16 (lag = the whole partition, no error surfaced, until the next rebalance).
+# offset: librdkafka can leave a taken-over partition unfetched (docs/RELIABILITY.md, "Failure
+# modes").
 NO_POSITION_RESTART_S = 30.0
 Partition = tuple[str, int]
 RebalanceHook = Callable[[set[Partition]], None]
-
-
-Header = tuple[str, str | bytes | None]
-# popscore's own headers on a record (popscore.error.*, popscore.source.*, popscore.replay.*)
-# describe one failure or replay; the rest belong to whoever produced the original.
-OWN_HEADER_PREFIX = "popscore."
-
-
-def headers_of(msg: Message) -> list[Header]:
-    """A record's headers as (key, value) pairs, in order."""
-    headers = msg.headers() or []
-    return list(headers.items()) if isinstance(headers, dict) else list(headers)
-
-
-def foreign_headers(msg: Message) -> list[Header]:
-    """The headers of a record that are not popscore's own."""
-    return [(k, v) for k, v in headers_of(msg) if not k.startswith(OWN_HEADER_PREFIX)]
 
 
 def partition_of(msg: Message) -> Partition:
@@ -81,24 +63,13 @@ class KafkaSource:
         """Why Kafka is unreachable (all brokers down, a lag query failed); None once the
         brokers answer again. Read by /readyz."""
         self._fatal: KafkaError | None = None
-        self.consumer = Consumer(
-            {
-                "auto.offset.reset": "earliest",
-                **config,  # tunables (session.timeout.ms, fetch sizes) may be overridden
-                # librdkafka's own log lines go through Python logging, not raw stderr.
-                "logger": librdkafka_logger("consumer"),
-                # Client-level errors (all brokers down, fatal ones) come here, not from consume().
-                "error_cb": self._on_error,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "enable.partition.eof": True,
-                # Upstream producers may be transactional: never score an aborted event.
-                "isolation.level": "read_committed",
-                # Incremental rebalances: partitions that stay are never stopped.
-                "partition.assignment.strategy": "cooperative-sticky",
-            }
-        )
+        fixed = {
+            # Client-level errors (all brokers down, fatal ones) come here, not from consume().
+            "error_cb": self._on_error,
+            # Incremental rebalances: partitions that stay are never stopped.
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
+        self.consumer = Consumer(consumer_config(config, group_id, fixed))
         self.topic = topic
         self.metrics = metrics
         self.assignment: set[Partition] = set()

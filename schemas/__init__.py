@@ -4,8 +4,8 @@ Downstream services import this package to read what popscore writes:
 ``ScoreRecord.from_redis(redis.hgetall(score_key(track_id)))``.
 
 The names below are imported on first use (PEP 562), so ``schemas.dead_letter`` and
-``schemas.redis_keys`` load without pydantic: the model side and ``bench/gpu_check.py`` import
-``consumer.device`` on machines that have only torch, torchaudio and numpy.
+``schemas.redis_keys`` load without pydantic: the GPU check imports ``consumer.device`` on
+machines that have only torch, torchaudio and numpy.
 """
 
 from importlib import import_module
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from schemas.dead_letter import DeadLetterReason
     from schemas.events import Artist, AudioFeatures, Engagement, Release, ReleaseEvent
-    from schemas.redis_keys import leaderboard_key, score_key
+    from schemas.redis_keys import event_key, leaderboard_key, score_key
     from schemas.scores import ScoreRecord
 
 _HOME = {
@@ -25,6 +25,7 @@ _HOME = {
     "Release": "schemas.events",
     "ReleaseEvent": "schemas.events",
     "ScoreRecord": "schemas.scores",
+    "event_key": "schemas.redis_keys",
     "leaderboard_key": "schemas.redis_keys",
     "score_key": "schemas.redis_keys",
 }
@@ -37,6 +38,7 @@ __all__ = [
     "Release",
     "ReleaseEvent",
     "ScoreRecord",
+    "event_key",
     "leaderboard_key",
     "score_key",
 ]

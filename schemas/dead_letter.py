@@ -28,6 +28,9 @@ class DeadLetterReason(StrEnum):
     """The model raised or returned a non-finite score for this event."""
 
 
+# Header names. Every header popscore adds starts with OWN_HEADER_PREFIX; the others on a dead
+# letter are the original record's own.
+OWN_HEADER_PREFIX = "popscore."
 HEADER_REASON = "popscore.error.reason"
 HEADER_DETAIL = "popscore.error.detail"
 HEADER_TOPIC = "popscore.source.topic"
@@ -36,3 +39,6 @@ HEADER_OFFSET = "popscore.source.offset"
 HEADER_VALUE_OMITTED = "popscore.error.value_omitted"
 """Set (to the original value's size in bytes) on a dead letter whose value is left out: it was
 over the producer's ``message.max.bytes``. The source headers still point at the original."""
+HEADER_REPLAYED_FROM = "popscore.replay.from"
+"""On a record ``replay-dlq`` re-published: the dead letter it came from, as
+``topic/partition/offset``."""

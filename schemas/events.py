@@ -1,4 +1,4 @@
-"""ReleaseEvent v1: what streaming platforms publish to the ``releases`` topic (CONTRACT §4).
+"""ReleaseEvent v1: what streaming platforms publish to the ``releases`` topic (docs/INTERFACE.md).
 
 Strict types (``"12"`` is not a number, ``1.5`` is not an int), finite numbers, documented
 ranges. Unknown fields are ignored so producers can add fields before popscore knows them.

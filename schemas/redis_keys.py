@@ -1,4 +1,4 @@
-"""Redis key names (CONTRACT §6), shared by the writer and every reader."""
+"""Redis key names (docs/INTERFACE.md, "Redis"), shared by the writer and every reader."""
 
 from datetime import date
 
@@ -13,3 +13,9 @@ def score_key(track_id: str) -> str:
 def leaderboard_key(day: date) -> str:
     """ZSET of track ids by predicted popularity, for the UTC day the release event was emitted."""
     return f"{KEY_PREFIX}:leaderboard:{day.isoformat()}"
+
+
+def event_key(event_id: str) -> str:
+    """STRING naming the Kafka record (topic/partition/offset) that first carried an event id;
+    the writer's duplicate detection, expiring after POPSCORE_DEDUPE_TTL_S."""
+    return f"{KEY_PREFIX}:event:{event_id}"

@@ -1,4 +1,4 @@
-"""ScoreRecord v1: the ``release-scores`` value and the Redis hash fields (CONTRACT §5)."""
+"""ScoreRecord v1: the ``release-scores`` value and the Redis hash fields (docs/INTERFACE.md)."""
 
 from collections.abc import Mapping
 from datetime import UTC, datetime

@@ -1,7 +1,7 @@
 """Chaos harness: a corpus of good and bad events, supervised consumer processes, and the
 exactly-once audit of what reached the results topic, Redis and the DLQ.
 
-Consumers run as real ``python -m consumer consume`` processes; a supervisor restarts any that
+Consumers run as real ``python -m popscore consume`` processes; a supervisor restarts any that
 exit (as Kubernetes would), except the ones a scenario kills for good.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import redis
 import soundfile as sf
 
-from consumer import produce
+from popscore.cli import produce
 from schemas import ScoreRecord, score_key
 from schemas.dead_letter import HEADER_REASON
 from tests.integration.conftest import ROOT, committed_and_end, read_all
@@ -118,7 +118,7 @@ class Supervisor:
         }
         with (self.log_dir / f"{name}.log").open("ab") as log:  # the child keeps its own fd
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "consumer", "--log-level", "WARNING", "consume"],
+                [sys.executable, "-m", "popscore", "--log-level", "WARNING", "consume"],
                 env=env,
                 cwd=ROOT,
                 stdout=log,

@@ -1,7 +1,7 @@
 """Chaos: kill -9, Redis outage, broker restart, a group member killed — and nothing lost,
 nothing duplicated in the read_committed results, Redis complete, the DLQ exactly the bad ones.
 
-``make test`` runs these with CHAOS_EVENTS=300; ``make chaos`` with 2,000 (CONTRACT of issue 4).
+``make test`` runs these with CHAOS_EVENTS=300; ``make chaos`` with 2,000 (docs/RELIABILITY.md).
 """
 
 import json

@@ -14,7 +14,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.topics import ensure_topics
+from consumer.kafka import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("POPSCORE_TEST_MODEL", ROOT / "models" / "demo.pt"))

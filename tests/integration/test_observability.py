@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer import produce
+from popscore.cli import produce
 from tests.integration.conftest import ROOT
 from tests.integration.test_service import free_port, http_get, produce_synthetic, wait_for
 
@@ -135,7 +135,7 @@ def test_every_panel_and_recording_returns_data(
     scrape(prom_port, config, http_port)
     env = {**os.environ, **consumer_env, "POPSCORE_HTTP_PORT": str(http_port)}
     env["POPSCORE_BATCH_SIZE"] = "4"
-    proc = subprocess.Popen([sys.executable, "-m", "consumer", "consume"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "popscore", "consume"], env=env, cwd=ROOT)
     try:
         # Prometheus saw the consumer finish every event (and so every rate window has it).
         def all_handled() -> bool:

@@ -15,10 +15,10 @@ import pytest
 import redis
 import soundfile as sf
 
-from consumer import produce
 from consumer.app import App
 from consumer.settings import load_settings
 from consumer.sinks import RedisSink, Upsert
+from popscore.cli import produce
 from schemas import ScoreRecord, score_key
 from tests.integration.conftest import committed_and_end, read_all
 

@@ -7,9 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from consumer.cli import main
-from consumer.replay import HEADER_REPLAYED_FROM
-from schemas.dead_letter import HEADER_DETAIL, HEADER_REASON, HEADER_TOPIC
+from popscore.cli.main import main
+from schemas.dead_letter import HEADER_DETAIL, HEADER_REASON, HEADER_REPLAYED_FROM, HEADER_TOPIC
 from tests.integration.conftest import read_all
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The service end to end against the real Kafka broker and Redis (CONTRACT §1–§8)."""
+"""The service end to end against the real Kafka broker and Redis (docs/INTERFACE.md)."""
 
 import json
 import os
@@ -18,9 +18,9 @@ import redis
 import soundfile as sf
 from confluent_kafka import Producer
 
-from consumer import produce
 from consumer.app import App
 from consumer.settings import load_settings
+from popscore.cli import produce
 from schemas import ReleaseEvent, ScoreRecord, score_key
 from schemas.dead_letter import HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC
 from tests.integration.conftest import ROOT, committed_and_end, read_all
@@ -172,7 +172,7 @@ def test_sigterm_mid_stream_then_restart_scores_every_event(
         "POPSCORE_HTTP_PORT": str(port),
         "POPSCORE_BATCH_SIZE": "4",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "consumer", "consume"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "popscore", "consume"], env=env, cwd=ROOT)
     try:
         tracks = [e.track_id for e in events]
         wait_for(

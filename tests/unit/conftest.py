@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.export import export_artifact
-from training.features import DEFAULT_FEATURES
-from training.model import FusionNet
+from popscore.artifact import DEFAULT_FEATURES
+from popscore.training.model import FusionNet
+from tests.unit.artifact_helpers import export
 
 RATE, CLIP = 8_000, 2.0
 
@@ -20,5 +20,4 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = FusionNet(sample_rate=RATE, channels=(4, 8), audio_dim=8, feature_dim=8, hidden=8)
     model.fit_normalizer(np.random.default_rng(0).random((32, len(DEFAULT_FEATURES))) * 100)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    meta = {"model_version": "tiny-test", "sample_rate": RATE, "clip_seconds": CLIP}
-    return export_artifact(model, path, meta)
+    return export(model, path, "tiny-test", CLIP)

@@ -28,7 +28,7 @@ def load_yaml_docs(path: Path) -> list[Any]:
 
 
 def exported_series_names() -> set[str]:
-    """Every sample name the consumer's registry can export (CONTRACT §8)."""
+    """Every sample name the consumer's registry can export (docs/INTERFACE.md, "Metrics")."""
     families: list[Metric] = list(Metrics().registry.collect())
     return {f.name + suffix for f in families for suffix in _SUFFIXES[f.type]}
 

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench.compute import Loader
-from bench.corpus import from_dir
-from bench.e2e import stage_means, stage_totals
-from bench.naive import centre_crop, score_message
-from bench.soak import RssSampler, trend
-from bench.stats import ModeResult, Workload, peak_rss_mb, percentile, report, table
 from consumer.audio import AudioPolicy
-from consumer.cli import build_parser
 from consumer.device import Scorer
 from consumer.metrics import Metrics
 from consumer.settings import Settings
+from popscore.bench.compute import Loader
+from popscore.bench.corpus import from_dir
+from popscore.bench.e2e import stage_means, stage_totals
+from popscore.bench.naive import centre_crop, score_message
+from popscore.bench.soak import RssSampler, trend
+from popscore.bench.stats import ModeResult, Workload, peak_rss_mb, percentile, report, table
+from popscore.cli.main import build_parser
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -212,10 +212,11 @@ def test_stage_means_are_what_the_service_histograms_saw_between_snapshots() -> 
 BARE_GPU_MACHINE = """
 import runpy, sys
 # The GPU machine has only torch, torchaudio and numpy: any other import must fail here too.
-for name in ("pydantic", "httpx", "soundfile", "confluent_kafka", "redis", "prometheus_client"):
+for name in ("pydantic", "httpx", "soundfile", "confluent_kafka", "redis", "prometheus_client",
+             "sklearn", "tqdm"):
     sys.modules[name] = None
 sys.argv = ["gpu_check"] + sys.argv[1:]
-runpy.run_path("bench/gpu_check.py", run_name="__main__")
+runpy.run_module("popscore.bench.gpu_check", run_name="__main__", alter_sys=True)
 """
 
 
@@ -248,13 +249,13 @@ def test_gpu_check_runs_with_only_torch_torchaudio_numpy(tmp_path: Path) -> None
 
 
 def test_profile_summary_leaves_out_waits_and_names_each_stage() -> None:
-    from bench.profile import FRONTEND_CALL, parse, render
+    from popscore.bench.profile import FRONTEND_CALL, parse, render
 
     raw = [
         "Thread.run (threading.py:982);Condition.wait (threading.py:327) 50\n",
         "_worker (concurrent/futures/thread.py:83);decode_window (consumer/audio.py:180);"
         "SoundFile._cdata_io (soundfile.py:1434) 30\n",
-        f"Pipeline._infer (consumer/pipeline.py:204);Scorer._staged ({FRONTEND_CALL} 10\n",
+        f"Pipeline._infer (consumer/pipeline.py:204);Scorer._in_two_calls ({FRONTEND_CALL} 10\n",
         "App._sink (consumer/app.py:200);Transactions.commit (consumer/commit.py:95) 6\n",
         "Pipeline.prepare (consumer/pipeline.py:120);BaseModel.model_validate_json "
         "(pydantic/main.py:700) 4\n",

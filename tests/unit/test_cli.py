@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from consumer.cli import main
+from popscore.cli.main import main
 from schemas import ScoreRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +46,22 @@ def test_bad_arguments_exit_2_with_one_line(
     assert err.count("\n") == 1 and err.startswith("popscore")
 
 
+@pytest.mark.parametrize("module", ["popscore", "consumer"])  # consumer: the old name, kept
+def test_python_dash_m_is_the_command(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: popscore")
+    for command in ("consume", "produce", "score", "replay-dlq", "bench", "train", "evaluate"):
+        assert command in done.stdout
+
+
 def test_score_features_must_be_a_json_object(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -60,7 +76,7 @@ def test_score_features_must_be_a_json_object(
 def consume_with(settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`popscore consume` in a fresh process with only these POPSCORE_* settings."""
     return subprocess.run(
-        [sys.executable, "-m", "consumer", "--log-level", "WARNING", "consume"],
+        [sys.executable, "-m", "popscore", "--log-level", "WARNING", "consume"],
         env={"PATH": "/usr/bin:/bin", **settings},
         cwd=ROOT,
         capture_output=True,

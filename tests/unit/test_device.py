@@ -13,15 +13,18 @@ import torch
 
 from consumer.audio import AudioPolicy
 from consumer.device import Scorer, pick_device
-from consumer.errors import ArtifactError, DeadLetter
+from consumer.errors import DeadLetter, DeviceUnavailable
 from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
+from popscore.artifact import ArtifactError
+from popscore.artifact.features import DEFAULT_FEATURES, extract
+from popscore.training.model import FusionNet
 from schemas import ReleaseEvent, ScoreRecord
 from schemas.dead_letter import DeadLetterReason as Reason
+from tests.unit.artifact_helpers import export
 from tests.unit.conftest import CLIP, RATE
-from training.export import export_artifact
-from training.features import DEFAULT_FEATURES, extract
-from training.model import FusionNet
+
+LATER_KEYS = ("exports", "uses_audio")  # metadata keys artifacts written before them lack
 
 DEVICES = [
     "cpu",
@@ -90,7 +93,9 @@ def test_artifact_without_the_two_call_form_still_scores(artifact: Path, tmp_pat
 
     scorer = Scorer(artifact, "cpu")
     old = tmp_path / "old.pt"
-    extra = {"popscore.json": json.dumps(scorer.meta.raw)}
+    # metadata as written before `exports` and `uses_audio` existed
+    legacy_meta = {k: v for k, v in scorer.meta.to_dict().items() if k not in LATER_KEYS}
+    extra = {"popscore.json": json.dumps(legacy_meta)}
     torch.jit.save(torch.jit.script(ForwardOnly(scorer.module)), str(old), _extra_files=extra)
     legacy = Scorer(old, "cpu")
     assert not legacy.staged
@@ -126,7 +131,7 @@ def test_auto_device_is_cpu_without_cuda() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
 def test_explicit_cuda_without_cuda_fails() -> None:
-    with pytest.raises(ArtifactError, match="CUDA"):
+    with pytest.raises(DeviceUnavailable, match="CUDA"):
         pick_device("cuda")
 
 
@@ -193,8 +198,7 @@ def test_a_features_only_artifact_never_reads_the_audio(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = FusionNet(use_audio=False, sample_rate=RATE, feature_dim=8, hidden=8)
     net.fit_normalizer(np.random.default_rng(0).random((32, len(DEFAULT_FEATURES))) * 100)
-    meta = {"model_version": "fo", "sample_rate": RATE, "clip_seconds": CLIP}
-    path = export_artifact(net.eval(), tmp_path / "fo.pt", meta)
+    path = export(net.eval(), tmp_path / "fo.pt", "fo", CLIP)
     metrics = Metrics()
     with ThreadPoolExecutor(2) as pool:
         scorer = Scorer(path, "cpu")

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from popscore.artifact.features import extract
 from schemas import ReleaseEvent, ScoreRecord, leaderboard_key, score_key
 from schemas.jsonschema import EXPORTED, JSON_DIR, render
-from training.features import extract
 
 VALID = {
     "event_id": "e-1",

@@ -16,10 +16,12 @@ import soundfile as sf
 import torch
 
 from consumer.audio import AudioPolicy, decode_window
-from consumer.cli import main
 from consumer.device import Scorer
 from consumer.resample import Resampler
-from training.data import (
+from popscore.artifact import load
+from popscore.artifact.features import extract
+from popscore.cli.main import main
+from popscore.training.data import (
     PAPER_CSV,
     PAPER_FEATURES,
     TrackTable,
@@ -27,23 +29,20 @@ from training.data import (
     row_to_event,
     with_audio,
 )
-from training.evaluate import (
+from popscore.training.evaluate import (
     BASELINES,
     FEATURES_ONLY,
-    THRESHOLDS,
     _split_predictions,
-    best_cut,
     cross_validate,
     fit_model,
-    group_folds,
     oof_path,
     predict_rows,
     write_report,
 )
-from training.export import export_artifact, load_artifact
-from training.features import extract
-from training.model import Ensemble, FusionNet
-from training.train import TrainConfig
+from popscore.training.metrics import THRESHOLDS, best_cut, group_folds
+from popscore.training.model import Ensemble, FusionNet
+from popscore.training.train import TrainConfig
+from tests.unit.artifact_helpers import export
 
 F = len(PAPER_FEATURES)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -239,7 +238,7 @@ def features_only() -> Ensemble:
     for seed in (0, 1):
         torch.manual_seed(seed)
         net = FusionNet(PAPER_FEATURES, use_audio=False, **TINY.net)
-        from training.train import train
+        from popscore.training.train import train
 
         train(net, None, table.features, table.popularity, TrainConfig(epochs=3), False)
         members.append(net)
@@ -255,10 +254,10 @@ def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_features_only_artifact_matches_eager(
     features_only: Ensemble, tmp_path: Path, device: str
 ) -> None:
-    meta = {"model_version": "fo-test", "sample_rate": 22050, "clip_seconds": 1.0}
-    path = export_artifact(features_only, tmp_path / "fo.pt", meta)
-    scripted, loaded = load_artifact(path, device)
-    assert loaded["features"] == list(PAPER_FEATURES)
+    path = export(features_only, tmp_path / "fo.pt", "fo-test", 1.0)
+    artifact = load(path, device)
+    scripted = artifact.module
+    assert artifact.meta.features == PAPER_FEATURES
     eager = features_only.to(device)
     inputs = [x.to(device) for x in _batch()]
     with torch.inference_mode():
@@ -328,12 +327,13 @@ def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
     out = tmp_path / "m.pt"
     args = ["train", "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"]
     assert main([*args, "--no-evaluation"]) == 0
-    _, meta = load_artifact(out)
-    assert meta["features"] == list(PAPER_FEATURES) and meta["hit_threshold"] == 70.0
+    meta = load(out).meta
+    assert meta.features == PAPER_FEATURES and meta.hit_threshold == 70.0
+    assert meta.training is not None and meta.training.rows == 45
     again = tmp_path / "m2.pt"
     assert main(["export", str(out), "--out", str(again), "--hit-threshold", "66.5"]) == 0
-    _, meta2 = load_artifact(again)
-    assert meta2["hit_threshold"] == 66.5 and meta2["model_version"] == meta["model_version"]
+    meta2 = load(again).meta
+    assert meta2 == meta.replace(hit_threshold=66.5), "only the cut changed"
     capsys.readouterr()
 
 
@@ -391,6 +391,7 @@ def test_train_embeds_a_matching_evaluation_and_its_cut(tmp_path: Path) -> None:
     out = tmp_path / "m.pt"
     args = ["train", "--data", str(data), "--out", str(out), "--evaluation", str(report)]
     assert main([*args, "--quiet", "--device", "cpu"]) == 0
-    _, meta = load_artifact(out)
-    assert meta["hit_threshold"] == 67.0  # the median of the folds' cuts
-    assert meta["training"]["evaluation"]["model"]["mae"] == 9.0
+    meta = load(out).meta
+    assert meta.hit_threshold == 67.0  # the median of the folds' cuts
+    assert meta.training is not None and meta.training.evaluation is not None
+    assert meta.training.evaluation["model"]["mae"] == 9.0

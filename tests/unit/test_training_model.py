@@ -1,4 +1,4 @@
-"""Unit tests for training/: features, frontend, FusionNet, artifact export, synthetic data."""
+"""Unit tests of the model side: features, frontend, FusionNet, its export, synthetic data."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from training import demo_model
-from training.export import ArtifactError, export_artifact, load_artifact
-from training.features import COUNT_FEATURES, DEFAULT_FEATURES, extract, extract_many
-from training.frontend import LogMel
-from training.model import FusionNet
-from training.synthetic import (
+from popscore.artifact import ArtifactError, ArtifactMeta, TrainingSummary, load, save
+from popscore.artifact.features import COUNT_FEATURES, DEFAULT_FEATURES, extract, extract_many
+from popscore.artifact.frontend import LogMel
+from popscore.training import demo_model
+from popscore.training.metrics import roc_auc
+from popscore.training.model import FusionNet
+from popscore.training.synthetic import (
     AUDIO_FORMATS,
     FILE_SUFFIXES,
     make_dataset,
@@ -25,7 +26,7 @@ from training.synthetic import (
     synth_audio,
     write_audio,
 )
-from training.train import TrainConfig, roc_auc, train
+from popscore.training.train import TrainConfig, train
 
 SR = 22050
 F = len(DEFAULT_FEATURES)
@@ -52,15 +53,11 @@ def _inputs(
     return torch.from_numpy(waveforms), torch.from_numpy(features), mask
 
 
-def _meta(**extra: object) -> dict[str, object]:
-    return {
-        "model_version": "test-0",
-        "sample_rate": SR,
-        "clip_seconds": 3.0,
-        "features": list(DEFAULT_FEATURES),
-        "training": {"data": "synthetic"},
-        **extra,
-    }
+def _meta(model: FusionNet) -> ArtifactMeta:
+    training = TrainingSummary(data="synthetic")
+    return ArtifactMeta.for_model(
+        model, model_version="test-0", clip_seconds=3.0, training=training
+    )
 
 
 # --- features -------------------------------------------------------------------------------
@@ -218,10 +215,12 @@ def test_roc_auc() -> None:
 
 
 def test_export_matches_eager_and_keeps_meta(model: FusionNet, data: tuple, tmp_path: Path) -> None:
-    path = export_artifact(model, tmp_path / "m.pt", _meta())
-    scripted, meta = load_artifact(path)
-    assert meta["model_version"] == "test-0" and meta["hit_threshold"] == 70.0
-    assert meta["features"] == list(DEFAULT_FEATURES)
+    path = save(model, tmp_path / "m.pt", _meta(model))
+    artifact = load(path)
+    scripted, meta = artifact.module, artifact.meta
+    assert meta == _meta(model)
+    assert meta.model_version == "test-0" and meta.hit_threshold == 70.0
+    assert meta.features == DEFAULT_FEATURES and meta.uses_audio and artifact.staged is not None
     inputs = _inputs(data)
     with torch.inference_mode():
         eager, exported = model(*inputs), scripted(*inputs)
@@ -234,36 +233,38 @@ def test_export_matches_eager_and_keeps_meta(model: FusionNet, data: tuple, tmp_
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-def test_export_rejects_incomplete_or_mismatched_meta(model: FusionNet, tmp_path: Path) -> None:
-    meta = _meta()
-    del meta["clip_seconds"]
+def test_export_rejects_mismatched_meta(model: FusionNet, tmp_path: Path) -> None:
+    meta = _meta(model)
     with pytest.raises(ArtifactError, match="clip_seconds"):
-        export_artifact(model, tmp_path / "a.pt", meta)
+        save(model, tmp_path / "a.pt", meta.replace(clip_seconds=0.0))
+    reordered = tuple(reversed(DEFAULT_FEATURES))
     with pytest.raises(ArtifactError, match="feature order"):
-        export_artifact(model, tmp_path / "b.pt", _meta(features=list(reversed(DEFAULT_FEATURES))))
+        save(model, tmp_path / "b.pt", meta.replace(features=reordered))
     with pytest.raises(ArtifactError, match="sample_rate"):
-        export_artifact(model, tmp_path / "c.pt", _meta(sample_rate=16000))
+        save(model, tmp_path / "c.pt", meta.replace(sample_rate=16000))
+    assert not list(tmp_path.iterdir())
 
 
-def test_load_artifact_errors(tmp_path: Path) -> None:
+def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError):
-        load_artifact(tmp_path / "absent.pt")
+        load(tmp_path / "absent.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a zip")
     with pytest.raises(ArtifactError):
-        load_artifact(junk)
+        load(junk)
 
 
 def test_demo_model_builds_a_loadable_artifact(tmp_path: Path) -> None:
     out = tmp_path / "demo.pt"
     argv = ["--out", str(out), "--seed", "1", "--minutes", "0.05", "--epochs", "1"]
     assert demo_model.main([*argv, "--crop-seconds", "1.5", "--quiet"]) == 0
-    _, meta = load_artifact(out)
-    assert meta["model_version"].startswith("demo-synth-1-")
-    assert meta["sample_rate"] == 22050 and meta["clip_seconds"] == 30.0
-    assert meta["training"]["data"] == "synthetic"
-    assert {"mae", "mean_predictor_mae"} <= set(meta["training"]["metrics"])
-    json.dumps(meta)  # plain JSON all the way down
+    meta = load(out).meta
+    assert meta.model_version.startswith("demo-synth-1-")
+    assert meta.sample_rate == 22050 and meta.clip_seconds == 30.0
+    assert meta.training is not None and meta.training.data == "synthetic"
+    assert {"mae", "mean_predictor_mae"} <= set(meta.training.details["metrics"])
+    assert meta.extra["hit_definition"].startswith("trained label")
+    json.dumps(meta.to_dict())  # plain JSON all the way down
     assert out.stat().st_size < 5_000_000
 
 

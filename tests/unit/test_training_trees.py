@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import PAPER_FEATURES
-from training.export import export_artifact, load_artifact
-from training.frontend import LogMel
-from training.model import Ensemble, FeatureNormalizer, FusionNet
+from popscore.artifact import load
+from popscore.artifact.frontend import LogMel
+from popscore.training.data import PAPER_FEATURES
+from popscore.training.model import Ensemble, FeatureNormalizer, FusionNet
+from tests.unit.artifact_helpers import export
 
 F = len(PAPER_FEATURES)
 
@@ -53,7 +54,7 @@ def test_plain_normalizer_output_is_unchanged_without_bins() -> None:
 @pytest.fixture(scope="module")
 def trees() -> torch.nn.Module:
     pytest.importorskip("sklearn")
-    from training.trees import fit_trees
+    from popscore.training.trees import fit_trees
 
     features, popularity = _rows()
     return fit_trees(PAPER_FEATURES, features, popularity, hit_threshold=70.0, seed=0)
@@ -63,8 +64,7 @@ def test_trees_artifact_matches_eager_and_scores_missing_values(
     trees: torch.nn.Module, tmp_path: Path
 ) -> None:
     features, _ = _rows(n=7, seed=3)
-    meta = {"model_version": "trees-test", "sample_rate": 22050, "clip_seconds": 1.0}
-    scripted, _ = load_artifact(export_artifact(trees, tmp_path / "t.pt", meta))
+    scripted = load(export(trees, tmp_path / "t.pt", "trees-test", 1.0)).module
     inputs = (torch.zeros(7, 10), torch.from_numpy(features), torch.zeros(7, dtype=torch.bool))
     with torch.inference_mode():
         eager, saved = trees(*inputs), scripted(*inputs)
@@ -83,7 +83,7 @@ def test_trees_match_scikit_learn(trees: torch.nn.Module) -> None:
     fresh, _ = _rows(n=40, seed=5)
     from sklearn.ensemble import GradientBoostingRegressor
 
-    from training.trees import REGRESSOR_PARAMS
+    from popscore.training.trees import REGRESSOR_PARAMS
 
     norm = FeatureNormalizer(PAPER_FEATURES)
     norm.fit(features)

@@ -1,0 +1,195 @@
+"""The one Kafka client layer: config builders, a produce that waits out a full local queue, the
+error mapping, topic creation, and librdkafka's log lines through Python logging.
+
+    Consumer(consumer_config(settings.kafka_config("consumer"), group_id))
+    Producer(producer_config(settings.kafka_config("producer")))        # idempotent
+    Producer(transactional_config(settings.kafka_config("producer"), transactional_id))
+    produce(producer, topic, value, key)                                 # never BufferError
+
+Each builder puts its defaults first, the user's ``POPSCORE_KAFKA_PROPERTIES`` over them, and
+the properties popscore's guarantees depend on last, where no setting can change them.
+"""
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from consumer.errors import ConfigError, PopscoreError
+
+T = TypeVar("T")
+Config = dict[str, Any]
+DeliveryCallback = Callable[[KafkaError | None, Any], None]
+Header = tuple[str, str | bytes | None]
+# An open transaction of a crashed process blocks read_committed readers until it times out
+# (unless a restart with the same transactional.id fences it first): keep it short.
+TRANSACTION_TIMEOUT_MS = 60_000
+_QUEUE_FULL_WAIT_S = 0.5
+
+
+# --- config builders -----------------------------------------------------------------------
+
+
+def consumer_config(
+    base: Mapping[str, Any], group_id: str, fixed: Mapping[str, Any] | None = None
+) -> Config:
+    """A consumer that moves no offset by itself, reads only committed records and reports the
+    end of each partition; ``fixed`` adds properties the caller relies on."""
+    return {
+        "auto.offset.reset": "earliest",
+        **base,  # tunables (session.timeout.ms, fetch sizes) may be overridden
+        "logger": librdkafka_logger("consumer"),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        # Upstream producers may be transactional: never read an aborted record.
+        "isolation.level": "read_committed",
+        **(fixed or {}),
+    }
+
+
+def producer_config(base: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Config:
+    """An idempotent producer (produce, replay-dlq, the benchmark's senders): a retried send
+    never writes a record twice. ``defaults`` (e.g. another ``linger.ms``) yield to settings."""
+    return {
+        "linger.ms": 20,
+        **(defaults or {}),
+        **base,
+        "logger": librdkafka_logger("producer"),
+        "enable.idempotence": True,
+    }
+
+
+def transactional_config(base: Mapping[str, Any], transactional_id: str) -> Config:
+    """The service's producer: scores, dead letters and input offsets in one transaction."""
+    return {
+        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        "linger.ms": 5,
+        "compression.type": "zstd",
+        **base,
+        # With the default "rebootstrap", a send_offsets_to_transaction() in flight while every
+        # broker is away can block past their return (docs/RELIABILITY.md, "Failure modes").
+        "metadata.recovery.strategy": "none",
+        "logger": librdkafka_logger("producer"),
+        "transactional.id": transactional_id,
+    }
+
+
+def admin_config(base: Mapping[str, Any]) -> Config:
+    """An admin client (topic creation)."""
+    return {**base, "logger": librdkafka_logger("admin")}
+
+
+# --- producing and errors ------------------------------------------------------------------
+
+
+def produce(
+    producer: Producer,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None = None,
+    headers: list[Header] | None = None,
+    on_delivery: DeliveryCallback | None = None,
+) -> None:
+    """Queue one record; while librdkafka's local queue is full, serve delivery reports until
+    there is room (a full queue is backpressure, not an error)."""
+    extra: dict[str, Any] = {} if on_delivery is None else {"on_delivery": on_delivery}
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers, **extra)
+            return
+        except BufferError:
+            producer.poll(_QUEUE_FULL_WAIT_S)
+
+
+def error_of(exc: KafkaException) -> KafkaError | None:
+    """The KafkaError a KafkaException carries, if any."""
+    error = exc.args[0] if exc.args else None
+    return error if isinstance(error, KafkaError) else None
+
+
+def client(build: Callable[[], T]) -> T:
+    """Build a Kafka client; a configuration librdkafka refuses (an unknown property, a bad
+    value, a combination it does not allow) can only come from a setting: ConfigError."""
+    try:
+        return build()
+    except KafkaException as exc:
+        error = error_of(exc)
+        if error is not None and error.code() == KafkaError._INVALID_ARG:
+            raise ConfigError(f"POPSCORE_KAFKA_PROPERTIES: {error.str()}") from None
+        raise
+
+
+def ensure_topics(base: Mapping[str, Any], topics: list[str], partitions: int = 3) -> None:
+    """Create the topics that do not exist yet (replication 1: the local stack has one broker).
+    For ``produce``, the benchmark and the tests; the service creates none."""
+    admin = client(lambda: AdminClient(admin_config(base)))
+    existing = set(admin.list_topics(timeout=10).topics)
+    missing = [NewTopic(t, num_partitions=partitions, replication_factor=1)
+               for t in topics if t not in existing]  # fmt: skip
+    if not missing:
+        return
+    for topic, future in admin.create_topics(missing, operation_timeout=15).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            error = error_of(exc)
+            if error is None or error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise PopscoreError(f"cannot create topic {topic}: {exc}") from exc
+
+
+# --- librdkafka's log lines ----------------------------------------------------------------
+
+FOLD_WINDOW_S = 30.0
+MAX_KINDS = 1000  # kinds of line remembered; the least recently seen is forgotten first
+# Parts of a line that change between otherwise identical repeats.
+_VOLATILE = re.compile(r"\d+ms|\d+ ms")
+
+
+class FoldRepeats(logging.Filter):
+    """Passes a record unless an identical one (timings aside) passed within ``window_s``; the
+    next one after the window says how many were folded. A broker that is down makes librdkafka
+    log a line per connection attempt (docs/RELIABILITY.md, "Failure modes")."""
+
+    def __init__(self, window_s: float = FOLD_WINDOW_S) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: OrderedDict[tuple[str, int, str], tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()  # librdkafka logs from its own threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, _VOLATILE.sub("N ms", record.getMessage()))
+        now = time.monotonic()
+        with self._lock:
+            last, folded = self._seen.pop(key, (-self.window_s, 0))  # re-added as the newest
+            if now - last < self.window_s:
+                self._seen[key] = (last, folded + 1)
+                return False
+            self._seen[key] = (now, 0)
+            if len(self._seen) > MAX_KINDS:  # O(1): many distinct lines (debug logging)
+                self._seen.popitem(last=False)
+        if folded:
+            record.msg = (
+                f"{record.getMessage()} (and {folded} more like it in {self.window_s:.0f} s)"
+            )
+            record.args = None
+        return True
+
+
+_logger_lock = threading.Lock()
+
+
+def librdkafka_logger(kind: str) -> logging.Logger:
+    """The logger a librdkafka client of ``kind`` (consumer, producer, admin) writes to."""
+    logger = logging.getLogger(f"librdkafka.{kind}")
+    with _logger_lock:
+        if not any(isinstance(f, FoldRepeats) for f in logger.filters):
+            logger.addFilter(FoldRepeats())
+    return logger

@@ -1,0 +1,209 @@
+"""``popscore.json``, the metadata inside every artifact: its typed form and its one builder.
+
+    meta = ArtifactMeta.for_model(model, model_version="v1", clip_seconds=30.0, training=...)
+    ArtifactMeta.from_json(meta.to_json()) == meta
+
+The keys are documented in docs/INTERFACE.md ("Model artifact"). Keys this version does not
+know are kept in ``extra`` and written back unchanged, so re-exporting never loses them.
+"""
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from popscore.artifact.errors import ArtifactError
+from popscore.artifact.protocol import STAGED_METHODS, ArtifactModel
+
+META_FILE = "popscore.json"
+DEFAULT_HIT_THRESHOLD = 70.0
+REQUIRED_KEYS = ("model_version", "sample_rate", "clip_seconds", "features", "hit_threshold")
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What the model was trained on and how it evaluated (the ``training`` key)."""
+
+    data: str
+    """Where the rows came from: a catalog's path, or a synthetic generator's description."""
+    rows: int | None = None
+    seed: int | None = None
+    variant: str | None = None
+    """The model variant, e.g. ``features_only`` or ``fusion``."""
+    evaluation: dict[str, Any] | None = None
+    """The summary of the grouped ``popscore evaluate`` report of this data and variant."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Anything else the trainer recorded (losses, held-out metrics, the generator's knobs)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: the set fields, then the details at the same level."""
+        known = {"data": self.data, "rows": self.rows, "seed": self.seed,
+                 "variant": self.variant, "evaluation": self.evaluation}  # fmt: skip
+        return {**{k: v for k, v in known.items() if v is not None}, **self.details}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "TrainingSummary | None":
+        """Leniently: artifacts written before this type record other keys, kept as details."""
+        if not isinstance(raw, Mapping):
+            return None
+        own = {f.name for f in fields(cls)} - {"details"}
+        rows, seed = raw.get("rows"), raw.get("seed")
+        evaluation = raw.get("evaluation")
+        return cls(
+            data=str(raw.get("data", "unknown")),
+            rows=rows if isinstance(rows, int) else None,
+            seed=seed if isinstance(seed, int) else None,
+            variant=str(raw["variant"]) if raw.get("variant") is not None else None,
+            evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else None,
+            details={k: v for k, v in raw.items() if k not in own},
+        )
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """The typed ``popscore.json``."""
+
+    model_version: str
+    sample_rate: int
+    """Hz of the waveforms forward() takes."""
+    clip_seconds: float
+    """Length of the mono window serving decodes and passes (cropped or zero-padded)."""
+    features: tuple[str, ...]
+    """Dotted ReleaseEvent paths, in the order of the feature columns."""
+    hit_threshold: float = DEFAULT_HIT_THRESHOLD
+    """The decision cut: ``is_hit = popularity >= hit_threshold``."""
+    hit_label_threshold: float | None = None
+    """The popularity the hit head was trained to detect; None: ``hit_threshold``."""
+    uses_audio: bool | None = None
+    """Whether the model has an audio branch; None in artifacts written before the key."""
+    exports: tuple[str, ...] | None = None
+    """The module's methods; None in artifacts written before the key."""
+    training: TrainingSummary | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys this version does not know, written back as they were."""
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples in one waveform row."""
+        return round(self.sample_rate * self.clip_seconds)
+
+    @property
+    def label_threshold(self) -> float:
+        """The popularity ``hit_probability`` is the probability of reaching."""
+        return self.hit_threshold if self.hit_label_threshold is None else self.hit_label_threshold
+
+    @classmethod
+    def for_model(
+        cls,
+        model: ArtifactModel,
+        *,
+        model_version: str,
+        clip_seconds: float,
+        training: TrainingSummary,
+        hit_threshold: float = DEFAULT_HIT_THRESHOLD,
+        hit_label_threshold: float | None = None,
+        **extra: Any,
+    ) -> "ArtifactMeta":
+        """The one builder: the sample rate, feature order and audio use are read off the
+        model, so the metadata cannot disagree with the weights."""
+        return cls(
+            model_version=model_version,
+            sample_rate=int(model.sample_rate),
+            clip_seconds=float(clip_seconds),
+            features=tuple(model.feature_paths),
+            hit_threshold=float(hit_threshold),
+            hit_label_threshold=hit_label_threshold,
+            uses_audio=bool(model.use_audio),
+            exports=("forward", *STAGED_METHODS),
+            training=training,
+            extra=extra,
+        ).checked()
+
+    def replace(self, **changes: Any) -> "ArtifactMeta":
+        """A copy with ``changes`` (``popscore export``), checked."""
+        return replace(self, **changes).checked()
+
+    def checked(self) -> "ArtifactMeta":
+        """Self, or ArtifactError naming the first key with an unusable value."""
+        if not self.model_version.strip():
+            raise ArtifactError("model_version is empty")
+        if self.sample_rate <= 0 or not self.clip_seconds > 0 or self.clip_samples < 1:
+            raise ArtifactError(f"sample_rate {self.sample_rate} x clip_seconds "
+                                f"{self.clip_seconds} holds no sample")  # fmt: skip
+        if not self.features or not all(isinstance(p, str) and p for p in self.features):
+            raise ArtifactError("features must be a non-empty list of dotted paths")
+        if not math.isfinite(self.hit_threshold):
+            raise ArtifactError(f"hit_threshold {self.hit_threshold} is not a number")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written into the artifact."""
+        out: dict[str, Any] = {
+            "model_version": self.model_version,
+            "sample_rate": self.sample_rate,
+            "clip_seconds": self.clip_seconds,
+            "features": list(self.features),
+            "hit_threshold": self.hit_threshold,
+        }
+        if self.hit_label_threshold is not None:
+            out["hit_label_threshold"] = self.hit_label_threshold
+        if self.uses_audio is not None:
+            out["uses_audio"] = self.uses_audio
+        if self.exports is not None:
+            out["exports"] = list(self.exports)
+        if self.training is not None:
+            out["training"] = self.training.to_dict()
+        return {**out, **self.extra}
+
+    def to_json(self) -> str:
+        """``popscore.json`` as written."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "ArtifactMeta":
+        """The typed view; ArtifactError naming what is missing or malformed."""
+        if not isinstance(raw, Mapping):
+            raise ArtifactError(f"{META_FILE} is not a JSON object")
+        if missing := [key for key in REQUIRED_KEYS if key not in raw]:
+            raise ArtifactError(f"{META_FILE} lacks {', '.join(missing)}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        try:
+            label = raw.get("hit_label_threshold")
+            exports = raw.get("exports")
+            meta = cls(
+                model_version=str(raw["model_version"]),
+                sample_rate=int(raw["sample_rate"]),
+                clip_seconds=float(raw["clip_seconds"]),
+                features=tuple(_paths(raw["features"])),
+                hit_threshold=float(raw["hit_threshold"]),
+                hit_label_threshold=None if label is None else float(label),
+                uses_audio=_optional_bool(raw.get("uses_audio")),
+                exports=None if exports is None else tuple(str(m) for m in exports),
+                training=TrainingSummary.from_dict(raw.get("training")),
+                extra={k: v for k, v in raw.items() if k not in known},
+            )
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{META_FILE}: {exc}") from None
+        return meta.checked()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ArtifactMeta":
+        """Parse ``popscore.json``."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{META_FILE} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+
+def _paths(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ValueError("features must be a list of dotted paths")
+    return value
+
+
+def _optional_bool(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {value!r}")

@@ -1,0 +1,253 @@
+"""``popscore bench``: the modes on one corpus, a table, and JSON (docs/INTERFACE.md, "Benchmark
+report"). The benchmark itself is ``popscore.bench``, which the runtime image leaves out."""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from consumer.errors import UsageError
+from consumer.settings import Settings
+from popscore.cli.argtypes import Subparsers, existing_dir, positive_float, positive_int
+
+MODES = ("compute", "e2e", "naive", "compute_process", "soak")
+DEFAULT_MODES = ("compute", "e2e", "naive")
+# Debian's wesnoth-1.16-music: real music, OGG/Vorbis 44.1 kHz stereo, 5 s to 9 min.
+WESNOTH_GLOB = "/usr/share/games/wesnoth/*/data/core/music"
+
+
+def register(sub: Subparsers) -> None:
+    """Add the ``bench`` subcommand to the CLI's subparsers."""
+    bench = sub.add_parser("bench", help="benchmark: compute ceiling, end to end, naive consumer")
+    bench.set_defaults(handler=_bench)
+    bench.add_argument("--events", type=positive_int, default=192, help="events per mode")
+    bench.add_argument(
+        "--clip",
+        type=float,
+        metavar="SECONDS",
+        help="releases of this length (e.g. 30) instead of full-length 3-4 min",
+    )
+    bench.add_argument("--format", default="MP3", choices=["MP3", "WAV", "FLAC", "OGG"])
+    bench.add_argument("--sample-rate", type=positive_int, default=44_100)
+    bench.add_argument("--channels", type=positive_int, default=2)
+    bench.add_argument(
+        "--unique-files", type=positive_int, default=8, help="distinct audio files (cached)"
+    )
+    bench.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="comma-separated, of: compute, e2e, naive (the default), compute_process (the "
+        "compute ceiling with a process pool instead of threads), soak",
+    )
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument(
+        "--audio-dir", type=existing_dir, help="real audio files to use instead of synthesized"
+    )
+    source.add_argument(
+        "--wesnoth",
+        action="store_true",
+        help="real music: the OGG files of Debian's wesnoth-1.16-music, when installed",
+    )
+    bench.add_argument(
+        "--rate-seconds",
+        type=positive_int,
+        default=60,
+        help="the latency run sends at least this long at --rate, so its p99 has samples",
+    )
+    bench.add_argument(
+        "--soak-seconds",
+        type=positive_int,
+        default=600,
+        help="length of the soak mode, sent at --rate (or half the e2e max)",
+    )
+    bench.add_argument(
+        "--rate",
+        type=positive_float,
+        help="offered events/s of the latency run (default: half the measured max)",
+    )
+    bench.add_argument("--batch-size", type=positive_int, help="default: POPSCORE_BATCH_SIZE")
+    bench.add_argument("--batch-wait-ms", type=int, help="default: POPSCORE_BATCH_WAIT_MS")
+    bench.add_argument("--decode-workers", type=positive_int, help="POPSCORE_DECODE_WORKERS")
+    bench.add_argument("--torch-threads", type=positive_int, help="default: half the usable cores")
+    bench.add_argument(
+        "--resample-on", choices=["auto", "pool", "device"], help="POPSCORE_RESAMPLE_ON"
+    )
+    bench.add_argument("--device", help="default: POPSCORE_DEVICE")
+    bench.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
+    bench.add_argument("--corpus-dir", type=Path, default=Path(".bench/corpus"))
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    _require_benchmark()
+    from consumer.audio import AudioPolicy
+    from consumer.device import Scorer
+    from consumer.pipeline import batch_resampler_for
+    from popscore.bench import compute, corpus, e2e, naive, soak
+    from popscore.bench.stats import ModeResult, Workload, report, table
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if "soak" in modes and not args.rate and "e2e" not in modes:
+        print("popscore bench: the soak mode needs --rate or the e2e mode", file=sys.stderr)
+        return 2
+    if args.torch_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
+        torch.set_num_threads(args.torch_threads)
+    try:
+        paths, shape = _corpus(args)
+    except corpus.CorpusError as exc:
+        print(f"popscore bench: {exc}", file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {
+        "batch_size": args.batch_size or settings.batch_size,
+        "batch_wait_ms": settings.batch_wait_ms
+        if args.batch_wait_ms is None
+        else args.batch_wait_ms,
+        "decode_workers": args.decode_workers or settings.decode_workers,
+        "device": args.device or settings.device,
+        "model": args.model or settings.model,
+        "audio_file_roots": tuple(sorted({p.parent for p in paths})),
+        "resample_on": args.resample_on or settings.resample_on,
+    }
+    base = settings.model_copy(update=overrides)
+    run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
+    scorer = Scorer(base.model, base.device)
+    resampler = batch_resampler_for(base.resample_on, scorer)
+    workload = Workload(
+        events=args.events,
+        **shape,
+        batch_size=base.batch_size,
+        batch_wait_ms=base.batch_wait_ms,
+        decode_workers=base.decode_workers,
+        torch_threads=torch.get_num_threads(),
+        device=str(scorer.device),
+        model_version=scorer.meta.model_version,
+        resample_on="pool" if resampler is None else "device",
+    )
+    policy = AudioPolicy.create(base.audio_file_roots, max_bytes=base.audio_max_bytes)
+
+    def fresh(mode: str, n: int = args.events) -> list[Any]:
+        return corpus.events(paths, n, args.seed, f"{run_id}-{mode}")
+
+    results: list[ModeResult] = []
+    for kind in ("thread", "process"):
+        if ("compute" if kind == "thread" else "compute_process") in modes:
+            results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,
+                                       base.decode_workers, kind,
+                                       resampler))  # fmt: skip
+    rate = args.rate
+    if "e2e" in modes:
+        maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
+        results.append(maxed)
+        rate = rate or maxed.events_per_s / 2
+        n = max(args.events, round(rate * args.rate_seconds))
+        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate", n), rate, "e2e_rate"))
+    if "naive" in modes:
+        results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
+    if "soak" in modes and rate:
+        n = max(1, round(rate * args.soak_seconds))
+        results.append(soak.run(_unique(base, run_id, "soak"), fresh("soak", n), rate))
+    doc = report(workload, results, machine_info())
+    print(table(doc))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _require_benchmark() -> None:
+    """The runtime image leaves the benchmark out: one line saying so (exit 2), no traceback."""
+    if importlib.util.find_spec("popscore.bench") is None:
+        raise UsageError(
+            "the benchmark is not in this install (the runtime image leaves it out): "
+            "run it from a source checkout, `make bench`"
+        )
+
+
+def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
+    """The audio files of this run and the Workload fields that describe them: real files
+    (--audio-dir, --wesnoth) as they are, or synthesized releases (cached)."""
+    from popscore.bench import corpus
+
+    if args.wesnoth or args.audio_dir:
+        folder = args.audio_dir or _wesnoth_dir()
+        return corpus.from_dir(folder)
+    lo, hi = (args.clip, args.clip) if args.clip else (180.0, 240.0)
+    paths = corpus.build(args.corpus_dir, args.format, args.sample_rate, args.channels, lo, hi,
+                         args.unique_files, args.seed, workers=os.cpu_count() or 2)  # fmt: skip
+    return paths, {
+        "audio_format": args.format,
+        "clip_seconds": args.clip,
+        "min_seconds": lo,
+        "max_seconds": hi,
+        "sample_rate": args.sample_rate,
+        "channels": args.channels,
+        "unique_files": args.unique_files,
+    }
+
+
+def _wesnoth_dir() -> Path:
+    import glob
+
+    from popscore.bench.corpus import CorpusError
+
+    found = sorted(glob.glob(WESNOTH_GLOB))
+    if not found:
+        raise CorpusError(
+            f"no {WESNOTH_GLOB}: install Debian's wesnoth-1.16-music, or use --audio-dir"
+        )
+    return Path(found[-1])
+
+
+def _unique(settings: Settings, run_id: str, mode: str) -> Settings:
+    """Topics, group and transactional id of their own for one mode of one run."""
+    tag = f"bench-{run_id}-{mode}"
+    return settings.model_copy(
+        update={
+            "input_topic": f"{tag}-in",
+            "output_topic": f"{tag}-out",
+            "dlq_topic": f"{tag}-dlq",
+            "group_id": tag,
+            "transactional_id": tag,
+            "http_port": 0,
+        }
+    )
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and count, Python and torch versions."""
+    import torch
+
+    from popscore.bench.stats import reset_peak_rss
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # False: the kernel's high-water mark could not be reset, so every mode's peak RSS
+        # is the process's peak so far.
+        "peak_rss_per_mode": reset_peak_rss(),
+    }

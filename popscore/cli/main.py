@@ -1,0 +1,64 @@
+"""The ``popscore`` command line (README, "Commands"). Bad arguments: one line on stderr, exit 2."""
+
+import argparse
+import faulthandler
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from confluent_kafka import KafkaException
+
+from consumer.errors import ConfigError, PopscoreError, UsageError
+from consumer.settings import load_settings
+from popscore.cli import bench, model, produce, service
+from popscore.cli.argtypes import EXIT_USAGE, Handler, Parser
+
+log = logging.getLogger("popscore")
+
+
+def build_parser() -> Parser:
+    """Every subcommand and its options."""
+    parser = Parser(prog="popscore", description=__doc__)
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", default="INFO", choices=levels)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    service.register(sub)  # consume, score, replay-dlq
+    produce.register(sub)
+    bench.register(sub)
+    model.register(sub)  # train, evaluate, export
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m popscore``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # `kill -USR1 <pid>` prints every thread's stack: the first question about a stuck pod.
+    # (the process's own stderr, not a replaced sys.stderr, which may have no file descriptor)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__ or 2, all_threads=True)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_settings()
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(f"popscore: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        _usage(parser, args, str(exc))
+    except KafkaException as exc:
+        log.error("%s", exc)
+        return 1
+    except PopscoreError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _usage(parser: Parser, args: argparse.Namespace, message: str) -> NoReturn:
+    """One line naming the subcommand, exit 2, as argparse itself does for a bad argument."""
+    prog = f"{parser.prog} {args.command}"
+    parser.exit(EXIT_USAGE, f"{prog}: error: {message}\n")

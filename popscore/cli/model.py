@@ -1,0 +1,109 @@
+"""``popscore evaluate``, ``train`` and ``export``: the model lifecycle (``popscore.training``;
+docs/MODEL.md). The training modules load in the handlers, so ``popscore --help`` stays fast."""
+
+import argparse
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from consumer.errors import UsageError
+from consumer.settings import Settings
+from popscore.cli.argtypes import Subparsers, existing_file, int_at_least
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``evaluate``, ``train`` and ``export``."""
+    evaluate = sub.add_parser("evaluate", help="artist-grouped k-fold report with baselines")
+    evaluate.set_defaults(handler=_evaluate)
+    _data_arguments(evaluate)
+    evaluate.add_argument("--report", type=Path, required=True, help="report JSON to write")
+    evaluate.add_argument("--folds", type=int_at_least(2), default=5)
+
+    train = sub.add_parser("train", help="train on every row and export an artifact")
+    train.set_defaults(handler=_train)
+    _data_arguments(train)
+    train.add_argument("--out", type=Path, required=True, help="artifact path, e.g. models/x.pt")
+    # An artifact carries its evaluation; leaving it out is a deliberate choice.
+    evaluated = train.add_mutually_exclusive_group(required=True)
+    evaluated.add_argument(
+        "--evaluation",
+        type=existing_file,
+        help="the `evaluate` report of this data and variant, embedded (summary, cuts)",
+    )
+    evaluated.add_argument(
+        "--no-evaluation", action="store_true", help="embed no evaluation (an experiment)"
+    )
+    train.add_argument("--model-version", help="default: derived from data, seed and weights")
+
+    export = sub.add_parser("export", help="re-export an artifact with updated metadata")
+    export.set_defaults(handler=_export)
+    export.add_argument("artifact", type=existing_file, help="an existing popscore artifact")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--evaluation", type=existing_file, help="report whose summary to embed")
+    export.add_argument("--hit-threshold", type=float, help="new is_hit cut on popularity")
+    export.add_argument("--model-version")
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=existing_file, help="a Spotify-API-shaped CSV")
+    source.add_argument(
+        "--synthetic", type=int_at_least(20), metavar="N", help="N SYNTHETIC tracks with audio"
+    )
+    parser.add_argument("--features-only", action="store_true", help="no audio branch")
+    parser.add_argument("--audio-column", help="CSV column naming each row's audio file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _jobs() -> ModuleType:
+    """The training package; it needs scikit-learn (``pip install 'popscore[train]'``)."""
+    try:
+        from popscore.training import jobs
+    except ModuleNotFoundError as exc:
+        if exc.name != "sklearn":
+            raise
+        raise UsageError(
+            "training needs scikit-learn, which this install lacks: pip install 'popscore[train]'"
+        ) from None
+    return jobs
+
+
+def _data(args: argparse.Namespace) -> Any:
+    return _jobs().Data(args.data, args.synthetic, args.audio_column, args.features_only, args.seed)
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    jobs = _jobs()
+    table, variants = jobs.load_data(_data(args), comparison=True)
+    device = jobs.resolve_device(args.device)
+    summary, oof_file = jobs.evaluate(
+        table, variants, args.folds, args.seed, device, args.report, not args.quiet
+    )
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.report} and {oof_file}")
+    return 0
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    jobs = _jobs()
+    table, [variant] = jobs.load_data(_data(args), comparison=False)
+    evaluation = None
+    if args.evaluation:
+        evaluation = jobs.read_evaluation(args.evaluation, variant.name, len(table.popularity))
+    device = jobs.resolve_device(args.device)
+    path, meta = jobs.train(
+        table, variant, args.out, args.seed, device, evaluation, args.model_version
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) as {meta.model_version}")
+    return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    jobs = _jobs()
+    evaluation = jobs.read_evaluation(args.evaluation) if args.evaluation else None
+    meta = jobs.export(args.artifact, args.out, evaluation, args.hit_threshold, args.model_version)
+    print(f"wrote {args.out} as {meta.model_version}")
+    return 0

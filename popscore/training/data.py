@@ -1,0 +1,203 @@
+"""Tables of tracks for training and evaluation: a Spotify-API CSV, or SYNTHETIC tracks.
+
+A CSV row becomes a ReleaseEvent-shaped dict first (`row_to_event`), and its feature row
+comes from `training.features.extract` on that dict: the very function the consumer calls on
+a live event, so a model trained here reads serving's features in the same way.
+
+The paper's data lives outside the repository (`PAPER_CSV`, ../shared/data); it is never
+copied in, and whatever needs it skips when it is absent.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from consumer.audio import AudioPolicy, decode_window
+from consumer.errors import DeadLetter
+from consumer.resample import Resampler
+from popscore.artifact.features import AUDIO_FEATURE_NAMES, DEFAULT_FEATURES, extract
+from popscore.training.synthetic import sample_track, synth_audio
+
+PAPER_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paper_tracks.csv"
+
+# CSV column -> dotted ReleaseEvent path. Columns absent from a file are simply missing.
+CSV_COLUMNS: dict[str, str] = {
+    "artist": "artist.name",
+    "artist_popularity": "artist.popularity",
+    "artist_followers": "artist.followers",
+    "release_date": "release.date",
+    "duration_ms": "release.duration_ms",
+    "explicit": "release.explicit",
+    **{name: f"audio_features.{name}" for name in AUDIO_FEATURE_NAMES},
+}
+
+# What the paper's CSV can feed: the 10 audio descriptors it has, artist popularity,
+# followers (log1p inside the model), track length and the derived release year.
+PAPER_FEATURES: tuple[str, ...] = (
+    "artist.popularity",
+    "artist.followers",
+    "release.year",
+    "release.duration_ms",
+    *(
+        f"audio_features.{name}"
+        for name in (
+            "acousticness",
+            "danceability",
+            "energy",
+            "instrumentalness",
+            "liveness",
+            "loudness",
+            "speechiness",
+            "tempo",
+            "time_signature",
+            "valence",
+        )
+    ),
+)
+
+
+@dataclass(frozen=True)
+class TrackTable:
+    """Rows of tracks: feature matrix [n, F] (NaN = missing), popularity [n], group per row."""
+
+    features: np.ndarray
+    popularity: np.ndarray
+    groups: np.ndarray  # artist per row: no artist may sit in two folds
+    feature_paths: tuple[str, ...]
+    source: str
+    audio_paths: tuple[str | None, ...] | None = None  # per row, when the data names files
+    waveforms: np.ndarray | None = None  # [n, S] mono clips at the model's rate, when loaded
+    audio_mask: np.ndarray | None = None  # [n] bool: False where a row's clip is absent
+
+    def __post_init__(self) -> None:
+        n = len(self.popularity)
+        if self.features.shape != (n, len(self.feature_paths)) or len(self.groups) != n:
+            raise ValueError("features, popularity and groups disagree on the number of rows")
+        if self.audio_paths is not None and len(self.audio_paths) != n:
+            raise ValueError("audio_paths must have one entry per row")
+
+
+def _number(text: str) -> float | int | bool | None:
+    text = text.strip()
+    if not text:
+        return None
+    if text.lower() in {"true", "false"}:
+        return text.lower() == "true"
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def row_to_event(row: Mapping[str, str]) -> dict[str, Any]:
+    """One CSV row -> a ReleaseEvent-shaped dict (only the groups the row has values for)."""
+    event: dict[str, Any] = {}
+    for column, path in CSV_COLUMNS.items():
+        raw = row.get(column)
+        if raw is None or not raw.strip():
+            continue
+        # Dates and names stay text; `release.year` is derived from the date by extract().
+        keep_text = path in {"release.date", "artist.name"}
+        value = raw.strip() if keep_text else _number(raw)
+        if value is None:
+            continue
+        group, field = path.split(".")
+        event.setdefault(group, {})[field] = value
+    return event
+
+
+def _audio_path(raw: str | None, base: Path) -> str | None:
+    if raw is None or not raw.strip():
+        return None
+    path = Path(raw.strip())
+    return str(path if path.is_absolute() else base / path)
+
+
+def load_csv(
+    path: str | Path,
+    feature_paths: Sequence[str] = PAPER_FEATURES,
+    target: str = "popularity",
+    group: str = "artist",
+    audio_column: str | None = None,
+) -> TrackTable:
+    """A Spotify-API-shaped CSV -> TrackTable. Relative audio paths resolve beside the CSV."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    missing = [c for c in (target, group, audio_column) if c and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)}")
+    features = np.stack([extract(row_to_event(row), feature_paths) for row in rows])
+    popularity = np.array([float(row[target]) for row in rows], dtype=np.float32)
+    groups = np.array([row[group] for row in rows])
+    audio = None
+    if audio_column:
+        audio = tuple(_audio_path(row.get(audio_column), path.parent) for row in rows)
+    return TrackTable(features, popularity, groups, tuple(feature_paths), str(path), audio)
+
+
+# The service's default header limits; the files are the caller's own, so no URI policy.
+_TRAINING_POLICY = AudioPolicy.create(())
+
+
+def _load_clip(path: str, resampler: Resampler) -> np.ndarray | None:
+    """The clip the service would score for this file: the consumer's own decode of the
+    centred window, mixdown and resample (so training never sees a different crop)."""
+    seconds = resampler.clip_samples / resampler.target_rate
+    try:
+        return resampler(decode_window(Path(path), seconds, _TRAINING_POLICY))
+    except DeadLetter:
+        return None
+
+
+def with_audio(table: TrackTable, sample_rate: int, seconds: float) -> TrackTable:
+    """Decode each row's audio file into a fixed-length mono clip; unreadable -> mask False."""
+    if table.audio_paths is None:
+        raise ValueError("this table names no audio files")
+    resampler = Resampler(sample_rate, seconds)
+    waveforms = np.zeros((len(table.popularity), resampler.clip_samples), dtype=np.float32)
+    mask = np.zeros(len(table.popularity), dtype=bool)
+    for i, path in enumerate(tqdm(table.audio_paths, desc="decoding audio", unit="file")):
+        clip = None if path is None else _load_clip(path, resampler)
+        if clip is not None:
+            waveforms[i], mask[i] = clip, True
+    return TrackTable(
+        table.features, table.popularity, table.groups, table.feature_paths, table.source,
+        table.audio_paths, waveforms, mask,
+    )  # fmt: skip
+
+
+def synthetic_table(
+    n: int,
+    seed: int,
+    seconds: float,
+    sample_rate: int,
+    feature_paths: Sequence[str] = DEFAULT_FEATURES,
+) -> TrackTable:
+    """n SYNTHETIC tracks (training.synthetic) with audio; grouped by their synthetic artist."""
+    rng = np.random.default_rng(seed)
+    samples = round(seconds * sample_rate)
+    waveforms = np.empty((n, samples), dtype=np.float32)
+    features = np.empty((n, len(feature_paths)), dtype=np.float32)
+    popularity = np.empty(n, dtype=np.float32)
+    groups = []
+    for i in tqdm(range(n), desc="synthesizing", unit="track"):
+        track = sample_track(rng)
+        waveforms[i] = synth_audio(rng, seconds, sample_rate, 1, track.params)[:samples, 0]
+        features[i] = extract(track.features, feature_paths)
+        popularity[i] = track.popularity
+        groups.append(str(track.features.get("artist", {}).get("id", f"unknown-{i}")))
+    return TrackTable(
+        features, popularity, np.array(groups), tuple(feature_paths),
+        f"synthetic(n={n}, seed={seed})", None, waveforms, np.ones(n, dtype=bool),
+    )  # fmt: skip

@@ -1,0 +1,402 @@
+"""Artist-grouped k-fold evaluation with baselines: `popscore evaluate` (docs/MODEL.md; the
+report's JSON is described in docs/INTERFACE.md, "Evaluation report").
+
+    folds = group_folds(table.groups, k=5, seed=0)        # no artist in two folds
+    report, oof = cross_validate(table, spec, folds)      # model + mean, always-hit, ridge
+    write_report(report, oof, table, "bench/results/x.json")   # + x.oof.csv beside it
+
+Everything fitted (feature normalisation, ridge, the model, the decision cut) sees only the
+training folds: the decision cut comes from an inner grouped CV on those folds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import RegressorMixin
+from sklearn.dummy import DummyRegressor
+from tqdm import tqdm
+
+from popscore.training.data import TrackTable
+from popscore.training.metrics import THRESHOLDS, Rows, best_cut, group_folds, metrics, ridge
+from popscore.training.model import Ensemble, FusionNet
+from popscore.training.train import TABULAR_CONFIG, TrainConfig, predict, train
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build and train one model variant (an ensemble of `members` seeds)."""
+
+    name: str = "fusion"
+    use_audio: bool = True
+    use_features: bool = True  # False: every feature is hidden (NaN) — the audio-only variant
+    members: int = 1
+    net: dict[str, Any] = field(default_factory=dict)  # FusionNet keyword arguments
+    config: TrainConfig = field(default_factory=TrainConfig)
+    inner_folds: int = 0  # > 1: choose each threshold's decision cut by inner grouped CV
+    # > 0: add boosted trees (training.trees, needs scikit-learn) as one more member, with
+    # this share of the ensemble's weight; the seeds share the rest equally.
+    trees: float = 0.0
+    # Non-empty (and inner_folds > 1): the trees' share is chosen per outer fold from this
+    # grid by the inner CV's MAE, on the training folds only; `trees` breaks ties.
+    tree_weight_grid: tuple[float, ...] = ()
+
+    def build(self, paths: Sequence[str], sample_rate: int, seed: int) -> FusionNet:
+        torch.manual_seed(seed)
+        return FusionNet(paths, sample_rate=sample_rate, use_audio=self.use_audio, **self.net)
+
+
+# Features-only: small nets (the audio branch is built tiny and never run) over a
+# piecewise-linear encoding of every feature, 5 seeds, averaged half and half with boosted
+# trees (docs/MODEL.md).
+FEATURES_ONLY = ModelSpec(
+    name="features_only",
+    use_audio=False,
+    members=5,
+    net={
+        "channels": (4, 8),
+        "audio_dim": 8,
+        "feature_dim": 16,
+        "hidden": 32,
+        "dropout": 0.3,
+        "n_bins": 8,
+    },
+    config=TABULAR_CONFIG,
+    inner_folds=3,
+    trees=0.5,
+    tree_weight_grid=(0.3, 0.4, 0.5, 0.6, 0.7),
+)
+
+
+# With audio (the synthetic benchmark): the default FusionNet, one seed, the demo's schedule.
+# Fusion gets the same boosted-tree half and the same inner-CV decision cut as features-only
+# (trees see only the features), so the two differ only in their net: the fusion CNN vs the
+# feature MLPs. Audio-only cannot use trees (it has no features): the bare CNN, cut at the
+# threshold (an inner CV would quadruple its cost for a variant far behind the others).
+FUSION = ModelSpec(name="fusion", config=TrainConfig(epochs=10), trees=0.5, inner_folds=3)
+AUDIO_ONLY = ModelSpec(name="audio_only", use_features=False, config=TrainConfig(epochs=10))
+
+
+# --- baselines ------------------------------------------------------------------------------
+
+# Each is fitted on the training folds and predicts the test fold, like the model.
+BASELINES: dict[str, Callable[[Sequence[str]], RegressorMixin]] = {
+    "mean": lambda _paths: DummyRegressor(strategy="mean"),
+    # "Every release is a hit": popularity 100, so positive at every threshold.
+    "always_hit": lambda _paths: DummyRegressor(strategy="constant", constant=100.0),
+    "ridge": ridge,
+}
+
+
+def baseline_predictions(table: TrackTable, folds: Sequence[Rows]) -> dict[str, np.ndarray]:
+    """Out-of-fold predictions of every baseline on the same folds as the model."""
+    n = len(table.popularity)
+    out = {}
+    for name, make in BASELINES.items():
+        prediction = np.empty(n)
+        for test in folds:
+            train_rows = np.setdiff1d(np.arange(n), test)
+            fitted = make(table.feature_paths).fit(
+                table.features[train_rows], table.popularity[train_rows].astype(np.float64)
+            )
+            prediction[test] = fitted.predict(table.features[test])
+        out[name] = prediction
+    return out
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+def _inputs(table: TrackTable, spec: ModelSpec, rows: Rows) -> tuple[Any, np.ndarray]:
+    features = table.features[rows]
+    if not spec.use_features:
+        features = np.full_like(features, np.nan)
+    waveforms = None
+    if spec.use_audio:
+        if table.waveforms is None:
+            raise ValueError(f"{spec.name} needs audio, and this table has none loaded")
+        waveforms = table.waveforms[rows]
+    return waveforms, features
+
+
+def fit_model(
+    table: TrackTable,
+    spec: ModelSpec,
+    rows: Rows,
+    seed: int,
+    sample_rate: int,
+    device: str = "cpu",
+    tree_weight: float | None = None,
+) -> torch.nn.Module:
+    """Train `spec.members` seeds (and the trees, if `spec.trees`, with `tree_weight` of the
+    ensemble, default `spec.trees`) on `rows`; one member is returned bare, several as an
+    Ensemble."""
+    waveforms, features = _inputs(table, spec, rows)
+    members: list[torch.nn.Module] = []
+    for m in range(spec.members):
+        net = spec.build(table.feature_paths, sample_rate, seed + m)
+        config = TrainConfig(**{**asdict(spec.config), "seed": seed + m})
+        train(net, waveforms, features, table.popularity[rows], config, False, device)
+        members.append(net)
+    weights = [1.0 / spec.members] * spec.members
+    if spec.trees > 0:
+        from popscore.training.trees import fit_trees  # noqa: PLC0415 (needs the optional scikit-learn)
+
+        trees = fit_trees(table.feature_paths, features, table.popularity[rows],
+                          spec.config.hit_threshold, seed, sample_rate)  # fmt: skip
+        members.append(trees.to(device))
+        share = spec.trees if tree_weight is None else tree_weight
+        weights = [w * (1.0 - share) for w in weights] + [share]
+    return members[0] if len(members) == 1 else Ensemble(members, weights).eval()
+
+
+def predict_rows(
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+) -> np.ndarray:
+    return predict_both(model, table, spec, rows)[0]
+
+
+def predict_both(
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+) -> tuple[np.ndarray, np.ndarray]:
+    """(popularity, hit probability) for `rows`."""
+    waveforms, features = _inputs(table, spec, rows)
+    mask = table.audio_mask[rows] if spec.use_audio and table.audio_mask is not None else None
+    return predict(model, waveforms, features, mask)
+
+
+def choose_inner(
+    table: TrackTable, spec: ModelSpec, rows: Rows, seed: int, sample_rate: int, device: str
+) -> tuple[dict[float, float], float]:
+    """From an inner grouped CV on `rows` (training folds only): the decision cut per
+    threshold and the trees' share of the ensemble (see ModelSpec.tree_weight_grid)."""
+    if spec.inner_folds < 2:
+        return {t: t for t in THRESHOLDS}, spec.trees
+    inner = group_folds(table.groups[rows], spec.inner_folds, seed + 1)
+    nets, trees = np.empty(len(rows)), np.zeros(len(rows))
+    for test in inner:
+        train_rows = rows[np.setdiff1d(np.arange(len(rows)), test)]
+        model = fit_model(table, spec, train_rows, seed, sample_rate, device)
+        nets[test], trees[test] = _split_predictions(model, table, spec, rows[test])
+    target = table.popularity[rows]
+    weight = spec.trees
+    if spec.trees > 0 and spec.tree_weight_grid:
+
+        def inner_mae(w: float) -> tuple[float, float]:
+            return float(np.abs((1 - w) * nets + w * trees - target).mean()), abs(w - spec.trees)
+
+        weight = min(spec.tree_weight_grid, key=inner_mae)
+    prediction = (1 - weight) * nets + weight * trees
+    return {t: best_cut(target, prediction, t) for t in THRESHOLDS}, weight
+
+
+def _split_predictions(
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the nets' mean popularity, the trees' popularity) of a model with trees; (all of
+    it, 0) of one without, so that `(1 - w) * nets + w * trees` re-blends it at any w."""
+    if spec.trees <= 0 or not isinstance(model, Ensemble):
+        return predict_rows(model, table, spec, rows), np.zeros(len(rows))
+    *nets, trees = model.members
+    net_mean = np.mean([predict_rows(net, table, spec, rows) for net in nets], axis=0)
+    return net_mean, predict_rows(trees, table, spec, rows)
+
+
+@dataclass
+class FoldResult:
+    prediction: np.ndarray  # OOF popularity per row of the table
+    hit_probability: np.ndarray  # OOF sigmoid(hit logit) per row
+    cuts: dict[float, np.ndarray]  # per-row decision cut (that row's fold's cut)
+    fold_cuts: list[dict[str, float]]
+
+
+def oof_predictions(
+    table: TrackTable,
+    spec: ModelSpec,
+    folds: Sequence[Rows],
+    seed: int,
+    sample_rate: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> FoldResult:
+    """Out-of-fold predictions of `spec`, plus each fold's decision cuts."""
+    n = len(table.popularity)
+    result = FoldResult(
+        np.full(n, np.nan), np.full(n, np.nan), {t: np.full(n, t) for t in THRESHOLDS}, []
+    )
+    for test in tqdm(folds, desc=spec.name, unit="fold", disable=not progress):
+        train_rows = np.setdiff1d(np.arange(n), test)
+        cuts, tree_weight = choose_inner(table, spec, train_rows, seed, sample_rate, device)
+        model = fit_model(table, spec, train_rows, seed, sample_rate, device, tree_weight)
+        result.prediction[test], result.hit_probability[test] = predict_both(
+            model, table, spec, test
+        )
+        for t, cut in cuts.items():
+            result.cuts[t][test] = cut
+        chosen = {f"{t:g}": round(c, 3) for t, c in cuts.items()}
+        if spec.trees > 0:
+            chosen["tree_weight"] = tree_weight
+        result.fold_cuts.append(chosen)
+    return result
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _describe(spec: ModelSpec, result: FoldResult, target: np.ndarray) -> dict[str, Any]:
+    return {
+        "variant": spec.name,
+        "uses_audio": spec.use_audio,
+        "uses_features": spec.use_features,
+        "members": spec.members,
+        "net": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.net.items()},
+        "train": asdict(spec.config),
+        "decision": (
+            f"predicted popularity >= a cut per threshold, chosen by {spec.inner_folds}-fold "
+            "inner grouped CV on the training folds (maximising macro-F1)"
+            if spec.inner_folds > 1
+            else "predicted popularity >= the threshold"
+        ),
+        "scores": (
+            "roc_auc ranks predicted popularity (as for every baseline); roc_auc_hit_head "
+            f"ranks the hit head (trained on popularity >= {spec.config.hit_threshold:g})"
+        ),
+        "blend": (
+            "no trees"
+            if spec.trees <= 0
+            else f"boosted trees' share chosen per fold from {list(spec.tree_weight_grid)} by "
+            "the inner CV's MAE (fold_cuts.tree_weight)"
+            if spec.tree_weight_grid and spec.inner_folds > 1
+            else f"boosted trees' share fixed at {spec.trees:g}"
+        ),
+        "fold_cuts": result.fold_cuts,
+        "metrics": metrics(
+            target,
+            result.prediction,
+            result.cuts,
+            result.hit_probability,
+            spec.config.hit_threshold,
+        ),
+    }
+
+
+def cross_validate(
+    table: TrackTable,
+    specs: Sequence[ModelSpec],
+    folds: Sequence[Rows],
+    seed: int,
+    sample_rate: int = 22050,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The report dict and the first spec's OOF predictions (the model the report is about)."""
+    started = time.perf_counter()
+    target = table.popularity.astype(np.float64)
+    n = len(target)
+    models, first = {}, None
+    for spec in specs:
+        result = oof_predictions(table, spec, folds, seed, sample_rate, device, progress)
+        models[spec.name] = _describe(spec, result, target)
+        first = result.prediction if first is None else first
+    baselines = {
+        name: {"metrics": metrics(target, prediction)}
+        for name, prediction in baseline_predictions(table, folds).items()
+    }
+    report = {
+        "data": {
+            "source": table.source,
+            "rows": n,
+            "groups": len(np.unique(table.groups)),
+            "features": list(table.feature_paths),
+            "target": "popularity (0-100)",
+        },
+        "split": split_description(table, folds, seed),
+        "thresholds": list(THRESHOLDS),
+        "model": specs[0].name,
+        "models": models,
+        "baselines": baselines,
+        "device": device,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    assert first is not None
+    return report, first
+
+
+def split_description(table: TrackTable, folds: Sequence[Rows], seed: int) -> dict[str, Any]:
+    fold_groups = [set(table.groups[f]) for f in folds]
+    shared = sum(len(a & b) for i, a in enumerate(fold_groups) for b in fold_groups[i + 1 :])
+    return {
+        "method": "k-fold grouped by artist (whole artists per fold, sizes balanced)",
+        "group_key": "artist",
+        "folds": len(folds),
+        "seed": seed,
+        "fold_rows": [len(f) for f in folds],
+        "artists_in_two_folds": shared,
+    }
+
+
+def oof_path(report_path: str | Path) -> Path:
+    path = Path(report_path)
+    return path.with_name(path.name.removesuffix(".json") + ".oof.csv")
+
+
+def write_report(report: dict[str, Any], prediction: np.ndarray, target: np.ndarray,
+                 path: str | Path) -> Path:  # fmt: skip
+    """The report JSON at `path` and the OOF CSV (row, target, prediction) beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    oof = oof_path(path)
+    report = {**report, "oof": oof.name}
+    path.write_text(json.dumps(_no_nan(report), indent=2, default=_plain, allow_nan=False) + "\n")
+    with oof.open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["row", "target", "prediction"])
+        for i, (y, p) in enumerate(zip(target, prediction, strict=True)):
+            out.writerow([i, f"{float(y):g}", f"{float(p):.4f}"])
+    return oof
+
+
+def _no_nan(value: Any) -> Any:
+    # NaN (e.g. ROC-AUC with one class present) is not JSON: it is written as null.
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _plain(value: Any) -> Any:
+    # numpy scalars become plain Python numbers.
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers an artifact carries about its evaluation (its ``training.evaluation``)."""
+
+    def brief(block: dict[str, Any]) -> dict[str, float]:
+        m = block["metrics"]
+        out = {"mae": m["mae"], "rmse": m["rmse"], "r2": m["r2"]}
+        for t, at in m["at"].items():
+            out |= {f"roc_auc@{t}": at["roc_auc"], f"macro_f1@{t}": at["macro_f1"]}
+        return {k: round(v, 4) for k, v in out.items()}
+
+    model = report["models"][report["model"]]
+    return {
+        "source": report["data"]["source"],
+        "split": {k: report["split"][k] for k in ("method", "folds", "seed")},
+        "model": brief(model),
+        "baselines": {name: brief(b) for name, b in report["baselines"].items()},
+    }

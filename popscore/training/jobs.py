@@ -1,0 +1,197 @@
+"""The model lifecycle behind ``popscore evaluate``, ``train`` and ``export``, without argparse.
+
+    table, variants = load_data(Data(csv=Path("tracks.csv")), comparison=True)
+    report, oof = evaluate(table, variants, folds=5, seed=0, device="cpu")
+    path, meta = train(table, variant, out, evaluation=read_evaluation(report_path, ...))
+
+Bad input raises ``consumer.errors.UsageError`` naming the argument (the CLI exits 2).
+"""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from consumer.errors import PopscoreError, UsageError
+from popscore.artifact import (
+    ArtifactError,
+    ArtifactMeta,
+    TrainingSummary,
+    load,
+    resave,
+    save,
+    weights_digest,
+)
+from popscore.training import data as datasets
+from popscore.training.data import TrackTable
+from popscore.training.evaluate import (
+    AUDIO_ONLY,
+    FEATURES_ONLY,
+    FUSION,
+    ModelSpec,
+    cross_validate,
+    fit_model,
+    summary,
+    write_report,
+)
+from popscore.training.metrics import group_folds
+
+SAMPLE_RATE = 22050
+CLIP_SECONDS = 30.0
+SYNTHETIC_SECONDS = 6.0  # crops of synthetic audio: the CNN pools over time, any length serves
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where the rows come from: a CSV (``csv``) or ``synthetic`` generated tracks."""
+
+    csv: Path | None = None
+    synthetic: int | None = None
+    audio_column: str | None = None
+    features_only: bool = False
+    seed: int = 0
+
+
+def load_data(spec: Data, comparison: bool) -> tuple[TrackTable, list[ModelSpec]]:
+    """The table, and the variants to run: with audio, ``comparison`` adds the audio-only and
+    features-only variants on the same folds."""
+    if spec.synthetic:
+        table = datasets.synthetic_table(spec.synthetic, spec.seed, SYNTHETIC_SECONDS, SAMPLE_RATE)
+    else:
+        assert spec.csv is not None
+        try:
+            table = datasets.load_csv(spec.csv, audio_column=spec.audio_column)
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--data {spec.csv}: {exc}") from None
+        if spec.audio_column and not spec.features_only:
+            table = datasets.with_audio(table, SAMPLE_RATE, CLIP_SECONDS)
+    if table.waveforms is None or spec.features_only:
+        return table, [FEATURES_ONLY]
+    return table, [FUSION, AUDIO_ONLY, FEATURES_ONLY] if comparison else [FUSION]
+
+
+def evaluate(
+    table: TrackTable,
+    variants: list[ModelSpec],
+    folds: int,
+    seed: int,
+    device: str,
+    report_path: Path,
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Write the artist-grouped k-fold report (docs/MODEL.md) at ``report_path`` and the first
+    variant's out-of-fold predictions beside it; returns the report's summary and that file."""
+    split = group_folds(table.groups, folds, seed)
+    report, oof = cross_validate(table, variants, split, seed, SAMPLE_RATE, device, progress)
+    return summary(report), write_report(report, oof, table.popularity, report_path)
+
+
+def read_evaluation(
+    path: Path, variant: str | None = None, rows: int | None = None
+) -> dict[str, Any]:
+    """The report's summary and per-fold cuts; it must be an ``evaluate`` report, and of the
+    variant and row count being trained when those are given."""
+    try:
+        report = json.loads(path.read_text())
+        evaluation = {
+            **summary(report),
+            "fold_cuts": report["models"][report["model"]]["fold_cuts"],
+        }
+        evaluated, evaluated_rows = report["model"], report["data"]["rows"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"--evaluation {path}: not a `popscore evaluate` report ({exc!r})"
+        ) from None
+    if (variant, rows) != (None, None) and (evaluated, evaluated_rows) != (variant, rows):
+        raise UsageError(
+            f"--evaluation {path}: it evaluated {evaluated} on {evaluated_rows} rows; "
+            f"this run trains {variant} on {rows}"
+        )
+    return evaluation
+
+
+def train(
+    table: TrackTable,
+    spec: ModelSpec,
+    out: Path,
+    seed: int,
+    device: str,
+    evaluation: dict[str, Any] | None,
+    model_version: str | None = None,
+) -> tuple[Path, ArtifactMeta]:
+    """Train ``spec`` on every row and export the artifact, its evaluation embedded: the decision
+    cut and the trees' share are the medians of what the evaluation's inner CVs chose."""
+    rows = np.arange(len(table.popularity))
+    model = fit_model(table, spec, rows, seed, SAMPLE_RATE, device, _tree_weight(evaluation))
+    meta = ArtifactMeta.for_model(
+        model,
+        model_version=model_version or f"{spec.name}-{seed}-{weights_digest(model)}",
+        clip_seconds=CLIP_SECONDS,
+        hit_threshold=_hit_cut(evaluation),
+        hit_label_threshold=spec.config.hit_threshold,
+        training=TrainingSummary(
+            data=table.source, rows=len(rows), seed=seed, variant=spec.name, evaluation=evaluation
+        ),
+    )
+    return save(model, out, meta), meta
+
+
+def export(
+    artifact: Path,
+    out: Path,
+    evaluation: dict[str, Any] | None = None,
+    hit_threshold: float | None = None,
+    model_version: str | None = None,
+) -> ArtifactMeta:
+    """Write ``artifact`` again with new metadata, after checking it scores a test batch."""
+    try:
+        loaded = load(artifact)
+    except ArtifactError as exc:
+        raise UsageError(f"{artifact}: {exc}") from None
+    meta = loaded.meta
+    changes: dict[str, Any] = {}
+    if evaluation is not None:
+        training = meta.training or TrainingSummary(data="unknown")
+        changes["training"] = replace(training, evaluation=evaluation)
+    if hit_threshold is not None:
+        changes["hit_threshold"] = hit_threshold
+    if model_version:
+        changes["model_version"] = model_version
+    meta = meta.replace(**changes)
+    with torch.inference_mode():
+        pop, _ = loaded.module(
+            torch.zeros(2, meta.clip_samples),
+            torch.full((2, len(meta.features)), 1.0),
+            torch.tensor([True, False]),
+        )
+    if not torch.isfinite(pop).all():  # an artifact that cannot run is not written anywhere
+        raise PopscoreError(f"{artifact} scores a test batch as non-finite")
+    resave(loaded.module, out, meta)
+    return meta
+
+
+def resolve_device(choice: str) -> str:
+    """``auto``: CUDA when present; an explicit ``cuda`` without it is a usage error."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is available")
+    return choice
+
+
+def _hit_cut(evaluation: dict[str, Any] | None) -> float:
+    # The decision cut at 70 from the evaluation's inner CV (median over folds), else 70.
+    if not evaluation:
+        return 70.0
+    cuts = sorted(float(f["70"]) for f in evaluation["fold_cuts"])
+    return cuts[len(cuts) // 2]
+
+
+def _tree_weight(evaluation: dict[str, Any] | None) -> float | None:
+    # The trees' share the evaluation's inner CVs chose (median over folds), else the spec's.
+    weights = sorted(float(f["tree_weight"]) for f in (evaluation or {}).get("fold_cuts", [])
+                     if "tree_weight" in f)  # fmt: skip
+    return weights[len(weights) // 2] if weights else None

@@ -1,0 +1,158 @@
+"""The artifact's one owner: the typed metadata, its JSON, and what load() makes of a file,
+old artifacts (written before ``exports`` and ``uses_audio``) included."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from popscore.artifact import (
+    DEFAULT_FEATURES,
+    REQUIRED_KEYS,
+    ArtifactError,
+    ArtifactMeta,
+    StagedScoringModule,
+    TrainingSummary,
+    load,
+    resave,
+)
+from popscore.training.model import FusionNet
+from tests.unit.artifact_helpers import export
+
+RATE = 8_000
+JIT_DEPRECATED = "ignore:`torch.jit.\\w+` is deprecated"  # scripted here, not through save()
+
+
+def _meta(**changes: object) -> ArtifactMeta:
+    training = TrainingSummary(
+        data="d.csv", rows=10, seed=0, variant="fusion", details={"epochs": 3}
+    )
+    meta = ArtifactMeta(
+        model_version="m-1",
+        sample_rate=RATE,
+        clip_seconds=2.0,
+        features=("artist.followers", "release.year"),
+        hit_label_threshold=70.0,
+        uses_audio=True,
+        exports=("forward", "spectrogram", "score_spectrogram"),
+        training=training,
+        extra={"torch_version": "2.11.0"},
+    )
+    return meta.replace(**changes)
+
+
+def _net(use_audio: bool = True) -> FusionNet:
+    torch.manual_seed(0)
+    net = FusionNet(sample_rate=RATE, channels=(4, 8), audio_dim=8, feature_dim=8, hidden=8,
+                    use_audio=use_audio)  # fmt: skip
+    net.fit_normalizer(np.random.default_rng(0).random((16, len(DEFAULT_FEATURES))))
+    return net.eval()
+
+
+def test_meta_round_trips_through_json_keeping_unknown_keys() -> None:
+    meta = _meta()
+    text = meta.to_json()
+    assert ArtifactMeta.from_json(text) == meta
+    raw = json.loads(text)
+    assert raw["torch_version"] == "2.11.0" and raw["training"]["epochs"] == 3
+    assert set(REQUIRED_KEYS) <= set(raw)
+    assert meta.clip_samples == 16_000 and meta.label_threshold == 70.0
+
+
+def test_meta_of_an_older_artifact_is_read_leniently() -> None:
+    """The keys the demo artifact carried before the typed metadata existed."""
+    old = {
+        "model_version": "demo-synth-0-abc",
+        "sample_rate": 22050,
+        "clip_seconds": 30.0,
+        "features": list(DEFAULT_FEATURES),
+        "hit_threshold": 70.0,
+        "hit_definition": "trained label",
+        "training": {"data": "synthetic", "seed": 0, "n": 1280, "train_loss": [0.5]},
+    }
+    meta = ArtifactMeta.from_dict(old)
+    assert meta.uses_audio is None and meta.exports is None and meta.hit_label_threshold is None
+    assert meta.label_threshold == 70.0
+    assert meta.training == TrainingSummary(
+        data="synthetic", seed=0, details={"n": 1280, "train_loss": [0.5]}
+    )
+    assert meta.to_dict() == old, "written back as it was"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([1, 2], "not a JSON object"),
+        ({"model_version": "x"}, "lacks sample_rate, clip_seconds, features, hit_threshold"),
+        ({**_meta().to_dict(), "features": "artist.followers"}, "list of dotted paths"),
+        ({**_meta().to_dict(), "sample_rate": "fast"}, "popscore.json"),
+        ({**_meta().to_dict(), "clip_seconds": 0}, "holds no sample"),
+        ({**_meta().to_dict(), "uses_audio": "yes"}, "true or false"),
+        ({**_meta().to_dict(), "model_version": " "}, "model_version"),
+    ],
+)
+def test_bad_meta_is_one_artifact_error(raw: object, message: str) -> None:
+    with pytest.raises(ArtifactError, match=message):
+        ArtifactMeta.from_dict(raw)
+
+
+def test_for_model_reads_rate_features_and_audio_off_the_model() -> None:
+    meta = ArtifactMeta.for_model(
+        _net(use_audio=False), model_version="v", clip_seconds=1.0,
+        training=TrainingSummary(data="x"), note="kept",
+    )  # fmt: skip
+    assert (meta.sample_rate, meta.features, meta.uses_audio) == (RATE, DEFAULT_FEATURES, False)
+    assert meta.exports == ("forward", "spectrogram", "score_spectrogram")
+    assert meta.extra == {"note": "kept"}
+
+
+@pytest.mark.parametrize("use_audio", [True, False])
+def test_load_gives_the_declared_interface(use_audio: bool, tmp_path: Path) -> None:
+    artifact = load(export(_net(use_audio), tmp_path / "m.pt"))
+    assert artifact.uses_audio is use_audio
+    assert artifact.staged is artifact.module
+    assert isinstance(artifact.staged, torch.jit.ScriptModule)
+
+
+@pytest.mark.parametrize("use_audio", [True, False])
+def test_older_artifacts_are_probed_once_on_load(use_audio: bool, tmp_path: Path) -> None:
+    """Without ``exports`` and ``uses_audio`` the loader asks the module: an empty spectrogram
+    means no audio branch."""
+    artifact = load(export(_net(use_audio), tmp_path / "m.pt"))
+    old = artifact.meta.replace(exports=None, uses_audio=None)
+    again = load(resave(artifact.module, tmp_path / "old.pt", old))
+    assert again.meta == old
+    assert again.uses_audio is use_audio and again.staged is not None
+
+
+@pytest.mark.filterwarnings(JIT_DEPRECATED)
+def test_an_artifact_declaring_methods_it_lacks_is_refused(tmp_path: Path) -> None:
+    class ForwardOnly(torch.nn.Module):
+        def forward(
+            self, waveform: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return features.sum(1), features.sum(1)
+
+    scripted = torch.jit.script(ForwardOnly())
+    resave(scripted, tmp_path / "fo.pt", _meta(exports=None, uses_audio=None))
+    plain = load(tmp_path / "fo.pt")
+    assert plain.staged is None and plain.uses_audio, "forward only: taken to listen"
+    resave(scripted, tmp_path / "liar.pt", _meta())
+    with pytest.raises(ArtifactError, match="declares spectrogram, score_spectrogram"):
+        load(tmp_path / "liar.pt")
+
+
+@pytest.mark.filterwarnings(JIT_DEPRECATED)
+def test_a_torchscript_file_without_metadata_is_not_an_artifact(tmp_path: Path) -> None:
+    path = tmp_path / "bare.pt"
+    torch.jit.save(torch.jit.script(_net()), str(path))
+    with pytest.raises(ArtifactError, match="not a popscore artifact"):
+        load(path)
+
+
+def test_the_staged_protocol_matches_the_models() -> None:
+    """What serving calls on a staged artifact is what the model classes export."""
+    for name in ("spectrogram", "score_spectrogram"):
+        assert hasattr(StagedScoringModule, name) and hasattr(FusionNet, name)
