@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2
 BUSY_POLL_S = 0.02
 # `consume --report` prints the records of its run (the latest this many); without it none are
-# kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Soak").
+# kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Memory").
 REPORT_KEPT = 10_000
 
 
@@ -204,7 +204,8 @@ class App:
             self._fetch(1, BUSY_POLL_S)
             return
         # While every slot is busy the next batch keeps filling, so it goes the moment a slot
-        # frees; pausing here would cost a resume (docs/PERFORMANCE.md, "The backpressure fix").
+        # frees; pausing here would cost a resume (docs/PERFORMANCE.md, "Targets": the
+        # backpressure fix).
         self.source.resume()
         if full:
             timeout = BUSY_POLL_S  # wake soon: the head batch may finish any moment

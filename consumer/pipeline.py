@@ -231,11 +231,11 @@ def score_record(
     scored_at: datetime,
     audio_used: bool,
 ) -> ScoreRecord:
+    """Row ``i`` of a batch's scores as the event's ScoreRecord (ValueError when non-finite)."""
     popularity = float(scores.popularity[i])
     probability = float(scores.hit_probability[i])
     if not (math.isfinite(popularity) and math.isfinite(probability)):
         raise ValueError(f"non-finite model output ({popularity}, {probability})")
-    """Row ``i`` of a batch's scores as the event's ScoreRecord (ValueError when non-finite)."""
     latency_ms = (scored_at - event.emitted_at).total_seconds() * 1000.0
     return ScoreRecord(
         event_id=event.event_id,

@@ -124,7 +124,10 @@ def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterat
     # A throwaway group, and read_committed: dead letters of aborted transactions were never
     # real (their batch was retried).
     group = f"popscore-replay-{uuid.uuid4().hex}"
-    consumer = client(lambda: Consumer(consumer_config(settings.kafka_config("consumer"), group)))
+    config = consumer_config(
+        settings.kafka_config("consumer"), group, {"auto.offset.reset": "earliest"}
+    )
+    consumer = client(lambda: Consumer(config))
     try:
         ends = _start_positions(consumer, topic, since_ms)
         if not ends:

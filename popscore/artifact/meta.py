@@ -25,7 +25,7 @@ REQUIRED_KEYS = ("model_version", "sample_rate", "clip_seconds", "features", "hi
 class TrainingSummary:
     """What the model was trained on and how it evaluated (the ``training`` key)."""
 
-    data: str
+    data: str | None = None
     """Where the rows came from: a catalog's path, or a synthetic generator's description."""
     rows: int | None = None
     seed: int | None = None
@@ -37,27 +37,24 @@ class TrainingSummary:
     """Anything else the trainer recorded (losses, held-out metrics, the generator's knobs)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: the set fields, then the details at the same level."""
+        """The JSON object: the set fields, with the details at the same level."""
         known = {"data": self.data, "rows": self.rows, "seed": self.seed,
                  "variant": self.variant, "evaluation": self.evaluation}  # fmt: skip
-        return {**{k: v for k, v in known.items() if v is not None}, **self.details}
+        return {**self.details, **{k: v for k, v in known.items() if v is not None}}
 
     @classmethod
     def from_dict(cls, raw: Any) -> "TrainingSummary | None":
-        """Leniently: artifacts written before this type record other keys, kept as details."""
+        """Leniently: what artifacts written before this type recorded under other keys, or
+        with other types, is kept in ``details`` and written back as it was."""
         if not isinstance(raw, Mapping):
             return None
-        own = {f.name for f in fields(cls)} - {"details"}
-        rows, seed = raw.get("rows"), raw.get("seed")
-        evaluation = raw.get("evaluation")
-        return cls(
-            data=str(raw.get("data", "unknown")),
-            rows=rows if isinstance(rows, int) else None,
-            seed=seed if isinstance(seed, int) else None,
-            variant=str(raw["variant"]) if raw.get("variant") is not None else None,
-            evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else None,
-            details={k: v for k, v in raw.items() if k not in own},
-        )
+        typed = {key: raw[key] for key, kind in _SUMMARY_TYPES.items() if _is(raw.get(key), kind)}
+        return cls(**typed, details={k: v for k, v in raw.items() if k not in typed})
+
+
+_SUMMARY_TYPES: dict[str, type] = {
+    "data": str, "rows": int, "seed": int, "variant": str, "evaluation": dict,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -87,11 +84,6 @@ class ArtifactMeta:
     def clip_samples(self) -> int:
         """Samples in one waveform row."""
         return round(self.sample_rate * self.clip_seconds)
-
-    @property
-    def label_threshold(self) -> float:
-        """The popularity ``hit_probability`` is the probability of reaching."""
-        return self.hit_threshold if self.hit_label_threshold is None else self.hit_label_threshold
 
     @classmethod
     def for_model(
@@ -135,6 +127,8 @@ class ArtifactMeta:
             raise ArtifactError("features must be a non-empty list of dotted paths")
         if not math.isfinite(self.hit_threshold):
             raise ArtifactError(f"hit_threshold {self.hit_threshold} is not a number")
+        if clash := sorted(set(self.extra) & _KNOWN_KEYS):
+            raise ArtifactError(f"extra keys {clash} would overwrite the metadata's own")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,7 +161,6 @@ class ArtifactMeta:
             raise ArtifactError(f"{META_FILE} is not a JSON object")
         if missing := [key for key in REQUIRED_KEYS if key not in raw]:
             raise ArtifactError(f"{META_FILE} lacks {', '.join(missing)}")
-        known = {f.name for f in fields(cls)} - {"extra"}
         try:
             label = raw.get("hit_label_threshold")
             exports = raw.get("exports")
@@ -181,7 +174,7 @@ class ArtifactMeta:
                 uses_audio=_optional_bool(raw.get("uses_audio")),
                 exports=None if exports is None else tuple(str(m) for m in exports),
                 training=TrainingSummary.from_dict(raw.get("training")),
-                extra={k: v for k, v in raw.items() if k not in known},
+                extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
             )
         except (TypeError, ValueError) as exc:
             raise ArtifactError(f"{META_FILE}: {exc}") from None
@@ -197,6 +190,11 @@ class ArtifactMeta:
         return cls.from_dict(raw)
 
 
+def _is(value: Any, kind: type) -> bool:
+    # bool is an int subclass, but True rows are not a count
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def _paths(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise ValueError("features must be a list of dotted paths")
@@ -207,3 +205,6 @@ def _optional_bool(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+_KNOWN_KEYS = frozenset(f.name for f in fields(ArtifactMeta)) - {"extra"}

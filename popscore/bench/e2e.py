@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 from consumer.app import App
-from consumer.kafka import ensure_topics, produce, producer_config
+from consumer.kafka import client, ensure_topics, produce, producer_config
 from consumer.settings import Settings
 from popscore.bench.corpus import stamped
 from popscore.bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
@@ -55,7 +55,7 @@ def send(
     config: dict[str, Any], topic: str, events: list[ReleaseEvent], rate: float | None
 ) -> float:
     """Produce the events (paced at ``rate`` per second, or at once); returns the first send."""
-    producer = Producer(producer_config(config, {"linger.ms": 0 if rate else 5}))
+    producer = client(lambda: Producer(producer_config(config, {"linger.ms": 0 if rate else 5})))
     first = time.perf_counter()
     for i, event in enumerate(events):
         if rate:

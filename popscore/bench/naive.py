@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.audio import AudioPolicy, mix_down, open_uri
 from consumer.device import Scorer
-from consumer.kafka import ensure_topics
+from consumer.kafka import client, ensure_topics
 from consumer.pipeline import score_record
 from consumer.settings import Settings
 from consumer.sinks import RedisSink
@@ -64,18 +64,18 @@ def run(
     """Consume ``events`` (sent at once after the group join) one at a time; all are written."""
     s = settings
     ensure_topics(s.kafka_config("admin"), [s.input_topic, s.output_topic], partitions)
-    consumer = Consumer(
-        {
-            **s.kafka_config("consumer"),
-            "group.id": s.group_id,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    producer = Producer({**s.kafka_config("producer"), "linger.ms": 0})
-    client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=10)
-    sink = RedisSink(client, s.redis_ttl_s, s.dedupe_ttl_s)
+    # A first version's own client settings, not consumer.kafka's builders: the yardstick.
+    naive_config = {
+        **s.kafka_config("consumer"),
+        "group.id": s.group_id,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+    }
+    consumer = client(lambda: Consumer(naive_config))
+    producer = client(lambda: Producer({**s.kafka_config("producer"), "linger.ms": 0}))
+    redis_client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=10)
+    sink = RedisSink(redis_client, s.redis_ttl_s, s.dedupe_ttl_s)
     recorder = Recorder(len(events), "naive consumer")
     never = threading.Event()
     score_message(events[0].encode(), scorer, policy)  # warm-up, as for the other modes
@@ -101,7 +101,7 @@ def run(
     finally:
         recorder.close()
         consumer.close()
-        client.close()
+        redis_client.close()
     return ModeResult(
         mode="naive",
         events=len(events),

@@ -1,17 +1,16 @@
 """The ``popscore`` command line (README, "Commands"). Bad arguments: one line on stderr, exit 2."""
 
-import argparse
 import faulthandler
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from confluent_kafka import KafkaException
 
 from consumer.errors import ConfigError, PopscoreError, UsageError
 from consumer.settings import load_settings
+from popscore.artifact import ArtifactError
 from popscore.cli import bench, model, produce, service
 from popscore.cli.argtypes import EXIT_USAGE, Handler, Parser
 
@@ -49,16 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"popscore: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
-        _usage(parser, args, str(exc))
-    except KafkaException as exc:
+        parser.error(str(exc))  # one line, exit 2
+    except (KafkaException, PopscoreError, ArtifactError) as exc:
         log.error("%s", exc)
         return 1
-    except PopscoreError as exc:
-        log.error("%s", exc)
-        return 1
-
-
-def _usage(parser: Parser, args: argparse.Namespace, message: str) -> NoReturn:
-    """One line naming the subcommand, exit 2, as argparse itself does for a bad argument."""
-    prog = f"{parser.prog} {args.command}"
-    parser.exit(EXIT_USAGE, f"{prog}: error: {message}\n")

@@ -2,14 +2,17 @@
 docs/MODEL.md). The training modules load in the handlers, so ``popscore --help`` stays fast."""
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from consumer.errors import UsageError
 from consumer.settings import Settings
 from popscore.cli.argtypes import Subparsers, existing_file, int_at_least
+
+if TYPE_CHECKING:
+    from popscore.training.jobs import Data
 
 
 def register(sub: Subparsers) -> None:
@@ -58,25 +61,24 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _jobs() -> ModuleType:
-    """The training package; it needs scikit-learn (``pip install 'popscore[train]'``)."""
-    try:
-        from popscore.training import jobs
-    except ModuleNotFoundError as exc:
-        if exc.name != "sklearn":
-            raise
+def _require_sklearn() -> None:
+    """The trainer needs scikit-learn, which the runtime image leaves out: one line (exit 2)."""
+    if importlib.util.find_spec("sklearn") is None:
         raise UsageError(
             "training needs scikit-learn, which this install lacks: pip install 'popscore[train]'"
-        ) from None
-    return jobs
+        )
 
 
-def _data(args: argparse.Namespace) -> Any:
-    return _jobs().Data(args.data, args.synthetic, args.audio_column, args.features_only, args.seed)
+def _data(args: argparse.Namespace) -> "Data":
+    from popscore.training.jobs import Data
+
+    return Data(args.data, args.synthetic, args.audio_column, args.features_only, args.seed)
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    jobs = _jobs()
+    _require_sklearn()
+    from popscore.training import jobs
+
     table, variants = jobs.load_data(_data(args), comparison=True)
     device = jobs.resolve_device(args.device)
     summary, oof_file = jobs.evaluate(
@@ -88,11 +90,14 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    jobs = _jobs()
+    _require_sklearn()
+    from popscore.training import jobs
+    from popscore.training.report import read_evaluation
+
     table, [variant] = jobs.load_data(_data(args), comparison=False)
     evaluation = None
     if args.evaluation:
-        evaluation = jobs.read_evaluation(args.evaluation, variant.name, len(table.popularity))
+        evaluation = read_evaluation(args.evaluation, variant.name, len(table.popularity))
     device = jobs.resolve_device(args.device)
     path, meta = jobs.train(
         table, variant, args.out, args.seed, device, evaluation, args.model_version
@@ -102,8 +107,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
-    jobs = _jobs()
-    evaluation = jobs.read_evaluation(args.evaluation) if args.evaluation else None
-    meta = jobs.export(args.artifact, args.out, evaluation, args.hit_threshold, args.model_version)
+    from popscore.training.export import reexport
+    from popscore.training.report import read_evaluation
+
+    evaluation = read_evaluation(args.evaluation) if args.evaluation else None
+    meta = reexport(args.artifact, args.out, evaluation, args.hit_threshold, args.model_version)
     print(f"wrote {args.out} as {meta.model_version}")
     return 0

@@ -90,16 +90,15 @@ class SyntheticSpec:
 
 def draw_specs(n: int, seed: int, min_s: float, max_s: float) -> list[SyntheticSpec]:
     """Formats, rates and channel counts cycle so any n >= 24 covers every combination."""
-    formats = FORMATS
     rng = np.random.default_rng(seed)
     seconds = np.exp(rng.uniform(np.log(min_s), np.log(max_s), size=n))
     return [
         SyntheticSpec(
             index=i,
             seconds=round(float(seconds[i]), 2),
-            sample_rate=SAMPLE_RATES[(i // len(formats)) % len(SAMPLE_RATES)],
-            channels=1 + (i // (len(formats) * len(SAMPLE_RATES))) % 2,
-            fmt=formats[i % len(formats)],
+            sample_rate=SAMPLE_RATES[(i // len(FORMATS)) % len(SAMPLE_RATES)],
+            channels=1 + (i // (len(FORMATS) * len(SAMPLE_RATES))) % 2,
+            fmt=FORMATS[i % len(FORMATS)],
         )
         for i in range(n)
     ]

@@ -1,7 +1,7 @@
 """Tables of tracks for training and evaluation: a Spotify-API CSV, or SYNTHETIC tracks.
 
 A CSV row becomes a ReleaseEvent-shaped dict first (`row_to_event`), and its feature row
-comes from `training.features.extract` on that dict: the very function the consumer calls on
+comes from `popscore.artifact.extract` on that dict: the very function the consumer calls on
 a live event, so a model trained here reads serving's features in the same way.
 
 The paper's data lives outside the repository (`PAPER_CSV`, ../shared/data); it is never
@@ -25,7 +25,8 @@ from consumer.resample import Resampler
 from popscore.artifact.features import AUDIO_FEATURE_NAMES, DEFAULT_FEATURES, extract
 from popscore.training.synthetic import sample_track, synth_audio
 
-PAPER_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paper_tracks.csv"
+# popscore/training/data.py -> the repository's parent, where shared/ sits beside it.
+PAPER_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "paper_tracks.csv"
 
 # CSV column -> dotted ReleaseEvent path. Columns absent from a file are simply missing.
 CSV_COLUMNS: dict[str, str] = {

@@ -1,9 +1,9 @@
 """Artist-grouped k-fold evaluation with baselines: `popscore evaluate` (docs/MODEL.md; the
 report's JSON is described in docs/INTERFACE.md, "Evaluation report").
 
-    folds = group_folds(table.groups, k=5, seed=0)        # no artist in two folds
+    folds = group_folds(table.groups, k=5, seed=0)        # metrics.py: no artist in two folds
     report, oof = cross_validate(table, spec, folds)      # model + mean, always-hit, ridge
-    write_report(report, oof, table, "bench/results/x.json")   # + x.oof.csv beside it
+    write_report(report, oof, table, "bench/results/x.json")   # report.py: + x.oof.csv
 
 Everything fitted (feature normalisation, ridge, the model, the decision cut) sees only the
 training folds: the decision cut comes from an inner grouped CV on those folds.
@@ -11,13 +11,9 @@ training folds: the decision cut comes from an inner grouped CV on those folds.
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -341,62 +337,4 @@ def split_description(table: TrackTable, folds: Sequence[Rows], seed: int) -> di
         "seed": seed,
         "fold_rows": [len(f) for f in folds],
         "artists_in_two_folds": shared,
-    }
-
-
-def oof_path(report_path: str | Path) -> Path:
-    path = Path(report_path)
-    return path.with_name(path.name.removesuffix(".json") + ".oof.csv")
-
-
-def write_report(report: dict[str, Any], prediction: np.ndarray, target: np.ndarray,
-                 path: str | Path) -> Path:  # fmt: skip
-    """The report JSON at `path` and the OOF CSV (row, target, prediction) beside it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    oof = oof_path(path)
-    report = {**report, "oof": oof.name}
-    path.write_text(json.dumps(_no_nan(report), indent=2, default=_plain, allow_nan=False) + "\n")
-    with oof.open("w", newline="") as handle:
-        out = csv.writer(handle)
-        out.writerow(["row", "target", "prediction"])
-        for i, (y, p) in enumerate(zip(target, prediction, strict=True)):
-            out.writerow([i, f"{float(y):g}", f"{float(p):.4f}"])
-    return oof
-
-
-def _no_nan(value: Any) -> Any:
-    # NaN (e.g. ROC-AUC with one class present) is not JSON: it is written as null.
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nan(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _plain(value: Any) -> Any:
-    # numpy scalars become plain Python numbers.
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers an artifact carries about its evaluation (its ``training.evaluation``)."""
-
-    def brief(block: dict[str, Any]) -> dict[str, float]:
-        m = block["metrics"]
-        out = {"mae": m["mae"], "rmse": m["rmse"], "r2": m["r2"]}
-        for t, at in m["at"].items():
-            out |= {f"roc_auc@{t}": at["roc_auc"], f"macro_f1@{t}": at["macro_f1"]}
-        return {k: round(v, 4) for k, v in out.items()}
-
-    model = report["models"][report["model"]]
-    return {
-        "source": report["data"]["source"],
-        "split": {k: report["split"][k] for k in ("method", "folds", "seed")},
-        "model": brief(model),
-        "baselines": {name: brief(b) for name, b in report["baselines"].items()},
     }

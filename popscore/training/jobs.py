@@ -1,27 +1,23 @@
-"""The model lifecycle behind ``popscore evaluate``, ``train`` and ``export``, without argparse.
+"""What ``popscore evaluate`` and ``train`` do, without argparse.
 
     table, variants = load_data(Data(csv=Path("tracks.csv")), comparison=True)
-    report, oof = evaluate(table, variants, folds=5, seed=0, device="cpu")
-    path, meta = train(table, variant, out, evaluation=read_evaluation(report_path, ...))
+    summary, oof_file = evaluate(table, variants, 5, seed=0, device="cpu", report_path=path)
+    path, meta = train(table, variant, out, 0, "cpu", read_evaluation(path, variant.name, rows))
 
 Bad input raises ``consumer.errors.UsageError`` naming the argument (the CLI exits 2).
 """
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from consumer.errors import PopscoreError, UsageError
+from consumer.errors import UsageError
 from popscore.artifact import (
-    ArtifactError,
     ArtifactMeta,
     TrainingSummary,
-    load,
-    resave,
     save,
     weights_digest,
 )
@@ -34,10 +30,9 @@ from popscore.training.evaluate import (
     ModelSpec,
     cross_validate,
     fit_model,
-    summary,
-    write_report,
 )
 from popscore.training.metrics import group_folds
+from popscore.training.report import summary, write_report
 
 SAMPLE_RATE = 22050
 CLIP_SECONDS = 30.0
@@ -89,30 +84,6 @@ def evaluate(
     return summary(report), write_report(report, oof, table.popularity, report_path)
 
 
-def read_evaluation(
-    path: Path, variant: str | None = None, rows: int | None = None
-) -> dict[str, Any]:
-    """The report's summary and per-fold cuts; it must be an ``evaluate`` report, and of the
-    variant and row count being trained when those are given."""
-    try:
-        report = json.loads(path.read_text())
-        evaluation = {
-            **summary(report),
-            "fold_cuts": report["models"][report["model"]]["fold_cuts"],
-        }
-        evaluated, evaluated_rows = report["model"], report["data"]["rows"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(
-            f"--evaluation {path}: not a `popscore evaluate` report ({exc!r})"
-        ) from None
-    if (variant, rows) != (None, None) and (evaluated, evaluated_rows) != (variant, rows):
-        raise UsageError(
-            f"--evaluation {path}: it evaluated {evaluated} on {evaluated_rows} rows; "
-            f"this run trains {variant} on {rows}"
-        )
-    return evaluation
-
-
 def train(
     table: TrackTable,
     spec: ModelSpec,
@@ -137,40 +108,6 @@ def train(
         ),
     )
     return save(model, out, meta), meta
-
-
-def export(
-    artifact: Path,
-    out: Path,
-    evaluation: dict[str, Any] | None = None,
-    hit_threshold: float | None = None,
-    model_version: str | None = None,
-) -> ArtifactMeta:
-    """Write ``artifact`` again with new metadata, after checking it scores a test batch."""
-    try:
-        loaded = load(artifact)
-    except ArtifactError as exc:
-        raise UsageError(f"{artifact}: {exc}") from None
-    meta = loaded.meta
-    changes: dict[str, Any] = {}
-    if evaluation is not None:
-        training = meta.training or TrainingSummary(data="unknown")
-        changes["training"] = replace(training, evaluation=evaluation)
-    if hit_threshold is not None:
-        changes["hit_threshold"] = hit_threshold
-    if model_version:
-        changes["model_version"] = model_version
-    meta = meta.replace(**changes)
-    with torch.inference_mode():
-        pop, _ = loaded.module(
-            torch.zeros(2, meta.clip_samples),
-            torch.full((2, len(meta.features)), 1.0),
-            torch.tensor([True, False]),
-        )
-    if not torch.isfinite(pop).all():  # an artifact that cannot run is not written anywhere
-        raise PopscoreError(f"{artifact} scores a test batch as non-finite")
-    resave(loaded.module, out, meta)
-    return meta
 
 
 def resolve_device(choice: str) -> str:

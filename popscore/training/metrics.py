@@ -45,9 +45,9 @@ def group_folds(groups: np.ndarray, k: int, seed: int) -> list[Rows]:
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC-AUC (ties count half); NaN when only one class is present."""
+    """ROC-AUC (ties count half); NaN when only one class is present or a score is not finite."""
     labels = np.asarray(labels, dtype=bool)
-    if labels.all() or not labels.any():
+    if labels.all() or not labels.any() or not np.isfinite(scores).all():
         return math.nan
     return float(roc_auc_score(labels, scores))
 
@@ -90,13 +90,14 @@ def metrics(
     `hit_score` (the hit head's output), `roc_auc_hit_head` at `hit_threshold` ranks that too."""
     target = np.asarray(target, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
-    out: dict[str, Any] = {
-        "mae": float(mean_absolute_error(target, prediction)),
-        "rmse": float(root_mean_squared_error(target, prediction)),
+    out: dict[str, Any] = {"mae": math.nan, "rmse": math.nan, "r2": math.nan, "at": {}}
+    # A diverged model's NaN scores are reported (as null), not raised by scikit-learn.
+    if np.isfinite(prediction).all():
+        out["mae"] = float(mean_absolute_error(target, prediction))
+        out["rmse"] = float(root_mean_squared_error(target, prediction))
         # NaN, not sklearn's 0 or 1, where R² is undefined (a constant target)
-        "r2": float(r2_score(target, prediction)) if np.ptp(target) > 0 else math.nan,
-        "at": {},
-    }
+        if np.ptp(target) > 0:
+            out["r2"] = float(r2_score(target, prediction))
     for t in THRESHOLDS:
         cut = cuts[t] if cuts else np.full(len(target), t)
         out["at"][f"{t:g}"] = classification_metrics(target, prediction, prediction >= cut, t)

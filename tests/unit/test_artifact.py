@@ -58,7 +58,7 @@ def test_meta_round_trips_through_json_keeping_unknown_keys() -> None:
     raw = json.loads(text)
     assert raw["torch_version"] == "2.11.0" and raw["training"]["epochs"] == 3
     assert set(REQUIRED_KEYS) <= set(raw)
-    assert meta.clip_samples == 16_000 and meta.label_threshold == 70.0
+    assert meta.clip_samples == 16_000
 
 
 def test_meta_of_an_older_artifact_is_read_leniently() -> None:
@@ -74,7 +74,6 @@ def test_meta_of_an_older_artifact_is_read_leniently() -> None:
     }
     meta = ArtifactMeta.from_dict(old)
     assert meta.uses_audio is None and meta.exports is None and meta.hit_label_threshold is None
-    assert meta.label_threshold == 70.0
     assert meta.training == TrainingSummary(
         data="synthetic", seed=0, details={"n": 1280, "train_loss": [0.5]}
     )
@@ -156,3 +155,18 @@ def test_the_staged_protocol_matches_the_models() -> None:
     """What serving calls on a staged artifact is what the model classes export."""
     for name in ("spectrogram", "score_spectrogram"):
         assert hasattr(StagedScoringModule, name) and hasattr(FusionNet, name)
+
+
+def test_training_values_of_another_type_are_kept_as_they_were() -> None:
+    raw = {"data": "d.csv", "rows": "many", "seed": True, "evaluation": None, "lr": 0.1}
+    summary = TrainingSummary.from_dict(raw)
+    assert summary is not None and (summary.rows, summary.seed) == (None, None)
+    assert summary.to_dict() == raw
+
+
+def test_extra_keys_cannot_overwrite_the_metadata_own() -> None:
+    with pytest.raises(ArtifactError, match="features"):
+        ArtifactMeta.for_model(
+            _net(), model_version="v", clip_seconds=1.0, training=TrainingSummary(),
+            features=["artist.followers"],
+        )  # fmt: skip

@@ -141,3 +141,15 @@ def test_score_prints_a_score_record(
     record = ScoreRecord.from_json(capsys.readouterr().out)
     assert record.track_id == "song" and record.model_version == "tiny-test"
     assert 0 <= record.popularity <= 100
+
+
+def test_a_model_that_cannot_load_is_one_error_line_exit_1(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(2_000, dtype=np.float32), 8_000)
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not an artifact")
+    assert main(["score", str(audio), "--model", str(bogus), "--device", "cpu"]) == 1
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "cannot load model artifact" in record.getMessage() and record.exc_info is None

@@ -35,12 +35,11 @@ from popscore.training.evaluate import (
     _split_predictions,
     cross_validate,
     fit_model,
-    oof_path,
     predict_rows,
-    write_report,
 )
-from popscore.training.metrics import THRESHOLDS, best_cut, group_folds
+from popscore.training.metrics import THRESHOLDS, best_cut, group_folds, metrics
 from popscore.training.model import Ensemble, FusionNet
+from popscore.training.report import oof_path, write_report
 from popscore.training.train import TrainConfig
 from tests.unit.artifact_helpers import export
 
@@ -168,6 +167,25 @@ def test_group_folds_never_share_an_artist(seed: int) -> None:
     assert all(np.array_equal(x, y) for x, y in zip(folds, again, strict=True))
     with pytest.raises(ValueError):
         group_folds(groups, 38, seed)
+
+
+def test_metrics_of_a_diverged_model_are_nan_not_an_exception() -> None:
+    target = np.array([40.0, 60.0, 75.0, 90.0])
+    out = metrics(target, np.full(4, np.nan))
+    assert all(math.isnan(out[k]) for k in ("mae", "rmse", "r2"))
+    assert math.isnan(out["at"]["70"]["roc_auc"]) and out["at"]["70"]["positive_rate"] == 0.0
+
+
+def test_metrics_match_their_definitions_on_a_small_case() -> None:
+    """The scikit-learn metrics against hand-computed values: MAE, F1 of both classes, ties."""
+    target = np.array([40.0, 60.0, 75.0, 90.0])
+    prediction = np.array([50.0, 72.0, 72.0, 80.0])
+    out = metrics(target, prediction)
+    assert out["mae"] == pytest.approx((10 + 12 + 3 + 10) / 4)
+    at70 = out["at"]["70"]  # truth F F T T, decided F T T T: F1(hit) 0.8, F1(not) 2/3
+    assert at70["f1"] == pytest.approx(0.8) and at70["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert at70["roc_auc"] == pytest.approx(0.875)  # the tie at 72 counts half
+    assert out["at"]["50"]["f1"] == pytest.approx(6 / 7)
 
 
 def test_best_cut_separates_a_clean_split() -> None:
