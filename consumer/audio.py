@@ -19,6 +19,7 @@ import numpy as np
 import soundfile as sf
 
 from consumer.errors import DeadLetter
+from consumer.redact import redact, redact_loggers
 from consumer.resample import Clip, Resampler
 from schemas.dead_letter import DeadLetterReason as Reason
 
@@ -58,17 +59,34 @@ class AudioPolicy:
 
 
 AudioSource = Path | bytes
+# httpx logs every request URL at INFO: its userinfo and query (a presigned signature) are
+# credentials.
+redact_loggers("httpx", "httpcore", "httpcore.connection", "httpcore.http11", "httpcore.http2")
 
 
 def open_uri(uri: str, policy: AudioPolicy) -> AudioSource:
     """A local path or the fetched bytes of ``uri``, or a DeadLetter saying why not."""
-    parsed = urllib.parse.urlsplit(uri)
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise DeadLetter(Reason.URI_UNSUPPORTED, f"malformed URI: {exc}") from None
     scheme = parsed.scheme.lower()
     if scheme == "file":
         return _local_path(parsed, policy)
     if scheme in ("http", "https"):
+        _check_http_uri(uri)
         return _fetch_http(uri, policy)
     raise DeadLetter(Reason.URI_UNSUPPORTED, f"scheme {scheme or '(none)'!r} is not supported")
+
+
+def _check_http_uri(uri: str) -> None:
+    """A URI httpx can parse, naming a host (else uri_unsupported, before any lookup)."""
+    try:
+        host = httpx.URL(uri).host
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise DeadLetter(Reason.URI_UNSUPPORTED, f"malformed URI: {redact(str(exc))}") from None
+    if not host:
+        raise DeadLetter(Reason.URI_UNSUPPORTED, "the URI names no host")
 
 
 def _local_path(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> Path:
@@ -104,11 +122,31 @@ def check_host(host: str, policy: AudioPolicy) -> str | None:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot resolve {host!r}") from exc
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if not address.is_global or address.is_multicast:
-            raise DeadLetter(Reason.URI_FORBIDDEN, f"host {host!r} resolves to {address}")
+        for form in (address, *_embedded_ipv4(address)):
+            if not form.is_global or form.is_multicast:
+                raise DeadLetter(Reason.URI_FORBIDDEN, f"host {host!r} resolves to {address}")
     return str(infos[0][4][0])
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a translator or host may reach: NAT64
+# (well-known and local-use), IPv4-compatible, IPv4-translated (SIIT).
+_IPV4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(net)
+    for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+
+
+def _embedded_ipv4(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, NAT64, compatible, translated, 6to4,
+    Teredo's client): each must pass the check too."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+    if any(address in net for net in _IPV4_IN_LAST_32_BITS):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))
+    return [a for a in found if a is not None]
 
 
 def _fetch_http(uri: str, policy: AudioPolicy) -> bytes:

@@ -7,6 +7,7 @@ have nothing else installed.
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,34 @@ class Clip:
 # (4 GB) for a near-coprime rate such as 44,101 Hz. A file with such a rate is refused before
 # any kernel is built, so one event cannot exhaust the host's or the GPU's memory.
 MAX_RESAMPLE_TAPS = 1_000_000
+# Kernels kept per resampler, least recently used out first: a handful of standard rates covers
+# real traffic, while thousands of odd rates pass the tap check (each kernel is up to ~4 MB).
+MAX_KERNELS = 16
+
+
+class _Kernels:
+    """torchaudio Resample kernels by source rate, at most MAX_KERNELS of them."""
+
+    def __init__(self, target_rate: int, device: torch.device | None = None) -> None:
+        self.target_rate = target_rate
+        self.device = device
+        self._cache: OrderedDict[int, torchaudio.transforms.Resample] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, rate: int) -> torchaudio.transforms.Resample:
+        """The kernel for ``rate``, built (after the tap check) when not cached."""
+        kernel = self._cache.pop(rate, None)
+        if kernel is None:
+            check_resample_rate(rate, self.target_rate)
+            kernel = torchaudio.transforms.Resample(rate, self.target_rate)
+            if self.device is not None:
+                kernel = kernel.to(self.device)
+        self._cache[rate] = kernel  # the most recent last
+        if len(self._cache) > MAX_KERNELS:
+            self._cache.popitem(last=False)
+        return kernel
 
 
 def check_resample_rate(source_rate: int, target_rate: int) -> None:
@@ -53,7 +82,7 @@ class Resampler:
             raise ValueError("target_rate and clip_seconds must be positive")
         self.target_rate = target_rate
         self.clip_samples = round(target_rate * clip_seconds)
-        self._kernels: dict[int, torchaudio.transforms.Resample] = {}
+        self._kernels = _Kernels(target_rate)
         self._lock = threading.Lock()
 
     def __call__(self, clip: Clip) -> np.ndarray:
@@ -68,11 +97,8 @@ class Resampler:
         return out
 
     def _kernel(self, rate: int) -> torchaudio.transforms.Resample:
-        check_resample_rate(rate, self.target_rate)
-        with self._lock:
-            if rate not in self._kernels:
-                self._kernels[rate] = torchaudio.transforms.Resample(rate, self.target_rate)
-            return self._kernels[rate]
+        with self._lock:  # the decode pool's threads share it
+            return self._kernels.get(rate)
 
 
 class BatchResampler:
@@ -88,7 +114,7 @@ class BatchResampler:
         self.target_rate = target_rate
         self.clip_samples = round(target_rate * clip_seconds)
         self.device = device
-        self._kernels: dict[int, torchaudio.transforms.Resample] = {}
+        self._kernels = _Kernels(target_rate, device)
 
     def __call__(self, clips: Sequence[Clip]) -> torch.Tensor:
         out = torch.zeros(len(clips), self.clip_samples, device=self.device)
@@ -123,8 +149,4 @@ class BatchResampler:
         return out
 
     def _kernel(self, rate: int) -> torchaudio.transforms.Resample:
-        # Only the device stage's thread calls this: no lock needed.
-        if rate not in self._kernels:
-            kernel = torchaudio.transforms.Resample(rate, self.target_rate)
-            self._kernels[rate] = kernel.to(self.device)
-        return self._kernels[rate]
+        return self._kernels.get(rate)  # only the device stage's thread calls this

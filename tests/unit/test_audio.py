@@ -13,6 +13,7 @@ import torch
 
 from consumer.audio import AudioPolicy, decode_window, load_clip, open_uri
 from consumer.errors import DeadLetter
+from consumer import resample
 from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
 from schemas.dead_letter import DeadLetterReason as Reason
 
@@ -183,6 +184,7 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            self.path = self.path.split("?", 1)[0]  # presigned-style queries are ignored
             if self.path == "/a.wav":
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -255,6 +257,13 @@ def test_http_404_is_a_fetch_failure(http_audio: str) -> None:
         "http://169.254.169.254/latest/meta-data",
         "http://[::1]/a.mp3",
         "http://192.168.0.1/x",
+        # IPv6 forms that carry an IPv4 address: NAT64 (well-known and local-use prefixes),
+        # IPv4-compatible, IPv4-translated, 6to4, each around the metadata address
+        "http://[64:ff9b::a9fe:a9fe]/x",
+        "http://[64:ff9b:1::a9fe:a9fe]/x",
+        "http://[::a9fe:a9fe]/x",
+        "http://[::ffff:0:a9fe:a9fe]/x",
+        "http://[2002:a9fe:a9fe::1]/x",
     ],
 )
 def test_private_hosts_are_forbidden_by_default(uri: str) -> None:
@@ -387,3 +396,41 @@ def test_a_near_coprime_rate_is_refused_before_any_kernel_is_built(rate: int) ->
                                   88_200, 96_000, 176_400, 192_000, 384_000])  # fmt: skip
 def test_every_standard_rate_resamples(rate: int) -> None:
     check_resample_rate(rate, TARGET)  # does not raise
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://[::1/a.wav", "http://0177.0.0.1/", "http:///a.wav", "https://[zz]/a.wav"]
+)
+def test_malformed_urls_are_unsupported_uris_not_decode_failures(uri: str) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri(uri, AudioPolicy.create(()))
+    assert reason_of(info) is Reason.URI_UNSUPPORTED
+
+
+def test_request_logs_name_no_credentials_or_signatures(
+    http_audio: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs every request URL at INFO: userinfo and presigned query strings included."""
+    policy = AudioPolicy.create((), allow_private_hosts=True)
+    host = http_audio.removeprefix("http://")
+    uri = f"http://alice:s3cret@{host}/a.wav?X-Amz-Credential=CRED&X-Amz-Signature=SIG"
+    with caplog.at_level("DEBUG"):
+        with pytest.raises(DeadLetter):  # the server has no /a.wav?...: 404 is fine here
+            open_uri(uri.replace("/a.wav", "/missing"), policy)
+        open_uri(uri, policy)
+    logged = caplog.text
+    assert "HTTP Request" in logged, "httpx's own line is still there"
+    for secret in ("s3cret", "CRED", "SIG", "alice"):
+        assert secret not in logged
+
+
+def test_the_kernel_caches_hold_a_bounded_number_of_rates() -> None:
+    """Thousands of rates pass the rate check; a kernel is ~MBs: the caches must not grow."""
+    resampler = Resampler(8_000, 0.01)
+    batched = BatchResampler(8_000, 0.01, torch.device("cpu"))
+    for rate in (100 * k for k in range(11, 51) if k != 80):
+        clip = Clip(np.zeros(200, dtype=np.float32), rate, 0.02)
+        resampler(clip)
+        batched([clip])
+    cap = resample.MAX_KERNELS
+    assert len(resampler._kernels) <= cap and len(batched._kernels) <= cap
