@@ -31,8 +31,9 @@ from confluent_kafka import Message
 from consumer.audio import AudioPolicy
 from consumer.batcher import MicroBatcher
 from consumer.commit import TransactionAborted, Transactions
+from consumer.dead_letters import Rejected
 from consumer.device import Scorer
-from consumer.errors import ConfigError, DeviceUnavailable
+from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
 from consumer.health import Health, HealthServer
 from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
@@ -246,6 +247,9 @@ class App:
         written_at = datetime.now(UTC)
         kept = []
         for (msg, record), code in zip(result.scored, codes, strict=True):
+            if isinstance(code, DeadLetter):
+                result.rejected.append(Rejected(msg, code))
+                continue
             if code is Upsert.DUPLICATE:
                 result.duplicates.append(msg)
                 continue

@@ -20,10 +20,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.dead_letters import Rejected, dead_letter_headers
+from consumer.dead_letters import Rejected, dead_letter_forms, internal_error, why_headers
 from consumer.errors import PopscoreError
-from consumer.kafka import Header, error_of, produce, transactional_config
-from schemas.dead_letter import HEADER_VALUE_OMITTED
+from consumer.kafka import error_of, produce, transactional_config
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
@@ -126,23 +125,30 @@ class Transactions:
         raise AssertionError("unreachable")
 
     def _dead_letter(self, item: Rejected) -> None:
+        """Produce the fullest form of the dead letter that fits: a record the producer may not
+        send would abort the batch, and its replay would fail the same way forever."""
         msg = item.message
-        headers = dead_letter_headers(item)
         try:
-            produce(self.producer, self.dlq_topic, msg.value(), msg.key(), headers)
-        except KafkaException as exc:
-            err = error_of(exc)
-            if err is None or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                raise
-            # An input record can be larger than this producer may send; aborting would replay
-            # the batch and fail the same way forever. The source headers still point at it.
-            size = len(msg.value() or b"")
-            where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-            log.warning(
-                "dead letter of %s: value of %d bytes left out (%s)", where, size, err.str()
-            )
-            omitted: list[Header] = [*headers, (HEADER_VALUE_OMITTED, str(size).encode())]
-            produce(self.producer, self.dlq_topic, None, msg.key(), omitted)
+            forms = dead_letter_forms(item)
+        except Exception as exc:  # building it failed: popscore's headers alone, saying why
+            forms = [(None, None, why_headers(msg, internal_error(exc)))]
+        for n, (key, value, headers) in enumerate(forms):
+            try:
+                produce(self.producer, self.dlq_topic, value, key, headers)
+            except KafkaException as exc:
+                err = error_of(exc)
+                if (
+                    err is None
+                    or err.code() != KafkaError.MSG_SIZE_TOO_LARGE
+                    or n == len(forms) - 1
+                ):
+                    raise
+                continue
+            if n:
+                where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+                log.warning("dead letter of %s: too large for the producer; sent without its %s",
+                            where, "value" if n == 1 else "value, key and headers")  # fmt: skip
+            return
 
 
 @contextmanager

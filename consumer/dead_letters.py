@@ -2,7 +2,8 @@
 the dead-letter topic (docs/INTERFACE.md, "Dead letters").
 
 The copy keeps the original key, value and headers, then adds popscore's own: the reason, a
-detail, and where the original came from. ``replay-dlq`` strips popscore's headers again.
+detail, and where the original came from. ``replay-dlq`` strips popscore's headers again. A copy
+too large for the producer leaves out the value, then the key and the original's headers.
 """
 
 from dataclasses import dataclass
@@ -11,16 +12,30 @@ from confluent_kafka import Message
 
 from consumer.errors import DeadLetter
 from consumer.kafka import Header
+from consumer.redact import redact
 from schemas.dead_letter import (
     HEADER_DETAIL,
+    HEADER_KEY_OMITTED,
     HEADER_OFFSET,
     HEADER_PARTITION,
     HEADER_REASON,
     HEADER_TOPIC,
+    HEADER_VALUE_OMITTED,
     OWN_HEADER_PREFIX,
 )
+from schemas.dead_letter import DeadLetterReason as Reason
 
 MAX_DETAIL = 1000
+INTERNAL_DETAIL = 300
+DeadLetterRecord = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
+
+
+def internal_error(exc: BaseException) -> DeadLetter:
+    """The dead letter of a record whose processing raised ``exc`` unexpectedly: the exception's
+    type and first line, URLs redacted; no traceback (it would repeat for every such record)."""
+    text = str(exc).splitlines()[0] if str(exc).strip() else ""
+    detail = redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return DeadLetter(Reason.INTERNAL_ERROR, detail[:INTERNAL_DETAIL])
 
 
 @dataclass(frozen=True)
@@ -43,15 +58,29 @@ def foreign_headers(msg: Message) -> list[Header]:
     return [(k, v) for k, v in headers_of(msg) if not k.startswith(OWN_HEADER_PREFIX)]
 
 
-def dead_letter_headers(item: Rejected) -> list[Header]:
-    """The original's own headers (tracing, provenance: replay-dlq carries them back), then
-    why it failed and where it came from."""
+def dead_letter_forms(item: Rejected) -> list[DeadLetterRecord]:
+    """The dead letter of ``item`` as (key, value, headers), fullest first: the original key,
+    value and headers, then popscore's; without the value (over the producer's
+    ``message.max.bytes``); without the key and the original's headers too (a huge key or
+    header). The last is popscore's headers alone, a few hundred bytes: one form always fits."""
     msg = item.message
-    why: list[Header] = [
-        (HEADER_REASON, item.error.reason.value.encode()),
-        (HEADER_DETAIL, item.error.detail[:MAX_DETAIL].encode()),
+    why = why_headers(msg, item.error)
+    key, value = msg.key(), msg.value()
+    value_omitted: Header = (HEADER_VALUE_OMITTED, str(len(value or b"")).encode())
+    key_omitted: Header = (HEADER_KEY_OMITTED, str(len(key or b"")).encode())
+    return [
+        (key, value, [*foreign_headers(msg), *why]),
+        (key, None, [*foreign_headers(msg), *why, value_omitted]),
+        (None, None, [*why, value_omitted, key_omitted]),
+    ]
+
+
+def why_headers(msg: Message, error: DeadLetter) -> list[Header]:
+    """popscore's own headers of a dead letter: why it failed, and where the original lies."""
+    return [
+        (HEADER_REASON, error.reason.value.encode()),
+        (HEADER_DETAIL, error.detail[:MAX_DETAIL].encode()),
         (HEADER_TOPIC, (msg.topic() or "").encode()),
         (HEADER_PARTITION, str(msg.partition()).encode()),
         (HEADER_OFFSET, str(msg.offset()).encode()),
     ]
-    return [*foreign_headers(msg), *why]

@@ -18,7 +18,7 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from consumer.audio import AudioPolicy, decode_window, open_uri
-from consumer.dead_letters import Rejected
+from consumer.dead_letters import Rejected, internal_error
 from consumer.device import Scorer, Scores
 from consumer.errors import DeadLetter
 from consumer.metrics import Metrics
@@ -115,6 +115,8 @@ class Pipeline:
                 parsed.append((msg, parse_event(msg, self.max_event_bytes)))
             except DeadLetter as exc:
                 prepared.rejected.append(Rejected(msg, exc))
+            except Exception as exc:  # whatever else one record raises costs that record alone
+                prepared.rejected.append(Rejected(msg, internal_error(exc)))
         loaded = self.pool.map(self._load, [event for _msg, event in parsed])
         for (msg, _event), outcome in zip(parsed, loaded, strict=True):
             if isinstance(outcome, DeadLetter):
@@ -161,51 +163,80 @@ class Pipeline:
                 waveform = self.resampler(clip)
         except DeadLetter as exc:
             return exc
-        except Exception as exc:
-            log.exception("unexpected failure loading %s", event.event_id)
-            return DeadLetter(Reason.AUDIO_DECODE_FAILED, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # unforeseen: this event alone fails
+            return _unexpected(event, exc)
         self.metrics.stage_seconds.labels("fetch").observe(fetched - start)
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - fetched)
         return _Ready(event, waveform)
 
     def _score(self, items: list[_Ready]) -> list[ScoreRecord | DeadLetter]:
         start = time.perf_counter()
+        rows = [self._features(item) for item in items]
+        outcomes: dict[int, DeadLetter | tuple[Scores, int]] = {
+            i: row for i, row in enumerate(rows) if isinstance(row, DeadLetter)
+        }
+        good = [i for i in range(len(items)) if i not in outcomes]
+        scored = self._isolated([items[i] for i in good], [cast(np.ndarray, rows[i]) for i in good])
+        outcomes.update(zip(good, scored, strict=True))
+        self._observe(time.perf_counter() - start, scored)
+        scored_at = utc_now()
+        return [self._record(item, outcomes[i], scored_at) for i, item in enumerate(items)]
+
+    def _observe(self, elapsed: float, scored: list[tuple[Scores, int] | DeadLetter]) -> None:
+        """The stage times: the frontend apart where the artifact exposes it; "inference" the
+        rest (feature rows, host<->device copies, the network)."""
+        calls = list({id(o[0]): o[0] for o in scored if isinstance(o, tuple)}.values())
+        if any(call.frontend_s is not None for call in calls):
+            frontend = sum(call.frontend_s or 0.0 for call in calls)
+            self.metrics.stage_seconds.labels("frontend").observe(frontend)
+            elapsed -= frontend
+        self.metrics.stage_seconds.labels("inference").observe(elapsed)
+
+    def _features(self, item: _Ready) -> np.ndarray | DeadLetter:
         try:
-            scores: Scores | None = self._infer(items)
+            return extract(item.event.model_dump(), self.scorer.meta.features)
+        except Exception as exc:  # unforeseen: this event alone fails
+            return _unexpected(item.event, exc)
+
+    def _isolated(
+        self, items: list[_Ready], rows: list[np.ndarray]
+    ) -> list[tuple[Scores, int] | DeadLetter]:
+        """Each item's scores and row: the batch in one call; when that raises, each half again,
+        down to the items that fail on their own (inference_failed), so one item that breaks
+        the model costs itself alone and log2(batch) extra calls."""
+        if not items:
+            return []
+        try:
+            scores = self._infer(items, rows)
         except torch.AcceleratorError:
             # The device itself failed (illegal access, lost GPU): its context is unusable, so
             # every event would be dead-lettered for it. Fail the batch: the process stops
             # uncommitted, and its restart scores the batch again.
             raise
-        except Exception:
-            log.exception("batch inference failed; scoring items one by one")
-            scores = None
-        elapsed = time.perf_counter() - start
-        if scores is not None and scores.frontend_s is not None:
-            # "inference" is the rest: feature rows, host<->device copies and the network.
-            self.metrics.stage_seconds.labels("frontend").observe(scores.frontend_s)
-            elapsed -= scores.frontend_s
-        self.metrics.stage_seconds.labels("inference").observe(elapsed)
-        scored_at = utc_now()
-        outcomes: list[ScoreRecord | DeadLetter] = []
-        for i, item in enumerate(items):
-            try:
-                one, j = (scores, i) if scores is not None else (self._infer([item]), 0)
-                outcomes.append(
-                    score_record(
-                        item.event, self.scorer.meta, one, j, scored_at, self.scorer.listens
-                    )
-                )
-            except torch.AcceleratorError:
-                raise  # as above: not this event's fault
-            except Exception as exc:
-                detail = f"{type(exc).__name__}: {exc}"[:300]
-                outcomes.append(DeadLetter(Reason.INFERENCE_FAILED, detail))
-        return outcomes
+        except Exception as exc:
+            if len(items) == 1:
+                return [DeadLetter(Reason.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"[:300])]
+            log.warning("inference of %d events failed (%s: %s); splitting the batch",
+                        len(items), type(exc).__name__, str(exc)[:200])  # fmt: skip
+            half = len(items) // 2
+            return self._isolated(items[:half], rows[:half]) + self._isolated(
+                items[half:], rows[half:]
+            )
+        return [(scores, i) for i in range(len(items))]
 
-    def _infer(self, items: list[_Ready]) -> Scores:
-        paths = self.scorer.meta.features
-        feats = np.stack([extract(item.event.model_dump(), paths) for item in items])
+    def _record(
+        self, item: _Ready, outcome: DeadLetter | tuple[Scores, int], at: datetime
+    ) -> ScoreRecord | DeadLetter:
+        if not isinstance(outcome, tuple):
+            return outcome
+        scores, i = outcome
+        try:
+            return score_record(item.event, self.scorer.meta, scores, i, at, self.scorer.listens)
+        except Exception as exc:  # a non-finite score, or a record the schema refuses
+            return DeadLetter(Reason.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"[:300])
+
+    def _infer(self, items: list[_Ready], rows: list[np.ndarray]) -> Scores:
+        feats = np.stack(rows)
         mask = np.ones(len(items), dtype=bool)
         if not self.scorer.listens:  # one dummy sample per row: the artifact reads no audio
             return self.scorer.score(np.zeros((len(items), 1), np.float32), feats, ~mask)
@@ -250,3 +281,10 @@ def score_record(
         scored_at=scored_at,
         latency_ms=latency_ms,
     )
+
+
+def _unexpected(event: ReleaseEvent, exc: Exception) -> DeadLetter:
+    """An exception no check foresaw, while handling ``event``: its dead letter, logged once."""
+    letter = internal_error(exc)
+    log.warning("event %s: %s", event.event_id, letter.detail)
+    return letter

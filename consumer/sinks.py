@@ -17,7 +17,8 @@ from typing import Any
 
 import redis
 
-from consumer.errors import SinkError
+from consumer.dead_letters import internal_error
+from consumer.errors import DeadLetter, SinkError
 from schemas.redis_keys import event_key, leaderboard_key, score_key
 from schemas.scores import ScoreRecord
 
@@ -84,17 +85,21 @@ class RedisSink:
 
     def write(
         self, records: Sequence[ScoreRecord], sources: Sequence[str], stop: threading.Event
+    ) -> list[Upsert | DeadLetter]:
+        """Upsert every record (``sources[i]`` names its Kafka record). A record whose write
+        cannot even be built gets its dead letter instead (internal_error), the others are
+        written. Redis outages are retried with capped exponential backoff until it answers, or
+        until ``stop`` is set."""
+        built = [_built(record, source) for record, source in zip(records, sources, strict=True)]
+        writes = [item for item in built if not isinstance(item, DeadLetter)]
+        codes = iter(self._upsert_all(writes, stop) if writes else [])
+        return [item if isinstance(item, DeadLetter) else next(codes) for item in built]
+
+    def _upsert_all(
+        self, writes: list[tuple[list[str], str]], stop: threading.Event
     ) -> list[Upsert]:
-        """Upsert every record (``sources[i]`` names its Kafka record). Redis outages are retried
-        with capped exponential backoff until it answers, or until ``stop`` is set."""
-        if not records:
-            return []
-        keys: list[str] = []
-        args: list[Any] = [self.ttl_s, self.marker_ttl_s]
-        for record, source in zip(records, sources, strict=True):
-            keys += [score_key(record.track_id), leaderboard_key(_utc_day(record))]
-            keys.append(event_key(record.event_id))
-            args.append(json.dumps(_script_item(record, source)))
+        keys = [key for record_keys, _ in writes for key in record_keys]
+        args: list[Any] = [self.ttl_s, self.marker_ttl_s, *(item for _, item in writes)]
         delay = 0.1
         while True:
             try:
@@ -122,6 +127,15 @@ _TRANSIENT = (
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
 )
+
+
+def _built(record: ScoreRecord, source: str) -> tuple[list[str], str] | DeadLetter:
+    """The record's keys (hash, day leaderboard, event marker) and its script argument."""
+    try:
+        keys = [score_key(record.track_id), leaderboard_key(_utc_day(record))]
+        return [*keys, event_key(record.event_id)], json.dumps(_script_item(record, source))
+    except Exception as exc:  # building one record's write costs that record alone
+        return internal_error(exc)
 
 
 def _utc_day(record: ScoreRecord) -> date:

@@ -26,6 +26,9 @@ class DeadLetterReason(StrEnum):
     """The audio is over ``POPSCORE_AUDIO_MAX_SECONDS``."""
     INFERENCE_FAILED = "inference_failed"
     """The model raised or returned a non-finite score for this event."""
+    INTERNAL_ERROR = "internal_error"
+    """Processing this record raised an error nobody anticipated (a bug, or input no check
+    foresaw); the detail names the exception. Only this record is affected."""
 
 
 # Header names. Every header popscore adds starts with OWN_HEADER_PREFIX; the others on a dead
@@ -39,6 +42,9 @@ HEADER_OFFSET = "popscore.source.offset"
 HEADER_VALUE_OMITTED = "popscore.error.value_omitted"
 """Set (to the original value's size in bytes) on a dead letter whose value is left out: it was
 over the producer's ``message.max.bytes``. The source headers still point at the original."""
+HEADER_KEY_OMITTED = "popscore.error.key_omitted"
+"""Set (to the original key's size in bytes) on a dead letter that is still too large without
+its value: its key and the original's own headers are left out too."""
 HEADER_REPLAYED_FROM = "popscore.replay.from"
 """On a record ``replay-dlq`` re-published: the dead letter it came from, as
 ``topic/partition/offset``."""

@@ -23,6 +23,19 @@ def _calendar_date(value: str) -> str:
     return value
 
 
+def _in_utc_range(value: dt.datetime) -> dt.datetime:
+    """RFC 3339 admits 9999-12-31T23:59:59-01:00, whose UTC time is in the year 10000: scores,
+    leaderboard days and ordering are kept in UTC, so such a time is not a usable one."""
+    try:
+        value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("not representable in UTC (years 1 to 9999)") from None
+    return value
+
+
+# An RFC 3339 time with an offset that UTC can represent.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
+
 # Catalogues know some releases only to the month or the year (Spotify's
 # release_date_precision): "1981" and "1981-06" are dates too, not bad events.
 ReleaseDate = Annotated[
@@ -98,7 +111,7 @@ class ReleaseEvent(BaseModel):
     schema_version: Literal[1] = 1
     event_id: Annotated[str, Field(min_length=1, max_length=256)]
     track_id: Annotated[str, Field(min_length=1, max_length=128)]
-    emitted_at: AwareDatetime
+    emitted_at: UtcDatetime
     audio_uri: Annotated[str, Field(min_length=1, max_length=4096)]
     artist: Artist | None = None
     release: Release | None = None

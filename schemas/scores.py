@@ -4,9 +4,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
-from schemas.events import WIRE_CONFIG
+from schemas.events import WIRE_CONFIG, UtcDatetime
 
 
 class ScoreRecord(BaseModel):
@@ -22,8 +22,8 @@ class ScoreRecord(BaseModel):
     hit_probability: Annotated[float, Field(ge=0.0, le=1.0)]
     is_hit: bool
     audio_used: bool
-    emitted_at: AwareDatetime
-    scored_at: AwareDatetime
+    emitted_at: UtcDatetime
+    scored_at: UtcDatetime
     latency_ms: float
 
     @classmethod

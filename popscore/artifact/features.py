@@ -72,12 +72,16 @@ DERIVED: dict[str, Callable[[Mapping[str, Any]], Any]] = {"release.year": releas
 
 
 def _as_float(value: Any) -> float:
-    # bool is checked first because it is an int subclass; anything non-numeric or
-    # non-finite becomes NaN so that the artifact's imputation handles it.
+    # bool is checked first because it is an int subclass; anything non-numeric, non-finite or
+    # beyond a float (a 400-digit count is a valid JSON integer) becomes NaN, which the
+    # artifact imputes.
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            return math.nan
         return number if math.isfinite(number) else math.nan
     return math.nan
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from confluent_kafka import Message
 from hypothesis import given
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from consumer.errors import DeadLetter
 from consumer.pipeline import parse_event
+from popscore.artifact import extract
 from schemas.dead_letter import DeadLetterReason as Reason
 
 GOOD = {
@@ -81,3 +83,11 @@ def test_any_json_object_is_parsed_or_dead_lettered(doc: dict[str, object]) -> N
         parse_event(message(json.dumps(doc).encode()))
     except DeadLetter as exc:
         assert exc.reason in (Reason.INVALID_EVENT, Reason.INVALID_JSON)
+
+
+def test_a_huge_count_is_a_missing_feature_not_an_error() -> None:
+    """A 400-digit follower count is a valid JSON integer; as a feature it cannot be a float."""
+    doc = {**GOOD, "artist": {"followers": 10**400, "popularity": 50}}
+    event = parse_event(message(json.dumps(doc).encode()))
+    row = extract(event.model_dump(), ["artist.followers", "artist.popularity"])
+    assert np.isnan(row[0]) and row[1] == 50.0

@@ -98,6 +98,9 @@ def test_wrong_types_are_rejected(path: str, value: object) -> None:
         ("track_id", ""),
         ("track_id", "x" * 129),
         ("emitted_at", "2026-11-27T10:00:00"),  # RFC 3339 needs an offset
+        # valid RFC 3339, but outside what UTC can represent (the Redis write converts)
+        ("emitted_at", "9999-12-31T23:59:59-01:00"),
+        ("emitted_at", "0001-01-01T00:00:00+14:00"),
         ("schema_version", 2),
         ("release.date", "2024-13"),
         ("release.date", "2023-02-29"),
