@@ -7,12 +7,16 @@ GIL, so a thread pool decodes in parallel; torchaudio only resamples.
 
 import io
 import ipaddress
+import os
 import socket
+import stat
 import time
 import urllib.parse
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import numpy as np
@@ -58,21 +62,24 @@ class AudioPolicy:
         return cls(roots, allow_private_hosts, max_bytes, max_seconds, fetch_timeout_s)
 
 
-AudioSource = Path | bytes
+# An open file or downloaded body, positioned at its start; decode_window closes it.
+AudioSource = BinaryIO
+BLOCK_FRAMES = 65_536
 # httpx logs every request URL at INFO: its userinfo and query (a presigned signature) are
 # credentials.
 redact_loggers("httpx", "httpcore", "httpcore.connection", "httpcore.http11", "httpcore.http2")
 
 
 def open_uri(uri: str, policy: AudioPolicy) -> AudioSource:
-    """A local path or the fetched bytes of ``uri``, or a DeadLetter saying why not."""
+    """``uri``'s audio, open at its start (a local file, or the fetched body), or a DeadLetter
+    saying why not. The caller closes it (decode_window does)."""
     try:
         parsed = urllib.parse.urlsplit(uri)
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
         raise DeadLetter(Reason.URI_UNSUPPORTED, f"malformed URI: {exc}") from None
     scheme = parsed.scheme.lower()
     if scheme == "file":
-        return _local_path(parsed, policy)
+        return _local_file(parsed, policy)
     if scheme in ("http", "https"):
         _check_http_uri(uri)
         return _fetch_http(uri, policy)
@@ -89,7 +96,9 @@ def _check_http_uri(uri: str) -> None:
         raise DeadLetter(Reason.URI_UNSUPPORTED, "the URI names no host")
 
 
-def _local_path(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> Path:
+def _local_file(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> BinaryIO:
+    """The file, opened once: what is checked (a regular file under a root, its size) is what
+    is decoded, so swapping the path afterwards (for a FIFO, say) changes nothing."""
     if parsed.netloc not in ("", "localhost"):
         raise DeadLetter(Reason.URI_FORBIDDEN, f"file URI with host {parsed.netloc!r}")
     if not policy.file_roots:
@@ -99,14 +108,21 @@ def _local_path(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> Path:
     if not any(path.is_relative_to(root) for root in policy.file_roots):
         raise DeadLetter(Reason.URI_FORBIDDEN, "file is outside the audio file roots")
     try:
-        size = path.stat().st_size
+        # No symlink may replace the resolved name, and a FIFO must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot read file: {exc.strerror}") from exc
-    if not path.is_file():
-        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "not a regular file")
-    if size > policy.max_bytes:
-        raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{size} bytes > {policy.max_bytes}")
-    return path
+    file = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "not a regular file")
+        if info.st_size > policy.max_bytes:
+            raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{info.st_size} bytes > {policy.max_bytes}")
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 def check_host(host: str, policy: AudioPolicy) -> str | None:
@@ -149,7 +165,7 @@ def _embedded_ipv4(
     return [a for a in found if a is not None]
 
 
-def _fetch_http(uri: str, policy: AudioPolicy) -> bytes:
+def _fetch_http(uri: str, policy: AudioPolicy) -> io.BytesIO:
     """The body of ``uri`` within one deadline of ``fetch_timeout_s`` for the whole fetch,
     redirects included: each hop's connect gets the time left, each read at most a quarter of
     the timeout, and the body is cut between reads once the deadline passes, so a fetch ends
@@ -198,43 +214,80 @@ def _pinned_stream(
     )
 
 
-def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -> bytes:
+def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -> io.BytesIO:
     if response.status_code != 200:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"HTTP {response.status_code}")
     declared = int(response.headers.get("content-length", "0") or 0)
     if declared > policy.max_bytes:
         raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{declared} bytes > {policy.max_bytes}")
-    body = bytearray()
+    body = io.BytesIO()  # decoded from where it was written: the body is held once
     # No chunk size: chunks come as the network delivers them, so the deadline is checked
     # even when a server drips a byte at a time.
     for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > policy.max_bytes:
+        body.write(chunk)
+        if body.tell() > policy.max_bytes:
             raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {policy.max_bytes} bytes")
         # httpx times each read; a server dripping a byte at a time needs a total deadline.
         if time.monotonic() > deadline:
             raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "fetch deadline exceeded")
-    return bytes(body)
+    body.seek(0)
+    return body
 
 
-def decode_window(source: AudioSource, clip_seconds: float, policy: AudioPolicy) -> Clip:
-    """Decode only the centred ``clip_seconds`` window (seeking where the format allows), mono."""
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+def decode_window(
+    source: AudioSource | Path | bytes, clip_seconds: float, policy: AudioPolicy
+) -> Clip:
+    """Decode only the centred ``clip_seconds`` window (seeking where the format allows), mono.
+    Reads in blocks of BLOCK_FRAMES and mixes each down, so an event costs the mono window plus
+    one block whatever its channel count. An open source is closed."""
     try:
-        with sf.SoundFile(handle) as audio:
+        with _closing(source) as handle, sf.SoundFile(handle) as audio:
             rate, frames = _check_header(audio, policy)
             window = min(frames, round(clip_seconds * rate))
             start = (frames - window) // 2
+            block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
             if start and audio.seekable():
                 audio.seek(start)
-            elif start:
-                audio.read(start, dtype="float32")
-            data = audio.read(window, dtype="float32", always_2d=True)
+            else:
+                _read_blocks(audio, start, block, None)  # skip to the window
+            mono = np.empty(window, dtype=np.float32)
+            got = _read_blocks(audio, window, block, mono)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
-    if data.shape[0] == 0:
+    if got == 0:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no audio frames could be read")
-    return Clip(mix_down(data), rate, frames / rate)
+    return Clip(mono[:got], rate, frames / rate)
+
+
+def _read_blocks(
+    audio: sf.SoundFile, frames: int, block: np.ndarray, mono: np.ndarray | None
+) -> int:
+    """Read ``frames`` frames through ``block``, mixing each block down into ``mono`` (or
+    dropping it); returns the frames read (fewer when the file is shorter than its header)."""
+    done = 0
+    while done < frames:
+        data = audio.read(out=block[: min(len(block), frames - done)])
+        if len(data) == 0:
+            break
+        if mono is not None:
+            mono[done : done + len(data)] = mix_down(data)
+        done += len(data)
+    return done
+
+
+@contextmanager
+def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | str]:
+    """What libsndfile opens: a path's text, bytes as a file, or the open source, which is
+    closed afterwards."""
+    if isinstance(source, Path):
+        yield str(source)
+        return
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        yield source
+    finally:
+        source.close()
 
 
 def mix_down(data: np.ndarray) -> np.ndarray:

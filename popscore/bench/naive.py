@@ -41,8 +41,8 @@ def score_message(value: bytes, scorer: Scorer, policy: AudioPolicy) -> ScoreRec
     """One Kafka value to its ScoreRecord, the naive way (the whole file is decoded)."""
     meta = scorer.meta
     event = ReleaseEvent.from_json(value)
-    source = open_uri(event.audio_uri, policy)
-    data, rate = sf.read(source, dtype="float32", always_2d=True)  # every frame of the file
+    with open_uri(event.audio_uri, policy) as source:
+        data, rate = sf.read(source, dtype="float32", always_2d=True)  # every frame of the file
     mono = torch.from_numpy(mix_down(data))  # the service's mixdown: the ratio is architecture
     with torch.inference_mode():
         if rate != meta.sample_rate:

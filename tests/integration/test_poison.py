@@ -118,18 +118,14 @@ def test_a_record_that_breaks_any_stage_costs_itself_alone(
         doc = json.loads(event(f"edge-{when}-{tag}", f"edge-{tag}", uri))
         records.append((b"k", json.dumps({**doc, "emitted_at": when}).encode()))
 
-    pipeline, sinks, commit = consumer.pipeline, consumer.sinks, consumer.commit
-    from_json = pipeline.ReleaseEvent.from_json
-    monkeypatch.setattr(pipeline.ReleaseEvent, "from_json", failing_for(
-        from_json, lambda value: b"boom-parse" in value))  # fmt: skip
-    monkeypatch.setattr(pipeline, "decode_window", failing_for(
-        pipeline.decode_window, lambda source, *_: "boom-decode" in str(source)))  # fmt: skip
-    monkeypatch.setattr(pipeline, "extract", failing_for(
-        pipeline.extract, lambda doc, _paths: doc["event_id"].startswith("boom-features")))  # fmt: skip
-    monkeypatch.setattr(sinks, "_script_item", failing_for(
-        sinks._script_item, lambda record, _source: record.event_id.startswith("boom-redis")))  # fmt: skip
-    monkeypatch.setattr(commit, "dead_letter_forms", failing_for(
-        commit.dead_letter_forms, lambda item: item.message.key() == b"boom-dlq"))  # fmt: skip
+    def poison(owner: object, name: str, poisoned: Callable[..., bool]) -> None:
+        monkeypatch.setattr(owner, name, failing_for(getattr(owner, name), poisoned))
+
+    poison(consumer.pipeline.ReleaseEvent, "from_json", lambda value: b"boom-parse" in value)
+    poison(consumer.pipeline, "decode_window", lambda source, *_: "boom-decode" in str(source))
+    poison(consumer.pipeline, "extract", lambda doc, _: doc["event_id"].startswith("boom-feat"))
+    poison(consumer.sinks, "_script_item", lambda rec, _: rec.event_id.startswith("boom-redis"))
+    poison(consumer.commit, "dead_letter_forms", lambda item: item.message.key() == b"boom-dlq")
     send(consumer_env, records)
 
     run_until_caught_up(consumer_env)
@@ -161,8 +157,8 @@ def test_a_dead_letter_too_large_even_without_its_value_goes_without_its_key(
     audio = Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"])
     track = f"after-huge-key-{uuid.uuid4().hex[:8]}"
     huge_key = b"k" * 999_900
-    send(consumer_env, [(huge_key, b"{not json"),
-                        (b"k", event(track, track, write_tone(audio / "t.wav").as_uri()))])  # fmt: skip
+    good = event(track, track, write_tone(audio / "t.wav").as_uri())
+    send(consumer_env, [(huge_key, b"{not json"), (b"k", good)])
 
     run_until_caught_up(consumer_env)
 

@@ -1,8 +1,10 @@
 """Audio intake: every format and rate, window and pad, and the URI policy's refusals."""
 
+import os
 import threading
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -11,13 +13,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from consumer import audio, resample
 from consumer.audio import AudioPolicy, decode_window, load_clip, open_uri
 from consumer.errors import DeadLetter
-from consumer import resample
 from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
 from schemas.dead_letter import DeadLetterReason as Reason
 
 TARGET = 22_050
+AUDIO_BLOCK_MB = 65_536 * 8 * 4 / 2**20  # one block of 8 channels as float32
 SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS", "MP3": "MPEG_LAYER_III"}
 
 
@@ -309,7 +312,8 @@ def test_the_deadline_covers_every_redirect_hop(http_audio: str) -> None:
     assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
     assert time.monotonic() - start < 1.6
     fine = AudioPolicy.create((), allow_private_hosts=True, fetch_timeout_s=5.0)
-    assert len(open_uri(http_audio + "/slowhop/2", fine)) > 1000
+    with open_uri(http_audio + "/slowhop/2", fine) as body:
+        assert len(body.read()) > 1000
 
 
 def test_every_redirect_hop_passes_the_host_check(
@@ -434,3 +438,77 @@ def test_the_kernel_caches_hold_a_bounded_number_of_rates() -> None:
         batched([clip])
     cap = resample.MAX_KERNELS
     assert len(resampler._kernels) <= cap and len(batched._kernels) <= cap
+
+
+def _peak_mb(run: Callable[[], object]) -> float:
+    """Peak of the Python-visible allocations (numpy's arrays included) while ``run`` runs."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def wide_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 channels at 384 kHz, 8 s: a small file whose 5 s window is 61 MB as float32 frames."""
+    path = tmp_path_factory.mktemp("wide") / "wide.wav"
+    rate = 384_000
+    with sf.SoundFile(path, "w", rate, 8, "PCM_16", format="WAV") as f:
+        for _ in range(8):
+            f.write(np.tile(tone(1.0, rate), (1, 8)))
+    return path
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_decoding_a_wide_file_is_bounded_by_the_mono_window(
+    wide_file: Path, seekable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding reads blocks and mixes each down, so a many-channel, high-rate file costs the
+    mono window (5 s x 384 kHz x 4 B = 7.3 MB) plus one block, not every channel at once; a
+    format libsndfile cannot seek skips to the window in blocks too."""
+    if not seekable:
+        monkeypatch.setattr(sf.SoundFile, "seekable", lambda self: False)
+    policy = AudioPolicy.create((wide_file.parent,), max_bytes=10**9)
+    clips: list[Clip] = []
+    peak = _peak_mb(lambda: clips.append(decode_window(wide_file, 5.0, policy)))
+    [clip] = clips
+    assert clip.samples.shape == (5 * 384_000,) and clip.source_rate == 384_000
+    assert np.abs(clip.samples).max() > 0.4
+    assert peak < 7.3 + 2 * AUDIO_BLOCK_MB, f"{peak:.1f} MB"
+
+
+def test_a_file_swapped_for_a_fifo_after_the_check_cannot_block_a_decode(
+    tmp_path: Path, policy: AudioPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path is checked, then decoded: a FIFO put in its place in between used to block
+    the decode thread for ever (no writer). What was checked must be what is decoded."""
+    path = write(tmp_path / "a.wav", tone(1, TARGET), TARGET, "WAV")
+    checked = audio.open_uri
+
+    def check_then_swap(uri: str, policy: AudioPolicy) -> object:
+        source = checked(uri, policy)
+        path.unlink()
+        os.mkfifo(path)
+        return source
+
+    monkeypatch.setattr(audio, "open_uri", check_then_swap)
+    done: list[np.ndarray] = []
+    worker = threading.Thread(
+        target=lambda: done.append(load_clip(path.as_uri(), policy, Resampler(TARGET, 1.0))),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # release the blocked open before failing
+        with open(path, "wb"):
+            pass
+        pytest.fail("the decode blocked on a FIFO swapped in after the check")
+    assert done and done[0].shape == (TARGET,) and np.abs(done[0]).max() > 0.4
+
+
+def test_a_fifo_is_not_opened(tmp_path: Path, policy: AudioPolicy) -> None:
+    os.mkfifo(tmp_path / "pipe.wav")
+    with pytest.raises(DeadLetter, match="not a regular file"):
+        open_uri((tmp_path / "pipe.wav").as_uri(), policy)
