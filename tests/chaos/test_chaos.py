@@ -111,10 +111,29 @@ def test_kill_9_repeatedly(
     run_scenario("kill-9", chaos_env, redis_client, tmp_path, 1, fault)
 
 
+def own_stack_pid(service: str) -> int:
+    """The pid of ``service`` (redis, kafka) as this checkout's stack started it; a running
+    service started elsewhere (another checkout's .stack) fails the scenario at once: stopping it
+    and starting ours would lose its data and wait for a recovery that cannot come."""
+    stack = ROOT / ".stack"
+    pidfile = stack / service / f"{service}.pid"
+    try:
+        pid = int(pidfile.read_text())
+        proc = Path(f"/proc/{pid}")
+        cwd, cmdline = proc.joinpath("cwd").resolve(), proc.joinpath("cmdline").read_bytes()
+    except (OSError, ValueError):
+        pytest.fail(f"the running {service} was not started by this checkout ({pidfile})")
+    if not (cwd.is_relative_to(stack) or str(stack).encode() in cmdline):
+        pytest.fail(f"the running {service} (pid {pid}) belongs to another checkout, not {stack}")
+    return pid
+
+
 @pytest.mark.skipif(not LOCAL_STACK, reason="needs the local stack to stop Redis")
 def test_redis_down_for_20_seconds(
     chaos_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
+    own_stack_pid("redis")
+
     def fault(sup: Supervisor, corpus: Corpus) -> None:
         progress(redis_client, corpus, 0.3, sup)
         # SAVE first: the local Redis has no persistence, and an outage must not lose data.
@@ -130,9 +149,11 @@ def test_redis_down_for_20_seconds(
 def test_kafka_broker_restart(
     chaos_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
+    own_stack_pid("kafka")
+
     def fault(sup: Supervisor, corpus: Corpus) -> None:
         progress(redis_client, corpus, 0.3, sup)
-        pid = int((ROOT / ".stack/kafka/kafka.pid").read_text())
+        pid = own_stack_pid("kafka")
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, sup.tick)
         subprocess.run([str(ROOT / "deploy/local/stack-up.sh")], check=True, timeout=180)
