@@ -127,7 +127,13 @@ class App:
         self._stack.callback(self.redis.close)
         pool = self._executor(s.decode_workers, "decode")
         self.pipeline = Pipeline(
-            self.scorer, policy, pool, self.metrics, s.max_event_bytes, s.resample_on
+            self.scorer,
+            policy,
+            pool,
+            self.metrics,
+            s.max_event_bytes,
+            s.resample_on,
+            max_future_skew_s=s.max_future_skew_s,
         )
         # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
         # stage n of the next (decode of batch k+1 while batch k is on the device).

@@ -31,6 +31,9 @@ from schemas.scores import ScoreRecord, utc_now
 log = logging.getLogger(__name__)
 # A ReleaseEvent is a few kB; anything this big is abuse or a producer bug.
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+# How far ahead of this host's clock an emitted_at may be (clocks drift; newer-wins in Redis
+# means a far-future event would hold its track's score for ever).
+DEFAULT_MAX_FUTURE_SKEW_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,11 @@ class BatchResult:
     duplicates: list[Message] = field(default_factory=list)
 
 
-def parse_event(msg: Message, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> ReleaseEvent:
+def parse_event(
+    msg: Message,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
+) -> ReleaseEvent:
     """The message's ReleaseEvent, or a DeadLetter naming the first problem."""
     value = msg.value()
     if value is None:
@@ -67,12 +74,17 @@ def parse_event(msg: Message, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Relea
     if len(value) > max_bytes:
         raise DeadLetter(Reason.MESSAGE_TOO_LARGE, f"{len(value)} bytes > {max_bytes}")
     try:
-        return ReleaseEvent.from_json(value)
+        event = ReleaseEvent.from_json(value)
     except ValidationError as exc:
         first = exc.errors()[0]
         reason = Reason.INVALID_JSON if first["type"] == "json_invalid" else Reason.INVALID_EVENT
         where = ".".join(str(part) for part in first["loc"]) or "(root)"
         raise DeadLetter(reason, f"{where}: {first['msg']}") from None
+    ahead = (event.emitted_at - utc_now()).total_seconds()
+    if ahead > max_future_skew_s:
+        detail = f"emitted_at: {ahead:.0f} s in the future (more than {max_future_skew_s:g} s)"
+        raise DeadLetter(Reason.INVALID_EVENT, detail)
+    return event
 
 
 def batch_resampler_for(resample_on: str, scorer: Scorer) -> BatchResampler | None:
@@ -96,9 +108,11 @@ class Pipeline:
         metrics: Metrics,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         resample_on: str = "auto",
+        max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
     ) -> None:
         self.scorer = scorer
         self.max_event_bytes = max_event_bytes
+        self.max_future_skew_s = max_future_skew_s
         self.policy = policy
         self.pool = pool
         self.metrics = metrics
@@ -112,7 +126,8 @@ class Pipeline:
         parsed: list[tuple[Message, ReleaseEvent]] = []
         for msg in messages:
             try:
-                parsed.append((msg, parse_event(msg, self.max_event_bytes)))
+                event = parse_event(msg, self.max_event_bytes, self.max_future_skew_s)
+                parsed.append((msg, event))
             except DeadLetter as exc:
                 prepared.rejected.append(Rejected(msg, exc))
             except Exception as exc:  # whatever else one record raises costs that record alone

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     batch keeps filling, and once it is full the partitions pause."""
     max_event_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     """Largest Kafka value parsed as a ReleaseEvent; larger ones are dead-lettered."""
+    max_future_skew_s: Annotated[float, Field(gt=0, le=366 * 86_400)] = 3600.0
+    """How far ahead of this host's clock an event's emitted_at may be; later ones are
+    dead-lettered (invalid_event): under newer-wins they would hold their track's score."""
     transactional_id: str | None = None
     """Kafka transactional.id of this instance; default popscore-<group>-<hostname>. Must be
     unique per running instance and stable across its restarts (a restart fences the old one)."""

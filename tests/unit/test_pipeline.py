@@ -1,6 +1,7 @@
 """parse_event: every way a Kafka value can be bad maps to its dead-letter reason."""
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -91,3 +92,18 @@ def test_a_huge_count_is_a_missing_feature_not_an_error() -> None:
     event = parse_event(message(json.dumps(doc).encode()))
     row = extract(event.model_dump(), ["artist.followers", "artist.popularity"])
     assert np.isnan(row[0]) and row[1] == 50.0
+
+
+def test_an_event_from_the_future_is_refused_beyond_the_clock_skew() -> None:
+    """Newer wins in Redis: one event stamped far ahead (a producer with a fast clock) would
+    keep its track's score for ever, every real event after it being older."""
+    ahead = datetime.now(UTC) + timedelta(days=365)
+    with pytest.raises(DeadLetter) as info:
+        parse_event(message(json.dumps({**GOOD, "emitted_at": ahead.isoformat()}).encode()))
+    assert info.value.reason is Reason.INVALID_EVENT
+    assert "emitted_at" in info.value.detail and "future" in info.value.detail
+    near = datetime.now(UTC) + timedelta(seconds=60)  # within the default hour: accepted
+    assert parse_event(message(json.dumps({**GOOD, "emitted_at": near.isoformat()}).encode()))
+    strict = {**GOOD, "emitted_at": near.isoformat()}
+    with pytest.raises(DeadLetter):
+        parse_event(message(json.dumps(strict).encode()), max_future_skew_s=10)
