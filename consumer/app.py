@@ -40,7 +40,7 @@ from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_S
 from consumer.pipeline import BatchResult, Pipeline
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
-from consumer.source import KafkaSource, Partition, next_offsets, partition_of
+from consumer.source import KafkaSource, Partition, next_offsets, partition_of, record_id
 from popscore.artifact import ArtifactError
 from schemas.scores import ScoreRecord
 
@@ -247,14 +247,14 @@ class App:
         """Sink stage: the idempotent upsert; drops re-deliveries of already claimed events."""
         start = time.perf_counter()
         records = [record for _msg, record in result.scored]
-        sources = ["{}/{}/{}".format(*partition_of(msg), msg.offset()) for msg, _r in result.scored]
+        sources = [record_id(msg) for msg, _r in result.scored]
         codes = self.redis_sink.write(records, sources, stop)
         self.metrics.stage_seconds.labels("redis").observe(time.perf_counter() - start)
         written_at = datetime.now(UTC)
         kept = []
         for (msg, record), code in zip(result.scored, codes, strict=True):
             if isinstance(code, DeadLetter):
-                result.rejected.append(Rejected(msg, code))
+                result.rejected.append(Rejected(msg, code, record.event_id))
                 continue
             if code is Upsert.DUPLICATE:
                 result.duplicates.append(msg)
@@ -262,6 +262,8 @@ class App:
             kept.append((msg, record))
             self.metrics.e2e_latency.observe((written_at - record.emitted_at).total_seconds())
         result.scored = kept
+        claims = [(r.event_id, record_id(r.message)) for r in result.rejected if r.event_id]
+        self.redis_sink.release(claims, stop)
         return result
 
     # --- committing ---------------------------------------------------------------------

@@ -44,6 +44,8 @@ class Rejected:
 
     message: Message
     error: DeadLetter
+    event_id: str | None = None
+    """The event's id, when the message parsed: a claim its record holds on it is released."""
 
 
 def headers_of(msg: Message) -> list[Header]:

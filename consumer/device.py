@@ -6,6 +6,7 @@ so this module only moves tensors: waveforms and features go to the device in on
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,25 @@ def pick_device(name: str) -> torch.device:
         count = torch.cuda.device_count()
         raise DeviceUnavailable(f"device {name!r} requested but this host has {count} GPU(s)")
     return device
+
+
+# What a failing device says, whatever exception type carries it: TorchScript re-raises errors
+# from inside the artifact as plain RuntimeErrors (torch.jit.Error).
+_DEVICE_FAULTS = re.compile(
+    r"CUDA error|CUBLAS_STATUS|CUFFT_|cuFFT error|CUDNN_STATUS|cuDNN error|nvrtc|NVRTC"
+    r"|device-side assert|illegal memory access|ECC error|CUDA driver"
+)
+_OUT_OF_MEMORY = re.compile(r"out of memory", re.IGNORECASE)
+
+
+def failure_kind(exc: BaseException) -> str | None:
+    """``"device"`` for a failing device, ``"oom"`` for memory exhausted, else None (the
+    events' fault, as far as anyone can tell)."""
+    if isinstance(exc, torch.OutOfMemoryError) or _OUT_OF_MEMORY.search(str(exc)):
+        return "oom"
+    if isinstance(exc, torch.AcceleratorError) or _DEVICE_FAULTS.search(str(exc)):
+        return "device"
+    return None
 
 
 def configure_cpu_threads() -> int:
@@ -108,6 +128,11 @@ class Scorer:
             popularity_host = popularity.float().cpu().numpy()
             probability_host = probability.float().cpu().numpy()
         return Scores(popularity_host, probability_host, frontend_s, time.perf_counter() - start)
+
+    def free_memory(self) -> None:
+        """Give cached device memory back (after an out-of-memory error)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def staged(self) -> bool:

@@ -5,6 +5,8 @@ PopscoreError
 ├── UsageError           a command's argument names something unusable; one line, exit 2
 ├── DeadLetter           one event cannot be scored; it goes to the DLQ with a reason
 ├── DeviceUnavailable     the requested device (e.g. CUDA) is not there
+├── DeviceFailure         the device failed while scoring (CUDA fault, out of memory for
+│                         one event): the batch fails, not its events
 └── SinkError            Redis or Kafka refused a write; the batch is not committed
 
 A model file that cannot serve raises ``popscore.artifact.ArtifactError`` (its owner's one error);
@@ -38,6 +40,11 @@ class DeadLetter(PopscoreError):
 
 class DeviceUnavailable(PopscoreError):
     """The artifact cannot serve on the device asked for."""
+
+
+class DeviceFailure(PopscoreError):
+    """The scoring device failed (a CUDA, cuBLAS, cuFFT, cuDNN or NVRTC error, or out of
+    memory for a single event): not the events' fault, so the batch fails uncommitted."""
 
 
 class SinkError(PopscoreError):

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from consumer.audio import AudioPolicy, decode_window, open_uri
 from consumer.dead_letters import Rejected, internal_error
-from consumer.device import Scorer, Scores
-from consumer.errors import DeadLetter
+from consumer.device import Scorer, Scores, failure_kind
+from consumer.errors import DeadLetter, DeviceFailure
 from consumer.metrics import Metrics
 from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
 from popscore.artifact import ArtifactMeta, extract
@@ -133,9 +133,9 @@ class Pipeline:
             except Exception as exc:  # whatever else one record raises costs that record alone
                 prepared.rejected.append(Rejected(msg, internal_error(exc)))
         loaded = self.pool.map(self._load, [event for _msg, event in parsed])
-        for (msg, _event), outcome in zip(parsed, loaded, strict=True):
+        for (msg, event), outcome in zip(parsed, loaded, strict=True):
             if isinstance(outcome, DeadLetter):
-                prepared.rejected.append(Rejected(msg, outcome))
+                prepared.rejected.append(Rejected(msg, outcome, event.event_id))
             else:
                 prepared.ready.append((msg, outcome))
         return prepared
@@ -146,9 +146,9 @@ class Pipeline:
         if not prepared.ready:
             return result
         outcomes = self._score([item for _msg, item in prepared.ready])
-        for (msg, _item), outcome in zip(prepared.ready, outcomes, strict=True):
+        for (msg, item), outcome in zip(prepared.ready, outcomes, strict=True):
             if isinstance(outcome, DeadLetter):
-                result.rejected.append(Rejected(msg, outcome))
+                result.rejected.append(Rejected(msg, outcome, item.event.event_id))
             else:
                 result.scored.append((msg, outcome))
         return result
@@ -223,13 +223,16 @@ class Pipeline:
             return []
         try:
             scores = self._infer(items, rows)
-        except torch.AcceleratorError:
-            # The device itself failed (illegal access, lost GPU): its context is unusable, so
-            # every event would be dead-lettered for it. Fail the batch: the process stops
-            # uncommitted, and its restart scores the batch again.
-            raise
         except Exception as exc:
-            if len(items) == 1:
+            kind = failure_kind(exc)
+            if kind == "device" or (kind == "oom" and len(items) == 1):
+                # Not these events' fault: dead-lettering them would dead-letter every event
+                # while the device stays broken. The batch fails uncommitted, and the restart
+                # (a fresh device context) scores it again.
+                raise DeviceFailure(f"{kind}: {str(exc).strip().splitlines()[-1][:300]}") from exc
+            if kind == "oom":
+                self.scorer.free_memory()  # then the halves, below, each fit or split again
+            elif len(items) == 1:
                 return [DeadLetter(Reason.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"[:300])]
             log.warning("inference of %d events failed (%s: %s); splitting the batch",
                         len(items), type(exc).__name__, str(exc)[:200])  # fmt: skip

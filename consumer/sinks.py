@@ -64,6 +64,15 @@ return out
 """
 
 
+# KEYS[i]: an event marker; ARGV[i]: the record that may hold it. Deleted only if it does.
+RELEASE_LUA = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
+end
+return #KEYS
+"""
+
+
 class Upsert(IntEnum):
     """What the script did with one record."""
 
@@ -82,6 +91,7 @@ class RedisSink:
         self.ttl_s = ttl_s
         self.marker_ttl_s = marker_ttl_s
         self._upsert = client.register_script(UPSERT_LUA)
+        self._release = client.register_script(RELEASE_LUA)
 
     def write(
         self, records: Sequence[ScoreRecord], sources: Sequence[str], stop: threading.Event
@@ -95,15 +105,28 @@ class RedisSink:
         codes = iter(self._upsert_all(writes, stop) if writes else [])
         return [item if isinstance(item, DeadLetter) else next(codes) for item in built]
 
+    def release(self, claims: Sequence[tuple[str, str]], stop: threading.Event) -> None:
+        """Give up the event-id claims these records (``(event_id, source)``) hold: each was
+        dead-lettered, so a later record with its event (``replay-dlq``) is no duplicate. An
+        earlier, aborted attempt may have claimed it; a claim of another record stays."""
+        if claims:
+            keys = [event_key(event_id) for event_id, _ in claims]
+            self._call(self._release, keys, [source for _, source in claims], stop)
+
     def _upsert_all(
         self, writes: list[tuple[list[str], str]], stop: threading.Event
     ) -> list[Upsert]:
         keys = [key for record_keys, _ in writes for key in record_keys]
         args: list[Any] = [self.ttl_s, self.marker_ttl_s, *(item for _, item in writes)]
+        return [Upsert(int(code)) for code in self._call(self._upsert, keys, args, stop)]
+
+    def _call(self, script: Any, keys: list[str], args: list[Any], stop: threading.Event) -> Any:
+        """Run a script; Redis outages are retried with capped exponential backoff until it
+        answers, or until ``stop`` is set (SinkError)."""
         delay = 0.1
         while True:
             try:
-                return [Upsert(int(code)) for code in self._upsert(keys=keys, args=args)]
+                return script(keys=keys, args=args)
             except _TRANSIENT as exc:
                 if isinstance(exc, redis.ReadOnlyError):
                     # A failover left this connection on a replica: reconnect (the name may

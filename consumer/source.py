@@ -38,6 +38,11 @@ def partition_of(msg: Message) -> Partition:
     return (msg.topic() or "", msg.partition() or 0)
 
 
+def record_id(msg: Message) -> str:
+    """``topic/partition/offset``: names one Kafka record (the owner of an event-id claim)."""
+    return "{}/{}/{}".format(*partition_of(msg), msg.offset())
+
+
 def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
     """Per partition, the offset after its last message: what a commit of these messages stores."""
     offsets: dict[Partition, int] = {}

@@ -169,3 +169,41 @@ def test_a_dead_letter_too_large_even_without_its_value_goes_without_its_key(
     assert int(headers[HEADER_VALUE_OMITTED]) == len(b"{not json")
     assert redis_client.exists(score_key(track)), "the record behind it was scored"
     assert_all_committed(consumer_env)
+
+
+def test_a_claim_left_by_an_aborted_attempt_does_not_make_a_replay_a_duplicate(
+    consumer_env: dict[str, str], redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event is written to Redis (claiming its id for its record), then its transaction
+    aborts; on the retry its audio is gone, so it is dead-lettered. Re-published later (as
+    replay-dlq does, a new record), it must be scored, not dropped as a duplicate."""
+    audio = Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"])
+    track = f"claim-{uuid.uuid4().hex[:8]}"
+    tone = write_tone(audio / "expiring.wav")
+    value = event(track, track, tone.as_uri())
+    real_commit = consumer.commit.Transactions.commit
+    aborted: list[bool] = []
+
+    def abort_once(self: consumer.commit.Transactions, *args: Any) -> float:
+        if aborted:
+            return real_commit(self, *args)
+        aborted.append(True)
+        self.producer.begin_transaction()
+        self.producer.abort_transaction()
+        tone.unlink()  # by the retry the URL has expired
+        raise consumer.commit.TransactionAborted("aborted by the test")
+
+    monkeypatch.setattr(consumer.commit.Transactions, "commit", abort_once)
+    send(consumer_env, [(track.encode(), value)])
+    run_until_caught_up(consumer_env)
+    assert aborted and redis_client.exists(score_key(track)), "written before the abort"
+    assert list(dead_letters_by(consumer_env, 1)) == [b"audio_fetch_failed"]
+
+    write_tone(tone)  # the audio is back; the event is re-published, as replay-dlq does
+    send(consumer_env, [(track.encode(), value)])
+    run_until_caught_up(consumer_env)
+
+    results = read_all(consumer_env["POPSCORE_KAFKA_BOOTSTRAP"],
+                       consumer_env["POPSCORE_OUTPUT_TOPIC"], 1)  # fmt: skip
+    assert [ScoreRecord.from_json(m.value()).track_id for m in results] == [track]
+    assert_all_committed(consumer_env)

@@ -1,7 +1,8 @@
 """The device stage and the pipeline over a real (untrained, small) exported artifact."""
 
 import json
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,8 +13,8 @@ import soundfile as sf
 import torch
 
 from consumer.audio import AudioPolicy
-from consumer.device import Scorer, pick_device
-from consumer.errors import DeadLetter, DeviceUnavailable
+from consumer.device import Scorer, Scores, pick_device
+from consumer.errors import DeadLetter, DeviceFailure, DeviceUnavailable
 from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
 from popscore.artifact import ArtifactError
@@ -188,8 +189,78 @@ def test_a_model_error_dead_letters_the_event_but_a_device_failure_fails_the_bat
     # scored again after the restart, as nothing of it was committed).
     failure = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
     monkeypatch.setattr(pipeline.scorer, "score", broken(failure))
-    with pytest.raises(torch.AcceleratorError):
+    with pytest.raises(DeviceFailure, match="illegal memory access"):
         pipeline.score_events(events)
+
+
+class Faulty(torch.nn.Module):
+    """Raises inside TorchScript, as a failing cuBLAS/cuFFT/NVRTC call or an OOM would: the
+    interpreter re-raises it as a plain RuntimeError (torch.jit.Error)."""
+
+    def __init__(self, message: str, from_rows: int) -> None:
+        super().__init__()
+        self.message = message
+        self.from_rows = from_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(0) >= self.from_rows:
+            raise RuntimeError(self.message)
+        return x
+
+
+def faulty_scorer(
+    message: str, from_rows: int, real: Callable[..., Scores]
+) -> Callable[..., Scores]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
+        scripted = torch.jit.script(Faulty(message, from_rows))
+
+    def score(waves: np.ndarray, feats: np.ndarray, mask: np.ndarray) -> Scores:
+        scripted(torch.from_numpy(np.ascontiguousarray(feats)))
+        return real(waves, feats, mask)
+
+    return score
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, ...)`",
+        "cuFFT error: CUFFT_INTERNAL_ERROR",
+        "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+        "nvrtc: error: failed to open libnvrtc-builtins.so.13.0",
+        "CUDA error: device-side assert triggered",
+    ],
+)
+def test_a_sick_device_fails_the_batch_not_the_events(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    """Every event would be dead-lettered as inference_failed while the device stays broken;
+    the batch fails instead (nothing committed), and the restart scores it again."""
+    events = [event(i, tone_uri(tmp_path)) for i in range(3)]
+    monkeypatch.setattr(pipeline.scorer, "score", faulty_scorer(message, 1, pipeline.scorer.score))
+    with pytest.raises(DeviceFailure, match=message.split(":", maxsplit=1)[0]):
+        pipeline.score_events(events)
+
+
+def test_out_of_memory_splits_the_batch_and_fails_it_only_for_a_single_event(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    oom = "CUDA out of memory. Tried to allocate 2.00 GiB"
+    events = [event(i, tone_uri(tmp_path)) for i in range(4)]
+    real = pipeline.scorer.score
+    monkeypatch.setattr(pipeline.scorer, "score", faulty_scorer(oom, 3, real))  # 3+ rows fail
+    outcomes = pipeline.score_events(events)
+    assert all(isinstance(o, ScoreRecord) for o in outcomes), "halves of 2 fit"
+    monkeypatch.setattr(pipeline.scorer, "score", faulty_scorer(oom, 1, real))  # nothing fits
+    with pytest.raises(DeviceFailure, match="out of memory"):
+        pipeline.score_events(events)
+
+
+def tone_uri(folder: Path) -> str:
+    t = np.arange(3 * 44_100) / 44_100
+    sf.write(folder / "a.flac", (0.4 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 44_100)
+    return (folder / "a.flac").as_uri()
 
 
 def test_a_features_only_artifact_never_reads_the_audio(tmp_path: Path) -> None:
