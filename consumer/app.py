@@ -169,6 +169,7 @@ class App:
         self._stack.callback(self.txn.close)
         self._stack.callback(self.source.close)
         self.health.readiness = self._readiness
+        self.health.waiting = self._waiting
         self.http = HealthServer(s.http_port, self.metrics.registry, self.health).start()
         self._stack.callback(self.http.close)
         # Last in, first out: unblock Redis retries before the stage threads are joined.
@@ -290,8 +291,11 @@ class App:
                 self.source.group_metadata(),
             )
         except TransactionAborted:
+            self.metrics.transactions.labels("aborted").inc()
             self._drop_uncommitted()
             return
+        self.metrics.transactions.labels("committed").inc()
+        self.health.progressed()
         self.metrics.stage_seconds.labels("produce").observe(produce_s)
         self.metrics.stage_seconds.labels("commit").observe(time.perf_counter() - start - produce_s)
         self._count(result)
@@ -366,6 +370,11 @@ class App:
 
     def _idle(self) -> bool:
         return not self.inflight and len(self.batcher) == 0
+
+    def _waiting(self) -> bool:
+        """Records wait to be committed: some are in hand, or a partition is not read to its
+        end (after an abort's rewind, say)."""
+        return bool(self.source.assignment) and not (self._idle() and self.source.caught_up())
 
     def _executor(self, workers: int, name: str) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(workers, thread_name_prefix=name)

@@ -10,23 +10,47 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 # The loop beats at least once per idle poll; three missed minutes means it is stuck.
 STALL_S = 180.0
+# Records in hand and nothing committed for this long, while Kafka and Redis answer: an abort
+# loop or a wedged stage, which a restart may clear (a dependency outage is not counted).
+STUCK_S = 300.0
 
 
 class Health:
     """State the probes read; the main loop writes it."""
 
-    def __init__(self) -> None:
-        self._beat = time.monotonic()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._beat = clock()
+        self._progress = clock()
         self.model_loaded = False
         self.readiness: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
+        self.waiting: Callable[[], bool] = lambda: False
+        """Whether records are in hand, uncommitted (set by the app)."""
 
     def beat(self) -> None:
         """Called by the main loop every iteration."""
-        self._beat = time.monotonic()
+        self._beat = self._clock()
+        if not self.waiting():
+            self._progress = self._beat  # idle is not stuck
+
+    def progressed(self) -> None:
+        """Called when a batch is committed."""
+        self._progress = self._clock()
+
+    def liveness(self) -> tuple[bool, str]:
+        """The main loop iterates, and records in hand get committed while the dependencies
+        answer; else why not."""
+        now = self._clock()
+        if now - self._beat >= STALL_S:
+            return False, "main loop stalled"
+        stuck = now - self._progress
+        if stuck >= STUCK_S and self.waiting() and self.readiness()[0]:
+            return False, f"nothing committed for {stuck:.0f} s while records wait"
+        return True, "ok"
 
     def alive(self) -> bool:
-        """The main loop iterated recently."""
-        return time.monotonic() - self._beat < STALL_S
+        """See ``liveness``."""
+        return self.liveness()[0]
 
 
 class HealthServer:
@@ -56,8 +80,8 @@ def _make_handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPR
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                ok = health.alive()
-                self._send(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
+                ok, why = health.liveness()
+                self._send(200 if ok else 503, (why + "\n").encode())
             elif path == "/readyz":
                 ready, why = health.readiness()
                 self._send(200 if ready else 503, (why + "\n").encode())

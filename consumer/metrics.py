@@ -70,6 +70,12 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.transactions = Counter(
+            "popscore_transactions_total",
+            "Batch transactions, by how they ended: committed or aborted (then replayed).",
+            ["outcome"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "popscore_model_info",
             "The loaded model (value 1).",
@@ -80,5 +86,7 @@ class Metrics:
             self.events.labels(outcome)  # export zeros, so rate() works from the first scrape
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        for ended in ("committed", "aborted"):
+            self.transactions.labels(ended)
         for reason in DeadLetterReason:
             self.dead_letters.labels(reason.value)

@@ -6,6 +6,7 @@ and the restart read it again and raised again, for ever."""
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import redis
 from confluent_kafka import Producer
 
 import consumer.commit
+import consumer.health
 import consumer.pipeline
 import consumer.sinks
 from consumer.app import App
@@ -28,7 +30,7 @@ from schemas.dead_letter import (
     HEADER_VALUE_OMITTED,
 )
 from tests.integration.conftest import committed_and_end, read_all
-from tests.integration.test_service import write_tone
+from tests.integration.test_service import http_get, write_tone
 
 pytestmark = pytest.mark.integration
 CAUGHT_UP_S = 180.0
@@ -207,3 +209,43 @@ def test_a_claim_left_by_an_aborted_attempt_does_not_make_a_replay_a_duplicate(
                        consumer_env["POPSCORE_OUTPUT_TOPIC"], 1)  # fmt: skip
     assert [ScoreRecord.from_json(m.value()).track_id for m in results] == [track]
     assert_all_committed(consumer_env)
+
+
+def test_an_abort_loop_turns_healthz_red(
+    consumer_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every transaction aborts (as a record nothing could dead-letter once made it): the loop
+    beats, Kafka and Redis answer, yet nothing commits; liveness must say so, and the aborts
+    are counted."""
+    monkeypatch.setattr(consumer.health, "STUCK_S", 3.0)
+
+    def always_abort(self: consumer.commit.Transactions, *_args: Any) -> float:
+        self.producer.begin_transaction()
+        self.producer.abort_transaction()
+        raise consumer.commit.TransactionAborted("aborted by the test")
+
+    monkeypatch.setattr(consumer.commit.Transactions, "commit", always_abort)
+    audio = Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"])
+    track = f"stuck-{uuid.uuid4().hex[:8]}"
+    send(consumer_env, [(b"k", event(track, track, write_tone(audio / "s.wav").as_uri()))])
+    settings = load_settings(
+        **{k.removeprefix("POPSCORE_").lower(): v for k, v in consumer_env.items()}
+    )
+    with App(settings) as app:
+        loop = threading.Thread(target=app.run, daemon=True)
+        loop.start()
+        try:
+            deadline = time.monotonic() + 60
+            while app.health.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            ok, why = app.health.liveness()
+            assert not ok and "nothing committed" in why
+            status, body = http_get(app.http.port, "/healthz")
+            assert status == 503 and "records wait" in body
+            aborted = app.metrics.registry.get_sample_value(
+                "popscore_transactions_total", {"outcome": "aborted"}
+            )
+            assert aborted and aborted >= 1
+        finally:
+            app.running = False
+            loop.join(60)
