@@ -124,7 +124,7 @@ def test_a_record_that_breaks_any_stage_costs_itself_alone(
         monkeypatch.setattr(owner, name, failing_for(getattr(owner, name), poisoned))
 
     poison(consumer.pipeline.ReleaseEvent, "from_json", lambda value: b"boom-parse" in value)
-    poison(consumer.pipeline, "decode_window", lambda source, *_: "boom-decode" in str(source))
+    poison(consumer.pipeline, "open_uri", lambda uri, *_: "boom-decode" in uri)
     poison(consumer.pipeline, "extract", lambda doc, _: doc["event_id"].startswith("boom-feat"))
     poison(consumer.sinks, "_script_item", lambda rec, _: rec.event_id.startswith("boom-redis"))
     poison(consumer.commit, "dead_letter_forms", lambda item: item.message.key() == b"boom-dlq")
