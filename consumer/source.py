@@ -83,6 +83,8 @@ class KafkaSource:
         self._at_end: set[Partition] = set()
         self._lag_checked = 0.0
         self._no_position_since: dict[Partition, float] = {}
+        self._first_read: dict[Partition, int] = {}
+        """Per partition, the offset of the first record read since it was assigned."""
         self.consumer.subscribe(
             [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -102,6 +104,7 @@ class KafkaSource:
                 # A revoke served inside this consume() may have come after the message.
                 if tp in self.assignment:
                     real.append(msg)
+                    self._first_read.setdefault(tp, msg.offset() or 0)
             elif err.code() == KafkaError._PARTITION_EOF:
                 self._at_end.add(tp)
             elif err.fatal():
@@ -136,14 +139,22 @@ class KafkaSource:
         self.paused = False
 
     def rewind(self) -> None:
-        """Seek every assigned partition back to its committed offset (after an abort)."""
+        """Seek every assigned partition back to its committed offset (after an abort); one
+        with nothing committed yet goes back to the first record this member read of it
+        (where ``auto.offset.reset`` started it). A partition whose committed offset cannot be
+        read raises: moving on from where it is would skip records never committed, and the
+        restart resumes from the committed offsets."""
         if not self.assignment:
             return
         committed = self.consumer.committed(self._partitions(self.assignment), timeout=30)
+        if failed := [tp for tp in committed if tp.error is not None]:
+            raise KafkaException(failed[0].error)
         for tp in committed:
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-            self._at_end.discard((tp.topic, tp.partition))
+            key = (tp.topic, tp.partition)
+            offset = tp.offset if tp.offset >= 0 else self._first_read.get(key)
+            if offset is not None:  # else nothing was read: nothing to rewind
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            self._at_end.discard(key)
         log.warning("rewound %d partitions to their committed offsets", len(committed))
 
     def group_metadata(self) -> Any:
@@ -225,6 +236,8 @@ class KafkaSource:
         self.metrics.rebalances.labels(how).inc(len(gone))
         self.assignment -= gone
         self._at_end -= gone
+        for key in gone:
+            self._first_read.pop(key, None)
         for key in gone:
             self._no_position_since.pop(key, None)
         for topic, partition in gone:

@@ -1,5 +1,9 @@
 """KafkaSource's restart of a partition left without a fetch position (no broker needed)."""
 
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from consumer.metrics import Metrics
@@ -153,3 +157,55 @@ def test_a_reassigned_partition_gets_the_loops_pause_state() -> None:
         ("assign", [("releases", 1)]),
         ("pause", [("releases", 1)]),
     ]
+
+
+@dataclass
+class Committed:
+    """What ``Consumer.committed`` returns per partition (TopicPartition's error is read-only)."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: KafkaError | None = None
+
+
+class RewindConsumer(FakeConsumer):
+    def __init__(self, offset: int, error: KafkaError | None = None) -> None:
+        super().__init__(offset)
+        self.error = error
+
+    def committed(self, parts: list[TopicPartition], timeout: float) -> list[Any]:
+        return [Committed(tp.topic, tp.partition, self.offset, self.error) for tp in parts]
+
+
+def test_rewind_goes_to_the_committed_offset() -> None:
+    fake = RewindConsumer(offset=32)
+    src = source(fake)
+    src.assignment = {KEY}
+    src.rewind()
+    assert fake.seeks == [("releases", 0, 32)]
+
+
+def test_rewind_without_a_commit_goes_back_to_the_first_record_read_not_the_beginning() -> None:
+    """With auto.offset.reset=latest a new group starts at the end: seeking to the beginning
+    after an abort would score the partition's whole history."""
+    fake = RewindConsumer(offset=-1001)
+    src = source(fake)
+    src.assignment = {KEY}
+    src._first_read[KEY] = 17
+    src.rewind()
+    assert fake.seeks == [("releases", 0, 17)]
+    fake.seeks.clear()
+    src._first_read.clear()  # nothing read yet: nothing to rewind
+    src.rewind()
+    assert fake.seeks == []
+
+
+def test_a_committed_offset_that_cannot_be_read_stops_the_rewind() -> None:
+    fake = RewindConsumer(offset=-1001, error=KafkaError(KafkaError._TIMED_OUT))
+    src = source(fake)
+    src.assignment = {KEY}
+    src._first_read[KEY] = 17
+    with pytest.raises(KafkaException):
+        src.rewind()
+    assert fake.seeks == [], "no partition moved on from a position that skips records"
