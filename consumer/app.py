@@ -14,6 +14,7 @@ batches in hand are finished and committed, then exit 0.
 """
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -28,13 +29,13 @@ from types import FrameType
 import redis
 from confluent_kafka import Message
 
-from consumer.audio import AudioPolicy
+from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy
 from consumer.batcher import MicroBatcher
 from consumer.commit import TransactionAborted, Transactions
 from consumer.dead_letters import Rejected
 from consumer.device import Scorer
 from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
-from consumer.health import Health, HealthServer
+from consumer.health import STUCK_S, Health, HealthServer
 from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline
@@ -50,6 +51,7 @@ BUSY_POLL_S = 0.02
 # `consume --report` prints the records of its run (the latest this many); without it none are
 # kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Memory").
 REPORT_KEPT = 10_000
+DNS_ALLOWANCE_S = 10.0  # glibc's resolver: 5 s x 2 attempts by default
 
 
 @dataclass
@@ -68,6 +70,15 @@ class InFlight:
 
     messages: list[Message]
     future: "Future[BatchResult]"
+
+
+def stuck_after(s: Settings) -> float:
+    """How long records may wait uncommitted before /healthz calls the consumer stuck: at
+    least STUCK_S, and twice the slowest legitimate batch (every event's fetch running to its
+    deadline after a slow DNS lookup, the batch shared by the decode workers) plus the grace."""
+    per_event = WORST_FETCH_FACTOR * s.audio_fetch_timeout_s + DNS_ALLOWANCE_S
+    rounds = math.ceil(s.batch_size / s.decode_workers)
+    return max(STUCK_S, 2 * rounds * per_event + s.shutdown_grace_s)
 
 
 def load_scorer(s: Settings) -> Scorer:
@@ -103,7 +114,7 @@ class App:
         self.settings = settings
         self.stop_at_end = stop_at_end
         self.metrics = Metrics()
-        self.health = Health()
+        self.health = Health(stuck_s=stuck_after(settings))
         self.stats = RunStats(scored=deque(maxlen=keep_scored))
         self.running = True
         self.inflight: deque[InFlight] = deque()
@@ -245,17 +256,20 @@ class App:
         self._set_inflight_gauge()
 
     def _write_redis(self, result: BatchResult, stop: threading.Event) -> BatchResult:
-        """Sink stage: the idempotent upsert; drops re-deliveries of already claimed events."""
+        """Sink stage: the idempotent upsert; drops re-deliveries of already claimed events.
+        Dead-lettered records give up the event-id claims they hold first, so that another
+        record of the same event, in this batch or a later one, is no duplicate."""
         start = time.perf_counter()
+        self._release_claims(result.rejected, stop)
         records = [record for _msg, record in result.scored]
         sources = [record_id(msg) for msg, _r in result.scored]
         codes = self.redis_sink.write(records, sources, stop)
         self.metrics.stage_seconds.labels("redis").observe(time.perf_counter() - start)
         written_at = datetime.now(UTC)
-        kept = []
+        kept, unwritten = [], []
         for (msg, record), code in zip(result.scored, codes, strict=True):
             if isinstance(code, DeadLetter):
-                result.rejected.append(Rejected(msg, code, record.event_id))
+                unwritten.append(Rejected(msg, code, record.event_id))
                 continue
             if code is Upsert.DUPLICATE:
                 result.duplicates.append(msg)
@@ -263,9 +277,13 @@ class App:
             kept.append((msg, record))
             self.metrics.e2e_latency.observe((written_at - record.emitted_at).total_seconds())
         result.scored = kept
-        claims = [(r.event_id, record_id(r.message)) for r in result.rejected if r.event_id]
-        self.redis_sink.release(claims, stop)
+        self._release_claims(unwritten, stop)
+        result.rejected += unwritten
         return result
+
+    def _release_claims(self, rejected: list[Rejected], stop: threading.Event) -> None:
+        claims = [(r.event_id, record_id(r.message)) for r in rejected if r.event_id]
+        self.redis_sink.release(claims, stop)
 
     # --- committing ---------------------------------------------------------------------
 
@@ -338,6 +356,8 @@ class App:
     def _on_lost(self, gone: set[Partition]) -> None:
         """``gone`` already belongs to someone else: nothing of it may be committed."""
         log.warning("partitions lost: %s; dropping uncommitted work", sorted(gone))
+        self._stop_writes.set()  # the dropped batches' Redis retries give up, as on a drain
+        self._stop_writes = threading.Event()
         self._drop_uncommitted()
 
     # --- bookkeeping ----------------------------------------------------------------------
@@ -394,6 +414,8 @@ class App:
             self.redis.ping()
         except redis.RedisError as exc:
             return False, f"redis unreachable: {exc}"
+        if self.redis_sink.failing:  # it answers PING but refuses writes (OOM, READONLY)
+            return False, f"redis refusing writes: {self.redis_sink.failing}"
         return True, "ready"
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:

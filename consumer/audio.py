@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
 from consumer.redact import redact, redact_loggers
 from consumer.resample import Clip, Resampler
@@ -100,29 +101,34 @@ def _local_file(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> Binary
     """The file, opened once: what is checked (a regular file under a root, its size) is what
     is decoded, so swapping the path afterwards (for a FIFO, say) changes nothing."""
     if parsed.netloc not in ("", "localhost"):
-        raise DeadLetter(Reason.URI_FORBIDDEN, f"file URI with host {parsed.netloc!r}")
+        host = redact(f"file://{parsed.netloc}/").removeprefix("file://").rstrip("/")
+        raise DeadLetter(Reason.URI_FORBIDDEN, f"file URI with host {host!r}")
     if not policy.file_roots:
         raise DeadLetter(Reason.URI_FORBIDDEN, "file URIs are disabled (no audio file roots)")
     # Resolve symlinks and '..' before the root check, so neither can escape a root.
-    path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    try:
+        path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    except ValueError as exc:  # an embedded NUL byte
+        raise DeadLetter(Reason.URI_UNSUPPORTED, f"malformed file URI: {exc}") from None
     if not any(path.is_relative_to(root) for root in policy.file_roots):
         raise DeadLetter(Reason.URI_FORBIDDEN, "file is outside the audio file roots")
     try:
         # No symlink may replace the resolved name, and a FIFO must not block the open.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
+        if of_the_process(exc):  # out of descriptors: the process's trouble, not the event's
+            raise
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot read file: {exc.strerror}") from exc
-    file = os.fdopen(fd, "rb")
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode):  # a directory, a FIFO, a device
             raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "not a regular file")
         if info.st_size > policy.max_bytes:
             raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{info.st_size} bytes > {policy.max_bytes}")
+        return os.fdopen(fd, "rb")
     except BaseException:
-        file.close()
+        os.close(fd)
         raise
-    return file
 
 
 def check_host(host: str, policy: AudioPolicy) -> str | None:
@@ -138,18 +144,21 @@ def check_host(host: str, policy: AudioPolicy) -> str | None:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot resolve {host!r}") from exc
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
+        if address in _LOCAL_NAT64:  # any IPv4 may sit anywhere in it (RFC 6052 prefixes)
+            raise DeadLetter(Reason.URI_FORBIDDEN, f"host {host!r} resolves to {address}")
         for form in (address, *_embedded_ipv4(address)):
             if not form.is_global or form.is_multicast:
                 raise DeadLetter(Reason.URI_FORBIDDEN, f"host {host!r} resolves to {address}")
     return str(infos[0][4][0])
 
 
-# IPv6 prefixes whose last 32 bits are an IPv4 address a translator or host may reach: NAT64
-# (well-known and local-use), IPv4-compatible, IPv4-translated (SIIT).
+# IPv6 prefixes whose last 32 bits are an IPv4 address a translator or host may reach: NAT64's
+# well-known prefix, IPv4-compatible, IPv4-translated (SIIT). The local-use NAT64 range is
+# refused whole; an operator's own NAT64 prefix cannot be recognised (egress policy's job).
 _IPV4_IN_LAST_32_BITS = tuple(
-    ipaddress.IPv6Network(net)
-    for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")
 )
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 def _embedded_ipv4(
@@ -176,6 +185,8 @@ def _fetch_http(uri: str, policy: AudioPolicy) -> io.BytesIO:
         # Redirects are followed by hand so every hop passes the host check.
         for _ in range(MAX_REDIRECTS + 1):
             url = httpx.URL(uri)
+            if not url.host:  # a redirect to a host-less URL
+                raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "redirected to a URI with no host")
             address = check_host(url.host, policy)
             left = _time_left(deadline)
             timeout = httpx.Timeout(left, read=min(left, READ_STALL_SHARE * policy.fetch_timeout_s))
@@ -185,8 +196,8 @@ def _fetch_http(uri: str, policy: AudioPolicy) -> io.BytesIO:
                         uri = str(url.join(response.headers["location"]))
                         continue
                     return _read_body(response, policy, deadline)
-            except httpx.HTTPError as exc:
-                detail = f"{type(exc).__name__}: {exc}"
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a bad redirect
+                detail = redact(f"{type(exc).__name__}: {exc}")
                 raise DeadLetter(Reason.AUDIO_FETCH_FAILED, detail) from exc
     raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"more than {MAX_REDIRECTS} redirects")
 

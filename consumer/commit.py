@@ -20,7 +20,12 @@ from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.dead_letters import Rejected, dead_letter_forms, internal_error, why_headers
+from consumer.dead_letters import (
+    Rejected,
+    barest_dead_letter,
+    dead_letter_forms,
+    internal_error,
+)
 from consumer.errors import PopscoreError
 from consumer.kafka import error_of, produce, transactional_config
 from schemas.scores import ScoreRecord
@@ -131,7 +136,7 @@ class Transactions:
         try:
             forms = dead_letter_forms(item)
         except Exception as exc:  # building it failed: popscore's headers alone, saying why
-            forms = [(None, None, why_headers(msg, internal_error(exc)))]
+            forms = [barest_dead_letter(msg, internal_error(exc))]
         for n, (key, value, headers) in enumerate(forms):
             try:
                 produce(self.producer, self.dlq_topic, value, key, headers)

@@ -6,11 +6,12 @@ detail, and where the original came from. ``replay-dlq`` strips popscore's heade
 too large for the producer leaves out the value, then the key and the original's headers.
 """
 
+import errno
 from dataclasses import dataclass
 
 from confluent_kafka import Message
 
-from consumer.errors import DeadLetter
+from consumer.errors import DeadLetter, DeviceFailure
 from consumer.kafka import Header
 from consumer.redact import redact
 from schemas.dead_letter import (
@@ -32,7 +33,11 @@ DeadLetterRecord = tuple[bytes | None, bytes | None, list[Header]]  # key, value
 
 def internal_error(exc: BaseException) -> DeadLetter:
     """The dead letter of a record whose processing raised ``exc`` unexpectedly: the exception's
-    type and first line, URLs redacted; no traceback (it would repeat for every such record)."""
+    type and first line, URLs redacted; no traceback (it would repeat for every such record).
+    A failure of the process itself (out of memory or descriptors, a failed device) is raised
+    again instead: it would meet every record, and is the process's to stop on."""
+    if of_the_process(exc):
+        raise exc
     text = str(exc).splitlines()[0] if str(exc).strip() else ""
     detail = redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
     return DeadLetter(Reason.INTERNAL_ERROR, detail[:INTERNAL_DETAIL])
@@ -60,20 +65,35 @@ def foreign_headers(msg: Message) -> list[Header]:
     return [(k, v) for k, v in headers_of(msg) if not k.startswith(OWN_HEADER_PREFIX)]
 
 
+def of_the_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is the process's trouble rather than a record's: out of memory or file
+    descriptors, or a failed device."""
+    if isinstance(exc, MemoryError | DeviceFailure):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def barest_dead_letter(msg: Message, error: DeadLetter) -> DeadLetterRecord:
+    """popscore's headers alone, no key or value: a dead letter that always fits and that
+    ``replay-dlq`` skips (there is nothing to replay; the source headers say where it lies)."""
+    value_omitted: Header = (HEADER_VALUE_OMITTED, str(len(msg.value() or b"")).encode())
+    key_omitted: Header = (HEADER_KEY_OMITTED, str(len(msg.key() or b"")).encode())
+    return None, None, [*why_headers(msg, error), value_omitted, key_omitted]
+
+
 def dead_letter_forms(item: Rejected) -> list[DeadLetterRecord]:
     """The dead letter of ``item`` as (key, value, headers), fullest first: the original key,
     value and headers, then popscore's; without the value (over the producer's
     ``message.max.bytes``); without the key and the original's headers too (a huge key or
-    header). The last is popscore's headers alone, a few hundred bytes: one form always fits."""
+    header). The last is popscore's headers alone, at most a few kB: one form always fits."""
     msg = item.message
     why = why_headers(msg, item.error)
     key, value = msg.key(), msg.value()
     value_omitted: Header = (HEADER_VALUE_OMITTED, str(len(value or b"")).encode())
-    key_omitted: Header = (HEADER_KEY_OMITTED, str(len(key or b"")).encode())
     return [
         (key, value, [*foreign_headers(msg), *why]),
         (key, None, [*foreign_headers(msg), *why, value_omitted]),
-        (None, None, [*why, value_omitted, key_omitted]),
+        barest_dead_letter(msg, item.error),
     ]
 
 

@@ -10,27 +10,33 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 # The loop beats at least once per idle poll; three missed minutes means it is stuck.
 STALL_S = 180.0
-# Records in hand and nothing committed for this long, while Kafka and Redis answer: an abort
-# loop or a wedged stage, which a restart may clear (a dependency outage is not counted).
+# Records in hand and nothing committed for this long (at least; the app raises it to what its
+# slowest legitimate batch may take), while Kafka and Redis answer: an abort loop or a wedged
+# stage, which a restart may clear (a dependency outage is not counted).
 STUCK_S = 300.0
 
 
 class Health:
     """State the probes read; the main loop writes it."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, stuck_s: float = STUCK_S
+    ) -> None:
         self._clock = clock
         self._beat = clock()
         self._progress = clock()
+        self._waiting = False
+        self.stuck_s = stuck_s
         self.model_loaded = False
         self.readiness: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
         self.waiting: Callable[[], bool] = lambda: False
-        """Whether records are in hand, uncommitted (set by the app)."""
+        """Whether records wait to be committed (set by the app; asked on the main loop only)."""
 
     def beat(self) -> None:
         """Called by the main loop every iteration."""
         self._beat = self._clock()
-        if not self.waiting():
+        self._waiting = self.waiting()
+        if not self._waiting:
             self._progress = self._beat  # idle is not stuck
 
     def progressed(self) -> None:
@@ -44,7 +50,7 @@ class Health:
         if now - self._beat >= STALL_S:
             return False, "main loop stalled"
         stuck = now - self._progress
-        if stuck >= STUCK_S and self.waiting() and self.readiness()[0]:
+        if stuck >= self.stuck_s and self._waiting and self.readiness()[0]:
             return False, f"nothing committed for {stuck:.0f} s while records wait"
         return True, "ok"
 

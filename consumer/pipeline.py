@@ -229,7 +229,8 @@ class Pipeline:
                 # Not these events' fault: dead-lettering them would dead-letter every event
                 # while the device stays broken. The batch fails uncommitted, and the restart
                 # (a fresh device context) scores it again.
-                raise DeviceFailure(f"{kind}: {str(exc).strip().splitlines()[-1][:300]}") from exc
+                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                raise DeviceFailure(f"{kind}: {last[:300]}") from exc
             if kind == "oom":
                 self.scorer.free_memory()  # then the halves, below, each fit or split again
             elif len(items) == 1:

@@ -8,7 +8,8 @@ by whoever reads the log.
 import logging
 import re
 
-_USERINFO = re.compile(r"(?<=://)[^/\s@\"']*@")
+# Up to the last "@" before the path: a password may hold an unescaped "@".
+_USERINFO = re.compile(r"(?<=://)[^/\s\"']*@")
 _QUERY = re.compile(r"(://[^\s?\"']*)\?[^\s\"']*")
 
 

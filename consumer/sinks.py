@@ -90,6 +90,8 @@ class RedisSink:
         self.client = client
         self.ttl_s = ttl_s
         self.marker_ttl_s = marker_ttl_s
+        self.failing: str | None = None
+        """Why the last write is being retried; None once one succeeds (read by /readyz)."""
         self._upsert = client.register_script(UPSERT_LUA)
         self._release = client.register_script(RELEASE_LUA)
 
@@ -126,8 +128,11 @@ class RedisSink:
         delay = 0.1
         while True:
             try:
-                return script(keys=keys, args=args)
+                result = script(keys=keys, args=args)
+                self.failing = None
+                return result
             except _TRANSIENT as exc:
+                self.failing = str(exc)[:200]
                 if isinstance(exc, redis.ReadOnlyError):
                     # A failover left this connection on a replica: reconnect (the name may
                     # point at the new primary by now).

@@ -154,7 +154,8 @@ class KafkaSource:
             offset = tp.offset if tp.offset >= 0 else self._first_read.get(key)
             if offset is not None:  # else nothing was read: nothing to rewind
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-            self._at_end.discard(key)
+                # librdkafka reports a partition's end again only after a seek
+                self._at_end.discard(key)
         log.warning("rewound %d partitions to their committed offsets", len(committed))
 
     def group_metadata(self) -> Any:

@@ -18,7 +18,6 @@ import redis
 from confluent_kafka import Producer
 
 import consumer.commit
-import consumer.health
 import consumer.pipeline
 import consumer.sinks
 from consumer.app import App
@@ -217,7 +216,6 @@ def test_an_abort_loop_turns_healthz_red(
     """Every transaction aborts (as a record nothing could dead-letter once made it): the loop
     beats, Kafka and Redis answer, yet nothing commits; liveness must say so, and the aborts
     are counted."""
-    monkeypatch.setattr(consumer.health, "STUCK_S", 3.0)
 
     def always_abort(self: consumer.commit.Transactions, *_args: Any) -> float:
         self.producer.begin_transaction()
@@ -232,6 +230,7 @@ def test_an_abort_loop_turns_healthz_red(
         **{k.removeprefix("POPSCORE_").lower(): v for k, v in consumer_env.items()}
     )
     with App(settings) as app:
+        app.health.stuck_s = 3.0
         loop = threading.Thread(target=app.run, daemon=True)
         loop.start()
         try:

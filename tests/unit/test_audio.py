@@ -1,5 +1,6 @@
 """Audio intake: every format and rate, window and pad, and the URI policy's refusals."""
 
+import errno
 import os
 import threading
 import time
@@ -512,3 +513,46 @@ def test_a_fifo_is_not_opened(tmp_path: Path, policy: AudioPolicy) -> None:
     os.mkfifo(tmp_path / "pipe.wav")
     with pytest.raises(DeadLetter, match="not a regular file"):
         open_uri((tmp_path / "pipe.wav").as_uri(), policy)
+
+
+def test_a_directory_uri_is_refused_without_leaking_a_descriptor(
+    tmp_path: Path, policy: AudioPolicy
+) -> None:
+    (tmp_path / "d").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for uri in ((tmp_path / "d").as_uri(), tmp_path.as_uri()) * 25:
+        with pytest.raises(DeadLetter, match="not a regular file"):
+            open_uri(uri, policy)
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("file:///tmp/a%00b.wav", Reason.URI_UNSUPPORTED),  # an embedded NUL
+        ("http://[64:ff9b:1:0:a:0:100:0]/x", Reason.URI_FORBIDDEN),  # local-use NAT64, a /64
+    ],
+)
+def test_more_hostile_uris(uri: str, reason: Reason, policy: AudioPolicy) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri(uri, policy)
+    assert reason_of(info) is reason
+
+
+def test_a_file_uri_host_is_named_without_its_credentials(policy: AudioPolicy) -> None:
+    with pytest.raises(DeadLetter) as info:
+        open_uri("file://user:s3cret@host/a.wav", policy)
+    assert "s3cret" not in info.value.detail and "host" in info.value.detail
+
+
+def test_out_of_descriptors_is_the_process_failure_not_the_event(
+    tmp_path: Path, policy: AudioPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "a.wav", tone(1, TARGET), TARGET, "WAV")
+
+    def exhausted(*_args: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(audio.os, "open", exhausted)
+    with pytest.raises(OSError, match="Too many open files"):
+        open_uri(path.as_uri(), policy)

@@ -2,7 +2,11 @@
 answer (an abort loop or a wedged stage restarts the pod; a dependency outage does not)."""
 
 from consumer import health
+from consumer.app import stuck_after
 from consumer.health import Health
+from consumer.settings import Settings
+
+STUCK = 400.0
 
 
 class Clock:
@@ -15,7 +19,7 @@ class Clock:
 
 def make(waiting: bool, ready: bool) -> tuple[Health, Clock]:
     clock = Clock()
-    h = Health(clock)
+    h = Health(clock, STUCK)
     h.waiting = lambda: waiting
     h.readiness = lambda: (ready, "ready" if ready else "redis unreachable: down")
     return h, clock
@@ -23,7 +27,7 @@ def make(waiting: bool, ready: bool) -> tuple[Health, Clock]:
 
 def test_records_waiting_uncommitted_with_the_dependencies_up_is_stuck() -> None:
     h, clock = make(waiting=True, ready=True)
-    clock.now += health.STUCK_S - 1
+    clock.now += STUCK - 1
     h.beat()
     assert h.liveness() == (True, "ok")
     clock.now += 2
@@ -36,14 +40,14 @@ def test_records_waiting_uncommitted_with_the_dependencies_up_is_stuck() -> None
 
 def test_a_dependency_outage_is_not_stuck() -> None:
     h, clock = make(waiting=True, ready=False)
-    clock.now += 10 * health.STUCK_S
+    clock.now += 10 * STUCK
     h.beat()
     assert h.alive(), "readiness reports the outage; restarting would not help"
 
 
 def test_idle_is_not_stuck() -> None:
     h, clock = make(waiting=False, ready=True)
-    clock.now += 10 * health.STUCK_S
+    clock.now += 10 * STUCK
     h.beat()
     assert h.alive()
 
@@ -52,3 +56,12 @@ def test_a_loop_that_stops_beating_is_dead() -> None:
     h, clock = make(waiting=False, ready=True)
     clock.now += health.STALL_S
     assert h.liveness() == (False, "main loop stalled")
+
+
+def test_stuck_allows_twice_the_slowest_legitimate_batch() -> None:
+    """Every event's fetch running to its deadline after a slow DNS lookup, the batch shared by
+    the decode workers, twice over, plus the grace: 2 x 8 x (1.25 x 15 + 10) + 30 = 490 s."""
+    assert stuck_after(Settings()) == 490.0
+    slow = Settings(audio_fetch_timeout_s=60, batch_size=64, decode_workers=2)
+    assert stuck_after(slow) == 2 * 32 * (75 + 10) + 30
+    assert stuck_after(Settings(batch_size=1, audio_fetch_timeout_s=1)) == health.STUCK_S

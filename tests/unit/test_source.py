@@ -209,3 +209,14 @@ def test_a_committed_offset_that_cannot_be_read_stops_the_rewind() -> None:
     with pytest.raises(KafkaException):
         src.rewind()
     assert fake.seeks == [], "no partition moved on from a position that skips records"
+
+
+def test_a_partition_the_rewind_does_not_seek_stays_at_its_end() -> None:
+    """librdkafka reports a partition's end again only after a seek: forgetting it here left an
+    idle consumer waiting for ever (stop-at-end never stopped, /healthz called it stuck)."""
+    fake = RewindConsumer(offset=-1001)
+    src = source(fake)
+    src.assignment = {KEY}
+    src._at_end = {KEY}
+    src.rewind()
+    assert fake.seeks == [] and src.caught_up()
