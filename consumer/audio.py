@@ -252,7 +252,7 @@ def decode_window(
     Reads in blocks of BLOCK_FRAMES and mixes each down, so an event costs the mono window plus
     one block whatever its channel count. An open source is closed."""
     try:
-        with _closing(source) as handle, sf.SoundFile(handle) as audio:
+        with _closing(source) as handle, sf.SoundFile(handle, closefd=False) as audio:
             rate, frames = _check_header(audio, policy)
             window = min(frames, round(clip_seconds * rate))
             start = (frames - window) // 2
@@ -287,8 +287,10 @@ def _read_blocks(
 
 
 @contextmanager
-def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | str]:
-    """What libsndfile opens: a path's text, bytes as a file, or the open source, which is
+def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | str | int]:
+    """What libsndfile opens: a path's text; an open file's descriptor, which libsndfile reads
+    itself without the GIL (through a Python file object every read is a callback holding
+    the GIL, and the decode threads take turns); or an in-memory body. An open source is
     closed afterwards."""
     if isinstance(source, Path):
         yield str(source)
@@ -296,7 +298,7 @@ def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | str]:
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        yield source
+        yield source.fileno() if isinstance(source, io.BufferedReader) else source
     finally:
         source.close()
 
