@@ -28,8 +28,8 @@ from schemas.dead_letter import (
     HEADER_REASON,
     HEADER_VALUE_OMITTED,
 )
-from tests.integration.conftest import committed_and_end, read_all
-from tests.integration.test_service import http_get, write_tone
+from tests.integration.conftest import read_all
+from tests.integration.test_service import assert_all_committed, http_get, write_tone
 
 pytestmark = pytest.mark.integration
 CAUGHT_UP_S = 180.0
@@ -89,13 +89,6 @@ def dead_letters_by(env: dict[str, str], n: int) -> dict[bytes, list[Any]]:
     for msg in read_all(env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_DLQ_TOPIC"], n):
         out.setdefault(dict(msg.headers())[HEADER_REASON], []).append(msg)
     return out
-
-
-def assert_all_committed(env: dict[str, str]) -> None:
-    committed, ends = committed_and_end(
-        env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_GROUP_ID"], env["POPSCORE_INPUT_TOPIC"]
-    )
-    assert [max(c, 0) for c in committed] == ends
 
 
 def test_a_record_that_breaks_any_stage_costs_itself_alone(
