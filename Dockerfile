@@ -43,7 +43,7 @@ RUN useradd --system --no-log-init --create-home --home-dir /app --uid 10001 --u
  && mkdir -p /app/models /data/audio \
  && chown 10001:10001 /data/audio
 WORKDIR /app
-COPY --chown=10001:10001 models/demo.pt /app/models/demo.pt
+COPY --chown=10001:10001 models/demo.pt models/paper-features.pt /app/models/
 USER 10001:10001
 
 ENV POPSCORE_MODEL=/app/models/demo.pt \

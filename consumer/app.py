@@ -24,6 +24,7 @@ from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 
 import redis
@@ -42,7 +43,7 @@ from consumer.pipeline import BatchResult, Pipeline
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
 from consumer.source import KafkaSource, Partition, next_offsets, partition_of, record_id
-from popscore.artifact import ArtifactError
+from popscore.artifact import ArtifactError, ArtifactMeta
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,14 @@ class InFlight:
 
     messages: list[Message]
     future: "Future[BatchResult]"
+
+
+def training_labels(meta: ArtifactMeta) -> tuple[str, str]:
+    """popscore_model_info's provenance labels: the training data's name (a path's last part)
+    and whether it was synthetic (true, false, unknown)."""
+    data = (meta.training.data if meta.training else None) or "unknown"
+    name = Path(data).name if "/" in data else data
+    return name[:64], {True: "true", False: "false", None: "unknown"}[meta.synthetic]
 
 
 def stuck_after(s: Settings) -> float:
@@ -127,8 +136,7 @@ class App:
         s = self.settings
         policy = audio_policy(s)
         self.scorer = load_scorer(s)
-        meta, device = self.scorer.meta, str(self.scorer.device)
-        self.metrics.model_info.labels(meta.model_version, device).set(1)
+        self._announce_model()
         self.health.model_loaded = True
         # Before the stage pools, so closed after them (last in, first out): a stage still
         # finishing a dropped batch never finds a closed client.
@@ -190,6 +198,17 @@ class App:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def _announce_model(self) -> None:
+        """popscore_model_info, and what the model learnt from in the log; a warning when it
+        is synthetic data (the demo's model): its scores say nothing about real popularity."""
+        meta = self.scorer.meta
+        labels = (meta.model_version, str(self.scorer.device), *training_labels(meta))
+        self.metrics.model_info.labels(*labels).set(1)
+        log.info("serving %s", meta.provenance())
+        if meta.synthetic:
+            log.warning("%s was trained on SYNTHETIC data: its scores say nothing about real "
+                        "popularity (POPSCORE_MODEL)", meta.model_version)  # fmt: skip
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batches in hand, then leave the loop."""

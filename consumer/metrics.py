@@ -78,8 +78,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "popscore_model_info",
-            "The loaded model (value 1).",
-            ["model_version", "device"],
+            "The loaded model (value 1), and what it was trained on.",
+            ["model_version", "device", "training_data", "synthetic"],
             registry=r,
         )
         for outcome in (OUTCOME_SCORED, OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE):

@@ -27,6 +27,8 @@ class TrainingSummary:
 
     data: str | None = None
     """Where the rows came from: a catalog's path, or a synthetic generator's description."""
+    synthetic: bool | None = None
+    """Whether the rows were generated rather than real releases; None in older artifacts."""
     rows: int | None = None
     seed: int | None = None
     variant: str | None = None
@@ -38,8 +40,7 @@ class TrainingSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: the set fields, with the details at the same level."""
-        known = {"data": self.data, "rows": self.rows, "seed": self.seed,
-                 "variant": self.variant, "evaluation": self.evaluation}  # fmt: skip
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
         return {**self.details, **{k: v for k, v in known.items() if v is not None}}
 
     @classmethod
@@ -53,7 +54,7 @@ class TrainingSummary:
 
 
 _SUMMARY_TYPES: dict[str, type] = {
-    "data": str, "rows": int, "seed": int, "variant": str, "evaluation": dict,
+    "data": str, "synthetic": bool, "rows": int, "seed": int, "variant": str, "evaluation": dict,
 }  # fmt: skip
 
 
@@ -79,6 +80,31 @@ class ArtifactMeta:
     training: TrainingSummary | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know, written back as they were."""
+
+    @property
+    def synthetic(self) -> bool | None:
+        """Whether the model learnt from generated data; for artifacts written before the key,
+        read off the data's name (the synthetic generators name themselves so)."""
+        training = self.training
+        if training is None:
+            return None
+        if training.synthetic is not None:
+            return training.synthetic
+        return None if training.data is None else training.data.startswith("synthetic")
+
+    def provenance(self) -> str:
+        """One line: the model, what it learnt from, and its grouped evaluation, if any."""
+        training = self.training or TrainingSummary()
+        rows = f", {training.rows} rows" if training.rows is not None else ""
+        kind = {True: "SYNTHETIC data", False: "real data", None: "unknown data"}[self.synthetic]
+        line = f"{self.model_version}: trained on {kind} ({training.data or 'unnamed'}{rows})"
+        model = (training.evaluation or {}).get("model")
+        if isinstance(model, dict) and "mae" in model:
+            line += f"; grouped evaluation MAE {model['mae']}"
+            mean = (training.evaluation or {}).get("baselines", {}).get("mean", {})
+            if isinstance(mean, dict) and "mae" in mean:
+                line += f" (mean predictor {mean['mae']})"
+        return line
 
     @property
     def clip_samples(self) -> int:
@@ -192,7 +218,7 @@ class ArtifactMeta:
 
 def _is(value: Any, kind: type) -> bool:
     # bool is an int subclass, but True rows are not a count
-    return isinstance(value, kind) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def _paths(value: Any) -> list[str]:

@@ -116,6 +116,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         first = exc.errors()[0]
         raise UsageError(f"--features: {first['loc']}: {first['msg']}") from None
     scorer = Scorer(args.model or settings.model, args.device or settings.device)
+    print(f"model {scorer.meta.provenance()}", file=sys.stderr)  # stdout: the record alone
     policy = AudioPolicy.create(
         (path.parent,), max_bytes=settings.audio_max_bytes, max_seconds=settings.audio_max_seconds
     )

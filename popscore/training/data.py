@@ -76,6 +76,7 @@ class TrackTable:
     audio_paths: tuple[str | None, ...] | None = None  # per row, when the data names files
     waveforms: np.ndarray | None = None  # [n, S] mono clips at the model's rate, when loaded
     audio_mask: np.ndarray | None = None  # [n] bool: False where a row's clip is absent
+    synthetic: bool = False  # generated rows (training.synthetic), not real releases
 
     def __post_init__(self) -> None:
         n = len(self.popularity)
@@ -200,5 +201,5 @@ def synthetic_table(
         groups.append(str(track.features.get("artist", {}).get("id", f"unknown-{i}")))
     return TrackTable(
         features, popularity, np.array(groups), tuple(feature_paths),
-        f"synthetic(n={n}, seed={seed})", None, waveforms, np.ones(n, dtype=bool),
+        f"synthetic(n={n}, seed={seed})", None, waveforms, np.ones(n, dtype=bool), True,
     )  # fmt: skip

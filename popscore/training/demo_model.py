@@ -75,6 +75,7 @@ def build(args: argparse.Namespace) -> ArtifactMeta:
     )  # fmt: skip
     training = TrainingSummary(
         data="synthetic",
+        synthetic=True,
         rows=n - n_test,
         seed=args.seed,
         variant="fusion",

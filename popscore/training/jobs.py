@@ -104,7 +104,12 @@ def train(
         hit_threshold=_hit_cut(evaluation),
         hit_label_threshold=spec.config.hit_threshold,
         training=TrainingSummary(
-            data=table.source, rows=len(rows), seed=seed, variant=spec.name, evaluation=evaluation
+            data=table.source,
+            synthetic=table.synthetic,
+            rows=len(rows),
+            seed=seed,
+            variant=spec.name,
+            evaluation=evaluation,
         ),
     )
     return save(model, out, meta), meta

@@ -138,7 +138,9 @@ def test_score_prints_a_score_record(
         ]
     )
     assert code == 0
-    record = ScoreRecord.from_json(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    assert err.startswith("model tiny-test: trained on") and err[-1] == "\n"
+    record = ScoreRecord.from_json(out)
     assert record.track_id == "song" and record.model_version == "tiny-test"
     assert 0 <= record.popularity <= 100
 
