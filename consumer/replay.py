@@ -21,6 +21,7 @@ from consumer.dead_letters import foreign_headers, headers_of
 from consumer.errors import ConfigError, SinkError
 from consumer.kafka import DeliveryCallback, client, consumer_config, produce, producer_config
 from consumer.settings import Settings
+from consumer.source import record_id
 from schemas.dead_letter import HEADER_REASON, HEADER_REPLAYED_FROM, HEADER_VALUE_OMITTED
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _start_positions(
 
 def _publish(producer: Producer, topic: str, msg: Message, on_delivery: DeliveryCallback) -> None:
     headers = foreign_headers(msg)
-    headers.append((HEADER_REPLAYED_FROM, f"{msg.topic()}/{msg.partition()}/{msg.offset()}"))
+    headers.append((HEADER_REPLAYED_FROM, record_id(msg)))
     produce(producer, topic, msg.value(), msg.key(), headers, on_delivery)
 
 

@@ -21,6 +21,7 @@ from consumer.kafka import client, ensure_topics
 from consumer.pipeline import score_record
 from consumer.settings import Settings
 from consumer.sinks import RedisSink
+from consumer.source import record_id
 from popscore.artifact.features import extract
 from popscore.bench.e2e import Recorder, assigned, send, wait_assigned
 from popscore.bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
@@ -92,8 +93,7 @@ def run(
             if msg is None or msg.error():
                 continue
             record = score_message(msg.value() or b"", scorer, policy)
-            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-            sink.write([record], [source], never)
+            sink.write([record], [record_id(msg)], never)
             recorder.written([record])
             producer.produce(s.output_topic, record.encode(), record.track_id.encode())
             producer.flush(30)
