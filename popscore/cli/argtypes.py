@@ -6,6 +6,7 @@ which the parser turns into one line on stderr and exit status 2.
 import argparse
 import json
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, TypeAlias
 
@@ -80,4 +81,15 @@ def json_object(text: str) -> dict[str, object]:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def rfc3339_time(text: str) -> datetime:
+    """A time with its UTC offset, e.g. 2026-12-01T09:00:00Z."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z or +02:00): {text!r}")
     return value

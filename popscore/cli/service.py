@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from consumer.errors import DeadLetter, UsageError
 from consumer.settings import Settings
-from popscore.cli.argtypes import Subparsers, existing_file, json_object
+from popscore.cli.argtypes import Subparsers, existing_file, json_object, rfc3339_time
 from schemas.dead_letter import DeadLetterReason
 from schemas.events import ReleaseEvent
 
@@ -64,10 +64,12 @@ def _register_replay(sub: Subparsers) -> None:
         help=f"replay only this reason; repeatable (one of: {', '.join(reasons)})",
     )
     parser.add_argument(
-        "--since", type=_rfc3339, help="only dead letters written at or after this RFC 3339 time"
+        "--since",
+        type=rfc3339_time,
+        help="only dead letters written at or after this RFC 3339 time",
     )
     parser.add_argument(
-        "--until", type=_rfc3339, help="only dead letters written before this RFC 3339 time"
+        "--until", type=rfc3339_time, help="only dead letters written before this RFC 3339 time"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="count what would be replayed; publish nothing"
@@ -152,13 +154,3 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     count = replay(settings, source, target, selection, args.dry_run)
     print(count.report(source, target, args.dry_run))
     return 0
-
-
-def _rfc3339(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z or +02:00): {text!r}")
-    return value
