@@ -65,6 +65,9 @@ class Release(BaseModel):
 
     model_config = WIRE_CONFIG
 
+    # The track title as released, version suffix included ("Song - Live at Wembley",
+    # "Song (Remix)"): the model reads version flags from it (popscore.artifact.features).
+    title: ShortText | None = None
     date: ReleaseDate | None = None
     market: ShortText | None = None
     explicit: bool | None = None

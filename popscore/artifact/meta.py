@@ -98,12 +98,21 @@ class ArtifactMeta:
         rows = f", {training.rows} rows" if training.rows is not None else ""
         kind = {True: "SYNTHETIC data", False: "real data", None: "unknown data"}[self.synthetic]
         line = f"{self.model_version}: trained on {kind} ({training.data or 'unnamed'}{rows})"
-        model = (training.evaluation or {}).get("model")
+        evaluation = training.evaluation or {}
+        model = evaluation.get("model")
         if isinstance(model, dict) and "mae" in model:
             line += f"; grouped evaluation MAE {model['mae']}"
-            mean = (training.evaluation or {}).get("baselines", {}).get("mean", {})
-            if isinstance(mean, dict) and "mae" in mean:
-                line += f" (mean predictor {mean['mae']})"
+            interval = evaluation.get("intervals_95", {}).get("model", {}).get("mae")
+            if isinstance(interval, list) and len(interval) == 2:
+                line += f" (95 % {interval[0]:.2f}-{interval[1]:.2f})"
+            baselines = evaluation.get("baselines", {})
+            shown = [
+                f"{name} {baselines[name]['mae']}"
+                for name in ("mean", "ridge", "blend")
+                if isinstance(baselines.get(name), dict) and "mae" in baselines[name]
+            ]
+            if shown:
+                line += f" vs {', '.join(shown)}"
         return line
 
     @property

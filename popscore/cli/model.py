@@ -1,5 +1,6 @@
-"""``popscore evaluate``, ``train`` and ``export``: the model lifecycle (``popscore.training``;
-docs/MODEL.md). The training modules load in the handlers, so ``popscore --help`` stays fast."""
+"""``popscore evaluate``, ``compare``, ``train`` and ``export``: the model lifecycle
+(``popscore.training``; docs/MODEL.md). The training modules load in the handlers, so
+``popscore --help`` stays fast."""
 
 import argparse
 import importlib.util
@@ -16,12 +17,19 @@ if TYPE_CHECKING:
 
 
 def register(sub: Subparsers) -> None:
-    """Add ``evaluate``, ``train`` and ``export``."""
+    """Add ``evaluate``, ``train``, ``compare`` and ``export``."""
     evaluate = sub.add_parser("evaluate", help="artist-grouped k-fold report with baselines")
     evaluate.set_defaults(handler=_evaluate)
     _data_arguments(evaluate)
     evaluate.add_argument("--report", type=Path, required=True, help="report JSON to write")
     evaluate.add_argument("--folds", type=int_at_least(2), default=5)
+    evaluate.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="also write the pictures (predicted vs actual, ROC, calibration, error by artist "
+        "size, loss curves) as PNG files into DIR",
+    )
 
     train = sub.add_parser("train", help="train on every row and export an artifact")
     train.set_defaults(handler=_train)
@@ -38,6 +46,18 @@ def register(sub: Subparsers) -> None:
         "--no-evaluation", action="store_true", help="embed no evaluation (an experiment)"
     )
     train.add_argument("--model-version", help="default: derived from data, seed and weights")
+    train.add_argument(
+        "--plots", type=Path, metavar="DIR", help="write the loss curves per epoch into DIR"
+    )
+
+    compare = sub.add_parser(
+        "compare", help="two evaluate reports of the same folds: paired artist-bootstrap intervals"
+    )
+    compare.set_defaults(handler=_compare)
+    compare.add_argument("a", type=existing_file, help="an `evaluate` report (A)")
+    compare.add_argument("b", type=existing_file, help="a report of the same data and folds (B)")
+    compare.add_argument("--json", type=Path, help="also write the comparison here")
+    compare.add_argument("--resamples", type=int_at_least(100), default=2000)
 
     export = sub.add_parser("export", help="re-export an artifact with updated metadata")
     export.set_defaults(handler=_export)
@@ -56,6 +76,14 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--features-only", action="store_true", help="no audio branch")
     parser.add_argument("--audio-column", help="CSV column naming each row's audio file")
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="FEATURE",
+        help="leave a feature out (a path, or a prefix: release.title drops the title flags); "
+        "repeatable",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,7 +100,16 @@ def _require_sklearn() -> None:
 def _data(args: argparse.Namespace) -> "Data":
     from popscore.training.jobs import Data
 
-    return Data(args.data, args.synthetic, args.audio_column, args.features_only, args.seed)
+    if args.without and args.synthetic:
+        raise UsageError("--without applies to --data, not --synthetic")
+    return Data(
+        args.data,
+        args.synthetic,
+        args.audio_column,
+        args.features_only,
+        args.seed,
+        tuple(args.without),
+    )
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -82,7 +119,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     table, variants = jobs.load_data(_data(args), comparison=True)
     device = jobs.resolve_device(args.device)
     summary, oof_file = jobs.evaluate(
-        table, variants, args.folds, args.seed, device, args.report, not args.quiet
+        table, variants, args.folds, args.seed, device, args.report, not args.quiet, args.plots
     )
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.report} and {oof_file}")
@@ -100,9 +137,22 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         evaluation = read_evaluation(args.evaluation, variant.name, len(table.popularity))
     device = jobs.resolve_device(args.device)
     path, meta = jobs.train(
-        table, variant, args.out, args.seed, device, evaluation, args.model_version
+        table, variant, args.out, args.seed, device, evaluation, args.model_version, args.plots
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) as {meta.model_version}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    _require_sklearn()
+    from popscore.training.compare import compare
+
+    result = compare(args.a, args.b, args.resamples)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
     return 0
 
 

@@ -22,7 +22,12 @@ from tqdm import tqdm
 from consumer.audio import AudioPolicy, decode_window
 from consumer.errors import DeadLetter
 from consumer.resample import Resampler
-from popscore.artifact.features import AUDIO_FEATURE_NAMES, DEFAULT_FEATURES, extract
+from popscore.artifact.features import (
+    AUDIO_FEATURE_NAMES,
+    DEFAULT_FEATURES,
+    TITLE_FEATURES,
+    extract,
+)
 from popscore.training.synthetic import sample_track, synth_audio
 
 # popscore/training/data.py -> the repository's parent, where shared/ sits beside it.
@@ -30,6 +35,7 @@ PAPER_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "paper_tra
 
 # CSV column -> dotted ReleaseEvent path. Columns absent from a file are simply missing.
 CSV_COLUMNS: dict[str, str] = {
+    "name": "release.title",
     "artist": "artist.name",
     "artist_popularity": "artist.popularity",
     "artist_followers": "artist.followers",
@@ -40,7 +46,8 @@ CSV_COLUMNS: dict[str, str] = {
 }
 
 # What the paper's CSV can feed: the 10 audio descriptors it has, artist popularity,
-# followers (log1p inside the model), track length and the derived release year.
+# followers (log1p inside the model), track length, the derived release year and the version
+# flags read from the title (remix, live, ...).
 PAPER_FEATURES: tuple[str, ...] = (
     "artist.popularity",
     "artist.followers",
@@ -61,7 +68,21 @@ PAPER_FEATURES: tuple[str, ...] = (
             "valence",
         )
     ),
+    *TITLE_FEATURES,
 )
+
+
+def without(paths: Sequence[str], dropped: Sequence[str]) -> tuple[str, ...]:
+    """`paths` less every one that is, or sits under, an entry of `dropped` ("release.title"
+    drops the title flags); an entry that matches nothing is a ValueError naming it."""
+
+    def under(path: str, prefix: str) -> bool:
+        return path == prefix or path.startswith(prefix + ".")
+
+    unknown = [d for d in dropped if not any(under(p, d) for p in paths)]
+    if unknown:
+        raise ValueError(f"no feature {', '.join(unknown)} among {', '.join(paths)}")
+    return tuple(p for p in paths if not any(under(p, d) for d in dropped))
 
 
 @dataclass(frozen=True)
@@ -107,7 +128,7 @@ def row_to_event(row: Mapping[str, str]) -> dict[str, Any]:
         if raw is None or not raw.strip():
             continue
         # Dates and names stay text; `release.year` is derived from the date by extract().
-        keep_text = path in {"release.date", "artist.name"}
+        keep_text = path in {"release.date", "artist.name", "release.title"}
         value = raw.strip() if keep_text else _number(raw)
         if value is None:
             continue

@@ -48,6 +48,7 @@ class Data:
     audio_column: str | None = None
     features_only: bool = False
     seed: int = 0
+    without: tuple[str, ...] = ()  # feature paths (or prefixes) left out of a CSV's features
 
 
 def load_data(spec: Data, comparison: bool) -> tuple[TrackTable, list[ModelSpec]]:
@@ -58,7 +59,11 @@ def load_data(spec: Data, comparison: bool) -> tuple[TrackTable, list[ModelSpec]
     else:
         assert spec.csv is not None
         try:
-            table = datasets.load_csv(spec.csv, audio_column=spec.audio_column)
+            paths = datasets.without(datasets.PAPER_FEATURES, spec.without)
+        except ValueError as exc:
+            raise UsageError(f"--without: {exc}") from None
+        try:
+            table = datasets.load_csv(spec.csv, paths, audio_column=spec.audio_column)
         except (ValueError, KeyError, UnicodeDecodeError) as exc:
             raise UsageError(f"--data {spec.csv}: {exc}") from None
         if spec.audio_column and not spec.features_only:
@@ -76,12 +81,19 @@ def evaluate(
     device: str,
     report_path: Path,
     progress: bool = True,
+    plots: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Write the artist-grouped k-fold report (docs/MODEL.md) at ``report_path`` and the first
-    variant's out-of-fold predictions beside it; returns the report's summary and that file."""
+    variant's out-of-fold predictions beside it, and its plots into ``plots`` when given;
+    returns the report's summary and the OOF file."""
     split = group_folds(table.groups, folds, seed)
-    report, oof = cross_validate(table, variants, split, seed, SAMPLE_RATE, device, progress)
-    return summary(report), write_report(report, oof, table.popularity, report_path)
+    report, outcome = cross_validate(table, variants, split, seed, SAMPLE_RATE, device, progress)
+    oof = write_report(report, outcome.model.prediction, table.popularity, report_path)
+    if plots is not None:
+        from popscore.training.plots import write_plots  # noqa: PLC0415 (matplotlib: training only)
+
+        write_plots(plots, table, outcome)
+    return summary(report), oof
 
 
 def train(
@@ -92,11 +104,22 @@ def train(
     device: str,
     evaluation: dict[str, Any] | None,
     model_version: str | None = None,
+    plots: Path | None = None,
 ) -> tuple[Path, ArtifactMeta]:
     """Train ``spec`` on every row and export the artifact, its evaluation embedded: the decision
-    cut and the trees' share are the medians of what the evaluation's inner CVs chose."""
+    cut and the trees' share are the medians of what the evaluation's inner CVs chose. The
+    training loss per epoch of each net goes to ``plots``/loss_curves.png when given."""
     rows = np.arange(len(table.popularity))
-    model = fit_model(table, spec, rows, seed, SAMPLE_RATE, device, _tree_weight(evaluation))
+    histories: list[list[float]] = []
+    weight = _tree_weight(evaluation)
+    model = fit_model(table, spec, rows, seed, SAMPLE_RATE, device, weight, histories)
+    for member, history in enumerate(histories):
+        print(f"member {member}: loss per epoch {history[0]:.4f} -> {history[-1]:.4f} "
+              f"over {len(history)} epochs")  # fmt: skip
+    if plots is not None:
+        from popscore.training.plots import write_loss_curves  # noqa: PLC0415 (training only)
+
+        write_loss_curves(plots, histories)
     meta = ArtifactMeta.for_model(
         model,
         model_version=model_version or f"{spec.name}-{seed}-{weights_digest(model)}",

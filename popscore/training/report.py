@@ -64,12 +64,22 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         return {k: round(v, 4) for k, v in out.items()}
 
     model = report["models"][report["model"]]
-    return {
+    out = {
         "source": report["data"]["source"],
         "split": {k: report["split"][k] for k in ("method", "folds", "seed")},
         "model": brief(model),
         "baselines": {name: brief(b) for name, b in report["baselines"].items()},
     }
+    # The headline intervals (reports written before they existed have none).
+    intervals = report.get("intervals", {})
+    kept = {
+        name: {metric: [round(v["low"], 4), round(v["high"], 4)] for metric, v in block.items()}
+        for name, block in intervals.items()
+        if name in {"model", "model - ridge", "model - blend"}
+    }
+    if kept:
+        out["intervals_95"] = kept
+    return out
 
 
 def read_evaluation(

@@ -2,6 +2,7 @@
 old artifacts (written before ``exports`` and ``uses_audio``) included."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,14 @@ def test_provenance_says_what_the_model_learnt_from() -> None:
     assert real.synthetic is False
     assert real.provenance() == (
         "m-1: trained on real data (tracks.csv, 1967 rows); "
-        "grouped evaluation MAE 8.28 (mean predictor 9.48)"
+        "grouped evaluation MAE 8.28 vs mean 9.48"
+    )
+    evaluation |= {"intervals_95": {"model": {"mae": [7.734, 8.692]}}}
+    evaluation["baselines"] |= {"ridge": {"mae": 8.4}, "blend": {"mae": 8.27}}
+    assert (
+        _meta(training=replace(real.training, evaluation=evaluation))
+        .provenance()
+        .endswith("MAE 8.28 (95 % 7.73-8.69) vs mean 9.48, ridge 8.4, blend 8.27")
     )
     assert ArtifactMeta.from_json(real.to_json()) == real
     # artifacts written before the key: the synthetic generators name themselves so

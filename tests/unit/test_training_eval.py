@@ -33,12 +33,14 @@ from popscore.training.evaluate import (
     BASELINES,
     FEATURES_ONLY,
     _split_predictions,
+    baseline_predictions,
     cross_validate,
     fit_model,
     predict_rows,
 )
 from popscore.training.metrics import THRESHOLDS, best_cut, group_folds, metrics
 from popscore.training.model import Ensemble, FusionNet
+from popscore.training.plots import write_plots
 from popscore.training.report import oof_path, write_report
 from popscore.training.train import TrainConfig
 from tests.unit.artifact_helpers import export
@@ -97,14 +99,21 @@ def test_release_year_from_a_validated_event() -> None:
 def test_row_to_event_maps_columns_to_release_event_paths() -> None:
     row = {"artist": "A", "artist_popularity": "85", "artist_followers": "94489318",
            "release_date": "2014-08-25", "duration_ms": "236133", "tempo": "98.99",
-           "time_signature": "4", "loudness": "", "name": "ignored"}  # fmt: skip
+           "time_signature": "4", "loudness": "", "name": "Song - Live 2011",
+           "artists_list": "ignored"}  # fmt: skip
     event = row_to_event(row)
     assert event["artist"] == {"name": "A", "popularity": 85, "followers": 94489318}
-    assert event["release"] == {"date": "2014-08-25", "duration_ms": 236133}
+    assert event["release"] == {
+        "title": "Song - Live 2011",
+        "date": "2014-08-25",
+        "duration_ms": 236133,
+    }
     assert event["audio_features"] == {"tempo": 98.99, "time_signature": 4}
     features = extract(event, PAPER_FEATURES)
     assert features[PAPER_FEATURES.index("release.year")] == 2014
     assert math.isnan(features[PAPER_FEATURES.index("audio_features.loudness")])
+    assert features[PAPER_FEATURES.index("release.title.live")] == 1.0
+    assert features[PAPER_FEATURES.index("release.title.remix")] == 0.0
 
 
 def test_load_csv_groups_by_artist_and_resolves_audio(tmp_path: Path) -> None:
@@ -198,16 +207,17 @@ def test_best_cut_separates_a_clean_split() -> None:
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, TrackTable]:
     table = _table()
     folds = group_folds(table.groups, 3, 0)
-    result, oof = cross_validate(table, [TINY], folds, seed=0, progress=False)
+    result, outcome = cross_validate(table, [TINY], folds, seed=0, progress=False, resamples=200)
     path = tmp_path_factory.mktemp("eval") / "r.json"
-    write_report(result, oof, table.popularity, path)
+    write_report(result, outcome.model.prediction, table.popularity, path)
+    write_plots(path.parent / "plots", table, outcome)
     return json.loads(path.read_text()), path, table
 
 
 def test_report_has_every_metric_for_model_and_baselines(report: tuple) -> None:
     data, _, _ = report
     blocks = [data["models"][data["model"]], *data["baselines"].values()]
-    assert set(data["baselines"]) == set(BASELINES) == {"mean", "always_hit", "ridge"}
+    assert set(data["baselines"]) == set(BASELINES) == {"mean", "always_hit", "ridge", "blend"}
     for block in blocks:
         m = block["metrics"]
         assert {"mae", "rmse", "r2"} <= set(m)
@@ -222,6 +232,52 @@ def test_report_has_every_metric_for_model_and_baselines(report: tuple) -> None:
     assert all(f["tree_weight"] in TINY.tree_weight_grid
                for f in data["models"][data["model"]]["fold_cuts"])  # fmt: skip
     assert "inner CV" in data["models"][data["model"]]["blend"]
+    # Ridge and the blend are decided like the model; constant predictors at the threshold.
+    assert "inner CV" in data["baselines"]["ridge"]["decision"]
+    assert "inner CV" in data["baselines"]["blend"]["decision"]
+    assert "threshold" in data["baselines"]["mean"]["decision"]
+
+
+def test_report_gives_artist_bootstrap_intervals(report: tuple) -> None:
+    data, _, _ = report
+    intervals = data["intervals"]
+    assert "12 artists" in intervals["method"]
+    for name in ("model", "ridge", "blend", "mean", "model - ridge", "model - blend"):
+        for metric in ("mae", "roc_auc@70", "macro_f1@70"):
+            block = intervals[name][metric]
+            assert block["low"] <= block["high"]
+    # The estimates are the report's own metrics, and a difference is the difference of those.
+    model = data["models"][data["model"]]["metrics"]
+    ridge_mae = data["baselines"]["ridge"]["metrics"]["mae"]
+    assert intervals["model"]["mae"]["estimate"] == pytest.approx(model["mae"])
+    assert intervals["model"]["macro_f1@70"]["estimate"] == pytest.approx(
+        model["at"]["70"]["macro_f1"]
+    )
+    assert intervals["model - ridge"]["mae"]["estimate"] == pytest.approx(model["mae"] - ridge_mae)
+
+
+def test_ridge_and_blend_cuts_come_from_the_inner_cv() -> None:
+    table = _table()
+    folds = group_folds(table.groups, 3, 0)
+    baselines = baseline_predictions(table, folds, seed=0, inner_folds=3)
+    for name in ("ridge", "blend"):
+        cuts = baselines[name].cuts[70.0]
+        assert len(np.unique(cuts)) <= 3 and not np.all(cuts == 70.0)  # one cut per fold
+    assert np.all(baselines["mean"].cuts[70.0] == 70.0)
+    # Without an inner CV (the audio-only variant) every baseline decides at the threshold.
+    plain = baseline_predictions(table, folds, seed=0, inner_folds=0)
+    assert np.all(plain["ridge"].cuts[70.0] == 70.0)
+
+
+def test_evaluate_plots_are_written(report: tuple) -> None:
+    _, path, _ = report
+    written = sorted(p.name for p in (path.parent / "plots").iterdir())
+    assert written == sorted([
+        "predicted_vs_actual.png", "roc_70.png", "calibration.png",
+        "error_by_artist_size.png", "loss_curves.png",
+    ])  # fmt: skip
+    for name in written:
+        assert (path.parent / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_split_predictions_reblend_to_the_ensemble() -> None:
@@ -325,6 +381,8 @@ def test_features_only_scores_nan_features_and_no_audio(features_only: Ensemble)
         ["evaluate", "--synthetic", "100", "--report", "r.json", "--device", "tpu"],
         ["train", "--synthetic", "100"],
         ["train", "--synthetic", "100", "--out", "x.pt"],  # neither --evaluation nor --no-
+        ["evaluate", "--synthetic", "100", "--report", "r.json", "--without", "artist.popularity"],
+        ["compare", "/no/such.json", "/no/such.json"],
         ["export", "/no/such.pt", "--out", "x.pt"],
     ],
 )
@@ -344,7 +402,8 @@ def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
     data = _write_csv(tmp_path / "d.csv", rows)
     out = tmp_path / "m.pt"
     args = ["train", "--data", str(data), "--out", str(out), "--quiet", "--device", "cpu"]
-    assert main([*args, "--no-evaluation"]) == 0
+    assert main([*args, "--no-evaluation", "--plots", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     meta = load(out).meta
     assert meta.features == PAPER_FEATURES and meta.hit_threshold == 70.0
     assert meta.training is not None and meta.training.rows == 45
@@ -374,6 +433,11 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
         (["train", "--data", str(data), "--out", out, "--evaluation", str(not_csv)], "report"),
         (["evaluate", "--data", str(not_csv), "--report", str(tmp_path / "r2.json")], "--data"),
         (["export", str(not_pt), "--out", out], "x.pt"),
+        (
+            ["evaluate", "--data", str(data), "--report", str(report), "--without", "artist.pop"],
+            "--without: no feature artist.pop",
+        ),
+        (["compare", str(not_csv), str(report)], "not a `popscore evaluate` report"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(args)
@@ -413,3 +477,39 @@ def test_train_embeds_a_matching_evaluation_and_its_cut(tmp_path: Path) -> None:
     assert meta.hit_threshold == 67.0  # the median of the folds' cuts
     assert meta.training is not None and meta.training.evaluation is not None
     assert meta.training.evaluation["model"]["mae"] == 9.0
+
+
+def _report_with_oof(path: Path, data: Path, prediction: np.ndarray, folds: int = 3) -> Path:
+    report = _fake_report("features_only", rows=len(prediction))
+    report["data"] = {"source": str(data), "rows": len(prediction), "features": ["x"]}
+    report["split"] = {"method": "artist-grouped k-fold", "folds": folds, "seed": 0}
+    report["models"]["features_only"]["fold_cuts"] = [{"70": 66.0 + i} for i in range(folds)]
+    path.write_text(json.dumps(report))
+    target = [float(r["popularity"]) for r in csv.DictReader(data.read_text().splitlines())]
+    with oof_path(path).open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["row", "target", "prediction"])
+        out.writerows([i, y, p] for i, (y, p) in enumerate(zip(target, prediction, strict=True)))
+    return path
+
+
+def test_compare_pairs_two_reports_of_the_same_folds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = np.array([40 + (7 * i) % 60 for i in range(30)], dtype=float)  # hits and not
+    rows = [[f"t{i}", y, 200000, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
+            for i, y in enumerate(target)]  # fmt: skip
+    data = _write_csv(tmp_path / "d.csv", rows)
+    noise = np.random.default_rng(0).normal(0, 1, 30)
+    a = _report_with_oof(tmp_path / "a.json", data, target + noise)  # close to the truth
+    b = _report_with_oof(tmp_path / "b.json", data, target + 10 * noise)
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(a), str(b), "--json", str(out), "--resamples", "200"]) == 0
+    result = json.loads(out.read_text())
+    diff = result["intervals"]["a - b"]["mae"]
+    assert diff["estimate"] == pytest.approx(np.abs(noise).mean() - 10 * np.abs(noise).mean())
+    assert diff["high"] < 0  # A is better on every resample of the 9 artists
+    other_folds = _report_with_oof(tmp_path / "c.json", data, target, folds=5)
+    with pytest.raises(SystemExit) as info:
+        main(["compare", str(a), str(other_folds)])
+    assert info.value.code == 2 and "not of the same data and folds" in capsys.readouterr().err
