@@ -50,6 +50,39 @@ def register(sub: Subparsers) -> None:
         "--plots", type=Path, metavar="DIR", help="write the loss curves per epoch into DIR"
     )
 
+    prepare = sub.add_parser(
+        "prepare", help="decode a catalog's audio once into a sharded on-disk cache"
+    )
+    prepare.set_defaults(handler=_prepare)
+    prepare.add_argument(
+        "--data",
+        type=existing_file,
+        required=True,
+        help="a catalog: Parquet (.parquet) or CSV, one row per track",
+    )
+    prepare.add_argument(
+        "--audio-column", required=True, help="the column holding each track's audio path or URI"
+    )
+    prepare.add_argument(
+        "--cache",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where the shards go (a rerun resumes)",
+    )
+    prepare.add_argument(
+        "--workers", type=int_at_least(1), help="decode processes (default: cores)"
+    )
+    prepare.add_argument("--shard-rows", type=int_at_least(1), default=256)
+    prepare.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="FEATURE",
+        help="leave a feature out of the cached feature rows; repeatable",
+    )
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+
     compare = sub.add_parser(
         "compare", help="two evaluate reports of the same folds: paired artist-bootstrap intervals"
     )
@@ -140,6 +173,28 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         table, variant, args.out, args.seed, device, evaluation, args.model_version, args.plots
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) as {meta.model_version}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, settings: Settings) -> int:
+    _require_sklearn()
+    from popscore.training import jobs
+
+    result = jobs.prepare_cache(
+        args.data,
+        args.audio_column,
+        args.cache,
+        settings,
+        tuple(args.without),
+        args.workers,
+        args.shard_rows,
+        not args.quiet,
+    )
+    print(
+        f"{args.cache}: {result.rows} tracks in {result.shards} shards "
+        f"({result.skipped_shards} already prepared), {result.failures} without usable audio "
+        f"(listed in {args.cache / 'failures.csv'})"
+    )
     return 0
 
 

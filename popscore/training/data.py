@@ -1,6 +1,6 @@
 """Tables of tracks for training and evaluation: a Spotify-API CSV, or SYNTHETIC tracks.
 
-A CSV row becomes a ReleaseEvent-shaped dict first (`row_to_event`), and its feature row
+A CSV row becomes a ReleaseEvent-shaped dict first (`catalog.row_event`), and its feature row
 comes from `popscore.artifact.extract` on that dict: the very function the consumer calls on
 a live event, so a model trained here reads serving's features in the same way.
 
@@ -11,10 +11,9 @@ copied in, and whatever needs it skips when it is absent.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -23,27 +22,15 @@ from consumer.audio import AudioPolicy, decode_window
 from consumer.errors import DeadLetter
 from consumer.resample import Resampler
 from popscore.artifact.features import (
-    AUDIO_FEATURE_NAMES,
     DEFAULT_FEATURES,
     TITLE_FEATURES,
     extract,
 )
+from popscore.training.catalog import row_event
 from popscore.training.synthetic import sample_track, synth_audio
 
 # popscore/training/data.py -> the repository's parent, where shared/ sits beside it.
 PAPER_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "paper_tracks.csv"
-
-# CSV column -> dotted ReleaseEvent path. Columns absent from a file are simply missing.
-CSV_COLUMNS: dict[str, str] = {
-    "name": "release.title",
-    "artist": "artist.name",
-    "artist_popularity": "artist.popularity",
-    "artist_followers": "artist.followers",
-    "release_date": "release.date",
-    "duration_ms": "release.duration_ms",
-    "explicit": "release.explicit",
-    **{name: f"audio_features.{name}" for name in AUDIO_FEATURE_NAMES},
-}
 
 # What the paper's CSV can feed: the 10 audio descriptors it has, artist popularity,
 # followers (log1p inside the model), track length, the derived release year and the version
@@ -107,36 +94,6 @@ class TrackTable:
             raise ValueError("audio_paths must have one entry per row")
 
 
-def _number(text: str) -> float | int | bool | None:
-    text = text.strip()
-    if not text:
-        return None
-    if text.lower() in {"true", "false"}:
-        return text.lower() == "true"
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
-
-
-def row_to_event(row: Mapping[str, str]) -> dict[str, Any]:
-    """One CSV row -> a ReleaseEvent-shaped dict (only the groups the row has values for)."""
-    event: dict[str, Any] = {}
-    for column, path in CSV_COLUMNS.items():
-        raw = row.get(column)
-        if raw is None or not raw.strip():
-            continue
-        # Dates and names stay text; `release.year` is derived from the date by extract().
-        keep_text = path in {"release.date", "artist.name", "release.title"}
-        value = raw.strip() if keep_text else _number(raw)
-        if value is None:
-            continue
-        group, field = path.split(".")
-        event.setdefault(group, {})[field] = value
-    return event
-
-
 def _audio_path(raw: str | None, base: Path) -> str | None:
     if raw is None or not raw.strip():
         return None
@@ -160,7 +117,7 @@ def load_csv(
     missing = [c for c in (target, group, audio_column) if c and c not in rows[0]]
     if missing:
         raise ValueError(f"{path}: no column {', '.join(missing)}")
-    features = np.stack([extract(row_to_event(row), feature_paths) for row in rows])
+    features = np.stack([extract(row_event(row), feature_paths) for row in rows])
     popularity = np.array([float(row[target]) for row in rows], dtype=np.float32)
     groups = np.array([row[group] for row in rows])
     audio = None

@@ -7,14 +7,16 @@
 Bad input raises ``consumer.errors.UsageError`` naming the argument (the CLI exits 2).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from consumer.app import audio_policy
 from consumer.errors import UsageError
+from consumer.settings import Settings
 from popscore.artifact import (
     ArtifactMeta,
     TrainingSummary,
@@ -22,6 +24,7 @@ from popscore.artifact import (
     weights_digest,
 )
 from popscore.training import data as datasets
+from popscore.training.cache import Prepared, prepare
 from popscore.training.data import TrackTable
 from popscore.training.evaluate import (
     AUDIO_ONLY,
@@ -136,6 +139,28 @@ def train(
         ),
     )
     return save(model, out, meta), meta
+
+
+def prepare_cache(
+    catalog: Path,
+    audio_column: str,
+    directory: Path,
+    settings: Settings,
+    without: tuple[str, ...] = (),
+    workers: int | None = None,
+    shard_rows: int = 256,
+    progress: bool = True,
+) -> Prepared:
+    """Decode the catalog's audio into ``directory`` (training.cache) under the service's audio
+    policy; local files may also lie under the catalog's own folder."""
+    policy = audio_policy(settings)
+    roots = (*policy.file_roots, catalog.resolve().parent)
+    try:
+        paths = datasets.without(datasets.PAPER_FEATURES, without)
+        return prepare(catalog, audio_column, directory, replace(policy, file_roots=roots),
+                       paths, SAMPLE_RATE, CLIP_SECONDS, shard_rows, workers, progress)  # fmt: skip
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--data {catalog}: {exc}") from None
 
 
 def resolve_device(choice: str) -> str:

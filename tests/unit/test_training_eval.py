@@ -21,12 +21,12 @@ from consumer.resample import Resampler
 from popscore.artifact import load
 from popscore.artifact.features import extract
 from popscore.cli.main import main
+from popscore.training.catalog import row_event
 from popscore.training.data import (
     PAPER_CSV,
     PAPER_FEATURES,
     TrackTable,
     load_csv,
-    row_to_event,
     with_audio,
 )
 from popscore.training.evaluate import (
@@ -101,7 +101,7 @@ def test_row_to_event_maps_columns_to_release_event_paths() -> None:
            "release_date": "2014-08-25", "duration_ms": "236133", "tempo": "98.99",
            "time_signature": "4", "loudness": "", "name": "Song - Live 2011",
            "artists_list": "ignored"}  # fmt: skip
-    event = row_to_event(row)
+    event = row_event(row)
     assert event["artist"] == {"name": "A", "popularity": 85, "followers": 94489318}
     assert event["release"] == {
         "title": "Song - Live 2011",
