@@ -1,0 +1,285 @@
+"""Training that streams from a prepared cache (training.cache) instead of holding clips in RAM.
+
+    table = read_table(cache)
+    clips = CachedClips(cache, table, rows=np.arange(len(table.rows)), crop_samples=6 * 22050)
+    history = train_stream(net, clips, config, Stream(workers=2, checkpoint=Path("ck.pt")))
+
+Memory is bounded whatever the catalog's size: the row table (labels, groups, features) is
+the only per-track state, and each DataLoader worker holds a few batches of crops read with
+`pread` (nothing mapped). One process, or one per device under torchrun (DDP, gloo on CPU,
+NCCL on CUDA): `torch.distributed` is initialised from torchrun's environment, each rank reads
+its share of every epoch through a DistributedSampler, and rank 0 writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from popscore.training.cache import CachedTable, shard_name
+from popscore.training.model import FusionNet
+from popscore.training.train import TrainConfig, _hide_modalities, feature_groups
+
+BYTES_PER_SAMPLE = 2  # float16 clips
+
+
+class CachedClips(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """`rows` of a cache as (waveform crop [crop_samples], features [F], audio_ok, popularity).
+
+    Training takes a random crop of each stored clip (the CNN pools over time, so it serves
+    30 s having learnt on crops), evaluation the centred one. A crop is read alone: one
+    `pread` of crop_samples x 2 bytes at its offset in the shard."""
+
+    def __init__(
+        self,
+        directory: Path,
+        table: CachedTable,
+        rows: np.ndarray,
+        crop_samples: int,
+        random_crop: bool = True,
+    ) -> None:
+        clip = table.manifest.clip_samples
+        if not 0 < crop_samples <= clip:
+            raise ValueError(f"crop of {crop_samples} samples from clips of {clip}")
+        self.directory = directory
+        self.clip_samples, self.crop_samples, self.random_crop = clip, crop_samples, random_crop
+        self.shard, self.offset = table.shard[rows], table.offset[rows]
+        self.features = torch.from_numpy(table.features[rows])
+        self.audio_ok = torch.from_numpy(table.audio_ok[rows])
+        self.popularity = torch.from_numpy(table.popularity[rows])
+        self._files: dict[int, tuple[int, int]] = {}  # shard -> (fd, data offset), per process
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Descriptors do not cross into worker processes: each opens its own.
+        return {**self.__dict__, "_files": {}}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        room = self.clip_samples - self.crop_samples
+        # torch's generator: DataLoader seeds it per worker and epoch, so crops are reproducible.
+        start = int(torch.randint(0, room + 1, ())) if self.random_crop else room // 2
+        fd, data = self._file(int(self.shard[i]))
+        position = data + (int(self.offset[i]) * self.clip_samples + start) * BYTES_PER_SAMPLE
+        raw = os.pread(fd, self.crop_samples * BYTES_PER_SAMPLE, position)
+        wave = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).astype(np.float32))
+        return wave, self.features[i], self.audio_ok[i], self.popularity[i]
+
+    def _file(self, shard: int) -> tuple[int, int]:
+        if shard not in self._files:
+            path = self.directory / shard_name(shard, ".npy")
+            with path.open("rb") as handle:  # the header's length, once per shard
+                np.lib.format.read_magic(handle)
+                np.lib.format.read_array_header_1_0(handle)
+                data = handle.tell()
+            self._files[shard] = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), data)
+        return self._files[shard]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How to stream: DataLoader workers, and where checkpoints go."""
+
+    workers: int = 2
+    checkpoint: Path | None = None  # written after every epoch (rank 0), atomically
+    resume: bool = False  # continue from `checkpoint` when it exists
+    amp: bool = True  # mixed precision (float16 autocast + gradient scaling) on CUDA only
+
+
+class _TrainForward(nn.Module):
+    """FusionNet's training outputs in one forward, so DDP sees (and syncs) every parameter."""
+
+    def __init__(self, net: FusionNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, waveform: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        audio = self.net.embed_audio(waveform)
+        popularity, hit_logit = self.net.fuse(audio, features, audio_mask)
+        probe = self.net.pop_centre + self.net.pop_scale * self.net.audio_probe(audio).squeeze(1)
+        return popularity, hit_logit, probe
+
+
+def _loss(
+    net: FusionNet, outputs: tuple[torch.Tensor, ...], target: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    popularity, hit_logit, probe = (o.float() for o in outputs)
+    scale = net.pop_scale
+    loss = nn.functional.huber_loss(popularity / scale, target / scale, delta=config.huber_delta)
+    is_hit = (target >= config.hit_threshold).float()
+    loss = loss + config.hit_weight * nn.functional.binary_cross_entropy_with_logits(
+        hit_logit, is_hit
+    )
+    # The probe term is always in the graph (weight 0 or not): DDP wants every parameter used.
+    weight = config.probe_weight if net.use_audio else 0.0
+    return loss + weight * nn.functional.mse_loss(probe / scale, target / scale)
+
+
+def _rank() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@dataclass
+class _Trainer:
+    """One process's training state; `step` trains on one batch."""
+
+    net: FusionNet
+    forward: nn.Module  # _TrainForward, wrapped in DDP when there are several ranks
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    scaler: torch.amp.GradScaler
+    config: TrainConfig
+    device: torch.device
+
+    def step(self, batch: list[torch.Tensor], generator: torch.Generator) -> float:
+        wave, features, audio_ok, target = batch
+        groups = feature_groups(self.net.feature_paths)
+        hidden, mask = _hide_modalities(features, audio_ok, groups, self.config, generator)
+        on = [t.to(self.device, non_blocking=True) for t in (wave, hidden, mask, target)]
+        with torch.autocast(
+            self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()
+        ):
+            outputs = self.forward(on[0], on[1], on[2])
+        loss = _loss(self.net, outputs, on[3], self.config)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return float(loss.detach())
+
+
+def train_stream(
+    net: FusionNet,
+    clips: CachedClips,
+    config: TrainConfig,
+    stream: Stream,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[float]:
+    """AdamW + cosine decay over `config.epochs` epochs of `clips`; the mean training loss of
+    each epoch (averaged over ranks). Seeds make a run reproducible, a resumed run included."""
+    device = torch.device(device)
+    rank, world = _rank()
+    trainer = _trainer(net, clips, config, stream, device, world)
+    history: list[float] = []
+    start = _restore(stream, trainer, history)
+    for epoch in range(start, config.epochs):
+        seed = config.seed * 1_000_003 + epoch * 7919 + rank
+        generator = torch.Generator().manual_seed(seed)  # modality hiding
+        torch.manual_seed(seed)  # dropout, and the crops when there are no worker processes
+        net.train()
+        loader = _loader(clips, config, stream, epoch, rank, world, device)
+        name = f"epoch {epoch + 1}/{config.epochs}"
+        losses = [
+            trainer.step(batch, generator)
+            for batch in tqdm(loader, desc=name, unit="batch", disable=not progress or rank > 0)
+        ]
+        history.append(_mean_over_ranks(sum(losses) / max(len(losses), 1), world, device))
+        if stream.checkpoint is not None and rank == 0:
+            _save(stream.checkpoint, trainer, history)
+    net.eval()
+    return history
+
+
+def _trainer(
+    net: FusionNet,
+    clips: CachedClips,
+    config: TrainConfig,
+    stream: Stream,
+    device: torch.device,
+    world: int,
+) -> _Trainer:
+    net.fit_normalizer(clips.features.numpy())
+    net.fit_target(clips.popularity.numpy())
+    net.to(device)
+    forward: nn.Module = _TrainForward(net)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=ids)
+    steps = config.epochs * _batches(len(clips), config.batch_size * world)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    scaler = torch.amp.GradScaler("cuda", enabled=stream.amp and device.type == "cuda")
+    return _Trainer(net, forward, optimizer, schedule, scaler, config, device)
+
+
+def _batches(rows: int, batch: int) -> int:
+    return max(rows // batch, 1)
+
+
+def _loader(
+    clips: CachedClips,
+    config: TrainConfig,
+    stream: Stream,
+    epoch: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> DataLoader[Any]:
+    """This epoch's batches: the order and the crops depend only on (seed, epoch, rank), so a
+    resumed run reads exactly what an uninterrupted one would have."""
+    seed = config.seed * 1_000_003 + epoch
+    if world > 1:
+        sampler: Any = DistributedSampler(clips, world, rank, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(clips, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        clips,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=stream.workers,
+        # BatchNorm cannot train on a batch of one; a short last batch is dropped.
+        drop_last=len(clips) // world > config.batch_size,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed + 1 + rank),  # the workers' crop seeds
+        persistent_workers=False,
+    )
+
+
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    total = torch.tensor([value], device=device)
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+def _save(path: Path, trainer: _Trainer, history: list[float]) -> None:
+    state = {
+        "net": trainer.net.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "schedule": trainer.schedule.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "history": history,
+    }
+    partial = path.with_suffix(path.suffix + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, partial)
+    partial.replace(path)  # a crash mid-write leaves the previous epoch's checkpoint
+
+
+def _restore(stream: Stream, trainer: _Trainer, history: list[float]) -> int:
+    """The epoch to start at: 0, or the one after the checkpoint's (with its state loaded)."""
+    if not (stream.resume and stream.checkpoint is not None and stream.checkpoint.exists()):
+        return 0
+    state = torch.load(stream.checkpoint, map_location=trainer.device, weights_only=True)
+    trainer.net.load_state_dict(state["net"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.schedule.load_state_dict(state["schedule"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    history.extend(state["history"])
+    return len(history)
