@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down model demo test test-unit test-integration chaos bench soak profile lint schemas clean
+.PHONY: setup stack-up stack-down s3-up s3-down model demo test test-unit test-integration chaos bench soak profile lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -26,6 +26,12 @@ stack-up: ## start local Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) unles
 
 stack-down: ## stop what stack-up started
 	deploy/local/stack-down.sh
+
+s3-up: $(STAMP) ## start a local S3 server (moto, 127.0.0.1:9000) unless one answers; the s3 tests do it themselves
+	deploy/local/s3-up.sh
+
+s3-down: ## stop what s3-up started
+	deploy/local/s3-down.sh
 
 model: $(STAMP) ## (re)build the demo artifact from synthetic data, reproducible from its seed
 	$(BIN)/python -m popscore.training.demo_model --out $(MODEL) --seed 0

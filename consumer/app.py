@@ -113,6 +113,8 @@ def audio_policy(s: Settings) -> AudioPolicy:
         s.audio_max_bytes,
         s.audio_max_seconds,
         s.audio_fetch_timeout_s,
+        s.audio_s3_buckets,
+        fetch_concurrency=s.decode_workers,
     )
 
 

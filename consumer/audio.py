@@ -26,6 +26,8 @@ from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
 from consumer.redact import redact, redact_loggers
 from consumer.resample import Clip, Resampler
+from consumer.s3 import ClientShape, fetch_object
+from consumer.s3uri import parse_s3_uri
 from schemas.dead_letter import DeadLetterReason as Reason
 
 MIN_SAMPLE_RATE = 1_000
@@ -48,6 +50,10 @@ class AudioPolicy:
     max_bytes: int
     max_seconds: float
     fetch_timeout_s: float
+    s3_buckets: tuple[str, ...] = ()
+    """Buckets s3:// URIs may name; empty refuses them all."""
+    fetch_concurrency: int = 10
+    """Threads fetching at once (the decode pool): the S3 client keeps as many connections."""
 
     @classmethod
     def create(
@@ -57,10 +63,20 @@ class AudioPolicy:
         max_bytes: int = 200 * 1024 * 1024,
         max_seconds: float = 1800.0,
         fetch_timeout_s: float = 15.0,
+        s3_buckets: tuple[str, ...] = (),
+        fetch_concurrency: int = 10,
     ) -> "AudioPolicy":
         """Roots are resolved once here, so a symlinked root compares like its target."""
         roots = tuple(Path(r).resolve() for r in file_roots)
-        return cls(roots, allow_private_hosts, max_bytes, max_seconds, fetch_timeout_s)
+        return cls(
+            roots,
+            allow_private_hosts,
+            max_bytes,
+            max_seconds,
+            fetch_timeout_s,
+            tuple(s3_buckets),
+            fetch_concurrency,
+        )
 
 
 # An open file or downloaded body, positioned at its start; decode_window closes it.
@@ -84,6 +100,8 @@ def open_uri(uri: str, policy: AudioPolicy) -> AudioSource:
     if scheme in ("http", "https"):
         _check_http_uri(uri)
         return _fetch_http(uri, policy)
+    if scheme == "s3":
+        return _fetch_s3(uri, policy)
     raise DeadLetter(Reason.URI_UNSUPPORTED, f"scheme {scheme or '(none)'!r} is not supported")
 
 
@@ -129,6 +147,18 @@ def _local_file(parsed: urllib.parse.SplitResult, policy: AudioPolicy) -> Binary
     except BaseException:
         os.close(fd)
         raise
+
+
+def _fetch_s3(uri: str, policy: AudioPolicy) -> io.BytesIO:
+    """The object, from a bucket on the allow-list, under the same limits as an http body.
+    The URI is checked whole before the allow-list, and both before any network call."""
+    bucket, key = parse_s3_uri(uri)  # the raw URI: urlsplit would drop tabs and newlines
+    if not policy.s3_buckets:
+        raise DeadLetter(Reason.URI_FORBIDDEN, "s3 URIs are disabled (no audio S3 buckets)")
+    if bucket not in policy.s3_buckets:
+        raise DeadLetter(Reason.URI_FORBIDDEN, f"bucket {bucket!r} is not an audio S3 bucket")
+    shape = ClientShape(policy.fetch_timeout_s, policy.fetch_concurrency)
+    return fetch_object(bucket, key, policy.max_bytes, shape)
 
 
 def check_host(host: str, policy: AudioPolicy) -> str | None:

@@ -2,7 +2,9 @@
 
 A presigned object URL carries its signature in the query (``X-Amz-Signature``,
 ``X-Amz-Credential``), a basic-auth URL its password before the host; either would be usable
-by whoever reads the log.
+by whoever reads the log. botocore's DEBUG lines (the canonical request it signs, with a
+session token; the Authorization header; STS responses holding temporary credentials) are
+dropped whole instead.
 """
 
 import logging
@@ -36,3 +38,21 @@ def redact_loggers(*names: str) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactURLs) for f in logger.filters):
             logger.addFilter(RedactURLs())
+
+
+class DropDebug(logging.Filter):
+    """Drops a logger's DEBUG records, keeping INFO and above (installed on botocore's
+    loggers whose DEBUG lines hold signing material or credentials, which no pattern could
+    reliably pick out of canonical requests and response bodies)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+def drop_debug(*names: str) -> None:
+    """Install DropDebug on these loggers once. A logger's filters see only its own records,
+    not its children's, so each logger that writes such lines is named."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropDebug) for f in logger.filters):
+            logger.addFilter(DropDebug())

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from redis.connection import parse_url
 
 from consumer.errors import ConfigError
+from consumer.s3uri import bucket_name_problem
 
 ENV_PREFIX = "POPSCORE_"
 # Their raw values may hold passwords: an error names the variable but never echoes it.
@@ -80,6 +81,9 @@ class Settings(BaseSettings):
     """Kafka consumer group."""
     audio_file_roots: Annotated[tuple[Path, ...], NoDecode] = ()
     """Comma-separated folders file:// URIs may resolve into (after symlinks); empty refuses all."""
+    audio_s3_buckets: Annotated[tuple[str, ...], NoDecode] = ()
+    """Comma-separated buckets s3:// URIs may name; empty refuses all. Credentials, region and
+    endpoint come from boto3's standard configuration (AWS_* variables, config files, roles)."""
     audio_allow_private_hosts: bool = False
     """Allow http(s) to loopback, private, link-local and metadata addresses."""
     audio_max_bytes: Annotated[int, Field(ge=1)] = 200 * 1024 * 1024
@@ -87,7 +91,7 @@ class Settings(BaseSettings):
     audio_max_seconds: Annotated[float, Field(gt=0, le=86_400)] = 1800.0
     """Longest audio accepted, in seconds (by its header)."""
     audio_fetch_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
-    """Deadline for fetching one audio file over http(s)."""
+    """Deadline for fetching one audio file over http(s) or from S3."""
 
     @field_validator("device")
     @classmethod
@@ -115,6 +119,24 @@ class Settings(BaseSettings):
     def _roots(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("audio_s3_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(b.strip() for b in value.split(",") if b.strip())
+        return value
+
+    @field_validator("audio_s3_buckets")
+    @classmethod
+    def _bucket_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A name no bucket can have is a typo: fail start-up, rather than dead-letter every
+        # event of the bucket meant as uri_forbidden.
+        for bucket in value:
+            problem = bucket_name_problem(bucket)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("kafka_bootstrap", "group_id")

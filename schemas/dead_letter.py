@@ -15,9 +15,10 @@ class DeadLetterReason(StrEnum):
     URI_UNSUPPORTED = "uri_unsupported"
     """The audio URI has a scheme popscore cannot fetch."""
     URI_FORBIDDEN = "uri_forbidden"
-    """The audio policy refuses the URI: outside the file roots, or a private host."""
+    """The audio policy refuses the URI: outside the file roots, a private host, or an S3 bucket
+    not on the list."""
     AUDIO_FETCH_FAILED = "audio_fetch_failed"
-    """The audio could not be read: missing file, HTTP error, timeout."""
+    """The audio could not be read: missing file or object, HTTP or S3 error, timeout."""
     AUDIO_DECODE_FAILED = "audio_decode_failed"
     """The bytes are not audio libsndfile can decode, or are empty or corrupt."""
     AUDIO_TOO_LARGE = "audio_too_large"

@@ -47,6 +47,11 @@ def register(sub: Subparsers) -> None:
     )
     train.add_argument("--model-version", help="default: derived from data, seed and weights")
     train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint beside --out (OUT.ckpt) when a run was interrupted",
+    )
+    train.add_argument(
         "--plots", type=Path, metavar="DIR", help="write the loss curves per epoch into DIR"
     )
 
@@ -117,6 +122,16 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave a feature out (a path, or a prefix: release.title drops the title flags); "
         "repeatable",
     )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="where the catalog's audio is prepared once (default: CATALOG.cache beside it)",
+    )
+    parser.add_argument(
+        "--workers", type=int_at_least(0), help="processes decoding and loading audio"
+    )
+    parser.add_argument("--epochs", type=int_at_least(1), help="override the variant's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -130,7 +145,7 @@ def _require_sklearn() -> None:
         )
 
 
-def _data(args: argparse.Namespace) -> "Data":
+def _data(args: argparse.Namespace, settings: Settings) -> "Data":
     from popscore.training.jobs import Data
 
     if args.without and args.synthetic:
@@ -142,6 +157,10 @@ def _data(args: argparse.Namespace) -> "Data":
         args.features_only,
         args.seed,
         tuple(args.without),
+        args.cache,
+        args.workers,
+        settings,
+        not args.quiet,
     )
 
 
@@ -149,7 +168,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     _require_sklearn()
     from popscore.training import jobs
 
-    table, variants = jobs.load_data(_data(args), comparison=True)
+    table, variants = jobs.load_data(_data(args, settings), comparison=True)
+    variants = [jobs.with_epochs(v, args.epochs) for v in variants]
     device = jobs.resolve_device(args.device)
     summary, oof_file = jobs.evaluate(
         table, variants, args.folds, args.seed, device, args.report, not args.quiet, args.plots
@@ -164,15 +184,28 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from popscore.training import jobs
     from popscore.training.report import read_evaluation
 
-    table, [variant] = jobs.load_data(_data(args), comparison=False)
-    evaluation = None
-    if args.evaluation:
-        evaluation = read_evaluation(args.evaluation, variant.name, len(table.popularity))
-    device = jobs.resolve_device(args.device)
-    path, meta = jobs.train(
-        table, variant, args.out, args.seed, device, evaluation, args.model_version, args.plots
-    )
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) as {meta.model_version}")
+    with jobs.distributed(jobs.resolve_device(args.device)) as (device, rank):
+        table, [variant] = jobs.load_data(_data(args, settings), comparison=False)
+        variant = jobs.with_epochs(variant, args.epochs)
+        evaluation = None
+        if args.evaluation:
+            evaluation = read_evaluation(args.evaluation, variant.name, len(table.popularity))
+        stream = jobs.train_stream_options(args.out, args.workers, args.resume)
+        result = jobs.train(
+            table,
+            variant,
+            args.out,
+            args.seed,
+            device,
+            evaluation,
+            args.model_version,
+            args.plots,
+            stream,
+            save_artifact=rank == 0,
+        )
+    if result is not None:
+        path, meta = result
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) as {meta.model_version}")
     return 0
 
 

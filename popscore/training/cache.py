@@ -320,6 +320,7 @@ def _write_failures(directory: Path, shards: int) -> int:
 class CachedTable:
     """Every prepared row, without audio: what folds, normalisers and samplers need."""
 
+    directory: Path
     manifest: Manifest
     rows: np.ndarray  # catalog row number
     popularity: np.ndarray
@@ -354,6 +355,7 @@ def read_table(directory: Path) -> CachedTable:
         raise ValueError(f"{directory}: shard {index} is incomplete: run prepare again")
     column = lambda name: [v for _, part in parts for v in part[name]]  # noqa: E731
     return CachedTable(
+        directory=directory,
         manifest=manifest,
         rows=np.array(column("row"), dtype=np.int64),
         popularity=np.array(column("popularity"), dtype=np.float32),

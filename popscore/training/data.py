@@ -1,6 +1,6 @@
 """Tables of tracks for training and evaluation: a Spotify-API CSV, or SYNTHETIC tracks.
 
-A CSV row becomes a ReleaseEvent-shaped dict first (`catalog.row_event`), and its feature row
+A catalog row becomes a ReleaseEvent-shaped dict first (`catalog.row_event`), and its feature row
 comes from `popscore.artifact.extract` on that dict: the very function the consumer calls on
 a live event, so a model trained here reads serving's features in the same way.
 
@@ -10,7 +10,6 @@ copied in, and whatever needs it skips when it is absent.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from consumer.audio import AudioPolicy, decode_window
-from consumer.errors import DeadLetter
-from consumer.resample import Resampler
 from popscore.artifact.features import (
     DEFAULT_FEATURES,
     TITLE_FEATURES,
     extract,
 )
-from popscore.training.catalog import row_event
+from popscore.training.cache import CachedTable, read_table
+from popscore.training.catalog import read_catalog
 from popscore.training.synthetic import sample_track, synth_audio
 
 # popscore/training/data.py -> the repository's parent, where shared/ sits beside it.
@@ -85,6 +82,7 @@ class TrackTable:
     waveforms: np.ndarray | None = None  # [n, S] mono clips at the model's rate, when loaded
     audio_mask: np.ndarray | None = None  # [n] bool: False where a row's clip is absent
     synthetic: bool = False  # generated rows (training.synthetic), not real releases
+    cached: CachedTable | None = None  # audio on disk (training.cache) instead of `waveforms`
 
     def __post_init__(self) -> None:
         n = len(self.popularity)
@@ -101,59 +99,34 @@ def _audio_path(raw: str | None, base: Path) -> str | None:
     return str(path if path.is_absolute() else base / path)
 
 
-def load_csv(
+def load_catalog(
     path: str | Path,
     feature_paths: Sequence[str] = PAPER_FEATURES,
     target: str = "popularity",
     group: str = "artist",
     audio_column: str | None = None,
 ) -> TrackTable:
-    """A Spotify-API-shaped CSV -> TrackTable. Relative audio paths resolve beside the CSV."""
+    """A catalog (CSV or Parquet: training.catalog) -> TrackTable of its features, read in
+    batches; `audio_paths` holds each row's audio URI (paths made file:// URIs)."""
     path = Path(path)
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [c for c in (target, group, audio_column) if c and c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: no column {', '.join(missing)}")
-    features = np.stack([extract(row_event(row), feature_paths) for row in rows])
-    popularity = np.array([float(row[target]) for row in rows], dtype=np.float32)
-    groups = np.array([row[group] for row in rows])
-    audio = None
-    if audio_column:
-        audio = tuple(_audio_path(row.get(audio_column), path.parent) for row in rows)
-    return TrackTable(features, popularity, groups, tuple(feature_paths), str(path), audio)
+    features, popularity, groups, audio = [], [], [], []
+    for rows in read_catalog(path, audio_column, target, group):
+        features += [extract(event, feature_paths) for event in rows.events]
+        popularity.append(rows.popularity)
+        groups += rows.groups
+        audio += rows.audio
+    uris = tuple(audio) if audio_column else None
+    return TrackTable(np.stack(features), np.concatenate(popularity), np.array(groups),
+                      tuple(feature_paths), str(path), uris)  # fmt: skip
 
 
-# The service's default header limits; the files are the caller's own, so no URI policy.
-_TRAINING_POLICY = AudioPolicy.create(())
-
-
-def _load_clip(path: str, resampler: Resampler) -> np.ndarray | None:
-    """The clip the service would score for this file: the consumer's own decode of the
-    centred window, mixdown and resample (so training never sees a different crop)."""
-    seconds = resampler.clip_samples / resampler.target_rate
-    try:
-        return resampler(decode_window(Path(path), seconds, _TRAINING_POLICY))
-    except DeadLetter:
-        return None
-
-
-def with_audio(table: TrackTable, sample_rate: int, seconds: float) -> TrackTable:
-    """Decode each row's audio file into a fixed-length mono clip; unreadable -> mask False."""
-    if table.audio_paths is None:
-        raise ValueError("this table names no audio files")
-    resampler = Resampler(sample_rate, seconds)
-    waveforms = np.zeros((len(table.popularity), resampler.clip_samples), dtype=np.float32)
-    mask = np.zeros(len(table.popularity), dtype=bool)
-    for i, path in enumerate(tqdm(table.audio_paths, desc="decoding audio", unit="file")):
-        clip = None if path is None else _load_clip(path, resampler)
-        if clip is not None:
-            waveforms[i], mask[i] = clip, True
+def cached_table(directory: Path, source: str) -> TrackTable:
+    """The rows of a prepared cache (training.cache): features and labels in memory, the audio
+    left on disk for training.stream to read."""
+    cached = read_table(directory)
     return TrackTable(
-        table.features, table.popularity, table.groups, table.feature_paths, table.source,
-        table.audio_paths, waveforms, mask,
+        cached.features, cached.popularity, cached.groups, cached.manifest.feature_paths,
+        source, None, None, cached.audio_ok, cached=cached,
     )  # fmt: skip
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from popscore.training.metrics import (
     ridge,
 )
 from popscore.training.model import Ensemble, FusionNet
+from popscore.training.stream import CachedClips, Stream, predict_cached, train_stream
 from popscore.training.train import TABULAR_CONFIG, TrainConfig, predict, train
 
 
@@ -95,6 +97,10 @@ FEATURES_ONLY = ModelSpec(
 # threshold (an inner CV would quadruple its cost for a variant far behind the others).
 FUSION = ModelSpec(name="fusion", config=TrainConfig(epochs=10), trees=0.5, inner_folds=3)
 AUDIO_ONLY = ModelSpec(name="audio_only", use_features=False, config=TrainConfig(epochs=10))
+
+
+# How cached audio is streamed in evaluation (training.stream); `train` passes its own.
+STREAM = Stream()
 
 
 # --- baselines ------------------------------------------------------------------------------
@@ -172,7 +178,7 @@ def _inputs(table: TrackTable, spec: ModelSpec, rows: Rows) -> tuple[Any, np.nda
     if not spec.use_features:
         features = np.full_like(features, np.nan)
     waveforms = None
-    if spec.use_audio:
+    if spec.use_audio and not _streamed(table, spec):
         if table.waveforms is None:
             raise ValueError(f"{spec.name} needs audio, and this table has none loaded")
         waveforms = table.waveforms[rows]
@@ -188,16 +194,24 @@ def fit_model(
     device: str = "cpu",
     tree_weight: float | None = None,
     histories: list[list[float]] | None = None,
+    stream: Stream = STREAM,
 ) -> torch.nn.Module:
     """Train `spec.members` seeds (and the trees, if `spec.trees`, with `tree_weight` of the
     ensemble, default `spec.trees`) on `rows`; one member is returned bare, several as an
-    Ensemble. Each net's training loss per epoch is appended to `histories` when given."""
+    Ensemble. Each net's training loss per epoch is appended to `histories` when given. A table
+    whose audio is in a cache (`table.cached`) is streamed from it (`stream`: workers, crops,
+    checkpoints, resume)."""
     waveforms, features = _inputs(table, spec, rows)
     members: list[torch.nn.Module] = []
     for m in range(spec.members):
         net = spec.build(table.feature_paths, sample_rate, seed + m)
         config = TrainConfig(**{**asdict(spec.config), "seed": seed + m})
-        history = train(net, waveforms, features, table.popularity[rows], config, False, device)
+        if _streamed(table, spec):
+            clips = _clips(table, rows, round(stream.crop_seconds * sample_rate), True)
+            member = replace(stream, checkpoint=_member_path(stream.checkpoint, m, spec.members))
+            history = train_stream(net, clips, config, member, device, progress=False)
+        else:
+            history = train(net, waveforms, features, table.popularity[rows], config, False, device)
         if histories is not None:
             histories.append(history)
         members.append(net)
@@ -223,9 +237,30 @@ def predict_both(
     model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
 ) -> tuple[np.ndarray, np.ndarray]:
     """(popularity, hit probability) for `rows`."""
+    if _streamed(table, spec):
+        assert table.cached is not None
+        clips = _clips(table, rows, table.cached.manifest.clip_samples, False)
+        return predict_cached(model, clips, hide_features=not spec.use_features)
     waveforms, features = _inputs(table, spec, rows)
     mask = table.audio_mask[rows] if spec.use_audio and table.audio_mask is not None else None
     return predict(model, waveforms, features, mask)
+
+
+def _streamed(table: TrackTable, spec: ModelSpec) -> bool:
+    """Audio read from a prepared cache rather than held in `table.waveforms`."""
+    return spec.use_audio and table.waveforms is None and table.cached is not None
+
+
+def _clips(table: TrackTable, rows: Rows, crop_samples: int, random_crop: bool) -> CachedClips:
+    assert table.cached is not None
+    return CachedClips(table.cached.directory, table.cached, rows, crop_samples, random_crop)
+
+
+def _member_path(path: Path | None, member: int, members: int) -> Path | None:
+    # One checkpoint per seed of an ensemble.
+    if path is None or members == 1:
+        return path
+    return path.with_name(f"{path.stem}.member{member}{path.suffix}")
 
 
 def choose_inner(

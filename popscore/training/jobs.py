@@ -7,12 +7,17 @@
 Bad input raises ``consumer.errors.UsageError`` naming the argument (the CLI exits 2).
 """
 
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from consumer.app import audio_policy
 from consumer.errors import UsageError
@@ -30,12 +35,14 @@ from popscore.training.evaluate import (
     AUDIO_ONLY,
     FEATURES_ONLY,
     FUSION,
+    STREAM,
     ModelSpec,
     cross_validate,
     fit_model,
 )
 from popscore.training.metrics import group_folds
 from popscore.training.report import summary, write_report
+from popscore.training.stream import Stream
 
 SAMPLE_RATE = 22050
 CLIP_SECONDS = 30.0
@@ -52,6 +59,24 @@ class Data:
     features_only: bool = False
     seed: int = 0
     without: tuple[str, ...] = ()  # feature paths (or prefixes) left out of a CSV's features
+    cache: Path | None = None  # where a catalog's audio is prepared (default: default_cache)
+    workers: int | None = None  # processes decoding audio into the cache (default: cores)
+    settings: Settings | None = None  # the service's audio policy applies to catalog URIs
+    progress: bool = True
+
+
+def _prepare_on_rank_0(*args: Any, **kwargs: Any) -> None:
+    """prepare_cache, by one process: under torchrun the other ranks wait, then read it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        prepare_cache(*args, **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def default_cache(catalog: Path) -> Path:
+    """Beside the catalog: tracks.parquet -> tracks.parquet.cache/."""
+    return catalog.with_name(catalog.name + ".cache")
 
 
 def load_data(spec: Data, comparison: bool) -> tuple[TrackTable, list[ModelSpec]]:
@@ -65,13 +90,24 @@ def load_data(spec: Data, comparison: bool) -> tuple[TrackTable, list[ModelSpec]
             paths = datasets.without(datasets.PAPER_FEATURES, spec.without)
         except ValueError as exc:
             raise UsageError(f"--without: {exc}") from None
-        try:
-            table = datasets.load_csv(spec.csv, paths, audio_column=spec.audio_column)
-        except (ValueError, KeyError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--data {spec.csv}: {exc}") from None
         if spec.audio_column and not spec.features_only:
-            table = datasets.with_audio(table, SAMPLE_RATE, CLIP_SECONDS)
-    if table.waveforms is None or spec.features_only:
+            cache = spec.cache or default_cache(spec.csv)
+            _prepare_on_rank_0(
+                spec.csv,
+                spec.audio_column,
+                cache,
+                spec.settings or Settings(),
+                spec.without,
+                spec.workers,
+                progress=spec.progress,
+            )
+            table = datasets.cached_table(cache, str(spec.csv))
+        else:
+            try:
+                table = datasets.load_catalog(spec.csv, paths)
+            except (ValueError, KeyError, UnicodeDecodeError) as exc:
+                raise UsageError(f"--data {spec.csv}: {exc}") from None
+    if (table.waveforms is None and table.cached is None) or spec.features_only:
         return table, [FEATURES_ONLY]
     return table, [FUSION, AUDIO_ONLY, FEATURES_ONLY] if comparison else [FUSION]
 
@@ -108,17 +144,24 @@ def train(
     evaluation: dict[str, Any] | None,
     model_version: str | None = None,
     plots: Path | None = None,
-) -> tuple[Path, ArtifactMeta]:
+    stream: Stream = STREAM,
+    save_artifact: bool = True,
+) -> tuple[Path, ArtifactMeta] | None:
     """Train ``spec`` on every row and export the artifact, its evaluation embedded: the decision
     cut and the trees' share are the medians of what the evaluation's inner CVs chose. The
-    training loss per epoch of each net goes to ``plots``/loss_curves.png when given."""
+    training loss per epoch of each net goes to ``plots``/loss_curves.png when given. Under
+    torchrun every rank trains and only the one with ``save_artifact`` writes (None elsewhere)."""
     rows = np.arange(len(table.popularity))
     histories: list[list[float]] = []
     weight = _tree_weight(evaluation)
-    model = fit_model(table, spec, rows, seed, SAMPLE_RATE, device, weight, histories)
+    model = fit_model(table, spec, rows, seed, SAMPLE_RATE, device, weight, histories, stream)
+    if not save_artifact:
+        return None
     for member, history in enumerate(histories):
-        print(f"member {member}: loss per epoch {history[0]:.4f} -> {history[-1]:.4f} "
-              f"over {len(history)} epochs")  # fmt: skip
+        print(
+            f"member {member}: loss per epoch {history[0]:.4f} -> {history[-1]:.4f} "
+            f"over {len(history)} epochs"
+        )
     if plots is not None:
         from popscore.training.plots import write_loss_curves  # noqa: PLC0415 (training only)
 
@@ -157,10 +200,52 @@ def prepare_cache(
     roots = (*policy.file_roots, catalog.resolve().parent)
     try:
         paths = datasets.without(datasets.PAPER_FEATURES, without)
-        return prepare(catalog, audio_column, directory, replace(policy, file_roots=roots),
-                       paths, SAMPLE_RATE, CLIP_SECONDS, shard_rows, workers, progress)  # fmt: skip
+        return prepare(
+            catalog,
+            audio_column,
+            directory,
+            replace(policy, file_roots=roots),
+            paths,
+            SAMPLE_RATE,
+            CLIP_SECONDS,
+            shard_rows,
+            workers,
+            progress,
+        )
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise UsageError(f"--data {catalog}: {exc}") from None
+
+
+def with_epochs(spec: ModelSpec, epochs: int | None) -> ModelSpec:
+    """``spec`` trained for ``epochs`` epochs (None: as it is)."""
+    if epochs is None:
+        return spec
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, epochs=epochs))
+
+
+def train_stream_options(out: Path, workers: int | None, resume: bool) -> Stream:
+    """How `popscore train` streams cached audio: a checkpoint beside the artifact (OUT.ckpt)
+    after every epoch, resumed from with ``resume``."""
+    loaders = STREAM.workers if workers is None else workers
+    return Stream(workers=loaders, checkpoint=out.with_name(out.name + ".ckpt"), resume=resume)
+
+
+@contextmanager
+def distributed(device: str) -> Iterator[tuple[str, int]]:
+    """Under torchrun (WORLD_SIZE > 1): one process group for the run — NCCL with one GPU per
+    rank on CUDA, gloo on CPU — and this rank's device; otherwise (device, 0) as they are."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield device, 0
+        return
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device, dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 def resolve_device(choice: str) -> str:
@@ -182,6 +267,9 @@ def _hit_cut(evaluation: dict[str, Any] | None) -> float:
 
 def _tree_weight(evaluation: dict[str, Any] | None) -> float | None:
     # The trees' share the evaluation's inner CVs chose (median over folds), else the spec's.
-    weights = sorted(float(f["tree_weight"]) for f in (evaluation or {}).get("fold_cuts", [])
-                     if "tree_weight" in f)  # fmt: skip
+    weights = sorted(
+        float(f["tree_weight"])
+        for f in (evaluation or {}).get("fold_cuts", [])
+        if "tree_weight" in f
+    )
     return weights[len(weights) // 2] if weights else None

@@ -94,6 +94,7 @@ class Stream:
     checkpoint: Path | None = None  # written after every epoch (rank 0), atomically
     resume: bool = False  # continue from `checkpoint` when it exists
     amp: bool = True  # mixed precision (float16 autocast + gradient scaling) on CUDA only
+    crop_seconds: float = 6.0  # training crops (the CNN pools over time; serving uses 30 s)
 
 
 class _TrainForward(nn.Module):
@@ -209,7 +210,7 @@ def _trainer(
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=ids)
-    steps = config.epochs * _batches(len(clips), config.batch_size * world)
+    steps = config.epochs * _batches(len(clips), config.batch_size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     scaler = torch.amp.GradScaler("cuda", enabled=stream.amp and device.type == "cuda")
@@ -239,11 +240,13 @@ def _loader(
         sampler = RandomSampler(clips, generator=torch.Generator().manual_seed(seed))
     return DataLoader(
         clips,
-        batch_size=config.batch_size,
+        # Each rank takes its share of the batch: the global batch, and so the schedule and
+        # the result, do not depend on how many processes train.
+        batch_size=max(config.batch_size // world, 2),
         sampler=sampler,
         num_workers=stream.workers,
         # BatchNorm cannot train on a batch of one; a short last batch is dropped.
-        drop_last=len(clips) // world > config.batch_size,
+        drop_last=len(clips) > config.batch_size,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed + 1 + rank),  # the workers' crop seeds
         persistent_workers=False,
@@ -283,3 +286,26 @@ def _restore(stream: Stream, trainer: _Trainer, history: list[float]) -> int:
     trainer.scaler.load_state_dict(state["scaler"])
     history.extend(state["history"])
     return len(history)
+
+
+@torch.inference_mode()
+def predict_cached(
+    model: nn.Module,
+    clips: CachedClips,
+    hide_features: bool = False,
+    workers: int = 2,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode scoring of cached rows (their whole stored clip: build `clips` with
+    crop_samples = the clip and random_crop False) -> (popularity [n], hit_probability [n])."""
+    model.eval()
+    device = next(model.parameters()).device
+    pops, probs = [], []
+    loader = DataLoader(clips, batch_size=batch_size, num_workers=workers)
+    for wave, features, audio_ok, _ in loader:
+        # The audio-only variant sees no features.
+        shown = torch.full_like(features, torch.nan) if hide_features else features
+        pop, logit = model(wave.to(device), shown.to(device), audio_ok.to(device))
+        pops.append(pop.cpu().numpy())
+        probs.append(torch.sigmoid(logit).cpu().numpy())
+    return np.concatenate(pops), np.concatenate(probs)

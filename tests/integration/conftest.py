@@ -1,7 +1,9 @@
-"""Integration fixtures: a real Kafka and Redis, started once per session, unique topics per test.
+"""Integration fixtures: a real Kafka and Redis, started once per session, unique topics per test;
+a local S3-protocol server (moto) for the s3:// tests, started only when one of them runs.
 
 ``deploy/local/stack-up.sh`` starts both unless ``POPSCORE_KAFKA_BOOTSTRAP`` /
 ``POPSCORE_REDIS_URL`` already point at running services; it waits on readiness itself.
+``deploy/local/s3-up.sh`` does the same for S3 on 127.0.0.1:9000 (``S3_LOCAL_PORT``).
 """
 
 import os
@@ -28,6 +30,29 @@ def stack() -> dict[str, str]:
         "bootstrap": os.environ.get("POPSCORE_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
         "redis_url": os.environ.get("POPSCORE_REDIS_URL", "redis://127.0.0.1:6379/0"),
     }
+
+
+# s3-up.sh's exit status when moto[server] is missing and pip cannot install it.
+S3_EXIT_NO_MOTO = 3
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The endpoint URL of a local S3 server. One this session started is stopped at its end;
+    one that was already answering is left running."""
+    up = subprocess.run(
+        [str(ROOT / "deploy/local/s3-up.sh")],
+        check=False,  # exit 3 (no moto) skips; anything else fails below, with its output
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if up.returncode == S3_EXIT_NO_MOTO:
+        pytest.skip(f"no local S3 server: {up.stderr.strip()}")
+    assert up.returncode == 0, f"s3-up.sh failed: {up.stdout}{up.stderr}"
+    yield f"http://127.0.0.1:{os.environ.get('S3_LOCAL_PORT', '9000')}"
+    if "s3: started" in up.stdout:
+        subprocess.run([str(ROOT / "deploy/local/s3-down.sh")], check=True, timeout=60)
 
 
 @pytest.fixture(scope="session")

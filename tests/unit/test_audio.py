@@ -103,9 +103,10 @@ def test_resampler_rejects_bad_arguments() -> None:
         Resampler(0, 1.0)
 
 
-def test_unknown_scheme_is_unsupported(policy: AudioPolicy) -> None:
+@pytest.mark.parametrize("uri", ["gs://bucket/a.mp3", "ftp://host/a.mp3", "a.mp3"])
+def test_unknown_scheme_is_unsupported(policy: AudioPolicy, uri: str) -> None:
     with pytest.raises(DeadLetter) as info:
-        open_uri("s3://bucket/a.mp3", policy)
+        open_uri(uri, policy)
     assert reason_of(info) is Reason.URI_UNSUPPORTED
 
 

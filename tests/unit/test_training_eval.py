@@ -21,13 +21,13 @@ from consumer.resample import Resampler
 from popscore.artifact import load
 from popscore.artifact.features import extract
 from popscore.cli.main import main
+from popscore.training.cache import prepare, read_table, shard_name
 from popscore.training.catalog import row_event
 from popscore.training.data import (
     PAPER_CSV,
     PAPER_FEATURES,
     TrackTable,
-    load_csv,
-    with_audio,
+    load_catalog,
 )
 from popscore.training.evaluate import (
     BASELINES,
@@ -116,17 +116,17 @@ def test_row_to_event_maps_columns_to_release_event_paths() -> None:
     assert features[PAPER_FEATURES.index("release.title.remix")] == 0.0
 
 
-def test_load_csv_groups_by_artist_and_resolves_audio(tmp_path: Path) -> None:
+def test_load_catalog_groups_by_artist_and_resolves_audio(tmp_path: Path) -> None:
     path = _write_csv(tmp_path / "t.csv", [
         ["a", 50, 200000, "X", "2020-01-01", 120, 80, 1000, "a.wav"],
         ["b", 70, 180000, "Y", "2019", "", 70, 10, ""],
     ])  # fmt: skip
-    table = load_csv(path, audio_column="music_file")
+    table = load_catalog(path, audio_column="music_file")
     assert table.features.shape == (2, F) and list(table.groups) == ["X", "Y"]
     assert table.popularity.tolist() == [50.0, 70.0]
-    assert table.audio_paths == (str(tmp_path / "a.wav"), None)
+    assert table.audio_paths == ((tmp_path / "a.wav").as_uri(), None)
     with pytest.raises(ValueError, match="column"):
-        load_csv(path, audio_column="no_such_column")
+        load_catalog(path, audio_column="no_such_column")
 
 
 def test_training_clips_are_the_clips_the_service_scores(tmp_path: Path) -> None:
@@ -141,19 +141,20 @@ def test_training_clips_are_the_clips_the_service_scores(tmp_path: Path) -> None
         ["a", 50, 200000, "X", "2020-01-01", 120, 80, 1000, "a.wav"],
         ["b", 70, 180000, "Y", "2019", "", 70, 10, "b.wav"],
     ])  # fmt: skip
-    table = with_audio(load_csv(path, audio_column="music_file"), 22_050, 2.0)
-    assert table.audio_mask is not None and table.audio_mask.tolist() == [True, False]
-    served = Resampler(22_050, 2.0)(
-        decode_window(tmp_path / "a.wav", 2.0, AudioPolicy.create((tmp_path,)))
-    )
-    assert table.waveforms is not None
-    np.testing.assert_array_equal(table.waveforms[0], served)
-    assert np.abs(table.waveforms[0]).max() > 0.3  # the tone in the middle, not the silent head
+    policy = AudioPolicy.create((tmp_path,))
+    prepare(path, "music_file", tmp_path / "cache", policy, PAPER_FEATURES, 22_050, 2.0,
+            workers=1, progress=False)  # fmt: skip
+    table = read_table(tmp_path / "cache")
+    assert table.audio_ok.tolist() == [True, False]
+    served = Resampler(22_050, 2.0)(decode_window(tmp_path / "a.wav", 2.0, policy))
+    clip = np.load(tmp_path / "cache" / shard_name(0, ".npy"))[0].astype(np.float32)
+    np.testing.assert_allclose(clip, served, atol=1e-3)  # float16 on disk
+    assert np.abs(clip).max() > 0.3  # the tone in the middle, not the silent head
 
 
 @pytest.mark.skipif(not PAPER_CSV.is_file(), reason=f"paper data not found at {PAPER_CSV}")
 def test_paper_csv_maps_fully() -> None:
-    table = load_csv(PAPER_CSV)
+    table = load_catalog(PAPER_CSV)
     assert table.features.shape == (1967, F)
     assert len(np.unique(table.groups)) == 98
     assert np.isfinite(table.features).all(), "every paper row has every mapped feature"
