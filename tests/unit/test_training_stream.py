@@ -2,6 +2,7 @@
 reproducible epochs, checkpoints and resume."""
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -216,3 +217,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_popscore_evaluate_reads_the_same_cache(tmp_path: Path) -> None:
+    """Out-of-core evaluation: the artist-grouped folds stream their audio from the cache."""
+    rng = np.random.default_rng(2)
+    with (tmp_path / "catalog.csv").open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["popularity", "artist", "artist_popularity", "energy", "audio"])
+        for i in range(24):
+            sf.write(
+                tmp_path / f"t{i}.wav",
+                (0.3 * rng.uniform(-1, 1, (4000, 1))).astype(np.float32),
+                8000,
+            )
+            out.writerow([40 + 3 * (i % 8), f"A{i % 8}", 50 + i % 8, 0.5, f"t{i}.wav"])
+    report = tmp_path / "r.json"
+    args = [
+        "evaluate",
+        "--data",
+        str(tmp_path / "catalog.csv"),
+        "--audio-column",
+        "audio",
+        "--report",
+        str(report),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    data = json.loads(report.read_text())
+    assert set(data["models"]) == {"fusion", "audio_only", "features_only"}
+    assert data["models"]["fusion"]["uses_audio"] and data["data"]["rows"] == 24
+    assert (tmp_path / "catalog.csv.cache" / "manifest.json").exists()  # the default cache
