@@ -77,6 +77,11 @@ soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the
 	MALLOC_ARENA_MAX=2 $(BIN)/popscore --log-level WARNING bench --modes soak --rate $(SOAK_RATE) --soak-seconds 600 \
 		--json bench/results/soak-cpu-$(shell nproc)core.json
 
+TRAIN_TRACKS ?= 4000 20000
+bench-train: $(STAMP) ## prepare + one streamed epoch on synthetic catalogs of TRAIN_TRACKS 30 s tracks, peak RSS of the process tree (26 GB of disk at 20,000)
+	$(BIN)/python -m popscore.bench.training --tracks $(TRAIN_TRACKS) --work .bench/train \
+		--json bench/results/train-scale-cpu-$(shell nproc)core.json
+
 PROFILE_TXT = bench/results/profile-e2e-cpu-$(shell nproc)core.txt
 profile: $(STAMP) $(MODEL) stack-up ## py-spy over the e2e benchmark: the service's busy time per stage (~2 min)
 	mkdir -p .bench
