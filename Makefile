@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down s3-up s3-down model demo test test-unit test-integration chaos bench soak profile lint schemas clean
+.PHONY: setup stack-up stack-down s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
