@@ -88,7 +88,8 @@ _VERSION_PART = re.compile(r"[(\[]([^)\]]*)[)\]]|\s-\s(.*)$")
 
 def version_text(title: Any) -> str | None:
     """The version part of a title ("" when it has none); None when there is no title."""
-    if not isinstance(title, str):
+    # An empty title is no title, as a catalog's empty cell is: serving and training agree.
+    if not isinstance(title, str) or not title.strip():
         return None
     return " ".join(a or b for a, b in _VERSION_PART.findall(title))
 

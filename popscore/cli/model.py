@@ -132,7 +132,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int_at_least(0), help="processes decoding and loading audio"
     )
     parser.add_argument("--epochs", type=int_at_least(1), help="override the variant's epochs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -22,6 +22,8 @@ The layout of DIR, and why these formats:
                          (list<float32>, NaN = missing), `audio_ok`, `reason` — small, typed,
                          columnar, readable by pandas or DuckDB. Written last: a shard whose
                          .parquet exists is complete, so a rerun skips it (resumable).
+    complete.json        written last by a finished prepare (shards, rows, failures): a folder
+                         without it is refused by read_table, never read half-made.
     failures.csv         row, uri, reason of every track whose audio could not be used (its
                          row stays, with audio_ok false: it trains on its features alone).
 """
@@ -138,6 +140,7 @@ def prepare(
     )
     next(read_catalog(catalog, audio_column, batch_rows=1))  # its columns, before any write
     _claim(directory, manifest)
+    (directory / "complete.json").unlink(missing_ok=True)
     total = catalog_rows(catalog)
     workers = workers or os.cpu_count() or 1
     done = skipped = 0
@@ -168,6 +171,9 @@ def prepare(
             done += 1
         _finish(wait(running).done, running, directory, manifest, bar)
     failures = _write_failures(directory, done + skipped)
+    # Last: the cache is whole. read_table refuses a folder without it (a prepare that died).
+    complete = {"shards": done + skipped, "rows": total, "failures": failures}
+    (directory / "complete.json").write_text(json.dumps(complete) + "\n")
     return Prepared(manifest, total, done + skipped, skipped, failures)
 
 
@@ -344,15 +350,17 @@ def read_table(directory: Path) -> CachedTable:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     manifest = read_manifest(directory)
-    parts, index = [], 0
-    while (path := directory / shard_name(index, ".parquet")).exists():
+    try:
+        complete = json.loads((directory / "complete.json").read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{directory} is not completely prepared: run prepare again") from None
+    parts = []
+    for index in range(int(complete["shards"])):
+        path = directory / shard_name(index, ".parquet")
         table = pq.read_table(path, columns=["row", "popularity", "group", "features", "audio_ok"])
         parts.append((index, table.to_pydict()))
-        index += 1
-    if not parts:
-        raise ValueError(f"{directory} holds no prepared shard")
-    if (directory / shard_name(index, ".npy")).exists():
-        raise ValueError(f"{directory}: shard {index} is incomplete: run prepare again")
+    if sum(len(p["row"]) for _, p in parts) != complete["rows"]:
+        raise ValueError(f"{directory}: its shards do not hold {complete['rows']} rows")
     column = lambda name: [v for _, part in parts for v in part[name]]  # noqa: E731
     return CachedTable(
         directory=directory,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from consumer.errors import UsageError
+from popscore.training.catalog import read_catalog
 from popscore.training.intervals import Scored, artist_bootstrap
 from popscore.training.metrics import group_folds
 from popscore.training.report import oof_path
@@ -34,11 +35,10 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _groups(source: str, rows: int) -> np.ndarray:
-    # The artist column of the report's data: the folds are rebuilt from it.
+    # The report's data, read as evaluate read it (CSV or Parquet): the folds are rebuilt from it.
     try:
-        with Path(source).open(newline="", encoding="utf-8") as handle:
-            groups = np.array([row["artist"] for row in csv.DictReader(handle)])
-    except (OSError, KeyError) as exc:
+        groups = np.array([g for batch in read_catalog(Path(source)) for g in batch.groups])
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
         raise UsageError(f"the reports' data {source} cannot be read ({exc!r})") from None
     if len(groups) != rows:
         raise UsageError(f"{source} has {len(groups)} rows; the reports evaluated {rows}")

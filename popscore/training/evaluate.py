@@ -207,7 +207,7 @@ def fit_model(
         net = spec.build(table.feature_paths, sample_rate, seed + m)
         config = TrainConfig(**{**asdict(spec.config), "seed": seed + m})
         if _streamed(table, spec):
-            clips = _clips(table, rows, round(stream.crop_seconds * sample_rate), True)
+            clips = _clips(table, spec, rows, round(stream.crop_seconds * sample_rate), True)
             member = replace(stream, checkpoint=_member_path(stream.checkpoint, m, spec.members))
             history = train_stream(net, clips, config, member, device, progress=False)
         else:
@@ -239,8 +239,8 @@ def predict_both(
     """(popularity, hit probability) for `rows`."""
     if _streamed(table, spec):
         assert table.cached is not None
-        clips = _clips(table, rows, table.cached.manifest.clip_samples, False)
-        return predict_cached(model, clips, hide_features=not spec.use_features)
+        clips = _clips(table, spec, rows, table.cached.manifest.clip_samples, False)
+        return predict_cached(model, clips, STREAM.workers)
     waveforms, features = _inputs(table, spec, rows)
     mask = table.audio_mask[rows] if spec.use_audio and table.audio_mask is not None else None
     return predict(model, waveforms, features, mask)
@@ -251,9 +251,13 @@ def _streamed(table: TrackTable, spec: ModelSpec) -> bool:
     return spec.use_audio and table.waveforms is None and table.cached is not None
 
 
-def _clips(table: TrackTable, rows: Rows, crop_samples: int, random_crop: bool) -> CachedClips:
+def _clips(
+    table: TrackTable, spec: ModelSpec, rows: Rows, crop_samples: int, random_crop: bool
+) -> CachedClips:
     assert table.cached is not None
-    return CachedClips(table.cached.directory, table.cached, rows, crop_samples, random_crop)
+    cached = table.cached
+    hide = not spec.use_features  # the audio-only variant, as _inputs does in memory
+    return CachedClips(cached.directory, cached, rows, crop_samples, random_crop, hide)
 
 
 def _member_path(path: Path | None, member: int, members: int) -> Path | None:

@@ -68,10 +68,22 @@ class Data:
 def _prepare_on_rank_0(*args: Any, **kwargs: Any) -> None:
     """prepare_cache, by one process: under torchrun the other ranks wait, then read it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if not dist.is_initialized():
         prepare_cache(*args, **kwargs)
-    if dist.is_initialized():
-        dist.barrier()
+        return
+    failed: BaseException | None = None
+    if rank == 0:
+        try:
+            prepare_cache(*args, **kwargs)
+        except BaseException as exc:  # re-raised below, after telling the others
+            failed = exc
+    # A barrier that also carries rank 0's outcome: the others must not wait for ever.
+    outcome = torch.tensor([0 if failed else 1])
+    dist.broadcast(outcome, src=0)
+    if failed is not None:
+        raise failed
+    if int(outcome) == 0:
+        raise UsageError("rank 0 could not prepare the cache (its error is in its output)")
 
 
 def default_cache(catalog: Path) -> Path:
@@ -125,7 +137,11 @@ def evaluate(
     """Write the artist-grouped k-fold report (docs/MODEL.md) at ``report_path`` and the first
     variant's out-of-fold predictions beside it, and its plots into ``plots`` when given;
     returns the report's summary and the OOF file."""
-    split = group_folds(table.groups, folds, seed)
+    try:
+        split = group_folds(table.groups, folds, seed)
+    except ValueError as exc:  # more folds than artists
+        raise UsageError(f"--folds {folds}: {exc}") from None
+    _check_plots(plots)
     report, outcome = cross_validate(table, variants, split, seed, SAMPLE_RATE, device, progress)
     oof = write_report(report, outcome.model.prediction, table.popularity, report_path)
     if plots is not None:
@@ -151,6 +167,7 @@ def train(
     cut and the trees' share are the medians of what the evaluation's inner CVs chose. The
     training loss per epoch of each net goes to ``plots``/loss_curves.png when given. Under
     torchrun every rank trains and only the one with ``save_artifact`` writes (None elsewhere)."""
+    _check_plots(plots)
     rows = np.arange(len(table.popularity))
     histories: list[list[float]] = []
     weight = _tree_weight(evaluation)
@@ -200,6 +217,9 @@ def prepare_cache(
     roots = (*policy.file_roots, catalog.resolve().parent)
     try:
         paths = datasets.without(datasets.PAPER_FEATURES, without)
+    except ValueError as exc:
+        raise UsageError(f"--without: {exc}") from None
+    try:
         return prepare(
             catalog,
             audio_column,
@@ -214,6 +234,12 @@ def prepare_cache(
         )
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise UsageError(f"--data {catalog}: {exc}") from None
+
+
+def _check_plots(plots: Path | None) -> None:
+    # Before hours of training, not after: the pictures need a folder.
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise UsageError(f"--plots {plots}: not a folder")
 
 
 def with_epochs(spec: ModelSpec, epochs: int | None) -> ModelSpec:

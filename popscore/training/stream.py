@@ -8,13 +8,16 @@ Memory is bounded whatever the catalog's size: the row table (labels, groups, fe
 the only per-track state, and each DataLoader worker holds a few batches of crops read with
 `pread` (nothing mapped). One process, or one per device under torchrun (DDP, gloo on CPU,
 NCCL on CUDA): `torch.distributed` is initialised from torchrun's environment, each rank reads
-its share of every epoch through a DistributedSampler, and rank 0 writes the checkpoints.
+its share of every epoch through a DistributedSampler and takes batch/world rows a step (the
+global batch stays the configured one), and rank 0 writes the checkpoints. BatchNorm's batch
+statistics are each rank's own (not synchronised), so N processes match one within noise,
+not bit for bit.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from consumer.errors import UsageError
 from popscore.training.cache import CachedTable, shard_name
 from popscore.training.model import FusionNet
 from popscore.training.train import TrainConfig, _hide_modalities, feature_groups
@@ -46,6 +50,7 @@ class CachedClips(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
         rows: np.ndarray,
         crop_samples: int,
         random_crop: bool = True,
+        hide_features: bool = False,
     ) -> None:
         clip = table.manifest.clip_samples
         if not 0 < crop_samples <= clip:
@@ -53,37 +58,42 @@ class CachedClips(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
         self.directory = directory
         self.clip_samples, self.crop_samples, self.random_crop = clip, crop_samples, random_crop
         self.shard, self.offset = table.shard[rows], table.offset[rows]
-        self.features = torch.from_numpy(table.features[rows])
+        features = table.features[rows]
+        if hide_features:  # the audio-only variant: trained and scored without features
+            features = np.full_like(features, np.nan)
+        self.features = torch.from_numpy(features)
         self.audio_ok = torch.from_numpy(table.audio_ok[rows])
         self.popularity = torch.from_numpy(table.popularity[rows])
-        self._files: dict[int, tuple[int, int]] = {}  # shard -> (fd, data offset), per process
+        self._data_offsets: dict[int, int] = {}  # shard -> where its rows start in the file
 
     def __len__(self) -> int:
         return len(self.shard)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Descriptors do not cross into worker processes: each opens its own.
-        return {**self.__dict__, "_files": {}}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         room = self.clip_samples - self.crop_samples
         # torch's generator: DataLoader seeds it per worker and epoch, so crops are reproducible.
         start = int(torch.randint(0, room + 1, ())) if self.random_crop else room // 2
-        fd, data = self._file(int(self.shard[i]))
-        position = data + (int(self.offset[i]) * self.clip_samples + start) * BYTES_PER_SAMPLE
-        raw = os.pread(fd, self.crop_samples * BYTES_PER_SAMPLE, position)
+        shard = int(self.shard[i])
+        path = self.directory / shard_name(shard, ".npy")
+        position = self._data_offset(shard, path)
+        position += (int(self.offset[i]) * self.clip_samples + start) * BYTES_PER_SAMPLE
+        # Opened per read: a catalog of a million rows has thousands of shards, more than a
+        # process may hold open; an open is cheap beside the crop's read and the CNN's step.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.pread(fd, self.crop_samples * BYTES_PER_SAMPLE, position)
+        finally:
+            os.close(fd)
         wave = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).astype(np.float32))
         return wave, self.features[i], self.audio_ok[i], self.popularity[i]
 
-    def _file(self, shard: int) -> tuple[int, int]:
-        if shard not in self._files:
-            path = self.directory / shard_name(shard, ".npy")
+    def _data_offset(self, shard: int, path: Path) -> int:
+        if shard not in self._data_offsets:
             with path.open("rb") as handle:  # the header's length, once per shard
                 np.lib.format.read_magic(handle)
                 np.lib.format.read_array_header_1_0(handle)
-                data = handle.tell()
-            self._files[shard] = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), data)
-        return self._files[shard]
+                self._data_offsets[shard] = handle.tell()
+        return self._data_offsets[shard]
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,14 @@ class _TrainForward(nn.Module):
     def forward(
         self, waveform: torch.Tensor, features: torch.Tensor, audio_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        audio = self.net.embed_audio(waveform)
+        if self.net.use_audio:
+            # The log-Mel frontend in float32 even under autocast: a loud bass line's mel
+            # power passes float16's maximum (65,504) and would turn the loss into NaN.
+            with torch.autocast(waveform.device.type, enabled=False):
+                logmel = self.net.frontend(waveform.float())
+            audio = self.net.audio(logmel)
+        else:
+            audio = self.net.embed_audio(waveform)
         popularity, hit_logit = self.net.fuse(audio, features, audio_mask)
         probe = self.net.pop_centre + self.net.pop_scale * self.net.audio_probe(audio).squeeze(1)
         return popularity, hit_logit, probe
@@ -174,9 +191,10 @@ def train_stream(
     each epoch (averaged over ranks). Seeds make a run reproducible, a resumed run included."""
     device = torch.device(device)
     rank, world = _rank()
-    trainer = _trainer(net, clips, config, stream, device, world)
+    trainer = _trainer(net, clips, config, stream, device, rank, world)
     history: list[float] = []
-    start = _restore(stream, trainer, history)
+    run = {"seed": config.seed, "epochs": config.epochs, "rows": len(clips), "world": world}
+    start = _restore(stream, trainer, history, run)
     for epoch in range(start, config.epochs):
         seed = config.seed * 1_000_003 + epoch * 7919 + rank
         generator = torch.Generator().manual_seed(seed)  # modality hiding
@@ -190,7 +208,7 @@ def train_stream(
         ]
         history.append(_mean_over_ranks(sum(losses) / max(len(losses), 1), world, device))
         if stream.checkpoint is not None and rank == 0:
-            _save(stream.checkpoint, trainer, history)
+            _save(stream.checkpoint, trainer, history, run)
     net.eval()
     return history
 
@@ -201,6 +219,7 @@ def _trainer(
     config: TrainConfig,
     stream: Stream,
     device: torch.device,
+    rank: int,
     world: int,
 ) -> _Trainer:
     net.fit_normalizer(clips.features.numpy())
@@ -210,15 +229,14 @@ def _trainer(
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=ids)
-    steps = config.epochs * _batches(len(clips), config.batch_size)
+    # The steps this rank will take (DistributedSampler pads each rank to the same share).
+    steps = config.epochs * len(
+        _loader(clips, config, replace(stream, workers=0), 0, rank, world, device)
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     scaler = torch.amp.GradScaler("cuda", enabled=stream.amp and device.type == "cuda")
     return _Trainer(net, forward, optimizer, schedule, scaler, config, device)
-
-
-def _batches(rows: int, batch: int) -> int:
-    return max(rows // batch, 1)
 
 
 def _loader(
@@ -232,7 +250,7 @@ def _loader(
 ) -> DataLoader[Any]:
     """This epoch's batches: the order and the crops depend only on (seed, epoch, rank), so a
     resumed run reads exactly what an uninterrupted one would have."""
-    seed = config.seed * 1_000_003 + epoch
+    seed = config.seed * 1_000_003 + epoch * 7919 + rank * 104_729
     if world > 1:
         sampler: Any = DistributedSampler(clips, world, rank, shuffle=True, seed=config.seed)
         sampler.set_epoch(epoch)
@@ -248,7 +266,7 @@ def _loader(
         # BatchNorm cannot train on a batch of one; a short last batch is dropped.
         drop_last=len(clips) > config.batch_size,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed + 1 + rank),  # the workers' crop seeds
+        generator=torch.Generator().manual_seed(seed + 1),  # the workers' crop seeds
         persistent_workers=False,
     )
 
@@ -261,8 +279,9 @@ def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(total) / world
 
 
-def _save(path: Path, trainer: _Trainer, history: list[float]) -> None:
+def _save(path: Path, trainer: _Trainer, history: list[float], run: dict[str, int]) -> None:
     state = {
+        "run": run,
         "net": trainer.net.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "schedule": trainer.schedule.state_dict(),
@@ -275,15 +294,22 @@ def _save(path: Path, trainer: _Trainer, history: list[float]) -> None:
     partial.replace(path)  # a crash mid-write leaves the previous epoch's checkpoint
 
 
-def _restore(stream: Stream, trainer: _Trainer, history: list[float]) -> int:
-    """The epoch to start at: 0, or the one after the checkpoint's (with its state loaded)."""
-    if not (stream.resume and stream.checkpoint is not None and stream.checkpoint.exists()):
+def _restore(stream: Stream, trainer: _Trainer, history: list[float], run: dict[str, int]) -> int:
+    """The epoch to start at: 0, or the one after the checkpoint's (with its state loaded).
+    A checkpoint of another run (seed, epochs, rows, or another model) is a UsageError."""
+    path = stream.checkpoint
+    if not (stream.resume and path is not None and path.exists()):
         return 0
-    state = torch.load(stream.checkpoint, map_location=trainer.device, weights_only=True)
-    trainer.net.load_state_dict(state["net"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.schedule.load_state_dict(state["schedule"])
-    trainer.scaler.load_state_dict(state["scaler"])
+    try:
+        state = torch.load(path, map_location=trainer.device, weights_only=True)
+        if state.get("run") != run:
+            raise ValueError(f"it is of the run {state.get('run')}, this one is {run}")
+        trainer.net.load_state_dict(state["net"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.schedule.load_state_dict(state["schedule"])
+        trainer.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"--resume: {path} cannot be resumed here: {str(exc)[:200]}") from None
     history.extend(state["history"])
     return len(history)
 
@@ -292,7 +318,6 @@ def _restore(stream: Stream, trainer: _Trainer, history: list[float]) -> int:
 def predict_cached(
     model: nn.Module,
     clips: CachedClips,
-    hide_features: bool = False,
     workers: int = 2,
     batch_size: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -303,9 +328,7 @@ def predict_cached(
     pops, probs = [], []
     loader = DataLoader(clips, batch_size=batch_size, num_workers=workers)
     for wave, features, audio_ok, _ in loader:
-        # The audio-only variant sees no features.
-        shown = torch.full_like(features, torch.nan) if hide_features else features
-        pop, logit = model(wave.to(device), shown.to(device), audio_ok.to(device))
+        pop, logit = model(wave.to(device), features.to(device), audio_ok.to(device))
         pops.append(pop.cpu().numpy())
         probs.append(torch.sigmoid(logit).cpu().numpy())
     return np.concatenate(pops), np.concatenate(probs)

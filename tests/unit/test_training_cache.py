@@ -154,3 +154,13 @@ def test_popscore_prepare_command(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "other").exists()  # nothing written for a refused catalog
+
+
+def test_a_cache_that_prepare_did_not_finish_is_refused(catalog: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _prepare(catalog, cache)
+    (cache / "complete.json").unlink()  # as if prepare died after its last shard
+    with pytest.raises(ValueError, match="not completely prepared"):
+        read_table(cache)
+    _prepare(catalog, cache)  # a rerun skips every shard and completes it
+    assert len(read_table(cache).rows) == 8

@@ -384,6 +384,7 @@ def test_features_only_scores_nan_features_and_no_audio(features_only: Ensemble)
         ["train", "--synthetic", "100", "--out", "x.pt"],  # neither --evaluation nor --no-
         ["evaluate", "--synthetic", "100", "--report", "r.json", "--without", "artist.popularity"],
         ["compare", "/no/such.json", "/no/such.json"],
+        ["evaluate", "--synthetic", "100", "--report", "r.json", "--seed", "-1"],
         ["export", "/no/such.pt", "--out", "x.pt"],
     ],
 )
@@ -439,6 +440,32 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
             "--without: no feature artist.pop",
         ),
         (["compare", str(not_csv), str(report)], "not a `popscore evaluate` report"),
+        (
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--report",
+                str(report),
+                "--folds",
+                "10",
+                "--features-only",
+            ],
+            "--folds 10",
+        ),
+        (
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--report",
+                str(report),
+                "--plots",
+                str(not_csv),
+                "--features-only",
+            ],
+            "not a folder",
+        ),
     ]:
         with pytest.raises(SystemExit) as info:
             main(args)

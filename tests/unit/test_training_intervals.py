@@ -70,6 +70,8 @@ def test_version_flags_read_only_the_version_part(title: str, flags: set[str]) -
 
 def test_no_title_is_missing_not_false() -> None:
     assert all(math.isnan(v) for v in extract({"release": {}}, TITLE_FEATURES))
+    # An empty title is no title, in serving as in a catalog's empty cell.
+    assert all(math.isnan(v) for v in extract({"release": {"title": "  "}}, TITLE_FEATURES))
     assert version_text("Plain title") == "" and version_text(None) is None
 
 

@@ -256,3 +256,22 @@ def test_popscore_evaluate_reads_the_same_cache(tmp_path: Path) -> None:
     assert set(data["models"]) == {"fusion", "audio_only", "features_only"}
     assert data["models"]["fusion"]["uses_audio"] and data["data"]["rows"] == 24
     assert (tmp_path / "catalog.csv.cache" / "manifest.json").exists()  # the default cache
+
+
+def test_the_audio_only_variant_never_sees_features(cache: Path) -> None:
+    table = read_table(cache)
+    hidden = CachedClips(cache, table, np.arange(4), RATE // 2, False, hide_features=True)
+    assert torch.isnan(hidden.features).all() and torch.isnan(hidden[0][1]).all()
+
+
+def test_resuming_another_runs_checkpoint_is_refused_in_one_line(
+    catalog: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.pt"
+    assert main(_train_command(catalog, out)) == 0
+    args = [a if a != "2" else "3" for a in _train_command(catalog, out, "--resume")]  # 3 epochs
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "cannot be resumed" in err
