@@ -185,6 +185,13 @@ def one_size(
     }
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m popscore.bench.training")
     parser.add_argument("--tracks", type=int, nargs="+", default=[4000, 20000])
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loaders", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
+    args.work = args.work.resolve()  # the sources are named by file:// URIs
     sources = make_sources(args.work / "sources", args.unique, seed=0)
     per_core = service_rate([s[0] for s in sources], AudioPolicy.create((args.work,)))
     sizes = [one_size(args.work, n, sources, args.workers, args.loaders) for n in args.tracks]
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
         },
