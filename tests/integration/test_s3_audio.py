@@ -28,6 +28,7 @@ from consumer.errors import DeadLetter
 from consumer.resample import Resampler
 from schemas.dead_letter import DeadLetterReason as Reason
 from tests.integration.conftest import ROOT
+from tests.unit.aws_helpers import fake_aws
 
 pytestmark = pytest.mark.integration
 TARGET = 22_050
@@ -39,14 +40,7 @@ SLACK_S = 0.75
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """Fake credentials and a region, nothing else of the machine's AWS configuration; the
     client cache is emptied before and after, so no test sees another's endpoint."""
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never wait on an instance role
+    fake_aws(monkeypatch)
     s3.reset_s3_clients()
     yield monkeypatch
     s3.reset_s3_clients()

@@ -1,7 +1,6 @@
 """s3:// URIs without a server: what is refused before any network call, the bucket setting,
 and the shared client. The fetches themselves: tests/integration/test_s3_audio.py."""
 
-import os
 import threading
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ from consumer.errors import ConfigError, DeadLetter
 from consumer.s3uri import bucket_name_problem, parse_s3_uri
 from consumer.settings import load_settings
 from schemas.dead_letter import DeadLetterReason as Reason
+from tests.unit.aws_helpers import fake_aws
 
 ALLOWED = AudioPolicy.create((), s3_buckets=("audio-bucket",))
 
@@ -22,14 +22,7 @@ ALLOWED = AudioPolicy.create((), s3_buckets=("audio-bucket",))
 def no_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Fake credentials, and an endpoint nothing listens on (port 9 is discard): a test that
     reached the network would fail loudly rather than find a real store."""
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fake_aws(monkeypatch)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     s3.reset_s3_clients()
     yield
