@@ -281,7 +281,7 @@ class App:
         Dead-lettered records give up the event-id claims they hold first, so that another
         record of the same event, in this batch or a later one, is no duplicate."""
         start = time.perf_counter()
-        self._release_claims(result.rejected, stop)
+        self._release_claims(result, result.rejected, stop)
         records = [record for _msg, record in result.scored]
         sources = [record_id(msg) for msg, _r in result.scored]
         codes = self.redis_sink.write(records, sources, stop)
@@ -298,12 +298,15 @@ class App:
             kept.append((msg, record))
             self.metrics.e2e_latency.observe((written_at - record.emitted_at).total_seconds())
         result.scored = kept
-        self._release_claims(unwritten, stop)
+        self._release_claims(result, unwritten, stop)
         result.rejected += unwritten
         return result
 
-    def _release_claims(self, rejected: list[Rejected], stop: threading.Event) -> None:
-        claims = [(r.event_id, record_id(r.message)) for r in rejected if r.event_id]
+    def _release_claims(
+        self, result: BatchResult, rejected: list[Rejected], stop: threading.Event
+    ) -> None:
+        version = result.model_version
+        claims = [(r.event_id, version, record_id(r.message)) for r in rejected if r.event_id]
         self.redis_sink.release(claims, stop)
 
     # --- committing ---------------------------------------------------------------------

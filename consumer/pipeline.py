@@ -57,6 +57,8 @@ class BatchResult:
     """What one batch produced: scores (with their messages) and messages to dead-letter."""
 
     messages: list[Message]
+    model_version: str
+    """The model that scored the batch: its event-id claims are this version's."""
     scored: list[tuple[Message, ScoreRecord]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     duplicates: list[Message] = field(default_factory=list)
@@ -142,7 +144,8 @@ class Pipeline:
 
     def infer(self, prepared: Prepared) -> BatchResult:
         """Score what was decoded, as one batch on the device (stage 2)."""
-        result = BatchResult(prepared.messages, rejected=list(prepared.rejected))
+        version = self.scorer.meta.model_version
+        result = BatchResult(prepared.messages, version, rejected=list(prepared.rejected))
         if not prepared.ready:
             return result
         outcomes = self._score([item for _msg, item in prepared.ready])

@@ -2,14 +2,21 @@
 
 Runs on the sink thread, before the batch's Kafka transaction. A replay rewrites what it wrote
 before without changing anything visible, and the script never lets an older event (by
-``emitted_at``, then ``event_id``) overwrite a newer score. Each event id is claimed by the
-Kafka record (topic/partition/offset) that first carried it: a replay of that record is not a
-duplicate, another record with the same event id is.
+``emitted_at``, then ``event_id``) overwrite a newer score of the same model. Each event id is
+claimed, per model version, by the Kafka record (topic/partition/offset) that first carried it:
+a replay of that record is not a duplicate, another record with the same event id is; the same
+event scored by another model version is no duplicate either.
+
+Every record goes to its model version's namespace; it also goes to the view readers read
+(``popscore:score:*``, ``popscore:leaderboard:*``) when its version is the current one
+(``popscore:current_model``), or, before any promotion, when the live consumer's primary model
+wrote it (docs/INTERFACE.md, "Redis").
 """
 
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, date
 from enum import IntEnum
@@ -19,49 +26,84 @@ import redis
 
 from consumer.dead_letters import internal_error
 from consumer.errors import DeadLetter, SinkError
-from schemas.redis_keys import event_key, leaderboard_key, score_key
+from schemas.redis_keys import (
+    CURRENT_MODEL_KEY,
+    MODELS_KEY,
+    event_key,
+    leaderboard_key,
+    model_info_key,
+    model_leaderboard_key,
+    model_score_key,
+    score_key,
+)
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
+KEYS_PER_RECORD = 6
 
-# KEYS: per record its hash key, leaderboard key and event marker key.
+# KEYS[1]: the current-model pointer; KEYS[2]: the set of model versions; then per record its
+# view hash, view day leaderboard, model hash, model day leaderboard, event marker, model info.
 # ARGV[1]: score ttl (0 = none; a day's leaderboard expires that long after its last write);
-# ARGV[2]: marker ttl; ARGV[2 + i]: record i as JSON {order, event_id, member, score, source,
-# fields}. Returns per record an Upsert code.
+# ARGV[2]: marker ttl; ARGV[3]: "1" when these records write the view while no model is current
+# (the live primary's); ARGV[4]: now in ms; ARGV[4 + i]: record i as JSON {order, event_id,
+# member, score, source, version, fields}. Returns per record an Upsert code (of its model's
+# namespace: the view follows it when the version is current).
 UPSERT_LUA = """
 local ttl, marker_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local primary, now = ARGV[3] == '1', ARGV[4]
+local current = redis.call('GET', KEYS[1])
+
+-- Newer-wins: refuse when the stored record is newer. ``any_model``: a stored record of another
+-- model blocks too (the view before any promotion); otherwise only the same model's does, so a
+-- current model's record replaces the previous model's in the view.
+local function put(hkey, zkey, rec, any_model)
+  local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard', 'model_version')
+  local order = tonumber(cur[1])
+  local blocks = any_model or cur[4] == rec.version
+  if order and blocks and (order > rec.order or (order == rec.order and cur[2] > rec.event_id)) then
+    return 0
+  end
+  local args = {'_order', string.format('%d', rec.order), '_leaderboard', zkey}
+  for k, v in pairs(rec.fields) do
+    args[#args + 1] = k
+    args[#args + 1] = v
+  end
+  redis.call('HSET', hkey, unpack(args))
+  if ttl > 0 then redis.call('EXPIRE', hkey, ttl) end
+  if cur[3] and cur[3] ~= zkey then redis.call('ZREM', cur[3], rec.member) end
+  redis.call('ZADD', zkey, rec.score, rec.member)
+  if ttl > 0 then redis.call('EXPIRE', zkey, ttl) end
+  if order then return 1 end
+  return 3
+end
+
 local out = {}
-for i = 3, #ARGV do
+local seen = {}
+for i = 5, #ARGV do
   local rec = cjson.decode(ARGV[i])
-  local base = 3 * (i - 3)
-  local hkey, zkey, ekey = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
+  local k = 2 + ${per} * (i - 5)
+  local ekey, info = KEYS[k + 5], KEYS[k + 6]
   local claimed = redis.call('GET', ekey)
   if claimed and claimed ~= rec.source then
     out[#out + 1] = 2
   else
     if not claimed then redis.call('SET', ekey, rec.source, 'EX', marker_ttl) end
-    local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard')
-    local order = tonumber(cur[1])
-    if order and (order > rec.order or (order == rec.order and cur[2] > rec.event_id)) then
-      out[#out + 1] = 0
-    else
-      local args = {'_order', string.format('%d', rec.order), '_leaderboard', zkey}
-      for k, v in pairs(rec.fields) do
-        args[#args + 1] = k
-        args[#args + 1] = v
-      end
-      redis.call('HSET', hkey, unpack(args))
-      if ttl > 0 then redis.call('EXPIRE', hkey, ttl) end
-      if cur[3] and cur[3] ~= zkey then redis.call('ZREM', cur[3], rec.member) end
-      redis.call('ZADD', zkey, rec.score, rec.member)
-      if ttl > 0 then redis.call('EXPIRE', zkey, ttl) end
-      out[#out + 1] = 1
+    local wrote = put(KEYS[k + 3], KEYS[k + 4], rec, true)
+    if wrote == 3 then redis.call('HINCRBY', info, 'tracks', 1) end
+    if not seen[rec.version] then
+      seen[rec.version] = true
+      redis.call('SADD', KEYS[2], rec.version)
+      redis.call('HSET', info, 'last_write_ms', now)
     end
+    if (current and current == rec.version) or (not current and primary) then
+      put(KEYS[k + 1], KEYS[k + 2], rec, not current)
+    end
+    out[#out + 1] = math.min(wrote, 1)
   end
 end
 return out
-"""
+""".replace("${per}", str(KEYS_PER_RECORD))
 
 
 # KEYS[i]: an event marker; ARGV[i]: the record that may hold it. Deleted only if it does.
@@ -96,30 +138,45 @@ class RedisSink:
         self._release = client.register_script(RELEASE_LUA)
 
     def write(
-        self, records: Sequence[ScoreRecord], sources: Sequence[str], stop: threading.Event
+        self,
+        records: Sequence[ScoreRecord],
+        sources: Sequence[str],
+        stop: threading.Event,
+        primary: bool = True,
     ) -> list[Upsert | DeadLetter]:
-        """Upsert every record (``sources[i]`` names its Kafka record). A record whose write
-        cannot even be built gets its dead letter instead (internal_error), the others are
-        written. Redis outages are retried with capped exponential backoff until it answers, or
-        until ``stop`` is set."""
+        """Upsert every record (``sources[i]`` names its Kafka record) into its model's
+        namespace, and into the view when its model is current (or, before any promotion, when
+        ``primary``: the live consumer's own model). A record whose write cannot even be built
+        gets its dead letter instead (internal_error), the others are written. Redis outages
+        are retried with capped exponential backoff until it answers, or until ``stop`` is
+        set."""
         built = [_built(record, source) for record, source in zip(records, sources, strict=True)]
         writes = [item for item in built if not isinstance(item, DeadLetter)]
-        codes = iter(self._upsert_all(writes, stop) if writes else [])
+        codes = iter(self._upsert_all(writes, stop, primary) if writes else [])
         return [item if isinstance(item, DeadLetter) else next(codes) for item in built]
 
-    def release(self, claims: Sequence[tuple[str, str]], stop: threading.Event) -> None:
-        """Give up the event-id claims these records (``(event_id, source)``) hold: each was
-        dead-lettered, so a later record with its event (``replay-dlq``) is no duplicate. An
-        earlier, aborted attempt may have claimed it; a claim of another record stays."""
+    def release(self, claims: Sequence[tuple[str, str, str]], stop: threading.Event) -> None:
+        """Give up the event-id claims these records (``(event_id, model_version, source)``)
+        hold: each was dead-lettered, so a later record with its event (``replay-dlq``) is no
+        duplicate. An earlier, aborted attempt may have claimed it; a claim of another record
+        stays."""
         if claims:
-            keys = [event_key(event_id) for event_id, _ in claims]
-            self._call(self._release, keys, [source for _, source in claims], stop)
+            keys = [event_key(event_id, version) for event_id, version, _ in claims]
+            self._call(self._release, keys, [source for *_, source in claims], stop)
 
     def _upsert_all(
-        self, writes: list[tuple[list[str], str]], stop: threading.Event
+        self, writes: list[tuple[list[str], str]], stop: threading.Event, primary: bool
     ) -> list[Upsert]:
-        keys = [key for record_keys, _ in writes for key in record_keys]
-        args: list[Any] = [self.ttl_s, self.marker_ttl_s, *(item for _, item in writes)]
+        keys = [CURRENT_MODEL_KEY, MODELS_KEY]
+        keys += [key for record_keys, _ in writes for key in record_keys]
+        now_ms = int(time.time() * 1000)
+        args: list[Any] = [
+            self.ttl_s,
+            self.marker_ttl_s,
+            int(primary),
+            now_ms,
+            *(item for _, item in writes),
+        ]
         return [Upsert(int(code)) for code in self._call(self._upsert, keys, args, stop)]
 
     def _call(self, script: Any, keys: list[str], args: list[Any], stop: threading.Event) -> Any:
@@ -158,10 +215,19 @@ _TRANSIENT = (
 
 
 def _built(record: ScoreRecord, source: str) -> tuple[list[str], str] | DeadLetter:
-    """The record's keys (hash, day leaderboard, event marker) and its script argument."""
+    """The record's keys (view hash and day leaderboard, its model's hash and day leaderboard,
+    event marker, model info) and its script argument."""
     try:
-        keys = [score_key(record.track_id), leaderboard_key(_utc_day(record))]
-        return [*keys, event_key(record.event_id)], json.dumps(_script_item(record, source))
+        day, version, track = _utc_day(record), record.model_version, record.track_id
+        keys = [
+            score_key(track),
+            leaderboard_key(day),
+            model_score_key(version, track),
+            model_leaderboard_key(version, day),
+            event_key(record.event_id, version),
+            model_info_key(version),
+        ]
+        return keys, json.dumps(_script_item(record, source))
     except Exception as exc:  # building one record's write costs that record alone
         return internal_error(exc)
 
@@ -177,5 +243,6 @@ def _script_item(record: ScoreRecord, source: str) -> dict[str, Any]:
         "member": record.track_id,
         "score": record.popularity,
         "source": source,
+        "version": record.model_version,
         "fields": record.redis_fields(),
     }

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from schemas.dead_letter import DeadLetterReason
     from schemas.events import Artist, AudioFeatures, Engagement, Release, ReleaseEvent
-    from schemas.redis_keys import event_key, leaderboard_key, score_key
+    from schemas.redis_keys import (
+        CURRENT_MODEL_KEY,
+        event_key,
+        leaderboard_key,
+        model_leaderboard_key,
+        model_score_key,
+        score_key,
+    )
     from schemas.scores import ScoreRecord
 
 _HOME = {
@@ -25,12 +32,16 @@ _HOME = {
     "Release": "schemas.events",
     "ReleaseEvent": "schemas.events",
     "ScoreRecord": "schemas.scores",
+    "CURRENT_MODEL_KEY": "schemas.redis_keys",
     "event_key": "schemas.redis_keys",
     "leaderboard_key": "schemas.redis_keys",
+    "model_leaderboard_key": "schemas.redis_keys",
+    "model_score_key": "schemas.redis_keys",
     "score_key": "schemas.redis_keys",
 }
 
 __all__ = [
+    "CURRENT_MODEL_KEY",
     "Artist",
     "AudioFeatures",
     "DeadLetterReason",
@@ -40,6 +51,8 @@ __all__ = [
     "ScoreRecord",
     "event_key",
     "leaderboard_key",
+    "model_leaderboard_key",
+    "model_score_key",
     "score_key",
 ]
 

@@ -96,9 +96,10 @@ def run(
         sink = app.redis_sink
         original = sink.write
 
-        def write(records: Any, sources: Any, stop: threading.Event) -> Any:
-            codes = original(records, sources, stop)
-            recorder.written(records)
+        def write(records: Any, sources: Any, stop: threading.Event, primary: bool = True) -> Any:
+            codes = original(records, sources, stop, primary)
+            if primary:  # a shadow model's scores are not the events' results
+                recorder.written(records)
             return codes
 
         sink.write = write  # type: ignore[method-assign]

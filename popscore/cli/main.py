@@ -11,7 +11,7 @@ from confluent_kafka import KafkaException
 from consumer.errors import ConfigError, PopscoreError, UsageError
 from consumer.settings import load_settings
 from popscore.artifact import ArtifactError
-from popscore.cli import bench, model, produce, service
+from popscore.cli import bench, model, produce, rollout, service
 from popscore.cli.argtypes import EXIT_USAGE, Handler, Parser
 
 log = logging.getLogger("popscore")
@@ -27,6 +27,7 @@ def build_parser() -> Parser:
     produce.register(sub)
     bench.register(sub)
     model.register(sub)  # train, evaluate, export
+    rollout.register(sub)  # promote, models
     return parser
 
 

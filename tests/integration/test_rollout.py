@@ -1,0 +1,193 @@
+"""Scores per model version and one current view, against the real Redis: per-model duplicate
+detection, ``popscore promote`` (and rollback), and what a reader observes during the switch.
+
+The current-model pointer is global to a Redis database, so these tests use a database of
+their own (ROLLOUT_DB), emptied before and after each: the other tests' consumers must keep
+writing the view as the live primary.
+"""
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+
+from consumer.rollout import PromotionError, current_model, models, promote
+from consumer.sinks import RedisSink, Upsert
+from popscore.cli.main import main
+from schemas import ScoreRecord, leaderboard_key, model_score_key, score_key
+from schemas.redis_keys import PROMOTION_KEY
+
+pytestmark = pytest.mark.integration
+ROLLOUT_DB = 5
+DAY = datetime(2026, 11, 30, 12, tzinfo=UTC)
+# Each model scores every track the same, so a reader can tell the models apart by score.
+SCORES = {"model-a": 20.0, "model-b": 80.0}
+
+
+def db_url(stack: dict[str, str]) -> str:
+    """The stack's Redis URL, database ROLLOUT_DB."""
+    return stack["redis_url"].rsplit("/", 1)[0] + f"/{ROLLOUT_DB}"
+
+
+@pytest.fixture
+def db(stack: dict[str, str]) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(db_url(stack))
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def record(version: str, track: str, event_id: str, emitted: datetime = DAY) -> ScoreRecord:
+    return ScoreRecord(
+        event_id=event_id,
+        track_id=track,
+        model_version=version,
+        popularity=SCORES.get(version, 50.0),
+        hit_probability=0.5,
+        is_hit=False,
+        audio_used=True,
+        emitted_at=emitted,
+        scored_at=emitted + timedelta(seconds=1),
+        latency_ms=1000.0,
+    )
+
+
+def write(
+    sink: RedisSink, version: str, tracks: list[str], primary: bool, tag: str = "e"
+) -> list[Upsert]:
+    records = [record(version, t, f"{tag}-{t}") for t in tracks]
+    sources = [f"in/0/{i}" for i in range(len(tracks))]
+    codes = sink.write(records, sources, threading.Event(), primary=primary)
+    assert not [c for c in codes if not isinstance(c, Upsert)]
+    return [c for c in codes if isinstance(c, Upsert)]
+
+
+def view_version(db: redis.Redis, track: str) -> str:
+    return ScoreRecord.from_redis(db.hgetall(score_key(track))).model_version
+
+
+def test_each_version_has_its_own_scores_and_duplicates_are_per_version(db: redis.Redis) -> None:
+    sink = RedisSink(db)
+    live = record("model-a", "t1", "e1")
+    assert sink.write([live], ["in/0/1"], threading.Event()) == [Upsert.WRITTEN]
+    # The same event re-scored by another version (a backfill's record): no duplicate ...
+    shadow = record("model-b", "t1", "e1")
+    assert sink.write([shadow], ["backfill/0/7"], threading.Event(), primary=False) == [
+        Upsert.WRITTEN
+    ]
+    # ... but the same event under the same version from another record still is.
+    assert sink.write([shadow], ["backfill/1/3"], threading.Event(), primary=False) == [
+        Upsert.DUPLICATE
+    ]
+    assert view_version(db, "t1") == "model-a", "a non-primary version never writes the view"
+    stored = ScoreRecord.from_redis(db.hgetall(model_score_key("model-b", "t1")))
+    assert (stored.event_id, stored.popularity) == ("e1", 80.0)
+    listed = {entry.version: entry.tracks for entry in models(db)}
+    assert listed == {"model-a": 1, "model-b": 1}
+
+
+def test_promote_switches_every_track_and_day_then_rolls_back(db: redis.Redis) -> None:
+    sink = RedisSink(db)
+    tracks = [f"t{i}" for i in range(50)]
+    write(sink, "model-a", tracks, primary=True)
+    write(sink, "model-b", tracks[:40], primary=False)  # the candidate lacks ten tracks
+    board = leaderboard_key(DAY.date())
+
+    done = promote(db, "model-b")
+    assert (done.previous, done.days, done.tracks_seen, done.tracks_replaced) == (
+        None,
+        1,
+        40,
+        40,
+    )
+    assert current_model(db) == "model-b"
+    assert {view_version(db, t) for t in tracks[:40]} == {"model-b"}
+    assert {view_version(db, t) for t in tracks[40:]} == {"model-a"}, "never scored by B: kept"
+    ranked = set(db.zrange(board, 0, -1, withscores=True))
+    assert ranked == {(t.encode(), 80.0) for t in tracks[:40]}
+    assert db.hget(PROMOTION_KEY, "state") == b"done"
+
+    # Now the pointer decides, not the role: the live primary (A) no longer writes the view, the
+    # candidate does, even as a shadow.
+    write(sink, "model-a", ["t1"], primary=True, tag="later")
+    write(sink, "model-b", ["t45"], primary=False, tag="later")
+    assert view_version(db, "t1") == "model-b"
+    assert view_version(db, "t45") == "model-b"
+
+    back = promote(db, "model-a")  # rollback is a promotion of the previous version
+    assert back.previous == "model-b"
+    assert {view_version(db, t) for t in tracks} == {"model-a"}
+    assert {score for _m, score in db.zrange(board, 0, -1, withscores=True)} == {20.0}
+    later = ScoreRecord.from_redis(db.hgetall(score_key("t1")))
+    assert later.event_id == "later-t1", "A's own later record, written while B was current"
+
+
+def test_a_reader_sees_whole_records_and_whole_leaderboards_during_the_switch(
+    db: redis.Redis,
+) -> None:
+    sink = RedisSink(db)
+    tracks = [f"r{i}" for i in range(3000)]
+    for i in range(0, len(tracks), 500):
+        write(sink, "model-a", tracks[i : i + 500], primary=True)
+        write(sink, "model-b", tracks[i : i + 500], primary=False)
+    board = leaderboard_key(DAY.date())
+    seen_b: set[str] = set()
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for track in tracks[::97]:
+                fields = db.hgetall(score_key(track))
+                rec = ScoreRecord.from_redis(fields)
+                if rec.popularity != SCORES[rec.model_version]:
+                    problems.append(f"{track}: mixed record {rec}")
+                if rec.model_version == "model-a" and track in seen_b:
+                    problems.append(f"{track}: back to model-a after model-b")
+                if rec.model_version == "model-b":
+                    seen_b.add(track)
+            day = {score for _m, score in db.zrange(board, 0, -1, withscores=True)}
+            if len(day) != 1:
+                problems.append(f"leaderboard mixes models: {sorted(day)}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        promote(db, "model-b")
+    finally:
+        stop.set()
+        thread.join()
+    assert not problems, problems[:5]
+    assert {view_version(db, t) for t in tracks} == {"model-b"}
+
+
+def test_promotion_is_refused_for_an_unknown_version_or_while_another_runs(
+    db: redis.Redis,
+) -> None:
+    with pytest.raises(PromotionError, match="no scores of 'nope'"):
+        promote(db, "nope")
+    write(RedisSink(db), "model-b", ["t1"], primary=False)
+    db.set("popscore:promotion:lock", "model-c 1234 earlier", px=60_000)
+    with pytest.raises(PromotionError, match="another promotion is running"):
+        promote(db, "model-b")
+    assert current_model(db) is None
+
+
+def test_the_cli_lists_models_and_promotes(
+    db: redis.Redis, stack: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("POPSCORE_REDIS_URL", db_url(stack))
+    write(RedisSink(db), "model-a", ["t1", "t2"], primary=True)
+    write(RedisSink(db), "model-b", ["t1"], primary=False)
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "no promotion yet" in listing and "model-a" in listing and "model-b" in listing
+    assert main(["promote", "model-b"]) == 0
+    assert "promoted model-b" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "* model-b" in capsys.readouterr().out
+    assert main(["promote", "unknown"]) == 1
