@@ -15,6 +15,7 @@ batches in hand are finished and committed, then exit 0.
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import redis
 from confluent_kafka import Message
@@ -39,10 +41,12 @@ from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
 from consumer.health import STUCK_S, Health, HealthServer
 from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
-from consumer.pipeline import BatchResult, Pipeline
+from consumer.pipeline import BatchResult, Pipeline, Prepared, shadow_problem
+from consumer.progress import Progress
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
 from consumer.source import KafkaSource, Partition, next_offsets, partition_of, record_id
+from consumer.yielding import LiveTraffic
 from popscore.artifact import ArtifactError, ArtifactMeta
 from schemas.scores import ScoreRecord
 
@@ -66,11 +70,23 @@ class RunStats:
 
 
 @dataclass(frozen=True)
+class ShadowOutcome:
+    """What the shadow model did with one batch (its records are for the shadow topic)."""
+
+    records: list[ScoreRecord]
+    duplicates: int = 0
+    failed: int = 0
+
+
+@dataclass
 class InFlight:
-    """A submitted batch: its messages and the future of its last stage."""
+    """A submitted batch: its messages, the future of its last stage and of its shadow."""
 
     messages: list[Message]
     future: "Future[BatchResult]"
+    shadow: "Future[ShadowOutcome] | None" = None
+    shadow_wait_from: float | None = None
+    """When the commit started waiting for the shadow (the primary was done)."""
 
 
 def training_labels(meta: ArtifactMeta) -> tuple[str, str]:
@@ -99,6 +115,23 @@ def load_scorer(s: Settings) -> Scorer:
         raise ConfigError(f"POPSCORE_DEVICE: {exc}") from None
     except ArtifactError as exc:
         raise ConfigError(f"POPSCORE_MODEL: {exc}") from None
+
+
+def load_shadow(s: Settings, primary: Scorer) -> Scorer | None:
+    """The shadow artifact (POPSCORE_SHADOW_MODEL) on the primary's device, when set; one that
+    cannot score the primary's decoded audio is a bad setting."""
+    if s.shadow_model is None:
+        return None
+    try:
+        shadow = Scorer(s.shadow_model, str(primary.device))
+    except (ArtifactError, DeviceUnavailable) as exc:
+        raise ConfigError(f"POPSCORE_SHADOW_MODEL: {exc}") from None
+    problem = shadow_problem(primary.meta, primary.listens, shadow)
+    if shadow.meta.model_version == primary.meta.model_version:
+        problem = f"the same model_version as POPSCORE_MODEL ({primary.meta.model_version})"
+    if problem:
+        raise ConfigError(f"POPSCORE_SHADOW_MODEL: {problem}")
+    return shadow
 
 
 def audio_policy(s: Settings) -> AudioPolicy:
@@ -132,12 +165,19 @@ class App:
         self._stop_writes = threading.Event()
         self._needs_rewind = False
         self._drops = 0  # how many times uncommitted work was dropped (see _fetch)
+        self.progress = Progress()
+        self.live: LiveTraffic | None = None
         self._stack = ExitStack()
 
     def __enter__(self) -> "App":
         s = self.settings
+        if s.cpu_nice:
+            # First, so every thread started below (pools, torch's) inherits it: on Linux a
+            # nice value is per thread, and new threads take their creator's.
+            os.nice(s.cpu_nice)
         policy = audio_policy(s)
         self.scorer = load_scorer(s)
+        self.shadow = load_shadow(s, self.scorer)
         self._announce_model()
         self.health.model_loaded = True
         # Before the stage pools, so closed after them (last in, first out): a stage still
@@ -159,6 +199,9 @@ class App:
         # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
         # stage n of the next (decode of batch k+1 while batch k is on the device).
         self._stages = [self._executor(1, name) for name in ("prepare", "device", "sink")]
+        # The shadow model scores beside the sink stage, on its own thread: a slow or failing
+        # shadow never holds up the primary's Redis write.
+        self._shadow_stage = self._executor(1, "shadow") if self.shadow else None
         self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first (it joins the group only at its first poll, in run()): a property
@@ -180,6 +223,7 @@ class App:
                     s.instance_transactional_id(),
                     s.output_topic,
                     s.dlq_topic,
+                    s.shadow_topic if self.shadow else None,
                 )
             )
         except BaseException:
@@ -189,6 +233,7 @@ class App:
         # producer is closed.
         self._stack.callback(self.txn.close)
         self._stack.callback(self.source.close)
+        self.live = self._live_traffic()
         self.health.readiness = self._readiness
         self.health.waiting = self._waiting
         self.http = HealthServer(s.http_port, self.metrics.registry, self.health).start()
@@ -211,11 +256,24 @@ class App:
         if meta.synthetic:
             log.warning("%s was trained on SYNTHETIC data: its scores say nothing about real "
                         "popularity (POPSCORE_MODEL)", meta.model_version)  # fmt: skip
+        if self.shadow:
+            self.metrics.shadow_info.labels(self.shadow.meta.model_version).set(1)
+            log.info("shadow %s", self.shadow.meta.provenance())
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batches in hand, then leave the loop."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+
+    def _live_traffic(self) -> LiveTraffic | None:
+        """What this consumer yields to (POPSCORE_YIELD_TO_GROUP), closed on exit."""
+        s = self.settings
+        if not s.yield_to_group:
+            return None
+        live = LiveTraffic(s.kafka_config("admin"), s.yield_to_group, s.yield_to_topic,
+                           s.yield_max_lag)  # fmt: skip
+        self._stack.callback(live.close)
+        return live
 
     def run(self) -> None:
         """The main loop; returns after a stop signal (or at the end, with ``stop_at_end``)."""
@@ -224,6 +282,7 @@ class App:
             self._commit_finished()
             self._poll()
             self.source.refresh_lag()
+            self._set_eta()
             if self.stop_at_end and self._idle() and self.source.caught_up():
                 log.info("all assigned partitions read to the end; stopping")
                 break
@@ -235,6 +294,10 @@ class App:
         if self._needs_rewind:
             self._needs_rewind = False
             self.source.rewind()
+        if self._yielding():
+            self.source.pause()  # live lags: take nothing new, keep polling (group membership)
+            self._fetch(1, BUSY_POLL_S)
+            return
         full = len(self.inflight) >= self.settings.max_inflight_batches
         room = self.batcher.room()
         if full and room <= 0:
@@ -256,6 +319,14 @@ class App:
         if not full and self.batcher.ready():
             self._submit(self.batcher.take())
 
+    def _set_eta(self) -> None:
+        self.metrics.eta.set(self.progress.eta_s(self.source.remaining))
+
+    def _yielding(self) -> bool:
+        busy = self.live is not None and self.live.busy()
+        self.metrics.yielding.set(int(busy))
+        return busy
+
     def _fetch(self, n: int, timeout: float) -> None:
         """Up to n messages into the batcher. A rebalance callback inside the fetch may drop
         the uncommitted work: then what the same fetch returned is dropped too, as it lies
@@ -273,8 +344,42 @@ class App:
         scored = device.submit(lambda: self.pipeline.infer(prepared.result()))
         stop = self._stop_writes  # this batch's: a drop stops its Redis retries, not later ones
         written = sink.submit(lambda: self._write_redis(scored.result(), stop))
-        self.inflight.append(InFlight(messages, written))
+        shadowed = self._submit_shadow(prepared, len(messages), stop)
+        self.inflight.append(InFlight(messages, written, shadowed))
         self._set_inflight_gauge()
+
+    def _submit_shadow(
+        self, prepared: "Future[Prepared]", events: int, stop: threading.Event
+    ) -> "Future[ShadowOutcome] | None":
+        """The shadow's job for a batch; skipped (counted) while it is a whole window of
+        batches behind, so a slow shadow costs shadow records, never primary throughput."""
+        if self._shadow_stage is None:
+            return None
+        behind = sum(1 for item in self.inflight if item.shadow and not item.shadow.done())
+        if behind >= self.settings.max_inflight_batches:
+            self.metrics.shadow_events.labels("skipped").inc(events)
+            return None
+        return self._shadow_stage.submit(self._run_shadow, prepared, events, stop)
+
+    def _run_shadow(
+        self, prepared: "Future[Prepared]", events: int, stop: threading.Event
+    ) -> ShadowOutcome:
+        """Shadow stage: score the decoded batch with the shadow model and write its namespace.
+        Never raises: whatever fails is counted as ``failed``."""
+        shadow = cast(Scorer, self.shadow)
+        try:
+            ready = prepared.result().ready
+            scored, failed = self.pipeline.shadow_records(shadow, ready)
+            records = [record for _msg, record in scored]
+            sources = [record_id(msg) for msg, _r in scored]
+            codes = self.redis_sink.write(records, sources, stop, primary=False) if scored else []
+        except Exception as exc:  # a stage before failed, or Redis stopped: counted, not raised
+            log.warning("shadow stage failed: %s", f"{type(exc).__name__}: {exc}"[:300])
+            return ShadowOutcome([], failed=events)
+        good = (Upsert.WRITTEN, Upsert.STALE)
+        kept = [r for r, code in zip(records, codes, strict=True) if code in good]
+        duplicates = sum(1 for code in codes if code is Upsert.DUPLICATE)
+        return ShadowOutcome(kept, duplicates, failed + len(codes) - len(kept) - duplicates)
 
     def _write_redis(self, result: BatchResult, stop: threading.Event) -> BatchResult:
         """Sink stage: the idempotent upsert; drops re-deliveries of already claimed events.
@@ -284,7 +389,8 @@ class App:
         self._release_claims(result, result.rejected, stop)
         records = [record for _msg, record in result.scored]
         sources = [record_id(msg) for msg, _r in result.scored]
-        codes = self.redis_sink.write(records, sources, stop)
+        primary = self.settings.role == "live"  # a backfill's model never claims the view
+        codes = self.redis_sink.write(records, sources, stop, primary)
         self.metrics.stage_seconds.labels("redis").observe(time.perf_counter() - start)
         written_at = datetime.now(UTC)
         kept, unwritten = [], []
@@ -312,9 +418,21 @@ class App:
     # --- committing ---------------------------------------------------------------------
 
     def _commit_finished(self) -> None:
-        """Commit, in order, every batch at the head of the queue whose stages are done."""
-        while self.inflight and self.inflight[0].future.done():
+        """Commit, in order, every batch at the head of the queue whose stages are done (its
+        shadow too, or the shadow's wait is over)."""
+        while self.inflight and self.inflight[0].future.done() and self._shadow_settled():
             self._commit(self.inflight.popleft())
+
+    def _shadow_settled(self) -> bool:
+        """The head batch's shadow is done, or has had POPSCORE_SHADOW_WAIT_MS since the
+        primary was."""
+        head = self.inflight[0]
+        if head.shadow is None or head.shadow.done():
+            return True
+        now = time.monotonic()
+        if head.shadow_wait_from is None:
+            head.shadow_wait_from = now
+        return now - head.shadow_wait_from >= self.settings.shadow_wait_ms / 1000
 
     def _commit(self, item: InFlight) -> None:
         try:
@@ -324,6 +442,7 @@ class App:
             # revoke in the consumer's close drains): its offsets would skip the failed one.
             self._drop_uncommitted()
             raise
+        shadow = self._shadow_outcome(item)
         start = time.perf_counter()
         try:
             produce_s = self.txn.commit(
@@ -331,24 +450,59 @@ class App:
                 result.rejected,
                 next_offsets(item.messages),
                 self.source.group_metadata(),
+                shadow.records if shadow else (),
             )
         except TransactionAborted:
             self.metrics.transactions.labels("aborted").inc()
             self._drop_uncommitted()
             return
         self.metrics.transactions.labels("committed").inc()
+        self.progress.committed(len(item.messages))
         self.health.progressed()
         self.metrics.stage_seconds.labels("produce").observe(produce_s)
         self.metrics.stage_seconds.labels("commit").observe(time.perf_counter() - start - produce_s)
         self._count(result)
+        if shadow:
+            self._count_shadow(result, shadow)
         self._set_inflight_gauge()
+
+    def _shadow_outcome(self, item: InFlight) -> ShadowOutcome | None:
+        """The batch's shadow result for its transaction; None when there is no shadow, or it
+        is late (counted, and its job cancelled if it has not started)."""
+        if item.shadow is None:
+            return None
+        if not item.shadow.done():
+            item.shadow.cancel()
+            self.metrics.shadow_events.labels("late").inc(len(item.messages))
+            return None
+        return item.shadow.result()
+
+    def _count_shadow(self, result: BatchResult, shadow: ShadowOutcome) -> None:
+        """The shadow's outcomes, and how it compares with the primary on the events both
+        scored (once per committed batch)."""
+        events = self.metrics.shadow_events
+        events.labels("scored").inc(len(shadow.records))
+        events.labels("duplicate").inc(shadow.duplicates)
+        events.labels("failed").inc(shadow.failed)
+        primary = {record.event_id: record for _msg, record in result.scored}
+        for record in shadow.records:
+            if (mine := primary.get(record.event_id)) is not None:
+                self.metrics.shadow_difference.observe(record.popularity - mine.popularity)
+                agree = "true" if record.is_hit == mine.is_hit else "false"
+                self.metrics.shadow_agreement.labels(agree).inc()
 
     def _drain(self, timeout_s: float) -> None:
         """Finish and commit every batch in hand within ``timeout_s``, else drop the rest."""
         deadline = time.monotonic() + timeout_s
         while self.inflight:
-            head = self.inflight[0].future
+            item = self.inflight[0]
+            head = item.future
             wait_futures([head], timeout=max(0.0, deadline - time.monotonic()))
+            if item.shadow is not None and head.done():
+                # The shadow gets its usual wait (within the grace), then the batch commits.
+                left = max(0.0, deadline - time.monotonic())
+                wait_futures([item.shadow], timeout=min(self.settings.shadow_wait_ms / 1000, left))
+                item.shadow_wait_from = -math.inf
             if not head.done():
                 log.warning("batches in hand did not finish in %.0fs; dropping them", timeout_s)
                 self._stop_writes.set()  # the dropped batches' Redis retries give up

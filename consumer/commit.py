@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
@@ -50,11 +50,17 @@ class Transactions:
     """A transactional producer owned by the main thread (``transactional.id`` per instance)."""
 
     def __init__(
-        self, config: dict[str, Any], transactional_id: str, results_topic: str, dlq_topic: str
+        self,
+        config: dict[str, Any],
+        transactional_id: str,
+        results_topic: str,
+        dlq_topic: str,
+        shadow_topic: str | None = None,
     ) -> None:
         self.producer = Producer(transactional_config(config, transactional_id))
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
+        self.shadow_topic = shadow_topic
         # Fences an earlier process with the same id and aborts its open transaction at once.
         self._call("init_transactions", lambda: self.producer.init_transactions(TXN_TIMEOUT_S))
 
@@ -64,6 +70,7 @@ class Transactions:
         dead_letters: Sequence[Rejected],
         offsets: list[TopicPartition],
         group_metadata: Any,
+        shadow_scores: Sequence[ScoreRecord] = (),
     ) -> float:
         """Produce and commit one batch atomically, or raise TransactionAborted / Fatal.
         Returns the seconds spent on the records (queueing them, then waiting for their acks
@@ -76,6 +83,9 @@ class Transactions:
                 produce(
                     self.producer, self.results_topic, record.encode(), record.track_id.encode()
                 )
+            for record in shadow_scores:
+                topic = cast(str, self.shadow_topic)
+                produce(self.producer, topic, record.encode(), record.track_id.encode())
             for item in dead_letters:
                 self._dead_letter(item)
             t1 = time.perf_counter()

@@ -14,11 +14,12 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumer.errors import ConfigError, PopscoreError
@@ -194,3 +195,36 @@ def librdkafka_logger(kind: str) -> logging.Logger:
         if not any(isinstance(f, FoldRepeats) for f in logger.filters):
             logger.addFilter(FoldRepeats())
     return logger
+
+
+def topic_records(base: Mapping[str, Any], topic: str, timeout_s: float = 10.0) -> int:
+    """How many records the topic holds now (high minus low watermark, summed). A topic just
+    created may have no leaders yet: retried until ``timeout_s``."""
+    reader = Consumer(consumer_config(base, f"popscore-count-{uuid.uuid4().hex}"))
+    deadline = time.monotonic() + timeout_s
+    try:
+        meta = reader.list_topics(topic, timeout=timeout_s).topics[topic]
+        return sum(_partition_records(reader, topic, p, deadline) for p in meta.partitions)
+    finally:
+        reader.close()
+
+
+# What a partition of a topic created a moment ago answers until its leader is elected.
+_NO_LEADER_YET = (
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT,
+)
+
+
+def _partition_records(reader: Consumer, topic: str, partition: int, deadline: float) -> int:
+    while True:
+        try:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)
+            return int(high - low)
+        except KafkaException as exc:
+            code = exc.args[0].code()
+            if time.monotonic() > deadline or code not in _NO_LEADER_YET:
+                raise
+            time.sleep(0.2)

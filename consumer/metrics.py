@@ -19,6 +19,9 @@ STAGES = ("fetch", "decode", "frontend", "inference", "redis", "produce", "commi
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Shadow minus primary popularity, in points of the 0-100 scale: symmetric around zero.
+_DIFFERENCE_BUCKETS = (-50, -20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50)
+SHADOW_OUTCOMES = ("scored", "failed", "duplicate", "skipped", "late")
 
 
 class Metrics:
@@ -82,6 +85,23 @@ class Metrics:
             ["model_version", "device", "training_data", "synthetic"],
             registry=r,
         )
+        self.yielding = Gauge(
+            "popscore_yielding",
+            "1 while this consumer pauses for live traffic (POPSCORE_YIELD_TO_GROUP lags).",
+            registry=r,
+        )
+        self.remaining = Gauge(
+            "popscore_remaining_records",
+            "Records between this consumer's positions and the ends of its partitions.",
+            registry=r,
+        )
+        self.eta = Gauge(
+            "popscore_eta_seconds",
+            "popscore_remaining_records at the last minute's rate: a backfill's ETA "
+            "(-1 while nothing was committed in the last minute).",
+            registry=r,
+        )
+        self._shadow_metrics()
         for outcome in (OUTCOME_SCORED, OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE):
             self.events.labels(outcome)  # export zeros, so rate() works from the first scrape
         for stage in STAGES:
@@ -90,3 +110,37 @@ class Metrics:
             self.transactions.labels(ended)
         for reason in DeadLetterReason:
             self.dead_letters.labels(reason.value)
+
+    def _shadow_metrics(self) -> None:
+        """The shadow model's (POPSCORE_SHADOW_MODEL) outcomes and its comparison with the
+        primary; exported at zero without a shadow, so dashboards need no special case."""
+        r = self.registry
+        self.shadow_events = Counter(
+            "popscore_shadow_events_total",
+            "Events the shadow model handled: scored, failed (counted, never dead-lettered), "
+            "duplicate, skipped (the shadow fell behind), late (scored after the commit's wait).",
+            [OUTCOME],
+            registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "popscore_shadow_score_difference",
+            "Shadow minus primary predicted popularity, per event both scored.",
+            buckets=_DIFFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_agreement = Counter(
+            "popscore_shadow_hit_agreement_total",
+            "Events both models scored, by whether their is_hit agreed (true, false).",
+            ["agree"],
+            registry=r,
+        )
+        self.shadow_info = Gauge(
+            "popscore_shadow_model_info",
+            "The shadow model (value 1), when one is loaded.",
+            ["model_version"],
+            registry=r,
+        )
+        for outcome in SHADOW_OUTCOMES:
+            self.shadow_events.labels(outcome)
+        for agree in ("true", "false"):
+            self.shadow_agreement.labels(agree)

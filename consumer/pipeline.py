@@ -89,6 +89,24 @@ def parse_event(
     return event
 
 
+def shadow_problem(primary: ArtifactMeta, primary_listens: bool, shadow: Scorer) -> str | None:
+    """Why ``shadow`` cannot score beside the primary on the same decoded audio, or None."""
+    if not shadow.listens:
+        return None
+    if not primary_listens:
+        return "it listens to audio but the primary model does not, so no audio is decoded"
+    mine, theirs = (
+        (primary.sample_rate, primary.clip_seconds),
+        (
+            shadow.meta.sample_rate,
+            shadow.meta.clip_seconds,
+        ),
+    )
+    if mine != theirs:
+        return f"its audio input (rate, seconds) {theirs} differs from the primary's {mine}"
+    return None
+
+
 def batch_resampler_for(resample_on: str, scorer: Scorer) -> BatchResampler | None:
     """The device-side resampler POPSCORE_RESAMPLE_ON asks for (``device``, or ``auto`` on
     CUDA); None: resample per item on the decode pool."""
@@ -187,6 +205,32 @@ class Pipeline:
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - fetched)
         return _Ready(event, waveform)
 
+    def shadow_records(
+        self, shadow: Scorer, ready: list[tuple[Message, _Ready]]
+    ) -> tuple[list[tuple[Message, ScoreRecord]], int]:
+        """A second model's records for the batch's decoded items (the same audio: decoded
+        once), and how many it could not score. Never raises: a shadow failure is counted,
+        not dead-lettered."""
+        if not ready:
+            return [], 0
+        items = [item for _msg, item in ready]
+        try:
+            rows = [extract(item.event.model_dump(), shadow.meta.features) for item in items]
+            scores = self._infer(items, rows, shadow)
+        except Exception as exc:  # the shadow's batch fails alone; the primary is untouched
+            log.warning("shadow model %s failed on %d events: %s", shadow.meta.model_version,
+                        len(items), f"{type(exc).__name__}: {exc}"[:300])  # fmt: skip
+            return [], len(items)
+        at, records = utc_now(), []
+        for i, (msg, item) in enumerate(ready):
+            try:
+                records.append(
+                    (msg, score_record(item.event, shadow.meta, scores, i, at, shadow.listens))
+                )
+            except Exception:  # a non-finite score: that record alone is not emitted
+                continue
+        return records, len(items) - len(records)
+
     def _score(self, items: list[_Ready]) -> list[ScoreRecord | DeadLetter]:
         start = time.perf_counter()
         rows = [self._features(item) for item in items]
@@ -257,20 +301,24 @@ class Pipeline:
         except Exception as exc:  # a non-finite score, or a record the schema refuses
             return DeadLetter(Reason.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"[:300])
 
-    def _infer(self, items: list[_Ready], rows: list[np.ndarray]) -> Scores:
+    def _infer(
+        self, items: list[_Ready], rows: list[np.ndarray], scorer: Scorer | None = None
+    ) -> Scores:
+        """One call of ``scorer`` (default: the primary) on the batch."""
+        scorer = scorer or self.scorer
         feats = np.stack(rows)
         mask = np.ones(len(items), dtype=bool)
-        if not self.scorer.listens:  # one dummy sample per row: the artifact reads no audio
-            return self.scorer.score(np.zeros((len(items), 1), np.float32), feats, ~mask)
+        if not scorer.listens:  # one dummy sample per row: the artifact reads no audio
+            return scorer.score(np.zeros((len(items), 1), np.float32), feats, ~mask)
         if self.batch_resampler is None:
             waves = np.stack([cast(np.ndarray, item.waveform) for item in items])
-            return self.scorer.score(waves, feats, mask)
+            return scorer.score(waves, feats, mask)
         start = time.perf_counter()
         batch = self.batch_resampler([cast(Clip, item.waveform) for item in items])
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)  # to time it: the kernels run async
         resample_s = time.perf_counter() - start
-        scores = self.scorer.score(batch, feats, mask)
+        scores = scorer.score(batch, feats, mask)
         # Resampling on the device is part of the "frontend" stage: signal -> model input.
         frontend_s = (scores.frontend_s or 0.0) + resample_s
         return replace(scores, frontend_s=frontend_s, total_s=scores.total_s + resample_s)

@@ -19,7 +19,7 @@ _SECRET_FIELDS = frozenset({"redis_url", "kafka_properties"})
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names (kafka.common.internals.Topic), "." and ".." excepted.
 _TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
-_TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic")
+_TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic", "shadow_topic")
 KafkaRole = Literal["consumer", "producer", "admin"]
 # Kafka Streams' convention: "consumer.session.timeout.ms" reaches only the consumer. No
 # librdkafka property starts with one of these, so a prefixed key is never ambiguous.
@@ -79,6 +79,28 @@ class Settings(BaseSettings):
     """Dead-letter topic: original bytes plus reason headers."""
     group_id: str = "popscore"
     """Kafka consumer group."""
+    role: Literal["live", "backfill"] = "live"
+    """live: the primary model writes the view before any promotion. backfill: it never does
+    (only a current model's records reach the view), and the process yields to live traffic."""
+    cpu_nice: Annotated[int, Field(ge=0, le=19)] = 0
+    """Lower CPU priority of the whole process (Unix nice): a backfill on a host shared with
+    live consumers lets the scheduler serve live first."""
+    yield_to_group: str = ""
+    """A consumer group (the live one) whose lag on POPSCORE_YIELD_TO_TOPIC pauses this
+    consumer while above POPSCORE_YIELD_MAX_LAG; empty: never pause."""
+    yield_to_topic: str = "releases"
+    """The live group's input topic."""
+    yield_max_lag: Annotated[int, Field(ge=0)] = 100
+    """Live lag (records) above which a yielding consumer pauses."""
+    shadow_model: Path | None = None
+    """A second artifact scoring every batch beside the primary one, on the same decoded audio:
+    its scores go to its own Redis namespace and to POPSCORE_SHADOW_TOPIC; it never fails a
+    record or delays a score in Redis (docs/OPERATIONS.md, "Roll out a model")."""
+    shadow_topic: str = "release-scores-shadow"
+    """Topic the shadow model's ScoreRecords go to (in the batch's transaction)."""
+    shadow_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = 1000
+    """How long a batch's commit waits for the shadow once the primary is done; a later shadow
+    result stays out of the shadow topic (counted ``late``)."""
     audio_file_roots: Annotated[tuple[Path, ...], NoDecode] = ()
     """Comma-separated folders file:// URIs may resolve into (after symlinks); empty refuses all."""
     audio_s3_buckets: Annotated[tuple[str, ...], NoDecode] = ()
@@ -224,6 +246,6 @@ def _distinct_topics(settings: Settings) -> None:
         if topic in seen:
             raise ConfigError(
                 f"{ENV_PREFIX}{field.upper()}: {topic!r} is already "
-                f"{ENV_PREFIX}{seen[topic].upper()}; the three topics must differ"
+                f"{ENV_PREFIX}{seen[topic].upper()}; the topics must differ"
             )
         seen[topic] = field

@@ -82,6 +82,8 @@ class KafkaSource:
         self._hooks = (on_revoke, on_lost)
         self._at_end: set[Partition] = set()
         self._lag_checked = 0.0
+        self.remaining = 0
+        """Records between the positions and the ends of the assigned partitions (last check)."""
         self._no_position_since: dict[Partition, float] = {}
         self._first_read: dict[Partition, int] = {}
         """Per partition, the offset of the first record read since it was assigned."""
@@ -168,6 +170,7 @@ class KafkaSource:
         if not self.assignment or (not force and now - self._lag_checked < LAG_REFRESH_S):
             return
         self._lag_checked = now
+        total = 0
         for tp in self.consumer.position(self._partitions(self.assignment)):
             try:
                 _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
@@ -179,6 +182,9 @@ class KafkaSource:
             lag = high - tp.offset if tp.offset >= 0 else high
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
             self._watch_position((tp.topic, tp.partition), tp.offset, lag, now)
+            total += max(lag, 0)
+        self.remaining = total
+        self.metrics.remaining.set(total)
 
     def _watch_position(self, key: Partition, offset: int, lag: int, now: float) -> None:
         """Restart a partition that has had records to read but no fetch position for

@@ -1,13 +1,20 @@
-"""``popscore promote`` and ``popscore models``: which model version readers see in Redis."""
+"""``popscore promote``, ``models`` and ``backfill``: which model version readers see in Redis,
+and a catalog re-scored under a model."""
 
 import argparse
+import json
+import re
 import sys
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
 
 import redis
 
+from consumer.errors import UsageError
 from consumer.rollout import current_model, models, promote
 from consumer.settings import Settings
-from popscore.cli.argtypes import Subparsers
+from popscore.cli.argtypes import Parser, Subparsers, existing_file, int_at_least, positive_int
 
 
 def register(sub: Subparsers) -> None:
@@ -25,6 +32,7 @@ def register(sub: Subparsers) -> None:
     parser.set_defaults(handler=_promote)
     listing = sub.add_parser("models", help="list the model versions Redis holds scores of")
     listing.set_defaults(handler=_models)
+    register_backfill(sub)
 
 
 def _client(settings: Settings) -> redis.Redis:
@@ -53,4 +61,134 @@ def _models(_args: argparse.Namespace, settings: Settings) -> int:
         mark = "* " if entry.current else "  "
         when = entry.last_write.isoformat(timespec="seconds") if entry.last_write else "-"
         print(f"{mark}{entry.version:<40} {entry.tracks:>10}  {when}")
+    return 0
+
+
+BACKFILL_TOPIC = "releases-backfill"
+
+
+def register_backfill(sub: Subparsers) -> None:
+    """Add ``backfill publish`` and ``backfill run``."""
+    parser = sub.add_parser(
+        "backfill",
+        help="re-score a catalog under a model: publish it to a topic, consume it there",
+        description=(
+            "Re-score a catalog under one model through its own topic and consumer group, "
+            "like the live service (docs/OPERATIONS.md, 'Roll out a model')."
+        ),
+    )
+    steps = parser.add_subparsers(dest="step", required=True, parser_class=Parser)
+    publish = steps.add_parser(
+        "publish", help="publish a catalog (Parquet or JSONL of ReleaseEvents) to the topic"
+    )
+    publish.set_defaults(handler=_publish)
+    publish.add_argument("--catalog", type=existing_file, required=True)
+    publish.add_argument("--topic", default=BACKFILL_TOPIC)
+    publish.add_argument("--partitions", type=positive_int, default=8)
+    publish.add_argument(
+        "--force", action="store_true", help="publish even when the topic already holds records"
+    )
+    run = steps.add_parser(
+        "run",
+        help="consume a backfill topic (or a compacted topic of the latest events) under MODEL",
+    )
+    run.set_defaults(handler=_run)
+    run.add_argument("--model", type=existing_file, required=True)
+    run.add_argument("--topic", default=BACKFILL_TOPIC, help="the topic to re-score")
+    run.add_argument("--group", help="default: popscore-backfill-<model_version>")
+    run.add_argument(
+        "--nice", type=int, choices=range(20), default=10, metavar="0-19", help="CPU nice value"
+    )
+    run.add_argument(
+        "--yield-to",
+        metavar="GROUP",
+        help="pause while this group lags (default: POPSCORE_GROUP_ID); '' never pauses",
+    )
+    run.add_argument("--follow", action="store_true", help="keep consuming after the end")
+    run.add_argument("--http-port", type=int_at_least(0), default=9401)
+
+
+def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.kafka import ensure_topics, topic_records
+    from popscore.cli.produce import jsonl_records, send
+
+    admin = settings.kafka_config("admin")
+    ensure_topics(admin, [args.topic], args.partitions)
+    held = topic_records(admin, args.topic)
+    if held and not args.force:
+        raise UsageError(
+            f"{args.topic} already holds {held} records (consumers resume from their offsets); "
+            "--force publishes the catalog again (its events are then duplicates, and dropped)"
+        )
+    parquet = args.catalog.suffix.lower() in (".parquet", ".pq")
+    records = parquet_records(args.catalog) if parquet else jsonl_records(args.catalog)
+    count = send(settings.kafka_config("producer"), args.topic, records)
+    print(f"published {count} events to {args.topic}")
+    return 0
+
+
+def parquet_records(path: Path) -> Iterator[tuple[bytes | None, bytes]]:
+    """(key, value) per Parquet row: its ReleaseEvent fields (flat, dotted or struct columns)
+    as JSON, sent whatever they hold, so an invalid row is dead-lettered with its reason."""
+    import pyarrow.parquet as pq
+
+    from popscore.training.catalog import row_event
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            doc = row_event(row)
+            for key in ("schema_version", "event_id", "track_id", "emitted_at", "audio_uri"):
+                if row.get(key) is not None:
+                    doc[key] = row[key]
+            track = doc.get("track_id")
+            key_bytes = track.encode() if isinstance(track, str) else None
+            yield key_bytes, json.dumps(doc, default=_json_value).encode()
+
+
+def _json_value(value: object) -> str:
+    if isinstance(value, datetime):  # Parquet's naive timestamps are UTC (isAdjustedToUTC)
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return aware.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def backfill_settings(args: argparse.Namespace, settings: Settings, version: str) -> Settings:
+    """The live settings turned into a backfill consumer's: its own topics and group, the
+    backfill role, a lower CPU priority, yielding to the live group."""
+    name = re.sub(r"[^a-zA-Z0-9._-]", "_", version)[:200]
+    return settings.model_copy(
+        update={
+            "model": args.model,
+            "input_topic": args.topic,
+            "output_topic": f"{settings.output_topic}-backfill",
+            "dlq_topic": f"{settings.dlq_topic}-backfill",
+            "group_id": args.group or f"popscore-backfill-{name}",
+            "transactional_id": None,
+            "shadow_model": None,
+            "role": "backfill",
+            "cpu_nice": args.nice,
+            "yield_to_group": settings.group_id if args.yield_to is None else args.yield_to,
+            "yield_to_topic": settings.input_topic,
+            "http_port": args.http_port,
+        }
+    )
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.app import App
+    from consumer.kafka import ensure_topics
+    from popscore.artifact import load
+
+    version = load(args.model).meta.model_version
+    s = backfill_settings(args, settings, version)
+    ensure_topics(s.kafka_config("admin"), [s.output_topic, s.dlq_topic], 8)
+    print(f"backfill of {args.topic} under {version}: group {s.group_id}, scores to "
+          f"{s.output_topic}", file=sys.stderr)  # fmt: skip
+    with App(s, stop_at_end=not args.follow) as app:
+        app.install_signal_handlers()
+        app.run()
+        done = app.metrics.registry.get_sample_value("popscore_events_total", {"outcome": "scored"})
+    print(f"backfill: {int(done or 0)} events scored under {version}")
     return 0
