@@ -41,10 +41,30 @@ def serving(artifact: Path) -> Scorer:
     return Scorer(artifact, "cpu")
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_audio", [True, False])
-def test_a_sound_artifact_passes_the_self_test(use_audio: bool, tmp_path: Path) -> None:
-    scorer = Scorer(export(net(use_audio=use_audio), tmp_path / "m.pt", clip_seconds=CLIP), "cpu")
-    assert self_test(scorer) is None
+def test_a_sound_artifact_passes_the_self_test(
+    use_audio: bool, device: str, tmp_path: Path
+) -> None:
+    path = export(net(use_audio=use_audio), tmp_path / "m.pt", clip_seconds=CLIP)
+    assert self_test(Scorer(path, device)) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_candidate_is_loaded_on_the_serving_device(
+    artifact: Path, device: str, tmp_path: Path
+) -> None:
+    verdict = vet(new_version(artifact, tmp_path / "new.pt"), device, Scorer(artifact, device))
+    assert verdict.outcome == "loaded" and verdict.scorer is not None
+    assert verdict.scorer.device == Scorer(artifact, device).device
 
 
 def broken_scores(**changes: np.ndarray) -> Scores:
