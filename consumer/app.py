@@ -10,7 +10,8 @@ A batch is committed — scores, dead letters and input offsets in one Kafka tra
 after its Redis write. At most ``max_inflight_batches`` are in flight; the next batch fills
 meanwhile, and once it is full the partitions are paused while the loop keeps polling, so no
 batch can outlast ``max.poll.interval.ms`` and memory stays bounded. SIGTERM/SIGINT: the
-batches in hand are finished and committed, then exit 0.
+batches in hand are finished and committed, then exit 0. SIGHUP: the model is reloaded between
+two batches (``consumer.reload``).
 """
 
 import logging
@@ -43,6 +44,7 @@ from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline, Prepared, shadow_problem
 from consumer.progress import Progress
+from consumer.reload import FileWatch, Reloader
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
 from consumer.source import KafkaSource, Partition, next_offsets, partition_of, record_id
@@ -95,6 +97,12 @@ def training_labels(meta: ArtifactMeta) -> tuple[str, str]:
     data = (meta.training.data if meta.training else None) or "unknown"
     name = Path(data).name if "/" in data else data
     return name[:64], {True: "true", False: "false", None: "unknown"}[meta.synthetic]
+
+
+def model_labels(scorer: Scorer) -> tuple[str, str, str, str]:
+    """popscore_model_info's labels for ``scorer``."""
+    meta = scorer.meta
+    return (meta.model_version, str(scorer.device), *training_labels(meta))
 
 
 def stuck_after(s: Settings) -> float:
@@ -202,6 +210,7 @@ class App:
         # The shadow model scores beside the sink stage, on its own thread: a slow or failing
         # shadow never holds up the primary's Redis write.
         self._shadow_stage = self._executor(1, "shadow") if self.shadow else None
+        self.reloader = self._reloader()
         self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first (it joins the group only at its first poll, in run()): a property
@@ -250,8 +259,7 @@ class App:
         """popscore_model_info, and what the model learnt from in the log; a warning when it
         is synthetic data (the demo's model): its scores say nothing about real popularity."""
         meta = self.scorer.meta
-        labels = (meta.model_version, str(self.scorer.device), *training_labels(meta))
-        self.metrics.model_info.labels(*labels).set(1)
+        self.metrics.model_info.labels(*model_labels(self.scorer)).set(1)
         log.info("serving %s", meta.provenance())
         if meta.synthetic:
             log.warning("%s was trained on SYNTHETIC data: its scores say nothing about real "
@@ -260,10 +268,33 @@ class App:
             self.metrics.shadow_info.labels(self.shadow.meta.model_version).set(1)
             log.info("shadow %s", self.shadow.meta.provenance())
 
+    def _reloader(self) -> Reloader:
+        s = self.settings
+        watch = FileWatch(s.model, s.model_watch_s, time.monotonic) if s.model_watch_s else None
+        return Reloader(
+            s.model,
+            s.device,
+            self.scorer,
+            loader=self._executor(1, "reload"),
+            stage=self._stages[1],
+            swap=self._swap_model,
+            metrics=self.metrics,
+            watch=watch,
+        )
+
+    def _swap_model(self, new: Scorer) -> None:
+        """On the device stage, between two batches (``consumer.reload``)."""
+        old, self.scorer = self.scorer, new
+        self.pipeline.scorer = new
+        self.metrics.model_info.remove(*model_labels(old))
+        self._announce_model()
+
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: finish the batches in hand, then leave the loop."""
+        """SIGTERM/SIGINT: finish the batches in hand, then leave the loop. SIGHUP: reload the
+        model (the handler only sets a flag; the main loop does the rest)."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reloader.request())
 
     def _live_traffic(self) -> LiveTraffic | None:
         """What this consumer yields to (POPSCORE_YIELD_TO_GROUP), closed on exit."""
@@ -280,6 +311,7 @@ class App:
         while self.running:
             self.health.beat()
             self._commit_finished()
+            self.reloader.poll()
             self._poll()
             self.source.refresh_lag()
             self._set_eta()

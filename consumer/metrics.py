@@ -14,6 +14,10 @@ PARTITION = "partition"
 OUTCOME_SCORED = "scored"
 OUTCOME_DEAD_LETTERED = "dead_lettered"
 OUTCOME_DUPLICATE = "duplicate"
+# popscore_model_reloads_total: swapped in, refused (the old model serves on), same version
+RELOAD_LOADED = "loaded"
+RELOAD_REFUSED = "refused"
+RELOAD_UNCHANGED = "unchanged"
 
 STAGES = ("fetch", "decode", "frontend", "inference", "redis", "produce", "commit")
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -102,10 +106,19 @@ class Metrics:
             registry=r,
         )
         self._shadow_metrics()
+        self.model_reloads = Counter(
+            "popscore_model_reloads_total",
+            "Model reloads (SIGHUP or a changed artifact file), by outcome: loaded, refused "
+            "(the old model serves on), unchanged (the same model_version).",
+            [OUTCOME],
+            registry=r,
+        )
         for outcome in (OUTCOME_SCORED, OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE):
             self.events.labels(outcome)  # export zeros, so rate() works from the first scrape
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        for outcome in (RELOAD_LOADED, RELOAD_REFUSED, RELOAD_UNCHANGED):
+            self.model_reloads.labels(outcome)
         for ended in ("committed", "aborted"):
             self.transactions.labels(ended)
         for reason in DeadLetterReason:

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     """TTL of score hashes in seconds; 0 keeps them forever."""
     model: Path = Path("models/demo.pt")
     """Path of the TorchScript artifact (docs/INTERFACE.md, "Model artifact")."""
+    model_watch_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    """How often the artifact file is checked for a change (mtime, size, inode), which reloads
+    it as SIGHUP does; 0 = only on SIGHUP."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N; auto picks CUDA when present."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32

@@ -175,3 +175,12 @@ def test_an_audio_root_that_is_not_a_folder_is_a_bad_setting(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"^POPSCORE_AUDIO_FILE_ROOTS: '.*absent' is not a"):
         audio_policy(load_settings(audio_file_roots=(tmp_path, tmp_path / "absent")))
+
+
+def test_the_model_watch_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().model_watch_s == 0
+    monkeypatch.setenv("POPSCORE_MODEL_WATCH_S", "2.5")
+    assert load_settings().model_watch_s == 2.5
+    monkeypatch.setenv("POPSCORE_MODEL_WATCH_S", "-1")
+    with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL_WATCH_S: "):
+        load_settings()
