@@ -9,6 +9,7 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from consumer.errors import UsageError
 from consumer.settings import Settings
 from popscore.cli.argtypes import Subparsers, existing_dir, positive_float, positive_int
 
-MODES = ("compute", "e2e", "naive", "compute_process", "soak")
+MODES = ("compute", "e2e", "naive", "compute_process", "soak", "shadow", "backfill")
 DEFAULT_MODES = ("compute", "e2e", "naive")
 # Debian's wesnoth-1.16-music: real music, OGG/Vorbis 44.1 kHz stereo, 5 s to 9 min.
 WESNOTH_GLOB = "/usr/share/games/wesnoth/*/data/core/music"
@@ -43,7 +44,9 @@ def register(sub: Subparsers) -> None:
         "--modes",
         default=",".join(DEFAULT_MODES),
         help="comma-separated, of: compute, e2e, naive (the default), compute_process (the "
-        "compute ceiling with a process pool instead of threads), soak",
+        "compute ceiling with a process pool instead of threads), soak, shadow (the e2e max "
+        "with a shadow model beside the primary), backfill (live p99 at --rate alone and "
+        "beside a backfill process)",
     )
     source = bench.add_mutually_exclusive_group()
     source.add_argument(
@@ -92,16 +95,18 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.audio import AudioPolicy
     from consumer.device import Scorer
     from consumer.pipeline import batch_resampler_for
-    from popscore.bench import compute, corpus, e2e, naive, soak
+    from popscore.bench import compute, corpus
     from popscore.bench.stats import ModeResult, Workload, report, table
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
         print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
         return 2
-    if "soak" in modes and not args.rate and "e2e" not in modes:
-        print("popscore bench: the soak mode needs --rate or the e2e mode", file=sys.stderr)
-        return 2
+    for needs_rate in ("soak", "backfill"):
+        if needs_rate in modes and not args.rate and "e2e" not in modes:
+            print(f"popscore bench: the {needs_rate} mode needs --rate or the e2e mode",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
         torch.set_num_threads(args.torch_threads)
@@ -147,18 +152,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,
                                        base.decode_workers, kind,
                                        resampler))  # fmt: skip
-    rate = args.rate
-    if "e2e" in modes:
-        maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
-        results.append(maxed)
-        rate = rate or maxed.events_per_s / 2
-        n = max(args.events, round(rate * args.rate_seconds))
-        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate", n), rate, "e2e_rate"))
-    if "naive" in modes:
-        results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
-    if "soak" in modes and rate:
-        n = max(1, round(rate * args.soak_seconds))
-        results.append(soak.run(_unique(base, run_id, "soak"), fresh("soak", n), rate))
+    results += _service_modes(args, modes, base, run_id, fresh, scorer, policy)
     doc = report(workload, results, machine_info())
     print(table(doc))
     if args.json:
@@ -166,6 +160,43 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _service_modes(
+    args: argparse.Namespace,
+    modes: list[str],
+    base: Settings,
+    run_id: str,
+    fresh: Callable[..., list[Any]],
+    scorer: Any,
+    policy: Any,
+) -> list[Any]:
+    """The modes that run the service through Kafka and Redis, in order."""
+    from popscore.bench import e2e, naive, rollout, soak
+
+    results: list[Any] = []
+    rate = args.rate
+    if "e2e" in modes or "shadow" in modes:
+        maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
+        results.append(maxed)
+        rate = rate or maxed.events_per_s / 2
+    if "shadow" in modes:
+        results.append(rollout.shadow(base, _unique(base, run_id, "shadow"), fresh("shadow")))
+    if "e2e" in modes and rate:
+        n = max(args.events, round(rate * args.rate_seconds))
+        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate", n), rate, "e2e_rate"))
+    if "backfill" in modes and rate:
+        n = max(args.events, round(rate * args.rate_seconds))
+        live = (fresh("alone", n), fresh("beside", n))
+        catalog = fresh("catalog", max(1000, 20 * args.rate_seconds))
+        results += rollout.backfill(_unique(base, run_id, "alone"), _unique(base, run_id, "beside"),
+                                    live, catalog, rate)  # fmt: skip
+    if "naive" in modes:
+        results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
+    if "soak" in modes and rate:
+        n = max(1, round(rate * args.soak_seconds))
+        results.append(soak.run(_unique(base, run_id, "soak"), fresh("soak", n), rate))
+    return results
 
 
 def _require_benchmark() -> None:
