@@ -35,6 +35,7 @@ from consumer.batcher import MicroBatcher
 from consumer.commit import TransactionAborted, Transactions
 from consumer.dead_letters import Rejected
 from consumer.device import Scorer
+from consumer.drift import DriftMonitor
 from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
 from consumer.health import STUCK_S, Health, HealthServer
 from consumer.kafka import client
@@ -155,6 +156,9 @@ class App:
             s.max_event_bytes,
             s.resample_on,
             max_future_skew_s=s.max_future_skew_s,
+            drift=DriftMonitor.create(
+                self.scorer.meta, self.metrics, s.drift_window, s.drift_min_events
+            ),
         )
         # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
         # stage n of the next (decode of batch k+1 while batch k is on the device).
