@@ -112,7 +112,9 @@ def test_the_reference_round_trips_in_the_metadata() -> None:
         ({"rows": None}, "reference"),
     ],
 )
-def test_a_malformed_reference_is_one_artifact_error(change: dict[str, object], message: str) -> None:
+def test_a_malformed_reference_is_one_artifact_error(
+    change: dict[str, object], message: str
+) -> None:
     built = Reference.build(("a",), np.arange(20.0)[:, None], np.arange(20.0))
     raw = {"model_version": "m", "sample_rate": RATE, "clip_seconds": CLIP, "features": ["a"],
            "hit_threshold": 70.0, "reference": {**built.to_dict(), **change}}  # fmt: skip
@@ -120,8 +122,9 @@ def test_a_malformed_reference_is_one_artifact_error(change: dict[str, object], 
         ArtifactMeta.from_dict(raw)
 
 
-def test_the_demo_model_carries_a_reference() -> None:
-    meta = load(Path(__file__).resolve().parents[2] / "models" / "demo.pt").meta
+@pytest.mark.parametrize("name", ["demo.pt", "paper-features.pt"])
+def test_the_shipped_models_carry_a_reference(name: str) -> None:
+    meta = load(Path(__file__).resolve().parents[2] / "models" / name).meta
     assert meta.reference is not None and list(meta.reference.features) == list(meta.features)
     assert len(meta.to_json()) < 20_000, "the reference keeps the metadata small"
 
@@ -220,7 +223,7 @@ def test_the_pipeline_feeds_its_scored_events_to_the_monitor(tmp_path: Path) -> 
 def test_the_window_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (load_settings().drift_window, load_settings().drift_min_events) == (2000, 200)
     monkeypatch.setenv("POPSCORE_DRIFT_WINDOW", "100")
-    with pytest.raises(ConfigError, match="POPSCORE_DRIFT_MIN_EVENTS: .*WINDOW \\(100\\)"):
+    with pytest.raises(ConfigError, match=r"POPSCORE_DRIFT_MIN_EVENTS: .*WINDOW \(100\)"):
         load_settings()
     monkeypatch.setenv("POPSCORE_DRIFT_WINDOW", "0")
     with pytest.raises(ConfigError, match="POPSCORE_DRIFT_WINDOW"):
