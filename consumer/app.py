@@ -38,6 +38,7 @@ from consumer.batcher import MicroBatcher
 from consumer.commit import TransactionAborted, Transactions
 from consumer.dead_letters import Rejected
 from consumer.device import Scorer
+from consumer.drift import DriftMonitor
 from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
 from consumer.health import STUCK_S, Health, HealthServer
 from consumer.kafka import client
@@ -203,6 +204,9 @@ class App:
             s.max_event_bytes,
             s.resample_on,
             max_future_skew_s=s.max_future_skew_s,
+            drift=DriftMonitor.create(
+                self.scorer.meta, self.metrics, s.drift_window, s.drift_min_events
+            ),
         )
         # One thread per stage keeps batches in order while stage n+1 of one batch overlaps
         # stage n of the next (decode of batch k+1 while batch k is on the device).
@@ -288,6 +292,12 @@ class App:
         self.pipeline.scorer = new
         self.metrics.model_info.remove(*model_labels(old))
         self._announce_model()
+        # Drift is measured against the serving model's own training reference.
+        m, s = self.metrics, self.settings
+        for gauge in (m.feature_missing_ratio, m.feature_missing_ratio_reference, m.feature_psi,
+                      m.score_psi):  # fmt: skip
+            gauge.clear()
+        self.pipeline.drift = DriftMonitor.create(new.meta, m, s.drift_window, s.drift_min_events)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batches in hand, then leave the loop. SIGHUP: reload the

@@ -10,6 +10,8 @@ REASON = "reason"
 STAGE = "stage"
 TOPIC = "topic"
 PARTITION = "partition"
+FEATURE = "feature"
+SCORE = "score"
 
 OUTCOME_SCORED = "scored"
 OUTCOME_DEAD_LETTERED = "dead_lettered"
@@ -113,6 +115,7 @@ class Metrics:
             [OUTCOME],
             registry=r,
         )
+        self._add_drift(r)
         for outcome in (OUTCOME_SCORED, OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE):
             self.events.labels(outcome)  # export zeros, so rate() works from the first scrape
         for stage in STAGES:
@@ -157,3 +160,30 @@ class Metrics:
             self.shadow_events.labels(outcome)
         for agree in ("true", "false"):
             self.shadow_agreement.labels(agree)
+
+    def _add_drift(self, r: CollectorRegistry) -> None:
+        # Set by consumer.drift; absent while the model has no reference or the window is short.
+        self.feature_missing_ratio = Gauge(
+            "popscore_feature_missing_ratio",
+            "Share of the drift window's events missing the feature.",
+            [FEATURE],
+            registry=r,
+        )
+        self.feature_missing_ratio_reference = Gauge(
+            "popscore_feature_missing_ratio_reference",
+            "Share of the model's training rows missing the feature.",
+            [FEATURE],
+            registry=r,
+        )
+        self.feature_psi = Gauge(
+            "popscore_feature_psi",
+            "Population stability index of the feature's present values, drift window vs training.",
+            [FEATURE],
+            registry=r,
+        )
+        self.score_psi = Gauge(
+            "popscore_score_psi",
+            "Population stability index of the score, drift window vs the model's training rows.",
+            [SCORE],
+            registry=r,
+        )

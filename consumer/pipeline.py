@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from consumer.audio import AudioPolicy, decode_window, open_uri
 from consumer.dead_letters import Rejected, internal_error
 from consumer.device import Scorer, Scores, failure_kind
+from consumer.drift import DriftMonitor
 from consumer.errors import DeadLetter, DeviceFailure
 from consumer.metrics import Metrics
 from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
@@ -129,8 +130,10 @@ class Pipeline:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         resample_on: str = "auto",
         max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.scorer = scorer
+        self.drift = drift
         self.max_event_bytes = max_event_bytes
         self.max_future_skew_s = max_future_skew_s
         self.policy = policy
@@ -242,7 +245,10 @@ class Pipeline:
         outcomes.update(zip(good, scored, strict=True))
         self._observe(time.perf_counter() - start, scored)
         scored_at = utc_now()
-        return [self._record(item, outcomes[i], scored_at) for i, item in enumerate(items)]
+        records = [self._record(item, outcomes[i], scored_at) for i, item in enumerate(items)]
+        if self.drift is not None:
+            self.drift.observe_scored(rows, records)
+        return records
 
     def _observe(self, elapsed: float, scored: list[tuple[Scores, int] | DeadLetter]) -> None:
         """The stage times: the frontend apart where the artifact exposes it; "inference" the

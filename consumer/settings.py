@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 from redis.connection import parse_url
 
@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     """Longest audio accepted, in seconds (by its header)."""
     audio_fetch_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
     """Deadline for fetching one audio file over http(s) or from S3."""
+    drift_window: Annotated[int, Field(ge=1, le=100_000)] = 2000
+    """How many of the latest scored events the drift gauges compare with the model's training
+    data (docs/INTERFACE.md, "Metrics"); its memory is a few bytes per event and feature."""
+    drift_min_events: Annotated[int, Field(ge=1)] = 200
+    """Events (for a feature's PSI: present values) the drift window needs before its gauges
+    are exported; at most POPSCORE_DRIFT_WINDOW. Fewer make PSI noise."""
 
     @field_validator("device")
     @classmethod
@@ -176,6 +182,14 @@ class Settings(BaseSettings):
     def _topic(cls, value: str) -> str:
         if not _TOPIC.match(value) or value in (".", ".."):
             raise ValueError("not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
+        return value
+
+    @field_validator("drift_min_events")
+    @classmethod
+    def _within_window(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("drift_window")
+        if window is not None and value > window:
+            raise ValueError(f"must not exceed POPSCORE_DRIFT_WINDOW ({window})")
         return value
 
     def instance_transactional_id(self) -> str:

@@ -19,6 +19,7 @@ from popscore.artifact.meta import (
     TrainingSummary,
 )
 from popscore.artifact.protocol import ArtifactModel, ScoringModule, StagedScoringModule
+from popscore.artifact.reference import Bins, FeatureReference, Reference
 from popscore.artifact.store import Artifact, load, resave, save, weights_digest
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "ArtifactError",
     "ArtifactMeta",
     "ArtifactModel",
+    "Bins",
+    "FeatureReference",
+    "Reference",
     "ScoringModule",
     "StagedScoringModule",
     "TrainingSummary",

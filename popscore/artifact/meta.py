@@ -15,6 +15,7 @@ from typing import Any
 
 from popscore.artifact.errors import ArtifactError
 from popscore.artifact.protocol import STAGED_METHODS, ArtifactModel
+from popscore.artifact.reference import Reference
 
 META_FILE = "popscore.json"
 DEFAULT_HIT_THRESHOLD = 70.0
@@ -78,6 +79,8 @@ class ArtifactMeta:
     exports: tuple[str, ...] | None = None
     """The module's methods; None in artifacts written before the key."""
     training: TrainingSummary | None = None
+    reference: Reference | None = None
+    """The training distribution drift is measured against; None in artifacts without it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know, written back as they were."""
 
@@ -130,6 +133,7 @@ class ArtifactMeta:
         training: TrainingSummary,
         hit_threshold: float = DEFAULT_HIT_THRESHOLD,
         hit_label_threshold: float | None = None,
+        reference: Reference | None = None,
         **extra: Any,
     ) -> "ArtifactMeta":
         """The one builder: the sample rate, feature order and audio use are read off the
@@ -144,6 +148,7 @@ class ArtifactMeta:
             uses_audio=bool(model.use_audio),
             exports=("forward", *STAGED_METHODS),
             training=training,
+            reference=reference,
             extra=extra,
         ).checked()
 
@@ -162,6 +167,8 @@ class ArtifactMeta:
             raise ArtifactError("features must be a non-empty list of dotted paths")
         if not math.isfinite(self.hit_threshold):
             raise ArtifactError(f"hit_threshold {self.hit_threshold} is not a number")
+        if self.reference is not None and list(self.reference.features) != list(self.features):
+            raise ArtifactError("reference: its features are not the artifact's, in order")
         if clash := sorted(set(self.extra) & _KNOWN_KEYS):
             raise ArtifactError(f"extra keys {clash} would overwrite the metadata's own")
         return self
@@ -183,6 +190,8 @@ class ArtifactMeta:
             out["exports"] = list(self.exports)
         if self.training is not None:
             out["training"] = self.training.to_dict()
+        if self.reference is not None:
+            out["reference"] = self.reference.to_dict()
         return {**out, **self.extra}
 
     def to_json(self) -> str:
@@ -199,6 +208,7 @@ class ArtifactMeta:
         try:
             label = raw.get("hit_label_threshold")
             exports = raw.get("exports")
+            reference = raw.get("reference")
             meta = cls(
                 model_version=str(raw["model_version"]),
                 sample_rate=int(raw["sample_rate"]),
@@ -209,6 +219,7 @@ class ArtifactMeta:
                 uses_audio=_optional_bool(raw.get("uses_audio")),
                 exports=None if exports is None else tuple(str(m) for m in exports),
                 training=TrainingSummary.from_dict(raw.get("training")),
+                reference=None if reference is None else Reference.from_dict(reference),
                 extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
             )
         except (TypeError, ValueError) as exc:

@@ -16,10 +16,17 @@ from pathlib import Path
 
 import torch
 
-from popscore.artifact import DEFAULT_FEATURES, ArtifactMeta, TrainingSummary, save, weights_digest
+from popscore.artifact import (
+    DEFAULT_FEATURES,
+    ArtifactMeta,
+    Reference,
+    TrainingSummary,
+    save,
+    weights_digest,
+)
 from popscore.training.model import FusionNet
 from popscore.training.synthetic import make_dataset
-from popscore.training.train import TrainConfig, evaluate, train
+from popscore.training.train import TrainConfig, evaluate, predict, train
 
 SAMPLE_RATE = 22050
 CLIP_SECONDS = 30.0
@@ -90,6 +97,8 @@ def build(args: argparse.Namespace) -> ArtifactMeta:
             "metrics": {key: round(value, 4) for key, value in metrics.items()},
         },
     )
+    fitted, _ = predict(model, waveforms[train_rows], features[train_rows])
+    reference = Reference.build(DEFAULT_FEATURES, features[train_rows], fitted)
     # No timings or dates in the metadata: a rerun on the same machine gives the same weights
     # and the same metadata (the file bytes still differ by torch's random serialization id).
     meta = ArtifactMeta.for_model(
@@ -98,6 +107,7 @@ def build(args: argparse.Namespace) -> ArtifactMeta:
         clip_seconds=CLIP_SECONDS,
         hit_threshold=config.hit_threshold,
         training=training,
+        reference=reference,
         hit_definition=HIT_DEFINITION,
         torch_version=torch.__version__,
     )

@@ -24,6 +24,7 @@ from consumer.errors import UsageError
 from consumer.settings import Settings
 from popscore.artifact import (
     ArtifactMeta,
+    Reference,
     TrainingSummary,
     save,
     weights_digest,
@@ -39,6 +40,7 @@ from popscore.training.evaluate import (
     ModelSpec,
     cross_validate,
     fit_model,
+    predict_rows,
 )
 from popscore.training.metrics import group_folds
 from popscore.training.report import summary, write_report
@@ -47,6 +49,9 @@ from popscore.training.stream import Stream
 SAMPLE_RATE = 22050
 CLIP_SECONDS = 30.0
 SYNTHETIC_SECONDS = 6.0  # crops of synthetic audio: the CNN pools over time, any length serves
+# Deciles need few rows; scoring every row of a catalog again would cost another pass over
+# its audio.
+REFERENCE_SCORED_ROWS = 5000
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,22 @@ def train(
             variant=spec.name,
             evaluation=evaluation,
         ),
+        reference=reference(model, table, spec, seed),
     )
     return save(model, out, meta), meta
+
+
+def reference(model: torch.nn.Module, table: TrackTable, spec: ModelSpec, seed: int) -> Reference:
+    """The drift reference: every training row's features, and the model's popularity on at
+    most REFERENCE_SCORED_ROWS of them (in-sample: the rows it was fitted on)."""
+    n = len(table.popularity)
+    rows = np.arange(n)
+    if n > REFERENCE_SCORED_ROWS:
+        chosen = np.random.default_rng(seed).choice(n, REFERENCE_SCORED_ROWS, replace=False)
+        rows = np.sort(chosen)
+    return Reference.build(
+        table.feature_paths, table.features, predict_rows(model, table, spec, rows)
+    )
 
 
 def prepare_cache(

@@ -1,6 +1,7 @@
 """The dashboard and the rules against the real thing: Debian's Prometheus scrapes a live
 consumer (1 s interval) while it scores events and dead-letters a few; every Grafana panel's
-PromQL and every recording rule must then return data through the Prometheus HTTP API."""
+PromQL and every recording rule must then return data through the Prometheus HTTP API (the
+drift panels too: the demo artifact carries a drift reference)."""
 
 import json
 import math
@@ -135,6 +136,8 @@ def test_every_panel_and_recording_returns_data(
     scrape(prom_port, config, http_port)
     env = {**os.environ, **consumer_env, "POPSCORE_HTTP_PORT": str(http_port)}
     env["POPSCORE_BATCH_SIZE"] = "4"
+    # The drift panels need their gauges, which wait for this many scored events.
+    env["POPSCORE_DRIFT_MIN_EVENTS"] = "4"
     proc = subprocess.Popen([sys.executable, "-m", "popscore", "consume"], env=env, cwd=ROOT)
     try:
         # Prometheus saw the consumer finish every event (and so every rate window has it).

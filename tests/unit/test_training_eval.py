@@ -409,6 +409,8 @@ def test_train_then_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
     meta = load(out).meta
     assert meta.features == PAPER_FEATURES and meta.hit_threshold == 70.0
     assert meta.training is not None and meta.training.rows == 45
+    assert meta.reference is not None and meta.reference.rows == meta.reference.score_rows == 45
+    assert meta.reference.features["release.year"].bins is not None
     again = tmp_path / "m2.pt"
     assert main(["export", str(out), "--out", str(again), "--hit-threshold", "66.5"]) == 0
     meta2 = load(again).meta
