@@ -1,5 +1,6 @@
 """Which model readers see: ``popscore promote`` copies a model version's namespace into the view
-and makes it current; ``popscore models`` lists the versions Redis holds.
+and makes it current; ``popscore models`` lists the versions Redis holds (``--drop`` deletes a
+retired one's namespace).
 
 The switch, as a reader observes it (docs/INTERFACE.md, "Redis"):
 
@@ -161,6 +162,25 @@ def promote(
     promotion = Promotion(previous, version, days, seen, replaced, time.monotonic() - start)
     log.info("%s", promotion.report())
     return promotion
+
+
+def drop(client: redis.Redis, version: str) -> int:
+    """Delete a retired version's namespace (its hashes, leaderboards, event claims, info) and
+    forget it; the current version is refused. Returns how many keys went."""
+    if version == current_model(client):
+        raise PromotionError(f"{version} is the current model: promote another one first")
+    if not client.sismember(MODELS_KEY, version):
+        raise PromotionError(f"no scores of {version!r} in Redis (`popscore models`)")
+    client.srem(MODELS_KEY, version)  # first: a consumer still scoring it adds it back
+    gone, batch = 0, []
+    for key in _scan(client, model_prefix(version)):
+        batch.append(key)
+        if len(batch) >= SCAN_COUNT:
+            gone += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        gone += int(client.unlink(*batch))
+    return gone
 
 
 def _begin(client: redis.Redis, previous: str | None, version: str) -> None:

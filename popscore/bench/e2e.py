@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from consumer.app import App
 from consumer.kafka import client, ensure_topics, produce, producer_config
+from consumer.metrics import SHADOW_OUTCOMES
 from consumer.settings import Settings
 from popscore.bench.corpus import stamped
 from popscore.bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
@@ -126,6 +127,7 @@ def run(
             raise TimeoutError(f"{mode}: {len(recorder.latencies)}/{len(events)} events written")
         rss = peak_rss_mb()
         dead = dict(app.stats.dead_letters)
+        shadow = shadow_outcomes(app)
     return ModeResult(
         mode=mode,
         events=len(events),
@@ -133,8 +135,21 @@ def run(
         latencies_s=recorder.latencies,
         peak_rss_mb=rss,
         offered_rate=rate,
-        notes={"stages": stages, **({"dead_letters": dead} if dead else {})},
+        notes={
+            "stages": stages,
+            **({"dead_letters": dead} if dead else {}),
+            **({"shadow": shadow} if shadow else {}),
+        },
     )
+
+
+def shadow_outcomes(app: App) -> dict[str, int]:
+    """What the shadow model did (scored, failed, late, ...); empty without one."""
+    if app.shadow is None:
+        return {}
+    get = app.metrics.registry.get_sample_value
+    counts = {o: get("popscore_shadow_events_total", {"outcome": o}) for o in SHADOW_OUTCOMES}
+    return {outcome: int(count or 0) for outcome, count in counts.items()}
 
 
 def stage_totals(registry: CollectorRegistry) -> dict[str, tuple[float, float]]:

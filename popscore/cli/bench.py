@@ -17,7 +17,7 @@ from consumer.errors import UsageError
 from consumer.settings import Settings
 from popscore.cli.argtypes import Subparsers, existing_dir, positive_float, positive_int
 
-MODES = ("compute", "e2e", "naive", "compute_process", "soak", "shadow", "backfill")
+MODES = ("compute", "e2e", "naive", "compute_process", "soak", "shadow", "backfill", "promote")
 DEFAULT_MODES = ("compute", "e2e", "naive")
 # Debian's wesnoth-1.16-music: real music, OGG/Vorbis 44.1 kHz stereo, 5 s to 9 min.
 WESNOTH_GLOB = "/usr/share/games/wesnoth/*/data/core/music"
@@ -46,7 +46,7 @@ def register(sub: Subparsers) -> None:
         help="comma-separated, of: compute, e2e, naive (the default), compute_process (the "
         "compute ceiling with a process pool instead of threads), soak, shadow (the e2e max "
         "with a shadow model beside the primary), backfill (live p99 at --rate alone and "
-        "beside a backfill process)",
+        "beside a backfill process), promote (popscore promote of --events x 1000 tracks)",
     )
     source = bench.add_mutually_exclusive_group()
     source.add_argument(
@@ -191,6 +191,8 @@ def _service_modes(
         catalog = fresh("catalog", max(1000, 20 * args.rate_seconds))
         results += rollout.backfill(_unique(base, run_id, "alone"), _unique(base, run_id, "beside"),
                                     live, catalog, rate)  # fmt: skip
+    if "promote" in modes:
+        results.append(rollout.promotion(base, args.events * 1000))
     if "naive" in modes:
         results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
     if "soak" in modes and rate:

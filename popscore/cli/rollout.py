@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 
 from consumer.errors import UsageError
-from consumer.rollout import current_model, models, promote
+from consumer.rollout import current_model, drop, models, promote
 from consumer.settings import Settings
 from popscore.cli.argtypes import Parser, Subparsers, existing_file, int_at_least, positive_int
 
@@ -32,6 +32,11 @@ def register(sub: Subparsers) -> None:
     parser.set_defaults(handler=_promote)
     listing = sub.add_parser("models", help="list the model versions Redis holds scores of")
     listing.set_defaults(handler=_models)
+    listing.add_argument(
+        "--drop",
+        metavar="VERSION",
+        help="delete a retired version's scores, leaderboards and claims (not the current one)",
+    )
     register_backfill(sub)
 
 
@@ -51,8 +56,11 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _models(_args: argparse.Namespace, settings: Settings) -> int:
+def _models(args: argparse.Namespace, settings: Settings) -> int:
     with _client(settings) as client:
+        if args.drop:
+            print(f"dropped {args.drop}: {drop(client, args.drop)} keys deleted")
+            return 0
         entries = models(client)
         if current_model(client) is None:
             print("no promotion yet: the live consumers' primary model writes the view")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import pytest
 import redis
 
 from consumer.commit import EXIT_WEDGED
+from consumer.kafka import ensure_topics
+from popscore.artifact import load, resave
+from schemas import ScoreRecord
 from tests.chaos.harness import (
     CHAOS_KAFKA,
     Corpus,
@@ -28,7 +32,7 @@ from tests.chaos.harness import (
     send,
     wait_until,
 )
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(900)]
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "300"))
@@ -109,6 +113,37 @@ def test_kill_9_repeatedly(
             sup.tick()
 
     run_scenario("kill-9", chaos_env, redis_client, tmp_path, 1, fault)
+
+
+def test_kill_9_repeatedly_with_a_shadow_model(
+    chaos_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path, model_path: Path
+) -> None:
+    """The same kills with a shadow model beside the primary: the primary's figures stay zero,
+    and the shadow topic never holds an event twice (a late or failed shadow may miss some)."""
+    artifact = load(model_path)
+    meta = artifact.meta.replace(model_version=f"{artifact.meta.model_version}-shadow")
+    shadow = resave(artifact.module, tmp_path / "shadow.pt", meta)
+    topic = chaos_env["POPSCORE_OUTPUT_TOPIC"] + "-shadow"
+    bootstrap = chaos_env["POPSCORE_KAFKA_BOOTSTRAP"]
+    ensure_topics({"bootstrap.servers": bootstrap}, [topic], 3)
+    env = {**chaos_env, "POPSCORE_SHADOW_MODEL": str(shadow), "POPSCORE_SHADOW_TOPIC": topic}
+
+    def fault(sup: Supervisor, corpus: Corpus) -> None:
+        for k in range(1, KILLS + 1):
+            progress(redis_client, corpus, k / (KILLS + 2), sup)
+            sup.kill("c0")
+            sup.tick()
+
+    run_scenario("kill-9-shadow", env, redis_client, tmp_path, 1, fault)
+    seen = Counter(ScoreRecord.from_json(m.value()).event_id for m in read_all(bootstrap, topic, 0))
+    duplicated = sum(count - 1 for count in seen.values() if count > 1)
+    line = f"chaos[kill-9-shadow] shadow topic: events={len(seen)} duplicated={duplicated}"
+    print(line)
+    if report := os.environ.get("CHAOS_REPORT"):
+        with open(report, "a") as out:
+            out.write(line + "\n")
+    assert duplicated == 0, line
+    assert len(seen) > 0, line
 
 
 def own_stack_pid(service: str) -> int:

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from consumer.kafka import ensure_topics
+from popscore.artifact import load, resave
 from popscore.cli import produce
 from tests.integration.conftest import ROOT
 from tests.integration.test_service import free_port, http_get, produce_synthetic, wait_for
@@ -122,8 +124,14 @@ def recordings() -> list[str]:
     return [r["record"] for g in groups for r in g["rules"] if "record" in r]
 
 
+def shadow_of(model: Path, folder: Path) -> Path:
+    artifact = load(model)
+    meta = artifact.meta.replace(model_version=f"{artifact.meta.model_version}-shadow")
+    return resave(artifact.module, folder / "shadow.pt", meta)
+
+
 def test_every_panel_and_recording_returns_data(
-    consumer_env: dict[str, str], prometheus: tuple[int, Path]
+    consumer_env: dict[str, str], prometheus: tuple[int, Path], tmp_path: Path
 ) -> None:
     prom_port, config = prometheus
     started = time.time()
@@ -138,6 +146,10 @@ def test_every_panel_and_recording_returns_data(
     env["POPSCORE_BATCH_SIZE"] = "4"
     # The drift panels need their gauges, which wait for this many scored events.
     env["POPSCORE_DRIFT_MIN_EVENTS"] = "4"
+    # The shadow panels need a shadow: the demo model again under another version.
+    env["POPSCORE_SHADOW_MODEL"] = str(shadow_of(Path(consumer_env["POPSCORE_MODEL"]), tmp_path))
+    env["POPSCORE_SHADOW_TOPIC"] = consumer_env["POPSCORE_OUTPUT_TOPIC"] + "-shadow"
+    ensure_topics(config_kafka, [env["POPSCORE_SHADOW_TOPIC"]], 3)
     proc = subprocess.Popen([sys.executable, "-m", "popscore", "consume"], env=env, cwd=ROOT)
     try:
         # Prometheus saw the consumer finish every event (and so every rate window has it).

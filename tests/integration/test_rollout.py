@@ -191,3 +191,9 @@ def test_the_cli_lists_models_and_promotes(
     assert main(["models"]) == 0
     assert "* model-b" in capsys.readouterr().out
     assert main(["promote", "unknown"]) == 1
+    assert main(["models", "--drop", "model-b"]) == 1, "the current model is never dropped"
+    assert main(["models", "--drop", "model-a"]) == 0
+    assert "dropped model-a" in capsys.readouterr().out
+    assert [entry.version for entry in models(db)] == ["model-b"]
+    assert not list(db.scan_iter(match="popscore:model:model-a:*"))
+    assert view_version(db, "t2") == "model-a", "the view keeps what it shows"

@@ -271,3 +271,23 @@ def test_profile_summary_leaves_out_waits_and_names_each_stage() -> None:
         "event parse and records (Python)": 4,
     }
     assert "60.0%" in render(profile, top=3)
+
+
+def test_rollout_targets_compare_live_p99_and_shadow_throughput() -> None:
+    from popscore.bench.stats import _rollout_targets
+
+    alone = ModeResult("live_alone", 100, 25.0, latencies_s=[0.5] * 99 + [1.0])
+    beside = ModeResult("live_with_backfill", 100, 25.0, latencies_s=[0.5] * 99 + [1.4])
+    plain, shadowed = ModeResult("e2e_max", 100, 10.0), ModeResult("e2e_shadow_max", 100, 12.5)
+    modes = {m.mode: m for m in (alone, beside, plain, shadowed)}
+    targets = _rollout_targets(modes)
+    ratio = targets["p99_with_backfill_over_alone"]
+    assert ratio["target"] == 1.5 and ratio["met"] and 1.0 < ratio["value"] < 1.5
+    assert targets["e2e_with_shadow_over_without"]["value"] == 0.8
+
+
+def test_the_backfill_process_reports_what_it_scored() -> None:
+    from popscore.bench.rollout import _scored
+
+    assert _scored("starting\nbackfill: 864 events scored under m-1\n") == 864
+    assert _scored("it crashed") == 0

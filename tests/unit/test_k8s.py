@@ -187,3 +187,43 @@ def test_plain_hpa_alternative_is_bounded_by_the_partition_count() -> None:
     assert 1 <= HPA["spec"]["minReplicas"] <= HPA["spec"]["maxReplicas"] <= partitions
     assert HPA["spec"]["scaleTargetRef"]["name"] == BASE["Deployment"]["metadata"]["name"]
     assert "hpa.yaml" not in load_yaml(K8S / "kustomization.yaml")["resources"], "not both"
+
+
+BACKFILL = manifests(K8S / "backfill")
+
+
+@pytest.mark.parametrize(
+    "obj", [o for o in BACKFILL.values() if o["kind"] != "ScaledObject"], ids=lambda o: o["kind"]
+)
+def test_backfill_manifests_are_valid(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_backfill_consumers_are_backfills_below_live_scaled_from_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deployment, config = BACKFILL["Deployment"], BACKFILL["ConfigMap"]["data"]
+    refs = [next(iter(r.values()))["name"] for r in container(deployment)["envFrom"]]
+    assert refs == ["popscore", "popscore-backfill", "popscore"], "the backfill's keys win"
+    env = {**BASE["ConfigMap"]["data"], **config, **BASE["Secret"]["stringData"]}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    live = BASE["ConfigMap"]["data"]
+    assert settings.role == "backfill" and settings.cpu_nice > 0
+    assert settings.group_id != live["POPSCORE_GROUP_ID"]
+    assert settings.yield_to_group == live["POPSCORE_GROUP_ID"]
+    assert settings.yield_to_topic == live["POPSCORE_INPUT_TOPIC"]
+    for topic in ("input_topic", "output_topic", "dlq_topic"):
+        assert getattr(settings, topic) != live[f"POPSCORE_{topic.upper()}"], topic
+    spec = deployment["spec"]["template"]["spec"]
+    assert BACKFILL["PriorityClass"]["value"] < 0, "below the default priority of live pods"
+    assert spec["priorityClassName"] == BACKFILL["PriorityClass"]["metadata"]["name"]
+    scaled = BACKFILL["ScaledObject"]["spec"]
+    annotations = BACKFILL["ScaledObject"]["metadata"]["annotations"]
+    partitions = int(annotations["popscore/input-partitions"])
+    assert scaled["minReplicaCount"] == 0 < scaled["maxReplicaCount"] <= partitions
+    [trigger] = scaled["triggers"]
+    assert trigger["metadata"]["consumerGroup"] == settings.group_id
+    assert trigger["metadata"]["topic"] == settings.input_topic
+    assert scaled["scaleTargetRef"]["name"] == deployment["metadata"]["name"]

@@ -17,5 +17,5 @@ def test_config_table_lists_every_setting_once() -> None:
 
 def test_runbook_has_the_operational_sections() -> None:
     headings = set(re.findall(r"^## (.+)$", DOC, re.MULTILINE))
-    assert {"Alerts", "Scaling", "Rolling out a new model", "Replaying the DLQ"} <= headings
+    assert {"Alerts", "Scaling", "Roll out a model", "Replaying the DLQ"} <= headings
     assert "Configuration" in headings
