@@ -175,6 +175,8 @@ class App:
         self._needs_rewind = False
         self._drops = 0  # how many times uncommitted work was dropped (see _fetch)
         self.progress = Progress()
+        self._shadow_jobs: set[Future[ShadowOutcome]] = set()
+        self._yielded = False
         self.live: LiveTraffic | None = None
         self._stack = ExitStack()
 
@@ -284,6 +286,7 @@ class App:
             swap=self._swap_model,
             metrics=self.metrics,
             watch=watch,
+            taken=frozenset({self.shadow.meta.model_version} if self.shadow else ()),
         )
 
     def _swap_model(self, new: Scorer) -> None:
@@ -340,7 +343,7 @@ class App:
             self.source.pause()  # live lags: take nothing new, keep polling (group membership)
             self._fetch(1, BUSY_POLL_S)
             return
-        full = len(self.inflight) >= self.settings.max_inflight_batches
+        full = self._slots_taken() >= self.settings.max_inflight_batches
         room = self.batcher.room()
         if full and room <= 0:
             # Backpressure only once the next batch is formed too: paused partitions fetch
@@ -364,8 +367,21 @@ class App:
     def _set_eta(self) -> None:
         self.metrics.eta.set(self.progress.eta_s(self.source.remaining))
 
+    def _slots_taken(self) -> int:
+        """Batches whose primary work is not done. One done but waiting for its shadow before
+        its commit does not hold the next batch back (a slow shadow must not pace the primary),
+        up to as many again, so memory stays bounded."""
+        busy = sum(1 for item in self.inflight if not item.future.done())
+        if len(self.inflight) >= 2 * self.settings.max_inflight_batches:
+            return len(self.inflight)
+        return busy
+
     def _yielding(self) -> bool:
         busy = self.live is not None and self.live.busy()
+        if busy != self._yielded:
+            log.info("live group %s %s", self.settings.yield_to_group,
+                     "lags: pausing" if busy else "caught up: resuming")  # fmt: skip
+        self._yielded = busy
         self.metrics.yielding.set(int(busy))
         return busy
 
@@ -397,11 +413,15 @@ class App:
         batches behind, so a slow shadow costs shadow records, never primary throughput."""
         if self._shadow_stage is None:
             return None
-        behind = sum(1 for item in self.inflight if item.shadow and not item.shadow.done())
-        if behind >= self.settings.max_inflight_batches:
+        if len(self._shadow_jobs) >= self.settings.max_inflight_batches:
             self.metrics.shadow_events.labels("skipped").inc(events)
             return None
-        return self._shadow_stage.submit(self._run_shadow, prepared, events, stop)
+        job = self._shadow_stage.submit(self._run_shadow, prepared, events, stop)
+        # Jobs queued or running, dropped batches' included; a set's add and discard are
+        # atomic, and the callback runs on the shadow thread (or here, on a cancel).
+        self._shadow_jobs.add(job)
+        job.add_done_callback(self._shadow_jobs.discard)
+        return job
 
     def _run_shadow(
         self, prepared: "Future[Prepared]", events: int, stop: threading.Event
@@ -467,10 +487,12 @@ class App:
 
     def _shadow_settled(self) -> bool:
         """The head batch's shadow is done, or has had POPSCORE_SHADOW_WAIT_MS since the
-        primary was."""
+        primary was, or the batches behind it fill every slot."""
         head = self.inflight[0]
         if head.shadow is None or head.shadow.done():
             return True
+        if len(self.inflight) >= 2 * self.settings.max_inflight_batches:
+            return True  # waiting longer would stop the primary taking new batches: late
         now = time.monotonic()
         if head.shadow_wait_from is None:
             head.shadow_wait_from = now
@@ -560,6 +582,9 @@ class App:
         """Forget everything not committed; the partitions rewind to their committed offsets.
         Stage threads may still finish old batches: their Redis writes are idempotent, and
         their results are never committed."""
+        for item in self.inflight:
+            if item.shadow is not None:
+                item.shadow.cancel()  # not started: no shadow work for a batch that replays
         self.inflight.clear()
         self.batcher.take()
         self._needs_rewind = True
@@ -614,6 +639,8 @@ class App:
     def _waiting(self) -> bool:
         """Records wait to be committed: some are in hand, or a partition is not read to its
         end (after an abort's rewind, say)."""
+        if self._yielded:  # paused for live on purpose: not stuck (/healthz stays green)
+            return False
         return bool(self.source.assignment) and not (self._idle() and self.source.caught_up())
 
     def _executor(self, workers: int, name: str) -> ThreadPoolExecutor:

@@ -13,6 +13,7 @@ Gauges (docs/INTERFACE.md, "Metrics"): the missing ratio and the population stab
 about (bins - 1) / n even with no drift at all.
 """
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -116,7 +117,9 @@ class DriftMonitor:
             if self._bins[j] is not None and present[j] >= self.min_events:
                 m.feature_psi.labels(name).set(psi[j])
             else:
-                m.feature_psi.remove(name)
+                # Old prometheus_client raises KeyError for a label set never set.
+                with contextlib.suppress(KeyError):
+                    m.feature_psi.remove(name)
         m.score_psi.labels(SCORE_LABEL).set(psi[-1])
 
 

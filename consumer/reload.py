@@ -113,8 +113,9 @@ def incompatibility(serving: Scorer, candidate: Scorer) -> str | None:
     return None
 
 
-def vet(path: Path, device: str, serving: Scorer) -> Verdict:
-    """Load ``path`` on ``device`` and judge it against ``serving`` (on the loader thread)."""
+def vet(path: Path, device: str, serving: Scorer, taken: frozenset[str] = frozenset()) -> Verdict:
+    """Load ``path`` on ``device`` and judge it against ``serving`` (on the loader thread);
+    ``taken``: versions another scorer of this process serves (the shadow's)."""
     try:
         candidate = Scorer(path, device)
     except Exception as exc:  # a broken file or a missing device: the old model serves on
@@ -123,6 +124,10 @@ def vet(path: Path, device: str, serving: Scorer) -> Verdict:
     if version == serving.meta.model_version:
         return Verdict(UNCHANGED, f"{path} is {version} again (bump model_version to reload)")
     problem = incompatibility(serving, candidate) or self_test(candidate)
+    if version in taken:
+        # Two scorers of one version would write one namespace twice and compare it with
+        # itself; and the old primary would stop being scored (its rollback incomplete).
+        problem = "the shadow model (POPSCORE_SHADOW_MODEL) has this version: roll out instead"
     if problem:
         return Verdict(REFUSED, f"{version}: {problem}")
     return Verdict(LOADED, f"{serving.meta.model_version} -> {version}", candidate)
@@ -182,8 +187,10 @@ class Reloader:
         swap: Callable[[Scorer], None],
         metrics: Metrics,
         watch: FileWatch | None = None,
+        taken: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
+        self.taken = taken
         self.device = device
         self.serving = serving
         """The scorer serving, or swapped in and serving from the next batch on."""
@@ -211,7 +218,7 @@ class Reloader:
             self._job = None
         if self._requested and self._job is None:
             self._requested = False  # a request during the load starts another after it
-            self._job = self._loader.submit(vet, self.path, self.device, self.serving)
+            self._job = self._loader.submit(vet, self.path, self.device, self.serving, self.taken)
         return swapped
 
     def _finish(self, verdict: Verdict) -> Future[None] | None:

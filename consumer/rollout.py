@@ -7,16 +7,18 @@ The switch, as a reader observes it (docs/INTERFACE.md, "Redis"):
 1. ``popscore:current_model`` is set to the new version (one command, with the promotion's state
    in ``popscore:promotion``). From then on every consumer's write of the new version reaches
    the view and no other version's does.
-2. Each of the new version's day leaderboards replaces the view's of that day in one command
-   (``COPY … REPLACE``): a day's ranking is all old or all new, never mixed. A day the new
-   version never scored keeps the old ranking.
-3. Each track's hash is replaced by the new version's in one script call (whole records, never a
+2. Each track's hash is replaced by the new version's in one script call (whole records, never a
    mix of fields), in batches; a track the new version never scored keeps the old record. A
    record the new version wrote meanwhile is newer and kept.
+3. Each of the new version's day leaderboards replaces the view's of that day in one command
+   (``COPY … REPLACE``). A day the new version never scored keeps the old ranking.
 
-So between steps 1 and 3's end a reader can find a track whose hash is still the old model's
-while its day leaderboard already ranks by the new one; its ``model_version`` field says which.
-Promotion is idempotent: run it again after an interruption and it finishes the job.
+Hashes go first: a live write of the new version during step 2 moves its track between the
+view's days from the hash's own pointer, and step 3 then copies leaderboards that already agree
+with the new version's hashes, so every track ends on the one day its hash names. Until its
+day's step 3 a reader can find a track whose hash is already the new model's while the day's
+leaderboard still ranks by the old one; its ``model_version`` field says which. Promotion is
+idempotent: run it again after an interruption and it finishes the job.
 """
 
 import logging
@@ -144,6 +146,7 @@ def promote(
     client: redis.Redis, version: str, progress: Callable[[int, int], None] | None = None
 ) -> Promotion:
     """Make ``version`` current and copy its namespace into the view (module docstring)."""
+    _namespace_name(version)
     if not client.sismember(MODELS_KEY, version):
         raise PromotionError(
             f"no scores of {version!r} in Redis: score with it first (shadow or backfill); "
@@ -153,8 +156,8 @@ def promote(
     with _lock(client, version):
         previous = current_model(client)
         _begin(client, previous, version)
-        days = _switch_leaderboards(client, version)
         seen, replaced = _switch_tracks(client, version, progress)
+        days = _switch_leaderboards(client, version)
         client.hset(
             PROMOTION_KEY,
             mapping={"state": "done", "finished_at": _now(), "days": days, "tracks": replaced},
@@ -167,6 +170,7 @@ def promote(
 def drop(client: redis.Redis, version: str) -> int:
     """Delete a retired version's namespace (its hashes, leaderboards, event claims, info) and
     forget it; the current version is refused. Returns how many keys went."""
+    _namespace_name(version)
     if version == current_model(client):
         raise PromotionError(f"{version} is the current model: promote another one first")
     if not client.sismember(MODELS_KEY, version):
@@ -181,6 +185,12 @@ def drop(client: redis.Redis, version: str) -> int:
     if batch:
         gone += int(client.unlink(*batch))
     return gone
+
+
+def _namespace_name(version: str) -> None:
+    """Artifacts refuse a ":" in model_version: such a name would share another's key prefix."""
+    if ":" in version or not version:
+        raise PromotionError(f"{version!r} is no model_version (empty, or holds ':')")
 
 
 def _begin(client: redis.Redis, previous: str | None, version: str) -> None:
@@ -199,7 +209,7 @@ def _begin(client: redis.Redis, previous: str | None, version: str) -> None:
 
 
 def _switch_leaderboards(client: redis.Redis, version: str) -> int:
-    """Step 2: each of the version's day leaderboards replaces the view's, one command each."""
+    """Step 3: each of the version's day leaderboards replaces the view's, one command each."""
     prefix = f"{model_prefix(version)}leaderboard:"
     days = 0
     for key in _scan(client, prefix):
@@ -212,7 +222,7 @@ def _switch_leaderboards(client: redis.Redis, version: str) -> int:
 def _switch_tracks(
     client: redis.Redis, version: str, progress: Callable[[int, int], None] | None
 ) -> tuple[int, int]:
-    """Step 3: every track's hash, BATCH_TRACKS per script call."""
+    """Step 2: every track's hash, BATCH_TRACKS per script call."""
     script = client.register_script(PROMOTE_LUA)
     source = f"{model_prefix(version)}score:"
     view = f"{KEY_PREFIX}:score:"

@@ -93,8 +93,10 @@ class Settings(BaseSettings):
     consumer while above POPSCORE_YIELD_MAX_LAG; empty: never pause."""
     yield_to_topic: str = "releases"
     """The live group's input topic."""
-    yield_max_lag: Annotated[int, Field(ge=0)] = 100
-    """Live lag (records) above which a yielding consumer pauses."""
+    yield_max_lag: Annotated[int, Field(ge=0)] = 500
+    """Live lag (records, all partitions) above which a yielding consumer pauses; keep it above
+    what live replicas hold in hand (replicas x (POPSCORE_MAX_INFLIGHT_BATCHES + 1) x
+    POPSCORE_BATCH_SIZE)."""
     shadow_model: Path | None = None
     """A second artifact scoring every batch beside the primary one, on the same decoded audio:
     its scores go to its own Redis namespace and to POPSCORE_SHADOW_TOPIC; it never fails a
@@ -144,6 +146,12 @@ class Settings(BaseSettings):
                 "percent-encode / ? # @ in the password)"
             ) from None
         return value
+
+    @field_validator("shadow_model", mode="before")
+    @classmethod
+    def _no_shadow(cls, value: Any) -> Any:
+        # An empty variable means none (a ConfigMap can blank what another one sets).
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("audio_file_roots", mode="before")
     @classmethod

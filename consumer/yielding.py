@@ -28,6 +28,7 @@ class LiveTraffic:
         self.watermarks = Consumer({**config, "group.id": f"popscore-yield-{uuid.uuid4().hex}"})
         self.lag = 0
         self._checked = 0.0
+        self._warned: set[str] = set()
 
     def busy(self) -> bool:
         """True while live lags (the last answer is kept when a check fails)."""
@@ -51,8 +52,19 @@ class LiveTraffic:
         committed = result[self.group].result().topic_partitions
         lag = 0
         for tp in committed:
-            _low, high = self.watermarks.get_watermark_offsets(
+            if tp.offset < 0:
+                # No commit of the live group here: no live consumer to yield to (a wrong
+                # group name would otherwise pause the backfill for ever).
+                self._warn_once(f"group {self.group} has committed nothing on "
+                                f"{self.topic}[{tp.partition}]: not counted")  # fmt: skip
+                continue
+            low, high = self.watermarks.get_watermark_offsets(
                 TopicPartition(self.topic, tp.partition), timeout=QUERY_TIMEOUT_S
             )
-            lag += max(high - max(tp.offset, 0), 0)
+            lag += max(high - max(tp.offset, low), 0)
         return lag
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)

@@ -6,6 +6,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import redis
 from confluent_kafka import KafkaException
 
 from consumer.errors import ConfigError, PopscoreError, UsageError
@@ -50,6 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except UsageError as exc:
         parser.error(str(exc))  # one line, exit 2
-    except (KafkaException, PopscoreError, ArtifactError) as exc:
+    except (KafkaException, PopscoreError, ArtifactError, redis.RedisError) as exc:
         log.error("%s", exc)
         return 1

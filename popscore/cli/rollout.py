@@ -198,5 +198,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         app.install_signal_handlers()
         app.run()
         done = app.metrics.registry.get_sample_value("popscore_events_total", {"outcome": "scored"})
-    print(f"backfill: {int(done or 0)} events scored under {version}")
+        finished = app.source.caught_up()
+    left = "" if finished else " (stopped before the end: run again to resume)"
+    print(f"backfill: {int(done or 0)} events scored under {version}{left}")
     return 0

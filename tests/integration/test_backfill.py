@@ -78,7 +78,9 @@ def test_a_catalog_is_rescored_under_a_candidate_without_touching_the_view(
 def test_a_backfill_pauses_while_the_live_group_lags(
     consumer_env: dict[str, str], model_path: Path, tmp_path: Path
 ) -> None:
-    produce_synthetic(consumer_env, 4, seed=int(time.time()) + 7)  # live: 4 records, unread
+    produce_synthetic(consumer_env, 4, seed=int(time.time()) + 7)
+    run_until_caught_up(consumer_env)  # the live group has committed offsets ...
+    produce_synthetic(consumer_env, 4, seed=int(time.time()) + 8)  # ... and now 4 to read
     live = load_settings(
         **{k.removeprefix("POPSCORE_").lower(): v for k, v in consumer_env.items()}
     )

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
+from consumer import rollout
 from consumer.rollout import PromotionError, current_model, models, promote
 from consumer.sinks import RedisSink, Upsert
 from popscore.cli.main import main
@@ -164,11 +165,39 @@ def test_a_reader_sees_whole_records_and_whole_leaderboards_during_the_switch(
     assert {view_version(db, t) for t in tracks} == {"model-b"}
 
 
+def test_a_live_write_during_the_switch_leaves_each_track_on_one_day(
+    db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B moves a track to a new day while the switch runs: it must end on that day alone."""
+    sink = RedisSink(db)
+    old_day = record("model-a", "t1", "e-a")  # A: day DAY
+    db_day = DAY + timedelta(days=1)
+    assert sink.write([old_day], ["in/0/1"], threading.Event()) == [Upsert.WRITTEN]
+    b_old = record("model-b", "t1", "e-b", emitted=db_day)  # B: the next day
+    assert sink.write([b_old], ["bf/0/1"], threading.Event(), primary=False) == [Upsert.WRITTEN]
+    switch_tracks = rollout._switch_tracks
+
+    def with_a_live_write(*args: object) -> tuple[int, int]:
+        later = record("model-b", "t1", "e-live", emitted=DAY + timedelta(days=2))
+        sink.write([later], ["in/0/2"], threading.Event(), primary=False)
+        return switch_tracks(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rollout, "_switch_tracks", with_a_live_write)
+    promote(db, "model-b")
+    days = [DAY + timedelta(days=n) for n in range(3)]
+    ranked = [d for d in days if db.zscore(leaderboard_key(d.date()), "t1") is not None]
+    stored = db.hget(score_key("t1"), "_leaderboard")
+    assert ranked == [days[2]], "on the live event's day alone"
+    assert stored == leaderboard_key(days[2].date()).encode()
+
+
 def test_promotion_is_refused_for_an_unknown_version_or_while_another_runs(
     db: redis.Redis,
 ) -> None:
     with pytest.raises(PromotionError, match="no scores of 'nope'"):
         promote(db, "nope")
+    with pytest.raises(PromotionError, match="holds ':'"):
+        promote(db, "a:score")
     write(RedisSink(db), "model-b", ["t1"], primary=False)
     db.set("popscore:promotion:lock", "model-c 1234 earlier", px=60_000)
     with pytest.raises(PromotionError, match="another promotion is running"):

@@ -2,13 +2,16 @@
 same decoded audio, into its own namespace and topic, compared with the primary; a failing
 shadow costs the primary nothing."""
 
+import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
 
 from consumer.app import App
+from consumer.device import Scorer
 from consumer.kafka import ensure_topics
 from consumer.settings import load_settings
 from popscore.artifact import load, resave
@@ -17,6 +20,7 @@ from tests.integration.conftest import read_all
 from tests.integration.test_service import assert_all_committed, produce_synthetic
 
 pytestmark = pytest.mark.integration
+SHADOW = ("scored", "failed", "duplicate", "skipped", "late")
 N = 12
 
 
@@ -114,3 +118,41 @@ def test_a_failing_shadow_is_counted_and_the_primary_scores_everything(
     assert get("popscore_shadow_events_total", {"outcome": "failed"}) == N
     assert get("popscore_events_total", {"outcome": "scored"}) == N
     assert_all_committed(shadow_env)
+
+
+def test_a_stalled_shadow_never_holds_the_primary_back(
+    shadow_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    """The shadow blocks until every primary score is in Redis: the primary goes on (the shadow
+    falls behind and is skipped), then the batches commit once it is released."""
+    n = 32
+    env = {**shadow_env, "POPSCORE_BATCH_SIZE": "4", "POPSCORE_SHADOW_WAIT_MS": "60000"}
+    events = produce_synthetic(env, n, seed=int(time.time()) + 2)
+    release = threading.Event()
+    settings = load_settings(**{k.removeprefix("POPSCORE_").lower(): v for k, v in env.items()})
+    with App(settings, stop_at_end=True) as app:
+        shadow = cast(Scorer, app.shadow)
+        score = shadow.score
+
+        def stalled(*args: Any) -> Any:
+            release.wait(120)
+            return score(*args)
+
+        shadow.score = stalled  # type: ignore[method-assign]
+        loop = threading.Thread(target=app.run, daemon=True)
+        loop.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not all(redis_client.exists(score_key(e.track_id)) for e in events):
+                assert time.monotonic() < deadline, "the primary waited for the shadow"
+                time.sleep(0.2)
+        finally:
+            release.set()
+        loop.join(120)
+        assert not loop.is_alive()
+    get = app.metrics.registry.get_sample_value
+    outcomes = {o: get("popscore_shadow_events_total", {"outcome": o}) or 0 for o in SHADOW}
+    assert outcomes["skipped"] + outcomes["late"] > 0, outcomes
+    assert sum(outcomes.values()) == n, outcomes
+    assert get("popscore_events_total", {"outcome": "scored"}) == n
+    assert_all_committed(env)

@@ -211,6 +211,7 @@ def test_backfill_consumers_are_backfills_below_live_scaled_from_zero(
     settings = load_settings()
     live = BASE["ConfigMap"]["data"]
     assert settings.role == "backfill" and settings.cpu_nice > 0
+    assert settings.shadow_model is None, "a live shadow setting is blanked"
     assert settings.group_id != live["POPSCORE_GROUP_ID"]
     assert settings.yield_to_group == live["POPSCORE_GROUP_ID"]
     assert settings.yield_to_topic == live["POPSCORE_INPUT_TOPIC"]

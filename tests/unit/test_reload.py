@@ -67,6 +67,13 @@ def test_a_candidate_is_loaded_on_the_serving_device(
     assert verdict.scorer.device == Scorer(artifact, device).device
 
 
+def test_a_candidate_of_the_shadows_version_is_refused(artifact: Path, tmp_path: Path) -> None:
+    candidate = new_version(artifact, tmp_path / "new.pt")
+    version = Scorer(candidate, "cpu").meta.model_version
+    verdict = vet(candidate, "cpu", Scorer(artifact, "cpu"), frozenset({version}))
+    assert verdict.outcome == "refused" and "shadow" in verdict.detail
+
+
 def broken_scores(**changes: np.ndarray) -> Scores:
     good = Scores(np.full(3, 50.0, np.float32), np.full(3, 0.5, np.float32))
     return replace(good, **changes)
