@@ -32,9 +32,11 @@ from typing import cast
 
 import redis
 from confluent_kafka import Message
+from redis.cluster import RedisCluster
 
 from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy
 from consumer.batcher import MicroBatcher
+from consumer.cluster_sink import ClusterRedisSink
 from consumer.commit import TransactionAborted, Transactions
 from consumer.dead_letters import Rejected
 from consumer.device import Scorer
@@ -45,6 +47,8 @@ from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline, Prepared, shadow_problem
 from consumer.progress import Progress
+from consumer.redis_client import close as close_redis
+from consumer.redis_client import connect
 from consumer.reload import FileWatch, Reloader
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
@@ -193,10 +197,8 @@ class App:
         self.health.model_loaded = True
         # Before the stage pools, so closed after them (last in, first out): a stage still
         # finishing a dropped batch never finds a closed client.
-        self.redis = redis.Redis.from_url(
-            s.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
-        )
-        self._stack.callback(self.redis.close)
+        self.redis = connect(s.redis_url.get_secret_value(), s.redis_cluster)
+        self._stack.callback(close_redis, self.redis)
         pool = self._executor(s.decode_workers, "decode")
         self.pipeline = Pipeline(
             self.scorer,
@@ -217,7 +219,11 @@ class App:
         # shadow never holds up the primary's Redis write.
         self._shadow_stage = self._executor(1, "shadow") if self.shadow else None
         self.reloader = self._reloader()
-        self.redis_sink = RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
+        self.redis_sink = (
+            ClusterRedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
+            if isinstance(self.redis, RedisCluster)
+            else RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
+        )
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first (it joins the group only at its first poll, in run()): a property
         # librdkafka refuses then fails start-up before init_transactions waits for a broker.

@@ -21,33 +21,84 @@ leaderboard still ranks by the old one; its ``model_version`` field says which. 
 idempotent: run it again after an interruption and it finishes the job.
 """
 
+import json
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-import redis
-from redis.typing import EncodableT, FieldT
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
+from consumer.cluster_sink import SCRIPTS, board_ops_calls
 from consumer.errors import PopscoreError
-from schemas.redis_keys import (
-    CURRENT_MODEL_KEY,
-    KEY_PREFIX,
-    MODELS_KEY,
-    PROMOTION_KEY,
-    model_info_key,
-    model_prefix,
-)
+from consumer.redis_client import AnyRedis, NodePipelines, Script, keys_for
+from schemas.redis_keys import KEY_PREFIX, RedisKeys, model_prefix
 
 log = logging.getLogger(__name__)
 SCAN_COUNT = 1000
 BATCH_TRACKS = 500
-LOCK_KEY = f"{KEY_PREFIX}:promotion:lock"
 LOCK_TTL_MS = 60_000  # refreshed every batch: a crashed promotion frees the lock within a minute
 VIEW_LEADERBOARD_PREFIX = f"{KEY_PREFIX}:leaderboard:"
+VIEW_SCORE_PREFIX = f"{KEY_PREFIX}:score:"
+
+# Step 1 on either layout. KEYS: the promotion hash, the pointer, the epoch (one slot on a
+# cluster); ARGV: from, to, started_at. Cluster writers read the epoch with the pointer.
+BEGIN_LUA = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'from', ARGV[1], 'to', ARGV[2], 'state', 'switching',
+  'started_at', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2])
+return redis.call('INCR', KEYS[3])
+"""
+
+# Step 2 on a cluster: PROMOTE_LUA's rule, for the tracks of one hash slot, with the cluster
+# sink's write sequence and epoch. ARGV[4]: the epoch. Returns {replaced, the leaderboard
+# changes as JSON} for the sink's step 4, which replaces step 3 (a COPY between day slots is
+# refused on a cluster): each track moves between the view's days by itself.
+PROMOTE_CLUSTER_LUA = """
+local version, model_boards, view_boards = ARGV[1], ARGV[2], ARGV[3]
+local epoch = ARGV[4]
+local clock = redis.call('TIME')
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local moved, ops = 0, {}
+for i = 1, #KEYS, 2 do
+  local src, dst = KEYS[i], KEYS[i + 1]
+  local flat = redis.call('HGETALL', src)
+  if #flat > 0 then
+    local f = {}
+    for j = 1, #flat, 2 do f[flat[j]] = flat[j + 1] end
+    local cur = redis.call('HMGET', dst, '_order', 'event_id', '_leaderboard', 'model_version',
+      '_seq')
+    local order, mine = tonumber(cur[1]), tonumber(f._order)
+    local kept = cur[4] == version and order and
+      (order > mine or (order == mine and cur[2] >= f.event_id))
+    if not kept then
+      local zkey = view_boards .. string.sub(f._leaderboard, #model_boards + 1)
+      local seq = string.format('%d', math.max((tonumber(cur[5]) or 0) + 1, now_us))
+      f._leaderboard, f._seq, f._epoch = zkey, seq, epoch
+      local args = {}
+      for k, v in pairs(f) do
+        args[#args + 1] = k
+        args[#args + 1] = v
+      end
+      redis.call('DEL', dst)
+      redis.call('HSET', dst, unpack(args))
+      local pttl = redis.call('PTTL', src)
+      if pttl > 0 then redis.call('PEXPIRE', dst, pttl) end
+      if cur[3] and cur[3] ~= zkey then ops[#ops + 1] = {cur[3], f.track_id, seq, ''} end
+      ops[#ops + 1] = {zkey, f.track_id, seq, f.popularity}
+      moved = moved + 1
+    end
+  end
+end
+return {moved, cjson.encode(ops)}
+"""
 
 # KEYS: pairs (the model's hash, the view's hash). ARGV[1]: the model version; ARGV[2]: its
 # leaderboard key prefix; ARGV[3]: the view's. Replaces each view hash by the model's record
@@ -123,19 +174,20 @@ class Promotion:
         )
 
 
-def current_model(client: redis.Redis) -> str | None:
+def current_model(client: AnyRedis) -> str | None:
     """The version the view shows; None before the first promotion."""
-    value = client.get(CURRENT_MODEL_KEY)
+    value = client.get(keys_for(client).current_model)
     return _text(value) if value is not None else None
 
 
-def models(client: redis.Redis) -> list[ModelEntry]:
+def models(client: AnyRedis) -> list[ModelEntry]:
     """Every version that has written a score, the most recently written first."""
+    keys = keys_for(client)
     current = current_model(client)
     entries = []
-    for raw in client.smembers(MODELS_KEY):
+    for raw in client.smembers(keys.models):
         version = _text(raw)
-        tracks, last = client.hmget(model_info_key(version), ["tracks", "last_write_ms"])
+        tracks, last = client.hmget(keys.model_info(version), ["tracks", "last_write_ms"])
         when = datetime.fromtimestamp(int(last) / 1000, UTC) if last else None
         entries.append(ModelEntry(version, int(tracks or 0), when, version == current))
     epoch = datetime.min.replace(tzinfo=UTC)
@@ -143,23 +195,25 @@ def models(client: redis.Redis) -> list[ModelEntry]:
 
 
 def promote(
-    client: redis.Redis, version: str, progress: Callable[[int, int], None] | None = None
+    client: AnyRedis, version: str, progress: Callable[[int, int], None] | None = None
 ) -> Promotion:
     """Make ``version`` current and copy its namespace into the view (module docstring)."""
-    _namespace_name(version)
-    if not client.sismember(MODELS_KEY, version):
+    keys = keys_for(client)
+    _namespace_name(keys, version)
+    if not client.sismember(keys.models, version):
         raise PromotionError(
             f"no scores of {version!r} in Redis: score with it first (shadow or backfill); "
             "`popscore models` lists the versions there are"
         )
     start = time.monotonic()
-    with _lock(client, version):
+    with _lock(client, keys, version):
         previous = current_model(client)
-        _begin(client, previous, version)
-        seen, replaced = _switch_tracks(client, version, progress)
-        days = _switch_leaderboards(client, version)
+        epoch = _begin(client, keys, previous, version)
+        seen, replaced = _switch_tracks(client, keys, version, epoch, progress)
+        # On a cluster each track moved between the view's days in step 2 already.
+        days = 0 if keys.cluster else _switch_leaderboards(client, version)
         client.hset(
-            PROMOTION_KEY,
+            keys.promotion,
             mapping={"state": "done", "finished_at": _now(), "days": days, "tracks": replaced},
         )
     promotion = Promotion(previous, version, days, seen, replaced, time.monotonic() - start)
@@ -167,15 +221,16 @@ def promote(
     return promotion
 
 
-def drop(client: redis.Redis, version: str) -> int:
+def drop(client: AnyRedis, version: str) -> int:
     """Delete a retired version's namespace (its hashes, leaderboards, event claims, info) and
     forget it; the current version is refused. Returns how many keys went."""
-    _namespace_name(version)
+    keys = keys_for(client)
+    _namespace_name(keys, version)
     if version == current_model(client):
         raise PromotionError(f"{version} is the current model: promote another one first")
-    if not client.sismember(MODELS_KEY, version):
+    if not client.sismember(keys.models, version):
         raise PromotionError(f"no scores of {version!r} in Redis (`popscore models`)")
-    client.srem(MODELS_KEY, version)  # first: a consumer still scoring it adds it back
+    client.srem(keys.models, version)  # first: a consumer still scoring it adds it back
     gone, batch = 0, []
     for key in _scan(client, model_prefix(version)):
         batch.append(key)
@@ -184,31 +239,27 @@ def drop(client: redis.Redis, version: str) -> int:
             batch = []
     if batch:
         gone += int(client.unlink(*batch))
+    if keys.cluster:  # the info hash lives in the {meta} slot, outside the prefix
+        gone += int(client.unlink(keys.model_info(version)))
     return gone
 
 
-def _namespace_name(version: str) -> None:
-    """Artifacts refuse a ":" in model_version: such a name would share another's key prefix."""
-    if ":" in version or not version:
-        raise PromotionError(f"{version!r} is no model_version (empty, or holds ':')")
+def _namespace_name(keys: RedisKeys, version: str) -> None:
+    """Artifacts refuse a ":" or a brace in model_version: such a name would share another's
+    key prefix or move its keys to another cluster slot."""
+    try:
+        keys.version(version)
+    except ValueError as exc:
+        raise PromotionError(f"{version!r} is no model_version: {exc}") from None
 
 
-def _begin(client: redis.Redis, previous: str | None, version: str) -> None:
-    """Step 1: the pointer and the promotion's state, in one transaction."""
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(PROMOTION_KEY)
-    state: dict[FieldT, EncodableT] = {
-        "from": previous or "",
-        "to": version,
-        "state": "switching",
-        "started_at": _now(),
-    }
-    pipe.hset(PROMOTION_KEY, mapping=state)
-    pipe.set(CURRENT_MODEL_KEY, version)
-    pipe.execute()
+def _begin(client: AnyRedis, keys: RedisKeys, previous: str | None, version: str) -> int:
+    """Step 1: the pointer and the promotion's state in one script; returns the new epoch."""
+    names = [keys.promotion, keys.current_model, keys.promotion_epoch]
+    return int(client.eval(BEGIN_LUA, len(names), *names, previous or "", version, _now()))
 
 
-def _switch_leaderboards(client: redis.Redis, version: str) -> int:
+def _switch_leaderboards(client: AnyRedis, version: str) -> int:
     """Step 3: each of the version's day leaderboards replaces the view's, one command each."""
     prefix = f"{model_prefix(version)}leaderboard:"
     days = 0
@@ -220,58 +271,95 @@ def _switch_leaderboards(client: redis.Redis, version: str) -> int:
 
 
 def _switch_tracks(
-    client: redis.Redis, version: str, progress: Callable[[int, int], None] | None
+    client: AnyRedis,
+    keys: RedisKeys,
+    version: str,
+    epoch: int,
+    progress: Callable[[int, int], None] | None,
 ) -> tuple[int, int]:
-    """Step 2: every track's hash, BATCH_TRACKS per script call."""
-    script = client.register_script(PROMOTE_LUA)
+    """Step 2: every track's hash, BATCH_TRACKS per round trip."""
     source = f"{model_prefix(version)}score:"
-    view = f"{KEY_PREFIX}:score:"
+    switch = _ClusterSwitch(client, version, epoch) if isinstance(client, RedisCluster) else None
+    script = client.register_script(PROMOTE_LUA)
     args = [version, f"{model_prefix(version)}leaderboard:", VIEW_LEADERBOARD_PREFIX]
     seen = replaced = 0
     batch: list[str] = []
     for key in _scan(client, source):
-        batch += [key, view + key[len(source) :]]
+        batch += [key, VIEW_SCORE_PREFIX + key[len(source) :]]
         if len(batch) >= 2 * BATCH_TRACKS:
-            replaced += int(script(keys=batch, args=args))
+            replaced += switch.run(batch) if switch else int(script(keys=batch, args=args))
             seen += len(batch) // 2
             batch = []
-            _refresh_lock(client)
+            _refresh_lock(client, keys)
             if progress:
                 progress(seen, replaced)
     if batch:
-        replaced += int(script(keys=batch, args=args))
+        replaced += switch.run(batch) if switch else int(script(keys=batch, args=args))
         seen += len(batch) // 2
     return seen, replaced
 
 
-def _scan(client: redis.Redis, prefix: str) -> Iterator[str]:
-    """Every key starting with ``prefix`` (glob characters in it taken literally)."""
+class _ClusterSwitch:
+    """Step 2 on a cluster: one PROMOTE_CLUSTER_LUA call per hash slot, then the leaderboard
+    changes they return, by the cluster sink's step 4."""
+
+    def __init__(self, client: RedisCluster, version: str, epoch: int) -> None:
+        self.script = Script(PROMOTE_CLUSTER_LUA)
+        self.nodes = NodePipelines(client, [self.script, *SCRIPTS.values()])
+        prefix = model_prefix(version)
+        self.args = [version, f"{prefix}leaderboard:", VIEW_LEADERBOARD_PREFIX, epoch]
+
+    def run(self, pairs: list[str]) -> int:
+        by_slot: dict[int, list[str]] = defaultdict(list)
+        for i in range(0, len(pairs), 2):
+            by_slot[key_slot(pairs[i].encode())] += pairs[i : i + 2]
+        calls = [(keys[0], self.script.command(keys, self.args)) for keys in by_slot.values()]
+        replaced, ops = 0, list[list[str]]()
+        for moved, changes in self.nodes.run(calls):
+            replaced += int(moved)
+            ops += json.loads(changes) if changes != b"{}" else []
+        if ops:
+            self.nodes.run(board_ops_calls(ops, ttl_s=0))
+        return replaced
+
+
+def _scan(client: AnyRedis, prefix: str) -> Iterator[str]:
+    """Every key starting with ``prefix`` (glob characters in it taken literally), on every
+    primary of a cluster."""
     pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
-    for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
-        yield _text(key)
+    # Node by node through each node's own client: the cluster client's scan_iter leaves a
+    # connection unclosed (redis-py 8.1).
+    nodes = (
+        [client.get_redis_connection(n) for n in client.get_primaries()]  # type: ignore[no-untyped-call]
+        if isinstance(client, RedisCluster)
+        else [client]
+    )
+    for node in nodes:
+        for key in node.scan_iter(match=pattern, count=SCAN_COUNT):
+            yield _text(key)
 
 
 @contextmanager
-def _lock(client: redis.Redis, version: str) -> Iterator[None]:
+def _lock(client: AnyRedis, keys: RedisKeys, version: str) -> Iterator[None]:
     """One promotion at a time: a second one is refused while the first holds the lock."""
     token = f"{version} {uuid.uuid4().hex[:8]} {_now()}"
-    if not client.set(LOCK_KEY, token, nx=True, px=LOCK_TTL_MS):
-        held = client.get(LOCK_KEY)
+    if not client.set(keys.promotion_lock, token, nx=True, px=LOCK_TTL_MS):
+        held = client.get(keys.promotion_lock)
         raise PromotionError(f"another promotion is running ({_text(held or b'?')})")
     try:
         yield
     finally:
-        if client.get(LOCK_KEY) == token.encode():
-            client.delete(LOCK_KEY)
+        if client.get(keys.promotion_lock) == token.encode():
+            client.delete(keys.promotion_lock)
 
 
-def _refresh_lock(client: redis.Redis) -> None:
-    client.pexpire(LOCK_KEY, LOCK_TTL_MS)
+def _refresh_lock(client: AnyRedis, keys: RedisKeys) -> None:
+    client.pexpire(keys.promotion_lock, LOCK_TTL_MS)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str | Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

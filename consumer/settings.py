@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     the prefix), so librdkafka does not warn about a property meant for another kind."""
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
     """Redis URL; may hold a password, so it is never logged."""
+    redis_cluster: bool = False
+    """Redis Cluster: ``redis_url`` names any one node (the client discovers the others) and
+    keys take the cluster layout (docs/INTERFACE.md, "Redis Cluster")."""
     redis_ttl_s: Annotated[int, Field(ge=0)] = 0
     """TTL of score hashes in seconds; 0 keeps them forever."""
     model: Path = Path("models/demo.pt")

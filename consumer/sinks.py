@@ -17,10 +17,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -39,6 +39,7 @@ from schemas.redis_keys import (
 from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_BACKOFF_S = 5.0
 KEYS_PER_RECORD = 6
 
@@ -180,25 +181,31 @@ class RedisSink:
         return [Upsert(int(code)) for code in self._call(self._upsert, keys, args, stop)]
 
     def _call(self, script: Any, keys: list[str], args: list[Any], stop: threading.Event) -> Any:
-        """Run a script; Redis outages are retried with capped exponential backoff until it
-        answers, or until ``stop`` is set (SinkError)."""
+        return self._retrying(lambda: script(keys=keys, args=args), stop)
+
+    def _retrying(self, attempt: Callable[[], T], stop: threading.Event) -> T:
+        """Run ``attempt`` (idempotent); Redis outages are retried with capped exponential
+        backoff until it answers, or until ``stop`` is set (SinkError)."""
         delay = 0.1
         while True:
             try:
-                result = script(keys=keys, args=args)
+                result = attempt()
                 self.failing = None
                 return result
             except _TRANSIENT as exc:
                 self.failing = str(exc)[:200]
-                if isinstance(exc, redis.ReadOnlyError):
-                    # A failover left this connection on a replica: reconnect (the name may
-                    # point at the new primary by now).
-                    self.client.connection_pool.disconnect()
+                self._recover(exc)
                 if stop.is_set():
                     raise SinkError(f"redis unavailable and stopping: {exc}") from exc
                 log.warning("redis write failed (%s); retrying in %.1fs", exc, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _recover(self, exc: Exception) -> None:
+        if isinstance(exc, redis.ReadOnlyError):
+            # A failover left this connection on a replica: reconnect (the name may point at
+            # the new primary by now).
+            self.client.connection_pool.disconnect()
 
 
 # Outages and the replies a Redis gives while failing over or out of memory: wait and retry
@@ -211,6 +218,10 @@ _TRANSIENT = (
     redis.exceptions.MasterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
+    # Redis Cluster: a slot moved or lost its primary (cluster_sink refreshes the slot map).
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 
@@ -218,7 +229,7 @@ def _built(record: ScoreRecord, source: str) -> tuple[list[str], str] | DeadLett
     """The record's keys (view hash and day leaderboard, its model's hash and day leaderboard,
     event marker, model info) and its script argument."""
     try:
-        day, version, track = _utc_day(record), record.model_version, record.track_id
+        day, version, track = utc_day(record), record.model_version, record.track_id
         keys = [
             score_key(track),
             leaderboard_key(day),
@@ -232,7 +243,8 @@ def _built(record: ScoreRecord, source: str) -> tuple[list[str], str] | DeadLett
         return internal_error(exc)
 
 
-def _utc_day(record: ScoreRecord) -> date:
+def utc_day(record: ScoreRecord) -> date:
+    """The UTC day whose leaderboard ranks the record."""
     return record.emitted_at.astimezone(UTC).date()
 
 

@@ -4,8 +4,16 @@ Readers read the *current view*: ``score_key`` and ``leaderboard_key`` always sh
 model's scores. Each model version also keeps its own namespace (``model_*`` keys), written by
 whichever consumer scores with it (live, shadow or backfill); ``popscore promote`` copies a
 namespace into the view and makes its version current.
+
+Two layouts, one per deployment. On a single Redis node (and Sentinel) the names are the ones
+below. On Redis Cluster (``POPSCORE_REDIS_CLUSTER=true``) every key one script call touches
+must hash to one slot, so names carry a hash tag (docs/INTERFACE.md, "Redis Cluster"): a
+track's hashes ``{track_id}``, a day's leaderboards ``{day}``, the pointer and bookkeeping
+``{meta}``. Readers build names with ``RedisKeys.for_cluster(...)`` and decode a hash with
+``ScoreRecord.from_redis``; the module-level functions are the single-node layout.
 """
 
+from dataclasses import dataclass
 from datetime import date
 
 KEY_PREFIX = "popscore"
@@ -16,6 +24,7 @@ MODELS_KEY = f"{KEY_PREFIX}:models"
 """SET of every model version that has written a score."""
 PROMOTION_KEY = f"{KEY_PREFIX}:promotion"
 """HASH: the latest promotion (from, to, state, started_at, finished_at, counts)."""
+_META_TAG = "{meta}"
 
 
 def score_key(track_id: str) -> str:
@@ -55,3 +64,91 @@ def event_key(event_id: str, model_version: str) -> str:
     same version is a duplicate; by another version it is not), expiring after
     POPSCORE_DEDUPE_TTL_S."""
     return f"{model_prefix(model_version)}event:{event_id}"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Every key name of one layout: ``RedisKeys.for_cluster(False)`` is the single-node one
+    (the functions above), ``RedisKeys.for_cluster(True)`` Redis Cluster's."""
+
+    cluster: bool = False
+
+    @classmethod
+    def for_cluster(cls, cluster: bool) -> "RedisKeys":
+        return CLUSTER if cluster else SINGLE
+
+    def score(self, track_id: str) -> str:
+        """The current view's HASH of one track (decode with ``ScoreRecord.from_redis``)."""
+        return f"{KEY_PREFIX}:score:{self._tag(track_id)}"
+
+    def leaderboard(self, day: date) -> str:
+        """The current view's day ZSET (member: track id, score: popularity)."""
+        return f"{KEY_PREFIX}:leaderboard:{self._tag(day.isoformat())}"
+
+    def model_score(self, model_version: str, track_id: str) -> str:
+        return f"{model_prefix(self.version(model_version))}score:{self._tag(track_id)}"
+
+    def model_leaderboard(self, model_version: str, day: date) -> str:
+        version = self.version(model_version)
+        return f"{model_prefix(version)}leaderboard:{self._tag(day.isoformat())}"
+
+    def event(self, event_id: str, model_version: str) -> str:
+        """The duplicate marker: one key per script call on either layout, so no hash tag."""
+        return event_key(event_id, self.version(model_version))
+
+    def model_info(self, model_version: str) -> str:
+        if self.cluster:
+            return f"{KEY_PREFIX}:{_META_TAG}:model:{self.version(model_version)}:info"
+        return model_info_key(model_version)
+
+    @property
+    def current_model(self) -> str:
+        """STRING: the version the view shows (absent before the first promotion)."""
+        return self._meta(CURRENT_MODEL_KEY)
+
+    @property
+    def models(self) -> str:
+        return self._meta(MODELS_KEY)
+
+    @property
+    def promotion(self) -> str:
+        return self._meta(PROMOTION_KEY)
+
+    @property
+    def promotion_lock(self) -> str:
+        return self._meta(f"{PROMOTION_KEY}:lock")
+
+    @property
+    def promotion_epoch(self) -> str:
+        """Cluster only: INCR'd by every promotion; a view write stamped with an older epoch
+        is refused and retried (docs/RELIABILITY.md, "Redis Cluster")."""
+        return self._meta(f"{PROMOTION_KEY}:epoch")
+
+    def version(self, model_version: str) -> str:
+        """The version, checked: a ':' would share another version's key prefix, a brace would
+        move its keys' hash slot on a cluster."""
+        if (
+            not model_version
+            or ":" in model_version
+            or (self.cluster and ("{" in model_version or "}" in model_version))
+        ):
+            raise ValueError(f"{model_version!r} cannot name a model's keys (empty, ':' or brace)")
+        return model_version
+
+    def _tag(self, name: str) -> str:
+        if not self.cluster:
+            return name
+        # Redis hashes the text between the first "{" and the next "}": an id that starts
+        # with "}" would leave an empty tag and split a track's keys over two slots.
+        if name.startswith("}"):
+            raise ValueError(f"{name[:40]!r} starts with '}}': no Redis Cluster hash tag")
+        return "{" + name + "}"
+
+    def _meta(self, single_name: str) -> str:
+        if not self.cluster:
+            return single_name
+        return f"{KEY_PREFIX}:{_META_TAG}:{single_name[len(KEY_PREFIX) + 1 :]}"
+
+
+SINGLE = RedisKeys(cluster=False)
+CLUSTER = RedisKeys(cluster=True)

@@ -15,12 +15,21 @@ KAFKA_LOG="$STACK/logs/kafka.log"
 REDIS_DIR="$STACK/redis"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
+REDIS_CLUSTER_DIR="$STACK/redis-cluster"   # one folder per node: nodes.conf, pid, log
 S3_DIR="$STACK/s3"                       # moto in server mode: its state is in memory only
 S3_PID="$S3_DIR/moto.pid"
 S3_PORT_FILE="$S3_DIR/moto.port"         # the port ours listens on
 S3_LOG="$STACK/logs/s3.log"
 
 die() { echo "$*" >&2; exit 1; }
+
+apt_install() {
+  # Try the cached package lists first: `apt-get update` is slow and usually unnecessary.
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q "$@" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; } \
+    || die "could not apt-get install $*"
+}
 
 # True when something accepts TCP connections on host:port (bash's /dev/tcp, no nc needed).
 tcp_open() { timeout 2 bash -c ">/dev/tcp/$1/$2" 2>/dev/null; }

@@ -12,14 +12,6 @@ REDIS_START_TIMEOUT_S=30
 
 # --- helpers ----------------------------------------------------------------------
 
-apt_install() {
-  # Try the cached package lists first: `apt-get update` is slow and usually unnecessary.
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q "$@" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; } \
-    || die "could not apt-get install $*"
-}
-
 # host:port of the first entry of a bootstrap list ("PLAINTEXT://h:9092,h2:9092").
 first_hostport() { local hp="${1%%,*}"; echo "${hp#*://}"; }
 

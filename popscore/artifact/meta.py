@@ -160,11 +160,12 @@ class ArtifactMeta:
         """Self, or ArtifactError naming the first key with an unusable value."""
         if not self.model_version.strip():
             raise ArtifactError("model_version is empty")
-        if ":" in self.model_version or len(self.model_version) > 256:
-            # It names a Redis namespace (popscore:model:{version}:...): a ":" would let one
-            # version's keys match another's prefix.
+        if any(c in self.model_version for c in ":{}") or len(self.model_version) > 256:
+            # It names a Redis namespace (popscore:model:<version>:...): a ":" would let one
+            # version's keys match another's prefix, a brace would move them to the wrong
+            # Redis Cluster hash slot.
             raise ArtifactError(f"model_version {self.model_version[:80]!r}: at most 256 "
-                                "characters and no ':'")  # fmt: skip
+                                "characters, no ':' and no braces")  # fmt: skip
         if self.sample_rate <= 0 or not self.clip_seconds > 0 or self.clip_samples < 1:
             raise ArtifactError(f"sample_rate {self.sample_rate} x clip_seconds "
                                 f"{self.clip_seconds} holds no sample")  # fmt: skip

@@ -6,12 +6,12 @@ import json
 import re
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-import redis
-
 from consumer.errors import UsageError
+from consumer.redis_client import AnyRedis, close, connect
 from consumer.rollout import current_model, drop, models, promote
 from consumer.settings import Settings
 from popscore.cli.argtypes import Parser, Subparsers, existing_file, int_at_least, positive_int
@@ -40,10 +40,14 @@ def register(sub: Subparsers) -> None:
     register_backfill(sub)
 
 
-def _client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=30, socket_connect_timeout=5
-    )
+@contextmanager
+def _client(settings: Settings) -> Iterator[AnyRedis]:
+    url = settings.redis_url.get_secret_value()
+    client = connect(url, settings.redis_cluster, socket_timeout=30)
+    try:
+        yield client
+    finally:
+        close(client)
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
+from redis.cluster import RedisCluster
 
 from consumer.kafka import ensure_topics
 
@@ -30,6 +31,20 @@ def stack() -> dict[str, str]:
         "bootstrap": os.environ.get("POPSCORE_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
         "redis_url": os.environ.get("POPSCORE_REDIS_URL", "redis://127.0.0.1:6379/0"),
     }
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> str:
+    """A seed node of a local Redis Cluster (3 primaries, 3 replicas), started on demand by
+    ``deploy/local/redis-cluster-up.sh`` and left running (like the stack) for the next run."""
+    subprocess.run([str(ROOT / "deploy/local/redis-cluster-up.sh")], check=True, timeout=180)
+    return f"redis://127.0.0.1:{os.environ.get('REDIS_CLUSTER_PORT', '7000')}"
+
+
+def flush_cluster(client: RedisCluster) -> None:
+    """Empty every primary (replicas follow)."""
+    for node in client.get_primaries():
+        client.get_redis_connection(node).flushall()
 
 
 # s3-up.sh's exit status when moto[server] is missing and pip cannot install it.

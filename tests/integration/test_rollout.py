@@ -1,24 +1,28 @@
-"""Scores per model version and one current view, against the real Redis: per-model duplicate
-detection, ``popscore promote`` (and rollback), and what a reader observes during the switch.
+"""Scores per model version and one current view, against the real Redis and a real local
+Redis Cluster (each test runs on both): per-model duplicate detection, ``popscore promote``
+(and rollback), and what a reader observes during the switch.
 
 The current-model pointer is global to a Redis database, so these tests use a database of
 their own (ROLLOUT_DB), emptied before and after each: the other tests' consumers must keep
-writing the view as the live primary.
+writing the view as the live primary. The cluster is emptied the same way.
 """
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from consumer import rollout
+from consumer.cluster_sink import ClusterRedisSink
+from consumer.redis_client import AnyRedis, close, keys_for
 from consumer.rollout import PromotionError, current_model, models, promote
 from consumer.sinks import RedisSink, Upsert
 from popscore.cli.main import main
-from schemas import ScoreRecord, leaderboard_key, model_score_key, score_key
-from schemas.redis_keys import PROMOTION_KEY
+from schemas import ScoreRecord
+from tests.integration.conftest import flush_cluster
 
 pytestmark = pytest.mark.integration
 ROLLOUT_DB = 5
@@ -32,13 +36,34 @@ def db_url(stack: dict[str, str]) -> str:
     return stack["redis_url"].rsplit("/", 1)[0] + f"/{ROLLOUT_DB}"
 
 
-@pytest.fixture
-def db(stack: dict[str, str]) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(db_url(stack))
-    client.flushdb()
+@pytest.fixture(params=["single", "cluster"])
+def db(request: pytest.FixtureRequest) -> Iterator[AnyRedis]:
+    """An empty Redis: one node (the stack's, database ROLLOUT_DB) or the local cluster."""
+    client: AnyRedis
+    if request.param == "cluster":
+        client = RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
+        flush: Callable[[], object] = lambda: flush_cluster(client)  # noqa: E731
+    else:
+        client = redis.Redis.from_url(db_url(request.getfixturevalue("stack")))
+        flush = client.flushdb
+    flush()
     yield client
-    client.flushdb()
-    client.close()
+    flush()
+    close(client)
+
+
+def sink_for(db: AnyRedis) -> RedisSink:
+    return ClusterRedisSink(db) if isinstance(db, RedisCluster) else RedisSink(db)
+
+
+def cli_env(db: AnyRedis, stack: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the CLI at ``db``."""
+    if isinstance(db, RedisCluster):
+        node = db.get_default_node()
+        monkeypatch.setenv("POPSCORE_REDIS_URL", f"redis://{node.host}:{node.port}")
+        monkeypatch.setenv("POPSCORE_REDIS_CLUSTER", "true")
+    else:
+        monkeypatch.setenv("POPSCORE_REDIS_URL", db_url(stack))
 
 
 def record(version: str, track: str, event_id: str, emitted: datetime = DAY) -> ScoreRecord:
@@ -66,12 +91,12 @@ def write(
     return [c for c in codes if isinstance(c, Upsert)]
 
 
-def view_version(db: redis.Redis, track: str) -> str:
-    return ScoreRecord.from_redis(db.hgetall(score_key(track))).model_version
+def view_version(db: AnyRedis, track: str) -> str:
+    return ScoreRecord.from_redis(db.hgetall(keys_for(db).score(track))).model_version
 
 
-def test_each_version_has_its_own_scores_and_duplicates_are_per_version(db: redis.Redis) -> None:
-    sink = RedisSink(db)
+def test_each_version_has_its_own_scores_and_duplicates_are_per_version(db: AnyRedis) -> None:
+    sink = sink_for(db)
     live = record("model-a", "t1", "e1")
     assert sink.write([live], ["in/0/1"], threading.Event()) == [Upsert.WRITTEN]
     # The same event re-scored by another version (a backfill's record): no duplicate ...
@@ -84,23 +109,25 @@ def test_each_version_has_its_own_scores_and_duplicates_are_per_version(db: redi
         Upsert.DUPLICATE
     ]
     assert view_version(db, "t1") == "model-a", "a non-primary version never writes the view"
-    stored = ScoreRecord.from_redis(db.hgetall(model_score_key("model-b", "t1")))
+    stored = ScoreRecord.from_redis(db.hgetall(keys_for(db).model_score("model-b", "t1")))
     assert (stored.event_id, stored.popularity) == ("e1", 80.0)
     listed = {entry.version: entry.tracks for entry in models(db)}
     assert listed == {"model-a": 1, "model-b": 1}
 
 
-def test_promote_switches_every_track_and_day_then_rolls_back(db: redis.Redis) -> None:
-    sink = RedisSink(db)
+def test_promote_switches_every_track_and_day_then_rolls_back(db: AnyRedis) -> None:
+    sink = sink_for(db)
     tracks = [f"t{i}" for i in range(50)]
     write(sink, "model-a", tracks, primary=True)
     write(sink, "model-b", tracks[:40], primary=False)  # the candidate lacks ten tracks
-    board = leaderboard_key(DAY.date())
+    board = keys_for(db).leaderboard(DAY.date())
 
     done = promote(db, "model-b")
+    # A cluster moves each track between the view's days with its hash (no COPY between slots).
+    days = 0 if keys_for(db).cluster else 1
     assert (done.previous, done.days, done.tracks_seen, done.tracks_replaced) == (
         None,
-        1,
+        days,
         40,
         40,
     )
@@ -108,8 +135,11 @@ def test_promote_switches_every_track_and_day_then_rolls_back(db: redis.Redis) -
     assert {view_version(db, t) for t in tracks[:40]} == {"model-b"}
     assert {view_version(db, t) for t in tracks[40:]} == {"model-a"}, "never scored by B: kept"
     ranked = set(db.zrange(board, 0, -1, withscores=True))
-    assert ranked == {(t.encode(), 80.0) for t in tracks[:40]}
-    assert db.hget(PROMOTION_KEY, "state") == b"done"
+    expected = {(t.encode(), 80.0) for t in tracks[:40]}
+    if keys_for(db).cluster:  # the ranking agrees with every hash, the kept ones too
+        expected |= {(t.encode(), 20.0) for t in tracks[40:]}
+    assert ranked == expected
+    assert db.hget(keys_for(db).promotion, "state") == b"done"
 
     # Now the pointer decides, not the role: the live primary (A) no longer writes the view, the
     # candidate does, even as a shadow.
@@ -122,19 +152,19 @@ def test_promote_switches_every_track_and_day_then_rolls_back(db: redis.Redis) -
     assert back.previous == "model-b"
     assert {view_version(db, t) for t in tracks} == {"model-a"}
     assert {score for _m, score in db.zrange(board, 0, -1, withscores=True)} == {20.0}
-    later = ScoreRecord.from_redis(db.hgetall(score_key("t1")))
+    later = ScoreRecord.from_redis(db.hgetall(keys_for(db).score("t1")))
     assert later.event_id == "later-t1", "A's own later record, written while B was current"
 
 
 def test_a_reader_sees_whole_records_and_whole_leaderboards_during_the_switch(
-    db: redis.Redis,
+    db: AnyRedis,
 ) -> None:
-    sink = RedisSink(db)
+    sink = sink_for(db)
     tracks = [f"r{i}" for i in range(3000)]
     for i in range(0, len(tracks), 500):
         write(sink, "model-a", tracks[i : i + 500], primary=True)
         write(sink, "model-b", tracks[i : i + 500], primary=False)
-    board = leaderboard_key(DAY.date())
+    board = keys_for(db).leaderboard(DAY.date())
     seen_b: set[str] = set()
     problems: list[str] = []
     stop = threading.Event()
@@ -142,7 +172,7 @@ def test_a_reader_sees_whole_records_and_whole_leaderboards_during_the_switch(
     def reader() -> None:
         while not stop.is_set():
             for track in tracks[::97]:
-                fields = db.hgetall(score_key(track))
+                fields = db.hgetall(keys_for(db).score(track))
                 rec = ScoreRecord.from_redis(fields)
                 if rec.popularity != SCORES[rec.model_version]:
                     problems.append(f"{track}: mixed record {rec}")
@@ -151,8 +181,10 @@ def test_a_reader_sees_whole_records_and_whole_leaderboards_during_the_switch(
                 if rec.model_version == "model-b":
                     seen_b.add(track)
             day = {score for _m, score in db.zrange(board, 0, -1, withscores=True)}
-            if len(day) != 1:
-                problems.append(f"leaderboard mixes models: {sorted(day)}")
+            # One node switches a day's ranking in one command; a cluster moves each track
+            # with its hash, so the day mixes models until the promotion ends.
+            if not day <= set(SCORES.values()) or (len(day) != 1 and not keys_for(db).cluster):
+                problems.append(f"leaderboard: {sorted(day)}")
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -163,13 +195,15 @@ def test_a_reader_sees_whole_records_and_whole_leaderboards_during_the_switch(
         thread.join()
     assert not problems, problems[:5]
     assert {view_version(db, t) for t in tracks} == {"model-b"}
+    assert {score for _m, score in db.zrange(board, 0, -1, withscores=True)} == {80.0}
+    assert db.zcard(board) == len(tracks)
 
 
 def test_a_live_write_during_the_switch_leaves_each_track_on_one_day(
-    db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    db: AnyRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """B moves a track to a new day while the switch runs: it must end on that day alone."""
-    sink = RedisSink(db)
+    sink = sink_for(db)
     old_day = record("model-a", "t1", "e-a")  # A: day DAY
     db_day = DAY + timedelta(days=1)
     assert sink.write([old_day], ["in/0/1"], threading.Event()) == [Upsert.WRITTEN]
@@ -185,33 +219,34 @@ def test_a_live_write_during_the_switch_leaves_each_track_on_one_day(
     monkeypatch.setattr(rollout, "_switch_tracks", with_a_live_write)
     promote(db, "model-b")
     days = [DAY + timedelta(days=n) for n in range(3)]
-    ranked = [d for d in days if db.zscore(leaderboard_key(d.date()), "t1") is not None]
-    stored = db.hget(score_key("t1"), "_leaderboard")
+    keys = keys_for(db)
+    ranked = [d for d in days if db.zscore(keys.leaderboard(d.date()), "t1") is not None]
+    stored = db.hget(keys.score("t1"), "_leaderboard")
     assert ranked == [days[2]], "on the live event's day alone"
-    assert stored == leaderboard_key(days[2].date()).encode()
+    assert stored == keys.leaderboard(days[2].date()).encode()
 
 
 def test_promotion_is_refused_for_an_unknown_version_or_while_another_runs(
-    db: redis.Redis,
+    db: AnyRedis,
 ) -> None:
     with pytest.raises(PromotionError, match="no scores of 'nope'"):
         promote(db, "nope")
-    with pytest.raises(PromotionError, match="holds ':'"):
+    with pytest.raises(PromotionError, match="is no model_version"):
         promote(db, "a:score")
-    write(RedisSink(db), "model-b", ["t1"], primary=False)
-    db.set("popscore:promotion:lock", "model-c 1234 earlier", px=60_000)
+    write(sink_for(db), "model-b", ["t1"], primary=False)
+    db.set(keys_for(db).promotion_lock, "model-c 1234 earlier", px=60_000)
     with pytest.raises(PromotionError, match="another promotion is running"):
         promote(db, "model-b")
     assert current_model(db) is None
 
 
 def test_the_cli_lists_models_and_promotes(
-    db: redis.Redis, stack: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    db: AnyRedis, stack: dict[str, str], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    monkeypatch.setenv("POPSCORE_REDIS_URL", db_url(stack))
-    write(RedisSink(db), "model-a", ["t1", "t2"], primary=True)
-    write(RedisSink(db), "model-b", ["t1"], primary=False)
+    cli_env(db, stack, monkeypatch)
+    write(sink_for(db), "model-a", ["t1", "t2"], primary=True)
+    write(sink_for(db), "model-b", ["t1"], primary=False)
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
     assert "no promotion yet" in listing and "model-a" in listing and "model-b" in listing

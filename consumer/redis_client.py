@@ -1,0 +1,137 @@
+"""One way to open Redis for every command: a single node (``redis://``, ``rediss://``,
+``unix://``) or, with ``POPSCORE_REDIS_CLUSTER=true``, Redis Cluster through redis-py's cluster
+client seeded by the same URL. ``NodePipelines`` sends many single-slot commands in one round
+trip per cluster node, which redis-py's own cluster pipeline refuses for scripts."""
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import Connection, ConnectionPool
+
+from schemas.redis_keys import RedisKeys
+
+AnyRedis = redis.Redis | RedisCluster
+
+
+def connect(url: str, cluster: bool, socket_timeout: float = 10.0) -> AnyRedis:
+    """The client for ``url``: a cluster client (which discovers every node from this one)
+    when ``cluster``, else a single-node client."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
+
+
+def close(client: AnyRedis) -> None:
+    """Close a client and every socket it opened: RedisCluster.close leaves the node pools'
+    connections open (redis-py 8.1)."""
+    if isinstance(client, RedisCluster):
+        for node in client.get_nodes():  # type: ignore[no-untyped-call]
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+    client.close()
+
+
+def keys_for(client: AnyRedis) -> RedisKeys:
+    """The key layout a client's deployment uses."""
+    return RedisKeys.for_cluster(isinstance(client, RedisCluster))
+
+
+class Script:
+    """A Lua script run by EVALSHA through ``NodePipelines``, loaded on a node when it answers
+    NOSCRIPT (a replica promoted by a failover has an empty script cache)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+# Replies that mean the topology moved under us (failover, resharding): refresh the slot map
+# and try again; the caller's writes are idempotent.
+TOPOLOGY_ERRORS = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+)
+
+
+class NodePipelines:
+    """Run commands, each touching one hash slot (routed by its first key), as one
+    non-transactional pipeline per primary node, written to every node before any reply is
+    read (the nodes work in parallel); replies come back in call order."""
+
+    def __init__(self, client: RedisCluster, scripts: Sequence[Script]) -> None:
+        self.client = client
+        self.scripts = list(scripts)
+
+    def run(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """``calls``: (a key the command touches, the command). Raises the first error reply,
+        after a topology refresh when it was one of TOPOLOGY_ERRORS; a node that has lost its
+        script cache (NOSCRIPT) gets the scripts and the whole call once more."""
+        try:
+            return self._run(calls)
+        except redis.exceptions.NoScriptError:
+            self._load_scripts()
+            return self._run(calls)
+
+    def refresh(self) -> None:
+        """Re-read the slot map (after a failover, a MOVED or a dead node)."""
+        self.client.nodes_manager.initialize()
+
+    def _run(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        by_node: dict[str, list[int]] = defaultdict(list)
+        nodes: dict[str, ClusterNode] = {}
+        for i, (key, _) in enumerate(calls):
+            node = self.client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+            nodes[node.name] = node
+            by_node[node.name].append(i)
+        sent: list[tuple[Connection, ConnectionPool, list[int]]] = []
+        replies: list[Any] = [None] * len(calls)
+        try:
+            for name, indexes in by_node.items():
+                pool = self.client.get_redis_connection(nodes[name]).connection_pool
+                conn = pool.get_connection()
+                sent.append((conn, pool, indexes))
+                packed = conn.pack_commands([calls[i][1] for i in indexes])  # type: ignore[no-untyped-call]
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+            for conn, _, indexes in sent:
+                for i in indexes:
+                    replies[i] = _reply(conn)
+        except BaseException:
+            for conn, _, _ in sent:
+                conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread
+            raise
+        finally:
+            for conn, pool, _ in sent:
+                pool.release(conn)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            if any(isinstance(e, TOPOLOGY_ERRORS) for e in errors):
+                self.refresh()
+            noscript = [e for e in errors if isinstance(e, redis.exceptions.NoScriptError)]
+            raise noscript[0] if noscript else errors[0]
+        return replies
+
+    def _load_scripts(self) -> None:
+        for node in self.client.get_primaries():  # type: ignore[no-untyped-call]
+            conn = self.client.get_redis_connection(node)
+            for script in self.scripts:
+                conn.script_load(script.text)
+
+
+def _reply(conn: Connection) -> Any:
+    """One reply; an error reply is returned, not raised, so the rest are still read."""
+    try:
+        return conn.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
