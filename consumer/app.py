@@ -220,7 +220,13 @@ class App:
         self._shadow_stage = self._executor(1, "shadow") if self.shadow else None
         self.reloader = self._reloader()
         self.redis_sink = (
-            ClusterRedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
+            ClusterRedisSink(
+                self.redis,
+                s.redis_ttl_s,
+                s.dedupe_ttl_s,
+                s.redis_min_replicas,
+                s.redis_replica_wait_ms,
+            )
             if isinstance(self.redis, RedisCluster)
             else RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         )

@@ -21,6 +21,7 @@ new pointer.
 """
 
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -38,6 +39,7 @@ from consumer.sinks import RedisSink, Upsert, utc_day
 from schemas.redis_keys import CLUSTER
 from schemas.scores import ScoreRecord
 
+log = logging.getLogger(__name__)
 EPOCH_MOVED = -1
 MAX_EPOCH_RETRIES = 5
 
@@ -172,13 +174,19 @@ class ClusterRedisSink(RedisSink):
     """``RedisSink``'s guarantees on Redis Cluster (module docstring)."""
 
     def __init__(
-        self, client: RedisCluster, ttl_s: int = 0, marker_ttl_s: int = 7 * 86_400
+        self,
+        client: RedisCluster,
+        ttl_s: int = 0,
+        marker_ttl_s: int = 7 * 86_400,
+        min_replicas: int = 0,
+        replica_wait_ms: int = 2000,
     ) -> None:
         self.client = client  # type: ignore[assignment]
         self.ttl_s = ttl_s
         self.marker_ttl_s = marker_ttl_s
         self.failing = None
-        self.nodes = NodePipelines(client, list(SCRIPTS.values()))
+        scripts = list(SCRIPTS.values())
+        self.nodes = NodePipelines(client, scripts, min_replicas, replica_wait_ms)
 
     def write(
         self,
@@ -202,7 +210,10 @@ class ClusterRedisSink(RedisSink):
             self._retrying(lambda: self.nodes.run(calls), stop)
 
     def _recover(self, exc: Exception) -> None:
-        self.nodes.refresh()
+        try:
+            self.nodes.refresh()
+        except Exception as failed:
+            log.warning("redis cluster slot map not refreshed: %s", failed)
 
     def _write_all(self, writes: list[_Write], primary: bool) -> None:
         for write in writes:  # a retried attempt starts over: every step is idempotent

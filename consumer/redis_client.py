@@ -65,14 +65,30 @@ TOPOLOGY_ERRORS = (
 )
 
 
+class NotReplicated(redis.exceptions.TryAgainError):
+    """A node's writes did not reach enough replicas in time: retried, never acknowledged."""
+
+
 class NodePipelines:
     """Run commands, each touching one hash slot (routed by its first key), as one
     non-transactional pipeline per primary node, written to every node before any reply is
-    read (the nodes work in parallel); replies come back in call order."""
+    read (the nodes work in parallel); replies come back in call order.
 
-    def __init__(self, client: RedisCluster, scripts: Sequence[Script]) -> None:
+    With ``min_replicas`` > 0 each node's pipeline ends with ``WAIT``: a call returns only once
+    that many replicas hold its writes, so a failover (which promotes a replica) cannot lose a
+    write the caller then reports as done (Redis replicates asynchronously otherwise)."""
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        scripts: Sequence[Script],
+        min_replicas: int = 0,
+        wait_ms: int = 2000,
+    ) -> None:
         self.client = client
         self.scripts = list(scripts)
+        self.min_replicas = min_replicas
+        self.wait_ms = wait_ms
 
     def run(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """``calls``: (a key the command touches, the command). Raises the first error reply,
@@ -89,24 +105,44 @@ class NodePipelines:
         self.client.nodes_manager.initialize()
 
     def _run(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        by_node: dict[str, list[int]] = defaultdict(list)
-        nodes: dict[str, ClusterNode] = {}
-        for i, (key, _) in enumerate(calls):
-            node = self.client.get_node_from_key(key)  # type: ignore[no-untyped-call]
-            nodes[node.name] = node
-            by_node[node.name].append(i)
-        sent: list[tuple[Connection, ConnectionPool, list[int]]] = []
         replies: list[Any] = [None] * len(calls)
+        lagging = self._exchange(calls, replies)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            if any(isinstance(e, TOPOLOGY_ERRORS) for e in errors):
+                self.refresh()
+            noscript = [e for e in errors if isinstance(e, redis.exceptions.NoScriptError)]
+            raise noscript[0] if noscript else errors[0]
+        if lagging:
+            raise NotReplicated(
+                f"writes not on {self.min_replicas} replica(s) within {self.wait_ms} ms: "
+                + ", ".join(lagging)
+            )
+        return replies
+
+    def _exchange(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]], replies: list[Any]
+    ) -> list[str]:
+        """Send each node its commands (and WAIT), then read every reply into ``replies``;
+        returns the nodes whose WAIT came back short."""
+        sent: list[tuple[Connection, ConnectionPool, list[int]]] = []
+        lagging: list[str] = []
         try:
-            for name, indexes in by_node.items():
-                pool = self.client.get_redis_connection(nodes[name]).connection_pool
+            for node, indexes in self._by_node(calls):
+                pool = self.client.get_redis_connection(node).connection_pool
                 conn = pool.get_connection()
                 sent.append((conn, pool, indexes))
-                packed = conn.pack_commands([calls[i][1] for i in indexes])  # type: ignore[no-untyped-call]
+                commands = [calls[i][1] for i in indexes]
+                if self.min_replicas:
+                    commands.append(("WAIT", self.min_replicas, self.wait_ms))
+                packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
                 conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
             for conn, _, indexes in sent:
                 for i in indexes:
                     replies[i] = _reply(conn)
+                acked = _reply(conn) if self.min_replicas else self.min_replicas
+                if isinstance(acked, int) and acked < self.min_replicas:
+                    lagging.append(f"{conn.host}:{conn.port} ({acked} replicas)")
         except BaseException:
             for conn, _, _ in sent:
                 conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread
@@ -114,13 +150,19 @@ class NodePipelines:
         finally:
             for conn, pool, _ in sent:
                 pool.release(conn)
-        errors = [r for r in replies if isinstance(r, Exception)]
-        if errors:
-            if any(isinstance(e, TOPOLOGY_ERRORS) for e in errors):
-                self.refresh()
-            noscript = [e for e in errors if isinstance(e, redis.exceptions.NoScriptError)]
-            raise noscript[0] if noscript else errors[0]
-        return replies
+        return lagging
+
+    def _by_node(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]]
+    ) -> list[tuple[ClusterNode, list[int]]]:
+        """The calls' indexes, grouped by the primary that serves their key's slot."""
+        by_node: dict[str, list[int]] = defaultdict(list)
+        nodes: dict[str, ClusterNode] = {}
+        for i, (key, _) in enumerate(calls):
+            node = self.client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+            nodes[node.name] = node
+            by_node[node.name].append(i)
+        return [(nodes[name], indexes) for name, indexes in by_node.items()]
 
     def _load_scripts(self) -> None:
         for node in self.client.get_primaries():  # type: ignore[no-untyped-call]

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     redis_cluster: bool = False
     """Redis Cluster: ``redis_url`` names any one node (the client discovers the others) and
     keys take the cluster layout (docs/INTERFACE.md, "Redis Cluster")."""
+    redis_min_replicas: Annotated[int, Field(ge=0, le=5)] = 1
+    """Redis Cluster: a batch's writes count as done (and its offsets may commit) only once this
+    many replicas of each primary it wrote to hold them (``WAIT``), so a failover loses none;
+    0 = do not wait (a failover may then lose the last writes before it)."""
+    redis_replica_wait_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    """How long one ``WAIT`` may take before the batch's write is retried."""
     redis_ttl_s: Annotated[int, Field(ge=0)] = 0
     """TTL of score hashes in seconds; 0 keeps them forever."""
     model: Path = Path("models/demo.pt")

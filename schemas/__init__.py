@@ -1,7 +1,9 @@
 """The wire contract of popscore: typed messages, their JSON Schemas and Redis key names.
 
 Downstream services import this package to read what popscore writes:
-``ScoreRecord.from_redis(redis.hgetall(score_key(track_id)))``.
+``ScoreRecord.from_redis(redis.hgetall(score_key(track_id)))`` on one Redis node, or with the
+layout of either deployment, ``keys = RedisKeys.for_cluster(cluster)``, then
+``ScoreRecord.from_redis(redis.hgetall(keys.score(track_id)))`` and ``keys.leaderboard(day)``.
 
 The names below are imported on first use (PEP 562), so ``schemas.dead_letter`` and
 ``schemas.redis_keys`` load without pydantic: the GPU check imports ``consumer.device`` on
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from schemas.events import Artist, AudioFeatures, Engagement, Release, ReleaseEvent
     from schemas.redis_keys import (
         CURRENT_MODEL_KEY,
+        RedisKeys,
         event_key,
         leaderboard_key,
         model_leaderboard_key,
@@ -33,6 +36,7 @@ _HOME = {
     "ReleaseEvent": "schemas.events",
     "ScoreRecord": "schemas.scores",
     "CURRENT_MODEL_KEY": "schemas.redis_keys",
+    "RedisKeys": "schemas.redis_keys",
     "event_key": "schemas.redis_keys",
     "leaderboard_key": "schemas.redis_keys",
     "model_leaderboard_key": "schemas.redis_keys",
@@ -46,6 +50,7 @@ __all__ = [
     "AudioFeatures",
     "DeadLetterReason",
     "Engagement",
+    "RedisKeys",
     "Release",
     "ReleaseEvent",
     "ScoreRecord",

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import redis
 import soundfile as sf
 
+from consumer.redis_client import AnyRedis, keys_for
 from popscore.cli import produce
-from schemas import ScoreRecord, score_key
+from schemas import ScoreRecord
 from schemas.dead_letter import HEADER_REASON
 from tests.integration.conftest import ROOT, committed_and_end, read_all
 
@@ -182,7 +182,7 @@ class Audit:
         )
 
 
-def audit(env: dict[str, str], corpus: Corpus, client: redis.Redis) -> Audit:
+def audit(env: dict[str, str], corpus: Corpus, client: AnyRedis) -> Audit:
     bootstrap = env["POPSCORE_KAFKA_BOOTSTRAP"]
     results = read_all(bootstrap, env["POPSCORE_OUTPUT_TOPIC"], len(corpus.good))
     seen = Counter(ScoreRecord.from_json(m.value()).event_id for m in results)
@@ -191,7 +191,7 @@ def audit(env: dict[str, str], corpus: Corpus, client: redis.Redis) -> Audit:
     duplicated += sum(1 for event_id in seen if event_id not in corpus.good)
     pipe = client.pipeline()
     for track in corpus.good.values():
-        pipe.hget(score_key(track), "event_id")
+        pipe.hget(keys_for(client).score(track), "event_id")
     stored = pipe.execute()
     missing = sum(
         1
@@ -225,8 +225,8 @@ def wait_until(condition, timeout_s: float, tick=None) -> bool:  # type: ignore[
     return False
 
 
-def scored_count(client: redis.Redis, corpus: Corpus) -> int:
+def scored_count(client: AnyRedis, corpus: Corpus) -> int:
     pipe = client.pipeline()
     for track in corpus.good.values():
-        pipe.exists(score_key(track))
+        pipe.exists(keys_for(client).score(track))
     return sum(pipe.execute())

@@ -1,4 +1,5 @@
-"""Chaos: kill -9, Redis outage, broker restart, a group member killed — and nothing lost,
+"""Chaos: kill -9, Redis outage, broker restart, a group member killed, Redis Cluster primaries
+killed and failed over — and nothing lost,
 nothing duplicated in the read_committed results, Redis complete, the DLQ exactly the bad ones.
 
 ``make test`` runs these with CHAOS_EVENTS=300; ``make chaos`` with 2,000 (docs/RELIABILITY.md).
@@ -11,16 +12,19 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from consumer.commit import EXIT_WEDGED
 from consumer.kafka import ensure_topics
+from consumer.redis_client import AnyRedis, close
 from popscore.artifact import load, resave
 from schemas import ScoreRecord
+from schemas.redis_keys import CLUSTER
 from tests.chaos.harness import (
     CHAOS_KAFKA,
     Corpus,
@@ -32,7 +36,7 @@ from tests.chaos.harness import (
     send,
     wait_until,
 )
-from tests.integration.conftest import ROOT, read_all
+from tests.integration.conftest import ROOT, flush_cluster, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(900)]
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "300"))
@@ -62,7 +66,7 @@ def chaos_env(consumer_env: dict[str, str]) -> dict[str, str]:
 def run_scenario(
     name: str,
     env: dict[str, str],
-    client: redis.Redis,
+    client: AnyRedis,
     tmp_path: Path,
     consumers: int,
     fault: Callable[[Supervisor, Corpus], None],
@@ -98,7 +102,7 @@ def run_scenario(
     assert forbidden_exit not in supervisor.exit_codes, line
 
 
-def progress(client: redis.Redis, corpus: Corpus, fraction: float, sup: Supervisor) -> None:
+def progress(client: AnyRedis, corpus: Corpus, fraction: float, sup: Supervisor) -> None:
     target = int(len(corpus.good) * fraction)
     assert wait_until(lambda: scored_count(client, corpus) >= target, RUN_TIMEOUT_S, sup.tick)
 
@@ -210,3 +214,61 @@ def test_two_consumers_one_killed(
         sup.kill("c1", for_good=True)
 
     run_scenario("two-consumers-one-killed", chaos_env, redis_client, tmp_path, 2, fault)
+
+
+@pytest.fixture
+def cluster_client(redis_cluster_url: str) -> Iterator[RedisCluster]:
+    client = RedisCluster.from_url(redis_cluster_url)
+    flush_cluster(client)
+    yield client
+    close(client)
+
+
+def cluster_node_pid(port: int) -> int:
+    return int((ROOT / ".stack" / "redis-cluster" / str(port) / "redis.pid").read_text())
+
+
+def serving_port(client: RedisCluster, key: str) -> int:
+    """The port of the primary that serves ``key``'s slot, as the cluster says now."""
+    client.nodes_manager.initialize()
+    return int(client.get_node_from_key(key).port)
+
+
+def fail_over(client: RedisCluster, port: int, sup: Supervisor) -> None:
+    """kill -9 the primary on ``port``, wait until its replica serves its slots, then start it
+    again (it rejoins as the new primary's replica), like an orchestrator would."""
+    client.nodes_manager.initialize()
+    keys = (f"probe-{i}" for i in range(100_000))
+    probe = next(k for k in keys if int(client.get_node_from_key(k).port) == port)
+    os.kill(cluster_node_pid(port), signal.SIGKILL)
+    assert wait_until(lambda: _served_elsewhere(client, probe, port), 60, sup.tick), "no failover"
+    subprocess.run([str(ROOT / "deploy/local/redis-cluster-up.sh")], check=True, timeout=120)
+
+
+def _served_elsewhere(client: RedisCluster, key: str, port: int) -> bool:
+    try:
+        return serving_port(client, key) != port
+    except Exception:
+        return False
+
+
+def test_redis_cluster_primary_killed_twice(
+    chaos_env: dict[str, str], cluster_client: RedisCluster, redis_cluster_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Two primaries killed (kill -9) mid-run and failed over: the first serves the pointer
+    every batch reads, the second the tracks' hashes of one third of the slots."""
+    env = {**chaos_env, "POPSCORE_REDIS_URL": redis_cluster_url, "POPSCORE_REDIS_CLUSTER": "true"}
+    seed = int(redis_cluster_url.rsplit(":", 1)[1])
+
+    def fault(sup: Supervisor, corpus: Corpus) -> None:
+        progress(cluster_client, corpus, 0.3, sup)
+        first = serving_port(cluster_client, CLUSTER.current_model)
+        primaries = {int(n.port) for n in cluster_client.get_primaries()}
+        first = first if first != seed else min(primaries - {seed})
+        fail_over(cluster_client, first, sup)
+        progress(cluster_client, corpus, 0.6, sup)
+        primaries = {int(n.port) for n in cluster_client.get_primaries()}
+        fail_over(cluster_client, min(primaries - {seed, first}), sup)
+
+    run_scenario("redis-cluster-failover-x2", env, cluster_client, tmp_path, 1, fault)

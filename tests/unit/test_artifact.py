@@ -92,6 +92,8 @@ def test_meta_of_an_older_artifact_is_read_leniently() -> None:
         ({**_meta().to_dict(), "clip_seconds": 0}, "holds no sample"),
         ({**_meta().to_dict(), "uses_audio": "yes"}, "true or false"),
         ({**_meta().to_dict(), "model_version": " "}, "model_version"),
+        ({**_meta().to_dict(), "model_version": "a:b"}, "no ':' and no braces"),
+        ({**_meta().to_dict(), "model_version": "fusion-{1}"}, "no ':' and no braces"),
     ],
 )
 def test_bad_meta_is_one_artifact_error(raw: object, message: str) -> None:

@@ -197,3 +197,37 @@ def test_redis_keys() -> None:
 def test_committed_json_schemas_are_current(name: str) -> None:
     committed = (JSON_DIR / name).read_text()
     assert committed == render(EXPORTED[name]), "run `python -m schemas` and commit the result"
+
+
+def test_cluster_layout_puts_what_one_script_touches_in_one_slot() -> None:
+    from redis.crc import key_slot
+
+    from schemas.redis_keys import CLUSTER, SINGLE
+
+    day = datetime(2026, 11, 27).date()
+    assert SINGLE.score("t-1") == score_key("t-1"), "one node: the names readers know"
+    assert CLUSTER.score("t-1") == "popscore:score:{t-1}"
+    for track in ("t-1", "a}b", "ü{x", "x" * 128):
+        slots = {
+            key_slot(k.encode()) for k in (CLUSTER.score(track), CLUSTER.model_score("v1", track))
+        }
+        assert len(slots) == 1, track
+    boards = (
+        CLUSTER.leaderboard(day),
+        CLUSTER.model_leaderboard("v1", day),
+        CLUSTER.model_leaderboard("v2", day),
+    )
+    assert (
+        len(
+            {key_slot(f"{k}:seq".encode()) for k in boards} | {key_slot(k.encode()) for k in boards}
+        )
+        == 1
+    )
+    meta = (CLUSTER.current_model, CLUSTER.models, CLUSTER.promotion, CLUSTER.promotion_epoch,
+            CLUSTER.promotion_lock, CLUSTER.model_info("v1"))  # fmt: skip
+    assert len({key_slot(k.encode()) for k in meta}) == 1
+    assert all(k.startswith("popscore:") for k in meta), "one ACL pattern covers every key"
+    with pytest.raises(ValueError, match="starts with '}'"):
+        CLUSTER.score("}x")
+    with pytest.raises(ValueError, match="brace"):
+        CLUSTER.model_score("v{1}", "t")

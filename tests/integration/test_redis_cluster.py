@@ -1,0 +1,111 @@
+"""The sink on a real local Redis Cluster (3 primaries, 3 replicas): what the cluster layout
+adds to the single-node guarantees. The upsert's semantics themselves run on both in
+test_rollout.py; kills and failovers are in tests/chaos (redis-cluster-failover-x2)."""
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from redis.cluster import RedisCluster
+
+from consumer import cluster_sink
+from consumer.cluster_sink import ClusterRedisSink, board_ops_calls
+from consumer.errors import SinkError
+from consumer.redis_client import NodePipelines, close
+from consumer.rollout import promote
+from consumer.sinks import Upsert
+from schemas import ScoreRecord
+from schemas.redis_keys import CLUSTER
+from tests.integration.conftest import flush_cluster
+
+pytestmark = pytest.mark.integration
+DAY = datetime(2026, 11, 30, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+def cluster(redis_cluster_url: str) -> Iterator[RedisCluster]:
+    client = RedisCluster.from_url(redis_cluster_url)
+    flush_cluster(client)
+    yield client
+    flush_cluster(client)
+    close(client)
+
+
+def record(version: str, track: str, event_id: str, when: datetime = DAY) -> ScoreRecord:
+    return ScoreRecord(
+        event_id=event_id,
+        track_id=track,
+        model_version=version,
+        popularity=20.0 if version == "model-a" else 80.0,
+        hit_probability=0.5,
+        is_hit=False,
+        audio_used=True,
+        emitted_at=when,
+        scored_at=when + timedelta(seconds=1),
+        latency_ms=1.0,
+    )
+
+
+def test_a_reader_reads_the_view_with_the_documented_helper(cluster: RedisCluster) -> None:
+    sink = ClusterRedisSink(cluster, min_replicas=1)
+    events = [record("model-a", f"t{i}", f"e{i}") for i in range(40)]
+    codes = sink.write(events, [f"in/0/{i}" for i in range(40)], threading.Event())
+    assert codes == [Upsert.WRITTEN] * 40
+    keys = CLUSTER  # what a reader builds: RedisKeys.for_cluster(True)
+    for event in events:
+        stored = ScoreRecord.from_redis(cluster.hgetall(keys.score(event.track_id)))
+        assert (stored.event_id, stored.popularity) == (event.event_id, 20.0)
+    ranked = cluster.zrange(keys.leaderboard(DAY.date()), 0, -1, withscores=True)
+    assert sorted(ranked) == sorted((e.track_id.encode(), 20.0) for e in events)
+    slots = {cluster.keyslot(keys.score(e.track_id)) for e in events}
+    assert len(slots) > 10, "tracks spread over the cluster's slots"
+
+
+def test_writes_wait_for_replicas_and_are_retried_until_they_have_them(
+    cluster: RedisCluster,
+) -> None:
+    """Each primary has one replica: asking for two can never be met, so the write is retried
+    (never reported done) until the consumer stops."""
+    sink = ClusterRedisSink(cluster, min_replicas=2, replica_wait_ms=50)
+    stop = threading.Event()
+    stop.set()  # one attempt, then give up as a stopping consumer does
+    with pytest.raises(SinkError, match="not on 2 replica"):
+        sink.write([record("model-a", "t1", "e1")], ["in/0/1"], stop)
+    assert sink.failing and "replica" in sink.failing
+
+
+def test_a_late_leaderboard_change_never_undoes_a_newer_one(cluster: RedisCluster) -> None:
+    sink = ClusterRedisSink(cluster)
+    next_day = DAY + timedelta(days=1)
+    sink.write([record("model-a", "t1", "e1")], ["in/0/1"], threading.Event())
+    sink.write([record("model-a", "t1", "e2", next_day)], ["in/0/2"], threading.Event())
+    day, later = CLUSTER.leaderboard(DAY.date()), CLUSTER.leaderboard(next_day.date())
+    assert cluster.zscore(day, "t1") is None and cluster.zscore(later, "t1") == 20.0
+    # The first write's "add to day 1" arrives late (a zombie consumer, a retried call): its
+    # sequence is older than the move's, so the day keeps the track out.
+    nodes = NodePipelines(cluster, list(cluster_sink.SCRIPTS.values()))
+    nodes.run(board_ops_calls([[day, "t1", "1", "20.0"]], ttl_s=0))
+    assert cluster.zscore(day, "t1") is None
+    assert cluster.zscore(later, "t1") == 20.0
+
+
+def test_a_view_write_from_before_a_promotion_is_retried_with_the_new_pointer(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer read the pointer (none: its primary model-a writes the view) just before
+    ``promote model-b`` switched the track: its view write is refused by the track's newer
+    epoch and redone under the new pointer, so the view keeps model-b."""
+    sink = ClusterRedisSink(cluster)
+    sink.write([record("model-a", "t1", "e1")], ["in/0/1"], threading.Event())
+    sink.write([record("model-b", "t1", "e1")], ["bf/0/1"], threading.Event(), primary=False)
+    promote(cluster, "model-b")
+    reads = iter([("", 0)])  # the stale read, once; then the real one
+    real = cluster_sink._pointer
+    monkeypatch.setattr(cluster_sink, "_pointer", lambda reply: next(reads, None) or real(reply))
+    later = record("model-a", "t1", "e9", DAY + timedelta(hours=1))
+    assert sink.write([later], ["in/0/9"], threading.Event()) == [Upsert.WRITTEN]
+    view = ScoreRecord.from_redis(cluster.hgetall(CLUSTER.score("t1")))
+    assert view.model_version == "model-b", "model-a is no longer current"
+    mine = ScoreRecord.from_redis(cluster.hgetall(CLUSTER.model_score("model-a", "t1")))
+    assert mine.event_id == "e9", "its own namespace has it"
