@@ -4,7 +4,7 @@ the keys of one hash slot (docs/RELIABILITY.md, "Redis Cluster").
 A batch is four idempotent steps, each one round trip per primary node:
 
 1. the pointer and the promotion epoch (``{meta}`` slot), and each version's bookkeeping;
-2. each event's duplicate marker, claimed by a one-key script (its own slot): a marker that
+2. each event's duplicate marker, claimed by ``SET … NX GET`` (its own slot): a marker that
    names this Kafka record is ours (a replay), another record's makes the event a duplicate;
 3. each track's hashes, view and model (``{track_id}`` slot), by a script with the
    newer-wins rule of the single-node one; it stamps each hash with a write sequence and
@@ -102,20 +102,20 @@ return out
 """
 
 # Step 4. KEYS: pairs (a day leaderboard, its companion HASH member -> sequence of the change
-# that last touched it). ARGV[1]: ttl; ARGV[1 + i]: change i as JSON [pair index, member, seq,
-# zscore or '' to remove]. A change older than the one the day last applied is skipped.
+# that last touched it). ARGV[1]: ttl; then 4 per change: pair index, member, seq, zscore or ''
+# to remove. A change older than the one the day last applied is skipped.
 BOARDS_LUA = """
 local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do
-  local op = cjson.decode(ARGV[i])
-  local board, seqs, member = KEYS[op[1]], KEYS[op[1] + 1], op[2]
+for i = 2, #ARGV, 4 do
+  local k, member, seq, zscore = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local board, seqs = KEYS[k], KEYS[k + 1]
   local held = tonumber(redis.call('HGET', seqs, member))
-  if not held or held < tonumber(op[3]) then
-    redis.call('HSET', seqs, member, op[3])
-    if op[4] == '' then
+  if not held or held < tonumber(seq) then
+    redis.call('HSET', seqs, member, seq)
+    if zscore == '' then
       redis.call('ZREM', board, member)
     else
-      redis.call('ZADD', board, op[4], member)
+      redis.call('ZADD', board, zscore, member)
     end
     if ttl > 0 then
       redis.call('EXPIRE', board, ttl)
@@ -123,16 +123,7 @@ for i = 2, #ARGV do
     end
   end
 end
-return #ARGV - 1
-"""
-
-# KEYS[1]: an event marker; ARGV[1]: this Kafka record; ARGV[2]: marker ttl. Claims the event
-# unless another record holds it; returns the holder ('' = nobody held it, now this record).
-CLAIM_LUA = """
-local held = redis.call('GET', KEYS[1])
-if held then return held end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return ''
+return (#ARGV - 1) / 4
 """
 
 # KEYS[1]: an event marker; ARGV[1]: the record that may hold it. Deleted only if it does.
@@ -144,7 +135,6 @@ return 0
 SCRIPTS = {
     name: Script(text)
     for name, text in (
-        ("claim", CLAIM_LUA),
         ("hashes", HASHES_LUA),
         ("boards", BOARDS_LUA),
         ("release", RELEASE_LUA),
@@ -256,14 +246,16 @@ class ClusterRedisSink(RedisSink):
         calls = []
         for w in writes:
             key = CLUSTER.event(w.record.event_id, w.record.model_version)
-            calls.append((key, SCRIPTS["claim"].command([key], [w.source, self.marker_ttl_s])))
+            # SET … NX GET (Redis >= 7.0): claims the event, or answers who holds it.
+            command = ("SET", key, w.source, "NX", "GET", "EX", self.marker_ttl_s)
+            calls.append((key, command))
         return calls
 
     def _claimed(self, writes: list[_Write], holders: list[Any]) -> list[_Write]:
         """The writes whose event this record holds (now, or since an earlier try)."""
         claimed = []
         for w, held in zip(writes, holders, strict=True):
-            if _text(held) in ("", w.source):
+            if held is None or _text(held) == w.source:
                 claimed.append(w)
             else:
                 w.code = Upsert.DUPLICATE
@@ -317,8 +309,10 @@ def board_ops_calls(ops: list[list[str]], ttl_s: int) -> list[tuple[str, tuple[A
         boards = list(dict.fromkeys(op[0] for op in group))
         keys = [key for board in boards for key in (board, board_seqs_key(board))]
         index = {board: 2 * i + 1 for i, board in enumerate(boards)}
-        args = [json.dumps([index[board], *rest]) for board, *rest in group]
-        calls.append((keys[0], SCRIPTS["boards"].command(keys, [ttl_s, *args])))
+        args: list[Any] = [ttl_s]
+        for board, *rest in group:
+            args += [index[board], *rest]
+        calls.append((keys[0], SCRIPTS["boards"].command(keys, args)))
     return calls
 
 

@@ -5,7 +5,7 @@ trip per cluster node, which redis-py's own cluster pipeline refuses for scripts
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -33,6 +33,24 @@ def close(client: AnyRedis) -> None:
             if node.redis_connection is not None:
                 node.redis_connection.connection_pool.disconnect()
     client.close()
+
+
+def node_clients(client: AnyRedis) -> list[redis.Redis]:
+    """One client per primary of a cluster; the client itself on one node."""
+    if isinstance(client, RedisCluster):
+        primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+        return [client.get_redis_connection(node) for node in primaries]
+    return [client]
+
+
+def scan_prefix(client: AnyRedis, prefix: str, count: int = 1000) -> Iterator[str]:
+    """Every key starting with ``prefix`` (glob characters in it taken literally), on every
+    primary of a cluster (node by node through each node's own client: the cluster client's
+    scan_iter leaves a connection unclosed in redis-py 8.1)."""
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    for node in node_clients(client):
+        for key in node.scan_iter(match=pattern, count=count):
+            yield key.decode() if isinstance(key, bytes) else str(key)
 
 
 def keys_for(client: AnyRedis) -> RedisKeys:

@@ -37,7 +37,7 @@ from redis.crc import key_slot
 
 from consumer.cluster_sink import SCRIPTS, board_ops_calls
 from consumer.errors import PopscoreError
-from consumer.redis_client import AnyRedis, NodePipelines, Script, keys_for
+from consumer.redis_client import AnyRedis, NodePipelines, Script, keys_for, scan_prefix
 from schemas.redis_keys import KEY_PREFIX, RedisKeys, model_prefix
 
 log = logging.getLogger(__name__)
@@ -324,19 +324,7 @@ class _ClusterSwitch:
 
 
 def _scan(client: AnyRedis, prefix: str) -> Iterator[str]:
-    """Every key starting with ``prefix`` (glob characters in it taken literally), on every
-    primary of a cluster."""
-    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
-    # Node by node through each node's own client: the cluster client's scan_iter leaves a
-    # connection unclosed (redis-py 8.1).
-    nodes = (
-        [client.get_redis_connection(n) for n in client.get_primaries()]  # type: ignore[no-untyped-call]
-        if isinstance(client, RedisCluster)
-        else [client]
-    )
-    for node in nodes:
-        for key in node.scan_iter(match=pattern, count=SCAN_COUNT):
-            yield _text(key)
+    return scan_prefix(client, prefix, SCAN_COUNT)
 
 
 @contextmanager
