@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
+.PHONY: setup stack-up stack-down redis-cluster-up redis-cluster-down bench-redis s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -26,6 +26,12 @@ stack-up: ## start local Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) unles
 
 stack-down: ## stop what stack-up started
 	deploy/local/stack-down.sh
+
+redis-cluster-up: ## start a local Redis Cluster (127.0.0.1:7000-7005, 3 primaries + 3 replicas) unless one is up
+	deploy/local/redis-cluster-up.sh
+
+redis-cluster-down: ## stop it and forget it
+	deploy/local/redis-cluster-down.sh
 
 s3-up: $(STAMP) ## start a local S3 server (moto, 127.0.0.1:9000) unless one answers; the s3 tests do it themselves
 	deploy/local/s3-up.sh
@@ -71,6 +77,9 @@ BENCH_ARGS ?=
 BENCH_JSON ?= bench/results/bench-cpu-$(shell nproc)core.json
 bench: $(STAMP) $(MODEL) stack-up ## benchmark: compute ceiling, end to end, naive (~5-7 min)
 	$(BIN)/popscore --log-level WARNING bench --json $(BENCH_JSON) $(BENCH_ARGS)
+
+bench-redis: $(STAMP) stack-up redis-cluster-up ## the Redis sink on one node vs the local cluster: write latency, records/s, memory per 10^6 tracks (~8 min)
+	$(BIN)/python -m popscore.bench.redis_sink --json bench/results/redis-cluster-vs-single-cpu-$(shell nproc)core.json
 
 SOAK_RATE ?= 8
 soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the real consumer, RSS sampled

@@ -671,7 +671,7 @@ class App:
             return False, f"kafka unreachable: {self.source.kafka_problem}"
         try:
             self.redis.ping()
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             return False, f"redis unreachable: {exc}"
         if self.redis_sink.failing:  # it answers PING but refuses writes (OOM, READONLY)
             return False, f"redis refusing writes: {self.redis_sink.failing}"

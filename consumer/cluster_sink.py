@@ -36,6 +36,7 @@ from consumer.dead_letters import internal_error
 from consumer.errors import DeadLetter
 from consumer.redis_client import NodePipelines, Script
 from consumer.sinks import RedisSink, Upsert, utc_day
+from schemas.dead_letter import DeadLetterReason
 from schemas.redis_keys import CLUSTER
 from schemas.scores import ScoreRecord
 
@@ -331,6 +332,8 @@ def _built(record: ScoreRecord, source: str) -> _Write | DeadLetter:
         }
         keys = (CLUSTER.score(track), CLUSTER.model_score(version, track))
         return _Write(record, source, json.dumps(item), keys)
+    except ValueError as exc:  # an id the cluster layout cannot place (RedisKeys)
+        return DeadLetter(DeadLetterReason.INVALID_EVENT, str(exc))
     except Exception as exc:  # building one record's write costs that record alone
         return internal_error(exc)
 

@@ -222,6 +222,7 @@ _TRANSIENT = (
     redis.exceptions.MovedError,
     redis.exceptions.AskError,
     redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.RedisClusterException,  # e.g. no node answers while the cluster re-elects
 )
 
 

@@ -11,11 +11,12 @@ from redis.cluster import RedisCluster
 
 from consumer import cluster_sink
 from consumer.cluster_sink import ClusterRedisSink, board_ops_calls
-from consumer.errors import SinkError
+from consumer.errors import DeadLetter, SinkError
 from consumer.redis_client import NodePipelines, close
 from consumer.rollout import promote
 from consumer.sinks import Upsert
 from schemas import ScoreRecord
+from schemas.dead_letter import DeadLetterReason
 from schemas.redis_keys import CLUSTER
 from tests.integration.conftest import flush_cluster
 
@@ -109,3 +110,12 @@ def test_a_view_write_from_before_a_promotion_is_retried_with_the_new_pointer(
     assert view.model_version == "model-b", "model-a is no longer current"
     mine = ScoreRecord.from_redis(cluster.hgetall(CLUSTER.model_score("model-a", "t1")))
     assert mine.event_id == "e9", "its own namespace has it"
+
+
+def test_a_track_id_the_layout_cannot_place_costs_that_record_alone(cluster: RedisCluster) -> None:
+    sink = ClusterRedisSink(cluster)
+    batch = [record("model-a", "}odd", "e1"), record("model-a", "fine", "e2")]
+    bad, good = sink.write(batch, ["in/0/1", "in/0/2"], threading.Event())
+    assert isinstance(bad, DeadLetter) and bad.reason is DeadLetterReason.INVALID_EVENT
+    assert "hash tag" in bad.detail
+    assert good is Upsert.WRITTEN and cluster.exists(CLUSTER.score("fine"))
