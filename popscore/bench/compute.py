@@ -1,4 +1,5 @@
-"""Mode (a), the compute ceiling: decode + resample + frontend + model, no Kafka or Redis.
+"""Mode (a), the compute ceiling: decode + resample + frontend + model, no Kafka or Redis; and
+the decode floor: fetch + decode of the window alone, on the same pool.
 
 Decode runs on a pool one batch ahead of inference (as the service's prepare and device stages
 overlap), so the wall time is the best the service could do. The pool is threads, as in the
@@ -150,6 +151,39 @@ def run(
         peak_rss_mb=peak_rss_mb(),
         stage_s_per_event=stages,
         notes=notes,
+    )
+
+
+def decode_floor(
+    policy: AudioPolicy, events: list[ReleaseEvent], clip_seconds: float, workers: int
+) -> ModeResult:
+    """Fetch + decode of each event's window and nothing else, on a pool of ``workers``
+    threads (the service's decode pool): the most events/s this machine's decoding allows,
+    which no other mode can beat. Latency: each event's own fetch + decode."""
+
+    def one(event: ReleaseEvent) -> float:
+        t0 = time.perf_counter()
+        decode_window(open_uri(event.audio_uri, policy), clip_seconds, policy)
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="bench-decode") as pool:
+        list(pool.map(one, events[: 2 * workers]))  # warm-up: page cache, codec tables
+        reset_peak_rss()
+        bar = tqdm(total=len(events), desc="decode floor", unit="event")
+        start = time.perf_counter()
+        latencies = []
+        for took in pool.map(one, events):
+            latencies.append(took)
+            bar.update(1)
+        seconds = time.perf_counter() - start
+        bar.close()
+    return ModeResult(
+        mode="decode",
+        events=len(events),
+        seconds=seconds,
+        latencies_s=latencies,
+        peak_rss_mb=peak_rss_mb(),
+        notes={"latency": "per event: its fetch + decode of the window", "threads": workers},
     )
 
 

@@ -136,6 +136,7 @@ def report(
             # The issue sets this bound at half the max rate; --rate may have offered another.
             share = rated.offered_rate / e2e.events_per_s
             targets["p99_at_rate_ms"]["offered_over_max"] = round(share, 3)
+    targets.update(_floor_ratios(by_mode))
     targets.update(_rollout_targets(by_mode))
     return {
         "workload": workload.as_dict(),
@@ -143,6 +144,22 @@ def report(
         "modes": [r.summary() for r in results],
         "targets": targets,
     }
+
+
+def _floor_ratios(by_mode: dict[str, ModeResult]) -> dict[str, Any]:
+    """Events/s of the compute ceiling and of the service over the decode floor, measured in
+    the same run: how much of what decoding allows the rest of the work leaves."""
+    floor = by_mode.get("decode")
+    if floor is None:
+        return {}
+    out: dict[str, Any] = {}
+    if ceiling := by_mode.get("compute"):
+        value = round(ceiling.events_per_s / floor.events_per_s, 3)
+        out["compute_over_decode"] = {"value": value, "target": None}
+    if e2e := by_mode.get("e2e_max"):
+        ratio = e2e.events_per_s / floor.events_per_s
+        out["e2e_over_decode"] = {"value": round(ratio, 3), "target": 0.6, "met": ratio >= 0.6}
+    return out
 
 
 def _rollout_targets(by_mode: dict[str, ModeResult]) -> dict[str, Any]:

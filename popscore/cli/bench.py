@@ -17,8 +17,18 @@ from consumer.errors import UsageError
 from consumer.settings import Settings
 from popscore.cli.argtypes import Subparsers, existing_dir, positive_float, positive_int
 
-MODES = ("compute", "e2e", "naive", "compute_process", "soak", "shadow", "backfill", "promote")
-DEFAULT_MODES = ("compute", "e2e", "naive")
+MODES = (
+    "decode",
+    "compute",
+    "e2e",
+    "naive",
+    "compute_process",
+    "soak",
+    "shadow",
+    "backfill",
+    "promote",
+)
+DEFAULT_MODES = ("decode", "compute", "e2e", "naive")
 # Debian's wesnoth-1.16-music: real music, OGG/Vorbis 44.1 kHz stereo, 5 s to 9 min.
 WESNOTH_GLOB = "/usr/share/games/wesnoth/*/data/core/music"
 
@@ -43,7 +53,8 @@ def register(sub: Subparsers) -> None:
     bench.add_argument(
         "--modes",
         default=",".join(DEFAULT_MODES),
-        help="comma-separated, of: compute, e2e, naive (the default), compute_process (the "
+        help="comma-separated, of: decode (fetch + decode of the window alone: the floor), "
+        "compute, e2e, naive (these four the default), compute_process (the "
         "compute ceiling with a process pool instead of threads), soak, shadow (the e2e max "
         "with a shadow model beside the primary), backfill (live p99 at --rate alone and "
         "beside a backfill process), promote (popscore promote of --events x 1000 tracks)",
@@ -147,6 +158,9 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         return corpus.events(paths, n, args.seed, f"{run_id}-{mode}")
 
     results: list[ModeResult] = []
+    if "decode" in modes:
+        results.append(compute.decode_floor(policy, fresh("decode"), scorer.meta.clip_seconds,
+                                            base.decode_workers))  # fmt: skip
     for kind in ("thread", "process"):
         if ("compute" if kind == "thread" else "compute_process") in modes:
             results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,

@@ -291,3 +291,26 @@ def test_the_backfill_process_reports_what_it_scored() -> None:
 
     assert _scored("starting\nbackfill: 864 events scored under m-1\n") == 864
     assert _scored("it crashed") == 0
+
+
+def test_floor_ratios_set_compute_and_e2e_against_the_decode_floor() -> None:
+    floor = ModeResult("decode", 100, 2.0)  # 50 ev/s
+    compute, e2e = ModeResult("compute", 100, 4.0), ModeResult("e2e_max", 100, 5.0)
+    doc = report(workload(), [floor, compute, e2e], {"cpus": 2})
+    targets = doc["targets"]
+    assert targets["compute_over_decode"] == {"value": 0.5, "target": None}
+    assert targets["e2e_over_decode"] == {"value": 0.4, "target": 0.6, "met": False}
+    assert "target e2e_over_decode: 0.4 (target 0.6) NOT met" in table(doc)
+
+
+def test_decode_floor_decodes_every_window_and_times_each(tmp_path: Path) -> None:
+    from popscore.bench.compute import decode_floor
+    from popscore.bench.corpus import events
+
+    paths = []
+    for name in ("a.flac", "b.ogg"):
+        sf.write(tmp_path / name, np.zeros((44_100 * 3, 2), dtype=np.float32), 44_100)
+        paths.append(tmp_path / name)
+    result = decode_floor(AudioPolicy.create((tmp_path,)), events(paths, 6, 0, "t"), 2.0, 2)
+    assert result.mode == "decode" and result.events == 6 and len(result.latencies_s) == 6
+    assert all(t > 0 for t in result.latencies_s) and result.seconds > 0
