@@ -11,7 +11,7 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down redis-cluster-up redis-cluster-down bench-redis s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
+.PHONY: setup stack-up stack-down redis-cluster-up redis-cluster-down bench-redis bench-resample bench-scaleout s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -80,6 +80,12 @@ bench: $(STAMP) $(MODEL) stack-up ## benchmark: compute ceiling, end to end, nai
 
 bench-redis: $(STAMP) stack-up redis-cluster-up ## the Redis sink on one node vs the local cluster: write latency, records/s, memory per 10^6 tracks (~8 min)
 	$(BIN)/python -m popscore.bench.redis_sink --json bench/results/redis-cluster-vs-single-cpu-$(shell nproc)core.json
+
+bench-resample: $(STAMP) $(MODEL) ## resamplers side by side: ms per 30 s window on one thread, SNR against exact tones, what the choice changes in the scores (~1 min)
+	$(BIN)/python -m popscore.bench.resampler --model $(MODEL) --json bench/results/resampler-cpu-$(shell nproc)core.json
+
+bench-scaleout: $(STAMP) $(MODEL) stack-up ## 1, 2, 4 consumer processes on 8 partitions, then batch size and decode workers swept: events/s, p99, CPU busy; JSON + docs/img/scaleout.png (~10 min)
+	$(BIN)/python -m popscore.bench.scaleout --json bench/results/scaleout-cpu-$(shell nproc)core.json --plot docs/img/scaleout.png
 
 SOAK_RATE ?= 8
 soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the real consumer, RSS sampled

@@ -9,8 +9,6 @@ replicas hold as much again) while it writes.
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -26,7 +24,7 @@ from redis.cluster import RedisCluster
 from consumer.cluster_sink import ClusterRedisSink
 from consumer.redis_client import AnyRedis, close, connect, node_clients, scan_prefix
 from consumer.sinks import RedisSink
-from popscore.bench.stats import percentile
+from popscore.bench.stats import machine, percentile
 from schemas.redis_keys import model_prefix
 from schemas.scores import ScoreRecord
 
@@ -57,7 +55,7 @@ class Memory:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     targets = {"single": (args.single, False), "cluster": (args.cluster, True)}
-    report: dict[str, Any] = {"machine": _machine(), "args": vars(args) | {"json": str(args.json)}}
+    report: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"json": str(args.json)}}
     for name, (url, cluster) in targets.items():
         client = connect(url, cluster, socket_timeout=60)
         try:
@@ -230,19 +228,6 @@ def _ratios(report: dict[str, Any]) -> dict[str, Any]:
             "cluster": cluster["memory"]["bytes_per_million"],
         },
     }
-
-
-def _machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
 
 
 if __name__ == "__main__":

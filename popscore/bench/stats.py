@@ -1,9 +1,12 @@
 """Statistics, peak RSS and the JSON/table shape of a benchmark run (no torch, no services)."""
 
 import math
+import os
+import platform
 import resource
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +212,17 @@ def _ms(seconds: float) -> float | None:
 
 def _f(value: float | None) -> str:
     return f"{'-':>9}" if value is None else f"{value:>9.1f}"
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its core count, Python, and when: for a standalone benchmark's JSON."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip

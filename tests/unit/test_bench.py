@@ -314,3 +314,20 @@ def test_decode_floor_decodes_every_window_and_times_each(tmp_path: Path) -> Non
     result = decode_floor(AudioPolicy.create((tmp_path,)), events(paths, 6, 0, "t"), 2.0, 2)
     assert result.mode == "decode" and result.events == 6 and len(result.latencies_s) == 6
     assert all(t > 0 for t in result.latencies_s) and result.seconds > 0
+
+
+def test_scaleout_plan_runs_the_curve_then_each_sweep_once() -> None:
+    from popscore.bench.scaleout import Config, plan
+
+    configs = plan([1, 2, 4], [16, 32], [2, 4], Config(1, 32, 4))
+    assert configs == [Config(1, 32, 4), Config(2, 32, 4), Config(4, 32, 4), Config(1, 16, 4),
+                       Config(1, 32, 2)]  # fmt: skip
+
+
+def test_scaleout_cpu_share_is_busy_over_total_jiffies() -> None:
+    from popscore.bench.scaleout import _busy_share, _cpu_times
+
+    busy, total = _cpu_times()
+    assert 0 <= busy <= total
+    assert _busy_share((100, 400), (250, 600)) == 0.75
+    assert _busy_share((1, 1), (1, 1)) == 0.0
