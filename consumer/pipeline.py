@@ -23,7 +23,8 @@ from consumer.device import Scorer, Scores, failure_kind
 from consumer.drift import DriftMonitor
 from consumer.errors import DeadLetter, DeviceFailure
 from consumer.metrics import Metrics
-from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
+from consumer.resample import BatchResampler, Clip, check_resample_rate
+from consumer.soxr_resample import SoxrResampler
 from popscore.artifact import ArtifactMeta, extract
 from schemas.dead_letter import DeadLetterReason as Reason
 from schemas.events import ReleaseEvent
@@ -140,7 +141,7 @@ class Pipeline:
         self.pool = pool
         self.metrics = metrics
         meta = scorer.meta
-        self.resampler = Resampler(meta.sample_rate, meta.clip_seconds)
+        self.resampler = SoxrResampler(meta.sample_rate, meta.clip_seconds)
         self.batch_resampler = batch_resampler_for(resample_on, scorer)
 
     def prepare(self, messages: list[Message]) -> Prepared:

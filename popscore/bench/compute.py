@@ -21,6 +21,7 @@ from tqdm import tqdm
 from consumer.audio import AudioPolicy, decode_window, open_uri
 from consumer.device import Scorer
 from consumer.resample import BatchResampler, Resampler
+from consumer.soxr_resample import SoxrResampler
 from popscore.artifact.features import extract
 from popscore.bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
 from schemas.events import ReleaseEvent
@@ -60,7 +61,7 @@ def _resampler(sample_rate: int, clip_seconds: float) -> Resampler:
     # One per process (threads share it, as the service's pool does).
     key = (sample_rate, clip_seconds)
     if key not in _RESAMPLERS:
-        _RESAMPLERS[key] = Resampler(sample_rate, clip_seconds)
+        _RESAMPLERS[key] = SoxrResampler(sample_rate, clip_seconds)
     return _RESAMPLERS[key]
 
 

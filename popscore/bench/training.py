@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from consumer.audio import AudioPolicy, load_clip
-from consumer.resample import Resampler
+from consumer.soxr_resample import SoxrResampler
 from popscore.training.cache import prepare, read_table
 from popscore.training.data import PAPER_FEATURES
 from popscore.training.evaluate import FUSION
@@ -80,7 +80,7 @@ def make_catalog(
 def service_rate(files: list[Path], policy: AudioPolicy) -> float:
     """Clips per second of the service's intake (load_clip) on one thread: the per-core rate."""
     torch.set_num_threads(1)
-    resampler = Resampler(RATE, SECONDS)
+    resampler = SoxrResampler(RATE, SECONDS)
     load_clip(files[0].as_uri(), policy, resampler)  # warm: the resample kernel
     started = time.perf_counter()
     for path in files:

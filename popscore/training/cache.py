@@ -47,6 +47,7 @@ from consumer.audio import AudioPolicy, load_clip
 from consumer.errors import DeadLetter
 from consumer.redact import redact
 from consumer.resample import Resampler
+from consumer.soxr_resample import SoxrResampler
 from popscore.artifact.features import extract
 from popscore.training.catalog import CatalogRows, catalog_rows, read_catalog
 
@@ -214,7 +215,7 @@ def _start_worker(policy: AudioPolicy, sample_rate: int, clip_seconds: float) ->
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    _WORKER.update(policy=policy, resampler=Resampler(sample_rate, clip_seconds))
+    _WORKER.update(policy=policy, resampler=SoxrResampler(sample_rate, clip_seconds))
 
 
 def _decode_shard(shard: Shard, directory: Path) -> list[str | None]:
