@@ -110,10 +110,10 @@ def shadow_problem(primary: ArtifactMeta, primary_listens: bool, shadow: Scorer)
 
 
 def batch_resampler_for(resample_on: str, scorer: Scorer) -> BatchResampler | None:
-    """The device-side resampler POPSCORE_RESAMPLE_ON asks for (``device``, or ``auto`` on
-    CUDA); None: resample per item on the decode pool."""
-    cuda = scorer.device.type == "cuda"
-    if resample_on == "device" or (resample_on == "auto" and cuda):
+    """The device-side resampler when POPSCORE_RESAMPLE_ON is ``device``; None (``pool`` and
+    ``auto``): resample per item with libsoxr on the decode pool, on every device — the
+    resampler training uses, so a GPU pod scores an event as a CPU pod does."""
+    if resample_on == "device":
         meta = scorer.meta
         return BatchResampler(meta.sample_rate, meta.clip_seconds, scorer.device)
     return None

