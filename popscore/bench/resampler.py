@@ -34,10 +34,11 @@ Resample = Callable[[np.ndarray, int, int], np.ndarray]
 
 
 def torchaudio_sinc(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """torchaudio's default (sinc, Hann window, width 6, rolloff 0.99): the service until now."""
+    """torchaudio's default (sinc, Hann, width 6, rolloff 0.99): the pool until 2026-12-03."""
     kernel = _torchaudio_kernel(rate, target)
     with torch.inference_mode():
-        return kernel(torch.from_numpy(x)).numpy()
+        out: np.ndarray = kernel(torch.from_numpy(x)).numpy()
+    return out
 
 
 _KERNELS: dict[tuple[int, int], torchaudio.transforms.Resample] = {}

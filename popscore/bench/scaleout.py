@@ -97,9 +97,9 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
             except subprocess.TimeoutExpired:
                 proc.kill()
     seconds = last - first
-    return Point(cfg, len(events), round(seconds, 3), round(len(events) / seconds, 3),
-                 *(round(percentile(latencies, q) * 1e3, 1) for q in (50, 95, 99)),
-                 round(busy, 3))  # fmt: skip
+    p50, p95, p99 = (round(percentile(latencies, q) * 1e3, 1) for q in (50, 95, 99))
+    rate = round(len(events) / seconds, 3)
+    return Point(cfg, len(events), round(seconds, 3), rate, p50, p95, p99, round(busy, 3))
 
 
 def _env(
@@ -178,9 +178,10 @@ def _collect(reader: Consumer, wanted: set[str], timeout: float) -> tuple[list[f
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} of {len(wanted)} scores did not arrive")
         msg = reader.poll(0.5)
-        if msg is None or msg.error():
+        value = None if msg is None or msg.error() else msg.value()
+        if value is None:
             continue
-        record = ScoreRecord.model_validate_json(msg.value())
+        record = ScoreRecord.model_validate_json(value)
         if record.event_id in pending:
             pending.discard(record.event_id)
             latencies.append((datetime.now(UTC) - record.emitted_at).total_seconds())
