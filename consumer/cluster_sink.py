@@ -11,7 +11,7 @@ A batch is four idempotent steps, each one round trip per primary node:
    returns the leaderboard changes the write implies (add to the new day, remove from the old);
 4. the leaderboard changes (``{day}`` slot), each applied only when its sequence is newer than
    the one the day last saw for that track, so a late or replayed change never undoes a newer
-   one.
+   one; with them the pointer is read again, and 3 and 4 redone if a promotion began meanwhile.
 
 A crash between steps leaves the offsets uncommitted: the replay finds its own markers, rewrites
 the same hashes (same record: no change a reader can see) and re-applies the same leaderboard
@@ -31,6 +31,7 @@ from typing import Any
 
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import TryAgainError
 
 from consumer.dead_letters import internal_error
 from consumer.errors import DeadLetter
@@ -43,6 +44,12 @@ from schemas.scores import ScoreRecord
 log = logging.getLogger(__name__)
 EPOCH_MOVED = -1
 MAX_EPOCH_RETRIES = 5
+
+
+class EpochMoving(TryAgainError):
+    """Promotions kept starting while one batch was written: retried with backoff, like a
+    failover (never fatal)."""
+
 
 # Step 3. KEYS: per record (view hash, model hash). ARGV[1]: score ttl (0 = none); ARGV[2]: the
 # current version ('' = none); ARGV[3]: '1' when the live primary's records write the view
@@ -60,15 +67,26 @@ local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 -- one and above the clock (a hash that expired and came back still moves forward).
 local function put(hkey, zkey, rec, any_model, view, ops)
   local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard', 'model_version',
-    '_seq', '_epoch')
+    '_seq', '_epoch', '_prev_leaderboard')
   if view and (tonumber(cur[6]) or 0) > epoch then return -1 end
   local order = tonumber(cur[1])
   local blocks = any_model or cur[4] == rec.version
   if order and blocks and (order > rec.order or (order == rec.order and cur[2] > rec.event_id)) then
     return 0
   end
+  -- The day this write takes the track away from. A rewrite of the very record the hash holds
+  -- (a retry, or the replay after a crash between steps 3 and 4) finds the day already moved:
+  -- it repeats the removal the first try recorded, which step 4 may never have applied.
+  local prev = false
+  if cur[3] and cur[3] ~= zkey then
+    prev = cur[3]
+  elseif order == rec.order and cur[2] == rec.event_id and cur[7] and cur[7] ~= ''
+    and cur[7] ~= zkey then
+    prev = cur[7]
+  end
   local seq = string.format('%d', math.max((tonumber(cur[5]) or 0) + 1, now_us))
-  local args = {'_order', string.format('%d', rec.order), '_leaderboard', zkey, '_seq', seq}
+  local args = {'_order', string.format('%d', rec.order), '_leaderboard', zkey, '_seq', seq,
+    '_prev_leaderboard', prev or ''}
   if view then
     args[#args + 1] = '_epoch'
     args[#args + 1] = string.format('%d', epoch)
@@ -79,7 +97,7 @@ local function put(hkey, zkey, rec, any_model, view, ops)
   end
   redis.call('HSET', hkey, unpack(args))
   if ttl > 0 then redis.call('EXPIRE', hkey, ttl) end
-  if cur[3] and cur[3] ~= zkey then ops[#ops + 1] = {cur[3], rec.member, seq, ''} end
+  if prev then ops[#ops + 1] = {prev, rec.member, seq, ''} end
   ops[#ops + 1] = {zkey, rec.member, seq, rec.zscore}
   if order then return 1 end
   return 3
@@ -214,20 +232,42 @@ class ClusterRedisSink(RedisSink):
         replies = self.nodes.run(meta + self._claim_calls(writes))
         current, epoch = _pointer(replies[0])
         claimed = self._claimed(writes, replies[len(meta) :])
-        pending = claimed
+        bookkeeping = True
+        for _ in range(MAX_EPOCH_RETRIES):
+            current, epoch = self._settled_hashes(claimed, current, epoch, primary)
+            # Step 4, the bookkeeping (once) and the pointer again, in one round trip: a
+            # promotion that began after step 1 may have scanned past a track before step 3
+            # created its hash, so step 3 is redone under the new pointer (same records:
+            # newer-wins makes it a rewrite, plus the view write the new pointer asks for).
+            ops = [op for write in claimed for op in write.ops]
+            calls = board_ops_calls(ops, self.ttl_s)
+            if bookkeeping:
+                calls += self._count_calls(claimed)
+            pointer = (
+                CLUSTER.current_model,
+                ("MGET", CLUSTER.current_model, CLUSTER.promotion_epoch),
+            )
+            now_current, now_epoch = _pointer(self.nodes.run([*calls, pointer])[-1])
+            bookkeeping = False
+            if now_epoch == epoch:
+                return
+            current, epoch = now_current, now_epoch
+            for write in claimed:
+                write.ops = []
+        raise EpochMoving("the promotion epoch kept moving during one batch")
+
+    def _settled_hashes(
+        self, writes: list[_Write], current: str, epoch: int, primary: bool
+    ) -> tuple[str, int]:
+        """Step 3 until no view refuses a write for a newer epoch; the pointer it ended on."""
+        pending = writes
         for _ in range(MAX_EPOCH_RETRIES):
             moved = self._hashes(pending, current, epoch, primary)
             if not moved:
-                break
+                return current, epoch
             current, epoch = _pointer(self.nodes.run(self._meta_calls(moved))[0])
             pending = moved
-        else:
-            raise RuntimeError("the promotion epoch kept moving during one batch")
-        # Step 4 and the bookkeeping: one round trip.
-        ops = [op for write in claimed for op in write.ops]
-        calls = board_ops_calls(ops, self.ttl_s) + self._count_calls(claimed)
-        if calls:
-            self.nodes.run(calls)
+        raise EpochMoving("the promotion epoch kept moving during one batch")
 
     def _meta_calls(self, writes: list[_Write]) -> list[tuple[str, tuple[Any, ...]]]:
         """Step 1: the pointer and the epoch first; each version joins the models set."""

@@ -159,7 +159,8 @@ class NodePipelines:
                 for i in indexes:
                     replies[i] = _reply(conn)
                 acked = _reply(conn) if self.min_replicas else self.min_replicas
-                if isinstance(acked, int) and acked < self.min_replicas:
+                if not isinstance(acked, int) or acked < self.min_replicas:
+                    # An error reply (an ACL without WAIT) is no acknowledgement either.
                     lagging.append(f"{conn.host}:{conn.port} ({acked} replicas)")
         except BaseException:
             for conn, _, _ in sent:

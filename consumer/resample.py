@@ -106,7 +106,8 @@ class BatchResampler:
     rate, into ``[B, clip_samples]`` there. On a GPU this takes the resample off the decode
     cores (CPU is what bounds a GPU pod); on CPU the per-item ``Resampler`` on the pool
     measured faster (docs/PERFORMANCE.md), so serving uses this one only on CUDA by default.
-    Each row equals what ``Resampler`` gives for that clip."""
+    Each row equals what torchaudio's per-item ``Resampler`` gives for that clip; the decode
+    pool's ``SoxrResampler`` (libsoxr) differs from both near the top of the band."""
 
     def __init__(self, target_rate: int, clip_seconds: float, device: torch.device) -> None:
         if target_rate <= 0 or clip_seconds <= 0:

@@ -74,14 +74,25 @@ for i = 1, #KEYS, 2 do
     local f = {}
     for j = 1, #flat, 2 do f[flat[j]] = flat[j + 1] end
     local cur = redis.call('HMGET', dst, '_order', 'event_id', '_leaderboard', 'model_version',
-      '_seq')
+      '_seq', '_prev_leaderboard', 'popularity')
     local order, mine = tonumber(cur[1]), tonumber(f._order)
     local kept = cur[4] == version and order and
       (order > mine or (order == mine and cur[2] >= f.event_id))
+    if kept and cur[3] and cur[5] and cur[7] then
+      -- Already switched (a rerun after a promotion that stopped between this step and the
+      -- leaderboard changes, or a newer live write): repeat the changes its hash records, at
+      -- its sequence; the day boards skip what they already applied.
+      if cur[6] and cur[6] ~= '' and cur[6] ~= cur[3] then
+        ops[#ops + 1] = {cur[6], f.track_id, cur[5], ''}
+      end
+      ops[#ops + 1] = {cur[3], f.track_id, cur[5], cur[7]}
+    end
     if not kept then
       local zkey = view_boards .. string.sub(f._leaderboard, #model_boards + 1)
       local seq = string.format('%d', math.max((tonumber(cur[5]) or 0) + 1, now_us))
       f._leaderboard, f._seq, f._epoch = zkey, seq, epoch
+      f._prev_leaderboard = ''
+      if cur[3] and cur[3] ~= zkey then f._prev_leaderboard = cur[3] end
       local args = {}
       for k, v in pairs(f) do
         args[#args + 1] = k

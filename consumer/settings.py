@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     """Redis Cluster: a batch's writes count as done (and its offsets may commit) only once this
     many replicas of each primary it wrote to hold them (``WAIT``), so a failover loses none;
     0 = do not wait (a failover may then lose the last writes before it)."""
-    redis_replica_wait_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    # Below the client's 10 s socket timeout, so a slow WAIT reads as NotReplicated.
+    redis_replica_wait_ms: Annotated[int, Field(ge=10, le=5_000)] = 2000
     """How long one ``WAIT`` may take before the batch's write is retried."""
     redis_ttl_s: Annotated[int, Field(ge=0)] = 0
     """TTL of score hashes in seconds; 0 keeps them forever."""

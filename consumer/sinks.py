@@ -217,6 +217,7 @@ _TRANSIENT = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.MasterDownError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.NoScriptError,  # a node lost its scripts again (a replica promoted meanwhile)
     redis.exceptions.ClusterDownError,
     # Redis Cluster: a slot moved or lost its primary (cluster_sink refreshes the slot map).
     redis.exceptions.MovedError,

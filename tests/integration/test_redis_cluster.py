@@ -5,11 +5,13 @@ test_rollout.py; kills and failovers are in tests/chaos (redis-cluster-failover-
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+import redis
 from redis.cluster import RedisCluster
 
-from consumer import cluster_sink
+from consumer import cluster_sink, rollout
 from consumer.cluster_sink import ClusterRedisSink, board_ops_calls
 from consumer.errors import DeadLetter, SinkError
 from consumer.redis_client import NodePipelines, close
@@ -119,3 +121,72 @@ def test_a_track_id_the_layout_cannot_place_costs_that_record_alone(cluster: Red
     assert isinstance(bad, DeadLetter) and bad.reason is DeadLetterReason.INVALID_EVENT
     assert "hash tag" in bad.detail
     assert good is Upsert.WRITTEN and cluster.exists(CLUSTER.score("fine"))
+
+
+def test_a_retried_batch_still_takes_the_track_off_its_old_day(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 4 fails once after step 3 moved the track to a new day (a failover, a crash and
+    replay): the retry finds the hash already moved and repeats the removal it recorded."""
+    sink = ClusterRedisSink(cluster)
+    sink.write([record("model-a", "t1", "e1")], ["in/0/1"], threading.Event())
+    real, failures = cluster_sink.board_ops_calls, iter([True])
+
+    def flaky(ops: list[list[str]], ttl_s: int) -> list[Any]:
+        if next(failures, False):
+            raise redis.exceptions.ConnectionError("the day's primary went away")
+        return real(ops, ttl_s)
+
+    monkeypatch.setattr(cluster_sink, "board_ops_calls", flaky)
+    next_day = DAY + timedelta(days=1)
+    codes = sink.write([record("model-a", "t1", "e2", next_day)], ["in/0/2"], threading.Event())
+    assert codes == [Upsert.WRITTEN]
+    assert cluster.zscore(CLUSTER.leaderboard(DAY.date()), "t1") is None, "off the old day"
+    assert cluster.zscore(CLUSTER.leaderboard(next_day.date()), "t1") == 20.0
+
+
+def test_a_promotion_stopped_before_its_leaderboard_changes_is_finished_by_running_it_again(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = ClusterRedisSink(cluster)
+    next_day = DAY + timedelta(days=1)
+    sink.write([record("model-a", "t1", "e1")], ["in/0/1"], threading.Event())
+    sink.write(
+        [record("model-b", "t1", "e2", next_day)], ["bf/0/1"], threading.Event(), primary=False
+    )
+    real = rollout.board_ops_calls
+
+    def broken(ops: list[list[str]], ttl_s: int) -> list[Any]:
+        raise redis.exceptions.ConnectionError("the promoting process lost Redis")
+
+    monkeypatch.setattr(rollout, "board_ops_calls", broken)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        promote(cluster, "model-b")
+    assert ScoreRecord.from_redis(cluster.hgetall(CLUSTER.score("t1"))).model_version == "model-b"
+    assert cluster.zscore(CLUSTER.leaderboard(next_day.date()), "t1") is None, "not yet"
+    monkeypatch.setattr(rollout, "board_ops_calls", real)
+    promote(cluster, "model-b")
+    assert cluster.zscore(CLUSTER.leaderboard(DAY.date()), "t1") is None
+    assert cluster.zscore(CLUSTER.leaderboard(next_day.date()), "t1") == 80.0
+
+
+def test_a_new_track_written_under_a_pointer_a_promotion_replaced_is_redone(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shadow for model-b read the pointer (model-a) before ``promote model-b`` began, and
+    created a new track's hash after the promotion's scan had passed it: the pointer read again
+    with the leaderboard changes shows the promotion, and the write is redone into the view."""
+    sink = ClusterRedisSink(cluster)
+    sink.write([record("model-a", "t0", "e0")], ["in/0/0"], threading.Event())
+    sink.write([record("model-b", "t0", "e0")], ["sh/0/0"], threading.Event(), primary=False)
+    promote(cluster, "model-a")
+    stale = ("model-a", int(cluster.get(CLUSTER.promotion_epoch) or 0))
+    promote(cluster, "model-b")
+    reads = iter([stale])  # step 1's read, from before the promotion; then the real ones
+    real = cluster_sink._pointer
+    monkeypatch.setattr(cluster_sink, "_pointer", lambda reply: next(reads, None) or real(reply))
+    new = record("model-b", "t7", "e7")
+    assert sink.write([new], ["sh/0/7"], threading.Event(), primary=False) == [Upsert.WRITTEN]
+    view = ScoreRecord.from_redis(cluster.hgetall(CLUSTER.score("t7")))
+    assert view.model_version == "model-b"
+    assert cluster.zscore(CLUSTER.leaderboard(DAY.date()), "t7") == 80.0

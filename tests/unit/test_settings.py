@@ -96,6 +96,7 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_REDIS_CLUSTER", "sometimes"),
         ("POPSCORE_REDIS_MIN_REPLICAS", "-1"),
         ("POPSCORE_REDIS_REPLICA_WAIT_MS", "0"),
+        ("POPSCORE_REDIS_REPLICA_WAIT_MS", "60000"),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
