@@ -84,8 +84,8 @@ bench-redis: $(STAMP) stack-up redis-cluster-up ## the Redis sink on one node vs
 bench-resample: $(STAMP) $(MODEL) ## resamplers side by side: ms per 30 s window on one thread, SNR against exact tones, what the choice changes in the scores (~1 min)
 	$(BIN)/python -m popscore.bench.resampler --model $(MODEL) --json bench/results/resampler-cpu-$(shell nproc)core.json
 
-bench-scaleout: $(STAMP) $(MODEL) stack-up ## 1, 2, 4 consumer processes on 8 partitions, then batch size and decode workers swept: events/s, p99, CPU busy; JSON + docs/img/scaleout.png (~10 min)
-	$(BIN)/python -m popscore.bench.scaleout --json bench/results/scaleout-cpu-$(shell nproc)core.json --plot docs/img/scaleout.png
+bench-scaleout: $(STAMP) $(MODEL) stack-up ## 1, 2, 4 consumer processes on 8 partitions, then batch size and decode workers swept: events/s, p99, CPU busy; JSON + docs/img/scaleout.png (~6 min)
+	$(BIN)/python -m popscore.bench.scaleout --events 576 --json bench/results/scaleout-cpu-$(shell nproc)core.json --plot docs/img/scaleout.png
 
 SOAK_RATE ?= 8
 soak: $(STAMP) $(MODEL) stack-up ## 10 minutes at SOAK_RATE events/s through the real consumer, RSS sampled

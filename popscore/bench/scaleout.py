@@ -71,15 +71,15 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
     tag = f"scaleout-{uuid.uuid4().hex[:8]}"
     topics = {name: f"{tag}-{name}" for name in ("in", "out", "dlq")}
     kafka = {"bootstrap.servers": args.bootstrap}
-    ensure_topics(kafka, list(topics.values()), PARTITIONS)
+    ensure_topics(kafka, list(topics.values()), args.partitions)
     env = _env(cfg, args, topics, tag, paths)
     procs = [
         _start(env, i, args.port + i, log_dir / f"{tag}-{i}.log") for i in range(cfg.consumers)
     ]
     try:
-        _wait_joined(args.bootstrap, tag, cfg.consumers)
+        _wait_joined(args.bootstrap, tag, cfg.consumers, args.partitions)
         reader = _reader(args.bootstrap, topics["out"], tag)
-        warm = corpus.events(paths, PARTITIONS * 2 * cfg.consumers, args.seed, f"{tag}-warm")
+        warm = corpus.events(paths, args.partitions * 2 * cfg.consumers, args.seed, f"{tag}-warm")
         _send(args.bootstrap, topics["in"], warm)
         _collect(reader, {e.event_id for e in warm}, args.timeout)
         events = corpus.events(paths, args.events, args.seed, f"{tag}-run")
@@ -133,7 +133,7 @@ def _start(env: dict[str, str], i: int, port: int, log: Path) -> subprocess.Pope
         )  # fmt: skip
 
 
-def _wait_joined(bootstrap: str, group: str, members: int) -> None:
+def _wait_joined(bootstrap: str, group: str, members: int, partitions: int) -> None:
     """Until the group has ``members`` members holding all partitions between them."""
     admin = client(lambda: AdminClient({"bootstrap.servers": bootstrap}))
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -141,7 +141,7 @@ def _wait_joined(bootstrap: str, group: str, members: int) -> None:
         try:
             described = admin.describe_consumer_groups([group])[group].result(timeout=10)
             held = sum(len(m.assignment.topic_partitions) for m in described.members)
-            if len(described.members) == members and held == PARTITIONS:
+            if len(described.members) == members and held == partitions:
                 return
         except Exception:  # the group does not exist until the first member joins
             pass
@@ -226,9 +226,8 @@ def _plot(points: list[Point], out: Path) -> None:
         twin = ax.twinx()
         twin.plot(xs, [p.p99_ms / 1e3 for p in chosen], "s--", color="tab:red")
         twin.set_ylabel("p99 s (emitted → results topic)", color="tab:red")
-    fig.suptitle(
-        "popscore scale-out on 2 cores (Kafka and Redis on the same cores), full-length MP3"
-    )
+    cores = os.cpu_count()
+    fig.suptitle(f"popscore scale-out on {cores} cores (Kafka, Redis on them too), full-length MP3")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -247,6 +246,7 @@ def _ints(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m popscore.bench.scaleout")
     p.add_argument("--consumers", type=_ints, default=[1, 2, 4])
+    p.add_argument("--partitions", type=int, default=PARTITIONS, help="of the input topic")
     p.add_argument("--batch-sizes", type=_ints, default=[8, 16, 32, 64])
     p.add_argument("--decode-workers", type=_ints, default=[1, 2, 4, 8])
     p.add_argument("--base-batch-size", type=int, default=32)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "workload": {
             "audio": "synthetic full-length MP3 (180-240 s, 44.1 kHz stereo), 8 files",
-            "partitions": PARTITIONS,
+            "partitions": args.partitions,
             "events_per_point": args.events,
             "model": str(args.model),
         },
