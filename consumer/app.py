@@ -193,6 +193,11 @@ class App:
         policy = audio_policy(s)
         self.scorer = load_scorer(s)
         self.shadow = load_shadow(s, self.scorer)
+        if self.scorer.device.type == "cuda":  # on CPU the first batch costs ~1 s; on CUDA more
+            for scorer in filter(None, (self.scorer, self.shadow)):
+                took = scorer.warm_up(s.batch_size)
+                log.info("%s warmed up at batch %d (first call %.1f s)",
+                         scorer.meta.model_version, s.batch_size, took)  # fmt: skip
         self._announce_model()
         self.health.model_loaded = True
         # Before the stage pools, so closed after them (last in, first out): a stage still

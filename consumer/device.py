@@ -5,6 +5,7 @@ so this module only moves tensors: waveforms and features go to the device in on
 """
 
 import logging
+import math
 import os
 import re
 import time
@@ -52,15 +53,32 @@ def failure_kind(exc: BaseException) -> str | None:
     return None
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity, capped by the cgroup's CPU quota (a
+    container's CPU limit, which neither ``os.cpu_count()`` nor the affinity reflects)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or one we cannot read: no cap known
+        pass
+    return cores
+
+
 def configure_cpu_threads() -> int:
-    """Intra-op threads for CPU inference: half the usable cores (at least 1), unless
+    """Intra-op threads for torch's CPU work: half the usable cores (at least 1), unless
     ``OMP_NUM_THREADS`` says otherwise; the other half runs the decode pool and the other
-    stages, which more intra-op threads would fight (docs/PERFORMANCE.md, "The CPU pass")."""
+    stages, which more intra-op threads would fight (docs/PERFORMANCE.md, "The CPU pass").
+    Set on CUDA too: torch's default is every core of the host, not of the container."""
     explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
     if explicit.isdigit() and int(explicit) > 0:
         threads = int(explicit)
     else:
-        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        threads = max(1, usable_cores() // 2)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         log.info("torch intra-op threads: %d", threads)
@@ -90,8 +108,7 @@ class Scorer:
 
     def __init__(self, path: Path, device: str = "auto") -> None:
         self.device = pick_device(device)
-        if self.device.type == "cpu":
-            configure_cpu_threads()
+        configure_cpu_threads()
         artifact = load(path, self.device)
         self.module = artifact.module
         self._staged: StagedScoringModule | None = artifact.staged
@@ -99,6 +116,19 @@ class Scorer:
         self.listens = artifact.uses_audio
         """Whether the artifact reads audio; when not, the audio is never fetched."""
         log.info("model %s loaded on %s", self.meta.model_version, self.device)
+
+    def warm_up(self, batch_size: int, rounds: int = 2) -> float:
+        """Score ``rounds`` silent batches of the serving shape, so the first real batch does
+        not pay for TorchScript's profiling runs, the fuser's compilation or the CUDA caching
+        allocator's first blocks; returns the first call's seconds."""
+        n = max(1, batch_size)
+        waves = np.zeros((n, round(self.meta.sample_rate * self.meta.clip_seconds)), np.float32)
+        feats = np.full((n, len(self.meta.features)), np.nan, dtype=np.float32)
+        mask = np.full(n, self.listens, dtype=bool)
+        first = self.score(waves, feats, mask).total_s
+        for _ in range(rounds - 1):
+            self.score(waves, feats, mask)
+        return first
 
     def score(
         self,

@@ -224,7 +224,8 @@ def fit_model(
         members.append(trees.to(device))
         share = spec.trees if tree_weight is None else tree_weight
         weights = [w * (1.0 - share) for w in weights] + [share]
-    return members[0] if len(members) == 1 else Ensemble(members, weights).eval()
+    # The ensemble's own weights buffer and frontend are made on the CPU: move them too.
+    return members[0] if len(members) == 1 else Ensemble(members, weights).to(device).eval()
 
 
 def predict_rows(

@@ -1,6 +1,7 @@
 """The device stage and the pipeline over a real (untrained, small) exported artifact."""
 
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -336,3 +337,32 @@ def test_an_odd_sample_rate_is_refused_on_the_pool_when_resampling_on_device(
         odd, ok = pipeline.score_events(events)
     assert isinstance(odd, DeadLetter) and odd.reason is Reason.AUDIO_DECODE_FAILED
     assert isinstance(ok, ScoreRecord)
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None)],
+)
+def test_usable_cores_follow_the_cgroup_quota(
+    cpu_max: str, expected: int | None, tmp_path: Path
+) -> None:
+    from consumer.device import usable_cores
+
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(path) == (affinity if expected is None else min(affinity, expected))
+    assert usable_cores(tmp_path / "missing") == affinity
+
+
+def test_warm_up_runs_the_serving_shape_and_changes_no_score(artifact: Path) -> None:
+    scorer = Scorer(artifact, "cpu")
+    waves = (0.1 * np.random.default_rng(0).standard_normal((3, int(RATE * CLIP)))).astype(
+        np.float32
+    )
+    feats = np.zeros((3, len(scorer.meta.features)), dtype=np.float32)
+    mask = np.ones(3, dtype=bool)
+    before = scorer.score(waves, feats, mask)
+    assert scorer.warm_up(4) > 0
+    after = scorer.score(waves, feats, mask)
+    np.testing.assert_allclose(after.popularity, before.popularity, atol=1e-5)
