@@ -26,6 +26,7 @@ from consumer import s3
 from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy, decode_window, load_clip, open_uri
 from consumer.errors import DeadLetter
 from consumer.resample import Resampler
+from consumer.soxr_resample import SoxrResampler
 from schemas.dead_letter import DeadLetterReason as Reason
 from tests.integration.conftest import ROOT
 from tests.unit.aws_helpers import fake_aws
@@ -322,7 +323,7 @@ def test_a_parquet_catalog_of_s3_audio_is_prepared_with_the_services_clips(
     table = read_table(tmp_path / "cache")
     assert table.audio_ok.tolist() == [True, True, True, False]
     clips = np.load(tmp_path / "cache" / shard_name(0, ".npy")).astype(np.float32)
-    resampler = Resampler(SAMPLE_RATE, CLIP_SECONDS)
+    resampler = SoxrResampler(SAMPLE_RATE, CLIP_SECONDS)  # what the pool and training use
     for i in range(3):
         local = decode_window(tmp_path / f"t{i}.flac", CLIP_SECONDS, AudioPolicy.create(()))
         np.testing.assert_allclose(clips[i], resampler(local), atol=1e-3)

@@ -17,7 +17,7 @@ import torch
 
 from consumer.audio import AudioPolicy, decode_window
 from consumer.device import Scorer
-from consumer.resample import Resampler
+from consumer.soxr_resample import SoxrResampler
 from popscore.artifact import load
 from popscore.artifact.features import extract
 from popscore.cli.main import main
@@ -146,7 +146,7 @@ def test_training_clips_are_the_clips_the_service_scores(tmp_path: Path) -> None
             workers=1, progress=False)  # fmt: skip
     table = read_table(tmp_path / "cache")
     assert table.audio_ok.tolist() == [True, False]
-    served = Resampler(22_050, 2.0)(decode_window(tmp_path / "a.wav", 2.0, policy))
+    served = SoxrResampler(22_050, 2.0)(decode_window(tmp_path / "a.wav", 2.0, policy))
     clip = np.load(tmp_path / "cache" / shard_name(0, ".npy"))[0].astype(np.float32)
     np.testing.assert_allclose(clip, served, atol=1e-3)  # float16 on disk
     assert np.abs(clip).max() > 0.3  # the tone in the middle, not the silent head
