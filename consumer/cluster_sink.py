@@ -44,6 +44,8 @@ from schemas.scores import ScoreRecord
 log = logging.getLogger(__name__)
 EPOCH_MOVED = -1
 MAX_EPOCH_RETRIES = 5
+# The current version and the promotion epoch ({meta} slot), read together; _pointer decodes it.
+POINTER_CALL = (CLUSTER.current_model, ("MGET", CLUSTER.current_model, CLUSTER.promotion_epoch))
 
 
 class EpochMoving(TryAgainError):
@@ -243,11 +245,7 @@ class ClusterRedisSink(RedisSink):
             calls = board_ops_calls(ops, self.ttl_s)
             if bookkeeping:
                 calls += self._count_calls(claimed)
-            pointer = (
-                CLUSTER.current_model,
-                ("MGET", CLUSTER.current_model, CLUSTER.promotion_epoch),
-            )
-            now_current, now_epoch = _pointer(self.nodes.run([*calls, pointer])[-1])
+            now_current, now_epoch = _pointer(self.nodes.run([*calls, POINTER_CALL])[-1])
             bookkeeping = False
             if now_epoch == epoch:
                 return
@@ -274,7 +272,7 @@ class ClusterRedisSink(RedisSink):
         versions = sorted({w.record.model_version for w in writes})
         now_ms = str(_now_ms())
         calls: list[tuple[str, tuple[Any, ...]]] = [
-            (CLUSTER.current_model, ("MGET", CLUSTER.current_model, CLUSTER.promotion_epoch)),
+            POINTER_CALL,
             (CLUSTER.models, ("SADD", CLUSTER.models, *versions)),
         ]
         return calls + [

@@ -104,8 +104,9 @@ class Resampler:
 class BatchResampler:
     """Resamples a batch of decoded windows on the scoring device, one batched conv per source
     rate, into ``[B, clip_samples]`` there. On a GPU this takes the resample off the decode
-    cores (CPU is what bounds a GPU pod); on CPU the per-item ``Resampler`` on the pool
-    measured faster (docs/PERFORMANCE.md), so serving uses this one only on CUDA by default.
+    cores (CPU is what bounds a GPU pod); on CPU the per-item way on the pool measured
+    faster (docs/PERFORMANCE.md), and serving uses this one only with
+    POPSCORE_RESAMPLE_ON=device.
     Each row equals what torchaudio's per-item ``Resampler`` gives for that clip; the decode
     pool's ``SoxrResampler`` (libsoxr) differs from both near the top of the band."""
 

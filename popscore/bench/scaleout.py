@@ -21,13 +21,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from consumer.kafka import client, ensure_topics, produce, producer_config
+from consumer.kafka import client, ensure_topics
 from popscore.bench import corpus
+from popscore.bench.e2e import send
 from popscore.bench.stats import machine, percentile
 from schemas.scores import ScoreRecord
 
@@ -80,11 +80,11 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
         _wait_joined(args.bootstrap, tag, cfg.consumers, args.partitions)
         reader = _reader(args.bootstrap, topics["out"], tag)
         warm = corpus.events(paths, args.partitions * 2 * cfg.consumers, args.seed, f"{tag}-warm")
-        _send(args.bootstrap, topics["in"], warm)
+        send(kafka, topics["in"], warm, None)
         _collect(reader, {e.event_id for e in warm}, args.timeout)
         events = corpus.events(paths, args.events, args.seed, f"{tag}-run")
         busy_before = _cpu_times()
-        first = _send(args.bootstrap, topics["in"], events)
+        first = send(kafka, topics["in"], events, None)
         latencies, last = _collect(reader, {e.event_id for e in events}, args.timeout)
         busy = _busy_share(busy_before, _cpu_times())
         reader.close()
@@ -157,16 +157,6 @@ def _reader(bootstrap: str, topic: str, tag: str) -> Consumer:
     }))  # fmt: skip
     reader.subscribe([topic])
     return reader
-
-
-def _send(bootstrap: str, topic: str, events: list[Any]) -> float:
-    producer = client(lambda: Producer(producer_config({"bootstrap.servers": bootstrap})))
-    first = time.perf_counter()
-    for event in events:
-        produce(producer, topic, corpus.stamped(event), event.track_id.encode())
-        producer.poll(0)
-    producer.flush(30)
-    return first
 
 
 def _collect(reader: Consumer, wanted: set[str], timeout: float) -> tuple[list[float], float]:

@@ -214,15 +214,18 @@ def _f(value: float | None) -> str:
     return f"{'-':>9}" if value is None else f"{value:>9.1f}"
 
 
-def machine() -> dict[str, Any]:
-    """The CPU, its core count, Python, and when: for a standalone benchmark's JSON."""
-    cpu = "unknown"
+def cpu_model(default: str = "unknown") -> str:
+    """The CPU's model name (/proc/cpuinfo), or ``default`` where that cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return default
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its core count, Python, and when: for a standalone benchmark's JSON."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip

@@ -278,18 +278,10 @@ def machine_info() -> dict[str, Any]:
     """CPU model and count, Python and torch versions."""
     import torch
 
-    from popscore.bench.stats import reset_peak_rss
+    from popscore.bench.stats import cpu_model, reset_peak_rss
 
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(platform.processor()),
         "cpus": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "torch": torch.__version__,
