@@ -246,6 +246,7 @@ class App:
                 self.metrics,
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
+                admin=s.kafka_config("admin"),
             )
         )
         try:

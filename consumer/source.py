@@ -1,6 +1,8 @@
 """The Kafka input: poll, assignment (cooperative-sticky), pause/resume, rewind, lag.
 
-Only the main thread touches the consumer. Offsets never move by themselves (auto-commit and
+Only the main thread touches the consumer. The partitions' end offsets (for the lag) are asked of
+the brokers by an admin client of its own and collected when they are in, so the poll loop never
+waits for them (``EndOffsets``). Offsets never move by themselves (auto-commit and
 auto offset store are off, ``consumer.kafka.consumer_config``): they are committed inside the
 producer's transaction (``consumer/commit.py``) once Redis and the results topic hold the batch.
 """
@@ -9,22 +11,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from consumer.kafka import consumer_config, librdkafka_logger
+from consumer.kafka import admin_config, consumer_config, error_of, librdkafka_logger
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LAG_REFRESH_S = 5.0
+END_OFFSETS_TIMEOUT_S = 5.0
 # A partition assigned this long without a fetch position is restarted from its committed
 # offset: librdkafka can leave a taken-over partition unfetched (docs/RELIABILITY.md, "Failure
 # modes").
@@ -52,6 +59,48 @@ def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
 
 
+class EndOffsets:
+    """Each partition's end for a ``read_committed`` reader (its last stable offset), asked in
+    the background on an admin client's own connection.
+
+    On the consumer's connection a query waits behind the fetch long-poll in progress (up to
+    ``fetch.wait.max.ms``, 500 ms), once per partition: at 8 partitions the old blocking query
+    stopped the poll loop for 1.3-3.5 s every LAG_REFRESH_S, which left a third of two cores
+    idle (docs/PERFORMANCE.md, "One process at 8 partitions")."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.admin = AdminClient(admin_config(config))
+        self._pending: dict[Partition, Future[Any]] = {}
+
+    @property
+    def pending(self) -> bool:
+        """A query was asked and not yet taken."""
+        return bool(self._pending)
+
+    def ask(self, partitions: Iterable[Partition]) -> None:
+        """Start one query for all ``partitions`` (a ListOffsets request per leader)."""
+        specs = {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions}  # type: ignore[no-untyped-call]
+        futures = self.admin.list_offsets(
+            specs,
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=END_OFFSETS_TIMEOUT_S,
+        )
+        self._pending = {(tp.topic, tp.partition): f for tp, f in futures.items()}
+
+    def ready(self) -> bool:
+        """The pending query has its answers (or its errors)."""
+        return all(f.done() for f in self._pending.values())
+
+    def take(self, timeout: float | None = None) -> dict[Partition, int]:
+        """The answers of the pending query, waiting up to ``timeout`` for them; raises the
+        first partition's KafkaException (a broker away, a timeout)."""
+        pending, self._pending = self._pending, {}
+        done, _ = wait_futures(pending.values(), timeout=timeout)
+        if len(done) < len(pending):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "end offsets: no answer"))
+        return {key: future.result().offset for key, future in pending.items()}
+
+
 class KafkaSource:
     """One member of the consumer group, subscribed to the input topic."""
 
@@ -63,7 +112,10 @@ class KafkaSource:
         metrics: Metrics,
         on_revoke: RebalanceHook,
         on_lost: RebalanceHook,
+        admin: dict[str, Any] | None = None,
     ) -> None:
+        """``admin``: the properties of the end-offset queries' admin client (default:
+        ``config``'s)."""
         self.kafka_problem: str | None = None
         """Why Kafka is unreachable (all brokers down, a lag query failed); None once the
         brokers answer again. Read by /readyz."""
@@ -75,6 +127,7 @@ class KafkaSource:
             "partition.assignment.strategy": "cooperative-sticky",
         }
         self.consumer = Consumer(consumer_config(config, group_id, fixed))
+        self.ends = EndOffsets(config if admin is None else admin)
         self.topic = topic
         self.metrics = metrics
         self.assignment: set[Partition] = set()
@@ -165,23 +218,46 @@ class KafkaSource:
         return self.consumer.consumer_group_metadata()
 
     def refresh_lag(self, force: bool = False) -> None:
-        """Set ``popscore_consumer_lag`` from the high watermarks, at most every few seconds."""
+        """Set ``popscore_consumer_lag`` from the partitions' end offsets, at most every few
+        seconds, without waiting: one call asks for them, a later one applies the answers.
+        ``force`` asks at once and waits for the answers."""
         now = time.monotonic()
+        if self.ends.pending:
+            if not force and not self.ends.ready():
+                return  # asked, not answered yet
+            self._apply_ends(self._take_ends(END_OFFSETS_TIMEOUT_S + 1), now)
         if not self.assignment or (not force and now - self._lag_checked < LAG_REFRESH_S):
             return
         self._lag_checked = now
+        self.ends.ask(self.assignment)
+        if force:
+            self._apply_ends(self._take_ends(END_OFFSETS_TIMEOUT_S + 1), now)
+
+    def _take_ends(self, timeout: float | None = None) -> dict[Partition, int] | None:
+        """The end offsets asked for, or None (and Kafka marked unreachable) if the query
+        failed: not ready, try again at the next refresh."""
+        try:
+            ends = self.ends.take(timeout)
+        except KafkaException as exc:
+            error = error_of(exc)
+            self.kafka_problem = f"lag query failed: {error.str() if error else exc}"
+            log.warning("%s", self.kafka_problem)
+            return None
+        self.kafka_problem = None
+        return ends
+
+    def _apply_ends(self, ends: dict[Partition, int] | None, now: float) -> None:
+        """Lag per partition still assigned: its end minus the consumer's position (the whole
+        partition while it has no position)."""
+        held = sorted(self.assignment & set(ends or {}))
+        if ends is None or not held:
+            return
         total = 0
-        for tp in self.consumer.position(self._partitions(self.assignment)):
-            try:
-                _, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
-            except KafkaException as exc:  # the broker is away: not ready, try again later
-                self.kafka_problem = f"lag query failed: {exc.args[0].str()}"
-                log.warning("partition %s:%d: %s", tp.topic, tp.partition, self.kafka_problem)
-                return
-            self.kafka_problem = None
-            lag = high - tp.offset if tp.offset >= 0 else high
+        for tp in self.consumer.position(self._partitions(held)):
+            key = (tp.topic, tp.partition)
+            lag = ends[key] - tp.offset if tp.offset >= 0 else ends[key]
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
-            self._watch_position((tp.topic, tp.partition), tp.offset, lag, now)
+            self._watch_position(key, tp.offset, lag, now)
             total += max(lag, 0)
         self.remaining = total
         self.metrics.remaining.set(total)

@@ -73,39 +73,84 @@ def test_unstable_offsets_are_retried_later_and_no_committed_offset_means_beginn
     assert fake.seeks == [("releases", 0, OFFSET_BEGINNING)]
 
 
-class AwayBroker(FakeConsumer):
-    """Watermark queries time out while ``away``."""
-
-    def __init__(self) -> None:
-        super().__init__(offset=0)
-        self.away = True
+class Positions(FakeConsumer):
+    """Every partition's position is 10."""
 
     def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, 10) for tp in parts]
 
-    def get_watermark_offsets(
-        self, tp: TopicPartition, timeout: float, cached: bool
-    ) -> tuple[int, int]:
+
+class FakeEnds:
+    """EndOffsets without brokers: each query answers 15 per partition once ``answered``, or
+    fails while ``away``."""
+
+    def __init__(self) -> None:
+        self.asked: list[Any] = []
+        self.answered = True
+        self.away = False
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.asked)
+
+    def ask(self, partitions: Any) -> None:
+        self.asked = sorted(partitions)
+
+    def ready(self) -> bool:
+        return self.answered
+
+    def take(self, timeout: float | None = None) -> dict[tuple[str, int], int]:
+        asked, self.asked = self.asked, []
         if self.away:
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Local: Timed out"))
-        return 0, 15
+        return dict.fromkeys(asked, 15)
+
+
+def lag_source() -> tuple[KafkaSource, FakeEnds]:
+    src = source(Positions(offset=0))
+    src.ends = FakeEnds()  # type: ignore[assignment]
+    src.assignment = {KEY}
+    return src, src.ends  # type: ignore[return-value]
+
+
+def lag_of(src: KafkaSource) -> float | None:
+    labels = {"topic": "releases", "partition": "0"}
+    return src.metrics.registry.get_sample_value("popscore_consumer_lag", labels)
 
 
 def test_a_failed_lag_query_marks_kafka_unreachable_until_it_answers_again() -> None:
-    fake = AwayBroker()
-    src = source(fake)
-    src.assignment = {KEY}
+    src, ends = lag_source()
+    ends.away = True
     src.refresh_lag(force=True)  # no exception: the main loop goes on
     assert src.kafka_problem is not None and "Timed out" in src.kafka_problem
-    fake.away = False
+    ends.away = False
     src.refresh_lag(force=True)
     assert src.kafka_problem is None
-    assert (
-        src.metrics.registry.get_sample_value(
-            "popscore_consumer_lag", {"topic": "releases", "partition": "0"}
-        )
-        == 5
-    )
+    assert lag_of(src) == 5 and src.remaining == 5
+
+
+def test_the_lag_query_never_holds_the_poll_loop() -> None:
+    """The loop asks, goes on polling, and applies the answers on a later pass once they are in
+    (a blocking query stopped the loop for seconds at 8 partitions)."""
+    src, ends = lag_source()
+    ends.answered = False
+    src.refresh_lag()
+    assert ends.pending and lag_of(src) is None, "asked, nothing waited for"
+    src.refresh_lag()
+    assert ends.pending and lag_of(src) is None, "not answered yet: still nothing applied"
+    ends.answered = True
+    src.refresh_lag()
+    assert lag_of(src) == 5 and not ends.pending, "applied, and no new query before its time"
+
+
+def test_answers_for_a_partition_revoked_meanwhile_are_dropped() -> None:
+    src, ends = lag_source()
+    ends.answered = False
+    src.refresh_lag()
+    src.assignment = set()
+    ends.answered = True
+    src.refresh_lag()
+    assert lag_of(src) is None and src.remaining == 0
 
 
 def test_all_brokers_down_marks_kafka_unreachable() -> None:
