@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack
@@ -34,7 +35,7 @@ import redis
 from confluent_kafka import Message
 from redis.cluster import RedisCluster
 
-from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy
+from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy, lower_decode_thread_priority
 from consumer.batcher import MicroBatcher
 from consumer.cluster_sink import ClusterRedisSink
 from consumer.commit import TransactionAborted, Transactions
@@ -204,7 +205,7 @@ class App:
         # finishing a dropped batch never finds a closed client.
         self.redis = connect(s.redis_url.get_secret_value(), s.redis_cluster)
         self._stack.callback(close_redis, self.redis)
-        pool = self._executor(s.decode_workers, "decode")
+        pool = self._executor(s.decode_workers, "decode", lower_decode_thread_priority)
         self.pipeline = Pipeline(
             self.scorer,
             policy,
@@ -305,6 +306,8 @@ class App:
             metrics=self.metrics,
             watch=watch,
             taken=frozenset({self.shadow.meta.model_version} if self.shadow else ()),
+            # As at start: on CUDA the first batches of a cold model cost seconds.
+            warm_batch=s.batch_size if self.scorer.device.type == "cuda" else 0,
         )
 
     def _swap_model(self, new: Scorer) -> None:
@@ -661,8 +664,10 @@ class App:
             return False
         return bool(self.source.assignment) and not (self._idle() and self.source.caught_up())
 
-    def _executor(self, workers: int, name: str) -> ThreadPoolExecutor:
-        pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    def _executor(
+        self, workers: int, name: str, initializer: Callable[[], None] | None = None
+    ) -> ThreadPoolExecutor:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer)
         # At exit only dropped batches' jobs can still be queued (a clean stop has committed
         # everything): cancel them rather than fetch, decode and score them first.
         self._stack.callback(pool.shutdown, wait=True, cancel_futures=True)

@@ -317,9 +317,8 @@ class Pipeline:
         mask = np.ones(len(items), dtype=bool)
         if not scorer.listens:  # one dummy sample per row: the artifact reads no audio
             return scorer.score(np.zeros((len(items), 1), np.float32), feats, ~mask)
-        if self.batch_resampler is None:
-            waves = np.stack([cast(np.ndarray, item.waveform) for item in items])
-            return scorer.score(waves, feats, mask)
+        if self.batch_resampler is None:  # rows straight into the scorer's staging buffer
+            return scorer.score([cast(np.ndarray, item.waveform) for item in items], feats, mask)
         start = time.perf_counter()
         batch = self.batch_resampler([cast(Clip, item.waveform) for item in items])
         if batch.device.type == "cuda":

@@ -4,7 +4,8 @@
                    starts ``vet`` on the loader thread; a finished vet is counted, logged and,
                    when loaded, its swap submitted to the device stage
     loader thread  vet(): load the artifact on the serving device, compare it with the one
-                   serving, score the built-in batch (``self_test``)
+                   serving, score the built-in batch (``self_test``), and on CUDA warm it up
+                   at the serving batch shape (as at start)
     device stage   the swap runs between two batches: every batch submitted before it is scored
                    by the old model, every one after by the new one
 
@@ -113,9 +114,17 @@ def incompatibility(serving: Scorer, candidate: Scorer) -> str | None:
     return None
 
 
-def vet(path: Path, device: str, serving: Scorer, taken: frozenset[str] = frozenset()) -> Verdict:
+def vet(
+    path: Path,
+    device: str,
+    serving: Scorer,
+    taken: frozenset[str] = frozenset(),
+    warm_batch: int = 0,
+) -> Verdict:
     """Load ``path`` on ``device`` and judge it against ``serving`` (on the loader thread);
-    ``taken``: versions another scorer of this process serves (the shadow's)."""
+    ``taken``: versions another scorer of this process serves (the shadow's). With
+    ``warm_batch``, a model that passes is warmed up at that batch size before it is swapped
+    in, so its first batches do not pay for TorchScript's profiling runs and the fuser."""
     try:
         candidate = Scorer(path, device)
     except Exception as exc:  # a broken file or a missing device: the old model serves on
@@ -130,7 +139,15 @@ def vet(path: Path, device: str, serving: Scorer, taken: frozenset[str] = frozen
         problem = "the shadow model (POPSCORE_SHADOW_MODEL) has this version: roll out instead"
     if problem:
         return Verdict(REFUSED, f"{version}: {problem}")
-    return Verdict(LOADED, f"{serving.meta.model_version} -> {version}", candidate)
+    detail = f"{serving.meta.model_version} -> {version}"
+    if warm_batch:
+        try:
+            took = candidate.warm_up(warm_batch)
+        except Exception as exc:  # the serving shape fails where the self-test passed
+            return Verdict(REFUSED, f"{version}: warm-up raised {type(exc).__name__}: "
+                                    f"{str(exc).strip()[:200]}")  # fmt: skip
+        detail += f" (warmed up at batch {warm_batch}, first call {took:.2f} s)"
+    return Verdict(LOADED, detail, candidate)
 
 
 Signature = tuple[int, int, int] | None
@@ -188,9 +205,12 @@ class Reloader:
         metrics: Metrics,
         watch: FileWatch | None = None,
         taken: frozenset[str] = frozenset(),
+        warm_batch: int = 0,
     ) -> None:
         self.path = path
         self.taken = taken
+        self.warm_batch = warm_batch
+        """Warm a loaded model up at this batch size before the swap (0: do not)."""
         self.device = device
         self.serving = serving
         """The scorer serving, or swapped in and serving from the next batch on."""
@@ -218,7 +238,9 @@ class Reloader:
             self._job = None
         if self._requested and self._job is None:
             self._requested = False  # a request during the load starts another after it
-            self._job = self._loader.submit(vet, self.path, self.device, self.serving, self.taken)
+            self._job = self._loader.submit(
+                vet, self.path, self.device, self.serving, self.taken, self.warm_batch
+            )
         return swapped
 
     def _finish(self, verdict: Verdict) -> Future[None] | None:

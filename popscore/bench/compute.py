@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from consumer.audio import AudioPolicy, decode_window, open_uri
+from consumer.audio import AudioPolicy, decode_window, lower_decode_thread_priority, open_uri
 from consumer.device import Scorer
 from consumer.resample import BatchResampler, Resampler
 from consumer.soxr_resample import SoxrResampler
@@ -75,7 +75,10 @@ def _pool(kind: str, workers: int) -> Executor:
         # spawn, not fork: forking a process whose OpenMP/torch threads already run can hang.
         context = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
-    return ThreadPoolExecutor(workers, thread_name_prefix="bench-decode")
+    # Below the scoring thread, as the service's decode pool runs.
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix="bench-decode", initializer=lower_decode_thread_priority
+    )
 
 
 def run(

@@ -557,3 +557,21 @@ def test_out_of_descriptors_is_the_process_failure_not_the_event(
     monkeypatch.setattr(audio.os, "open", exhausted)
     with pytest.raises(OSError, match="Too many open files"):
         open_uri(path.as_uri(), policy)
+
+
+def test_decode_threads_run_below_the_rest_of_the_process() -> None:
+    """The device stage's one thread must win a core over the decoders (Linux per-thread nice);
+    the thread that set up the pool keeps its own priority."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from consumer.audio import DECODE_NICE, lower_decode_thread_priority
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice()
+    with ThreadPoolExecutor(1, initializer=lower_decode_thread_priority) as pool:
+        assert pool.submit(nice).result() == min(19, base + DECODE_NICE)
+    assert nice() == base

@@ -235,9 +235,16 @@ def test_gpu_check_runs_with_only_torch_torchaudio_numpy(tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu-check-cpu.json").read_text())
-    assert doc["parity"]["popularity_max_abs_diff"] == 0.0  # CPU against CPU: the same kernels
+    for name in ("parity_tf32_off", "parity_tf32_on"):
+        parity = doc[name]
+        assert parity["after_warm_up"]["popularity_max_abs_diff"] == 0.0  # CPU against CPU
+        assert parity["warm_up_calls"] >= 2 and parity["pass"] is True
+        assert set(parity["tolerance"]) == {"popularity", "hit_probability", "frontend"}
+    assert doc["parity_pass"] is True and doc["fuser_off"] is False
     assert doc["service_parity"]["resample_max_abs_diff"] == 0.0
-    assert doc["service_parity"]["all_finite"] is True
+    assert doc["service_parity"]["all_finite"] is True and doc["service_parity"]["pass"] is True
+    assert [r["batch"] for r in doc["first_call"]] == [1, 2]
+    assert all(r["first_call_s"] > 0 and r["steady_call_s"] > 0 for r in doc["first_call"])
     assert {(r["batch"], r["resample_on"]) for r in doc["service"]} == {
         (b, mode) for b in (1, 2) for mode in ("pool", "device")
     }
@@ -246,6 +253,32 @@ def test_gpu_check_runs_with_only_torch_torchaudio_numpy(tmp_path: Path) -> None
     assert {r["dtype"] for r in doc["throughput_bf16"]} == {"bf16"}
     assert doc["saturating_batch_fp32"] in (1, 2)
     assert not any(isinstance(v, dict) and "error" in v for v in doc.values())
+    log = (tmp_path / "gpu-check-cpu.log").read_text()
+    assert "parity_tf32_off" in log and "PASS" in log.splitlines()[-1]
+
+
+def test_gpu_check_runs_a_section_again_with_the_fuser_off_when_nvrtc_fails() -> None:
+    import contextlib
+
+    import torch
+
+    from popscore.bench.gpu_check import Fuser, _run_section
+
+    def compiles() -> str:  # fails as a GPU without a working NVRTC would, while the fuser is on
+        if torch._C._jit_texpr_fuser_enabled():
+            raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture (-arch)")
+        return "scored"
+
+    before = torch._C._jit_texpr_fuser_enabled()
+    with contextlib.ExitStack() as stack:
+        fuser = Fuser(stack)
+        result, failed = _run_section("parity", compiles, torch.device("cpu"), fuser)
+        assert not failed and result["result"] == "scored"
+        assert "nvrtc" in result["fuser_off_after"]
+        assert fuser.off and not torch._C._jit_texpr_fuser_enabled(), "off for the rest"
+        other, failed = _run_section("x", lambda: 1 / 0, torch.device("cpu"), fuser)
+        assert failed and "ZeroDivisionError" in other["error"]
+    assert torch._C._jit_texpr_fuser_enabled() == before, "restored when the run ends"
 
 
 def test_profile_summary_leaves_out_waits_and_names_each_stage() -> None:

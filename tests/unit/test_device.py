@@ -78,6 +78,34 @@ class TestScorer:
             whole, _ = scorer.module(*tensors)
         np.testing.assert_allclose(scores.popularity, whole.cpu().numpy(), atol=1e-4)
 
+    def test_rows_scored_through_the_staging_buffer_equal_the_stacked_batch(
+        self, artifact: Path, device: str
+    ) -> None:
+        scorer = Scorer(artifact, device)
+        waves, feats, mask = inputs(4)
+        stacked = scorer.score(waves, feats, mask)
+        rows = scorer.score(list(waves), list(feats), list(mask))
+        np.testing.assert_array_equal(rows.popularity, stacked.popularity)
+        np.testing.assert_array_equal(rows.hit_probability, stacked.hit_probability)
+
+    def test_the_staging_buffer_is_reused_and_a_batch_never_sees_the_last_ones(
+        self, artifact: Path, device: str
+    ) -> None:
+        """One host buffer for every batch (pinned on CUDA): no fresh 85 MB per batch, and a
+        smaller batch after a larger one scores its own rows only."""
+        scorer = Scorer(artifact, device)
+        big, small = inputs(6, seed=2), inputs(3, seed=3)
+        scorer.score(*big)
+        held = scorer._staging.nbytes
+        pointer = scorer._staging._host["wave"].data_ptr()
+        again = scorer.score(*small)
+        assert scorer._staging._host["wave"].data_ptr() == pointer
+        assert scorer._staging.nbytes == held
+        alone = Scorer(artifact, device).score(*small)  # a fresh scorer, fresh buffers
+        np.testing.assert_array_equal(again.popularity, alone.popularity)
+        if device == "cuda":
+            assert scorer._staging._host["wave"].is_pinned()
+
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/save
 def test_artifact_without_the_two_call_form_still_scores(artifact: Path, tmp_path: Path) -> None:

@@ -149,6 +149,19 @@ def test_other_features_and_weights_are_compatible(serving: Scorer, tmp_path: Pa
     assert verdict.scorer is not None and verdict.scorer.meta.model_version == "tiny-test-2"
 
 
+def test_a_loaded_model_is_warmed_up_at_the_serving_batch_before_the_swap(
+    serving: Scorer, tmp_path: Path
+) -> None:
+    """On CUDA the app asks for it: the new model's first batches then do not pay for
+    TorchScript's profiling runs and the fuser (its staging buffer holds the serving shape)."""
+    path = export(net(), tmp_path / "m.pt", "tiny-test-2", CLIP)
+    verdict = vet(path, "cpu", serving, warm_batch=5)
+    assert verdict.outcome == "loaded" and "warmed up at batch 5" in verdict.detail
+    assert verdict.scorer is not None and len(verdict.scorer._staging._host["wave"]) == 5
+    cold = vet(path, "cpu", serving)
+    assert cold.scorer is not None and "warmed" not in cold.detail
+
+
 @pytest.mark.parametrize(
     ("content", "why"),
     [(os.urandom(4096), "cannot load model artifact"), (None, "does not exist")],
