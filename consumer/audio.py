@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 import urllib.parse
@@ -92,6 +93,8 @@ DECODE_NICE = 10
 def lower_decode_thread_priority() -> None:
     """A decode pool's thread initializer: ``DECODE_NICE`` above the process's nice, at most 19;
     best effort (a platform without per-thread nice keeps the default)."""
+    if not sys.platform.startswith("linux"):  # elsewhere a thread id is no process id
+        return
     try:
         tid = threading.get_native_id()
         now = os.getpriority(os.PRIO_PROCESS, tid)

@@ -130,7 +130,8 @@ class Staging:
     def sent(self) -> None:
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._copied.record()
+            # On the copies' device (cuda:N), not the current one.
+            self._copied.record(torch.cuda.current_stream(self.device))
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self._copied is not None:
@@ -186,7 +187,9 @@ class Scorer:
         not pay for TorchScript's profiling runs, the fuser's compilation or the CUDA caching
         allocator's first blocks; returns the first call's seconds."""
         n = max(1, batch_size)
-        waves = np.zeros((n, round(self.meta.sample_rate * self.meta.clip_seconds)), np.float32)
+        # As the pipeline feeds it: a features-only artifact gets one dummy sample per row.
+        samples = round(self.meta.sample_rate * self.meta.clip_seconds) if self.listens else 1
+        waves = np.zeros((n, samples), np.float32)
         feats = np.full((n, len(self.meta.features)), np.nan, dtype=np.float32)
         mask = np.full(n, self.listens, dtype=bool)
         first = self.score(waves, feats, mask).total_s
@@ -220,8 +223,10 @@ class Scorer:
                 popularity, hit_logit = self.module(wave, feats, mask)
                 frontend_s = None
             probability = torch.sigmoid(hit_logit)
-            popularity_host = popularity.float().cpu().numpy()
-            probability_host = probability.float().cpu().numpy()
+            # Copies: on CPU an output could be a view of the staging buffer the next batch
+            # rewrites (an artifact returning part of its input).
+            popularity_host = popularity.float().cpu().numpy().copy()
+            probability_host = probability.float().cpu().numpy().copy()
         return Scores(popularity_host, probability_host, frontend_s, time.perf_counter() - start)
 
     def free_memory(self) -> None:

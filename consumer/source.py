@@ -71,6 +71,7 @@ class EndOffsets:
     def __init__(self, config: dict[str, Any]) -> None:
         self.admin = AdminClient(admin_config(config))
         self._pending: dict[Partition, Future[Any]] = {}
+        self._asked_at = 0.0
 
     @property
     def pending(self) -> bool:
@@ -86,19 +87,30 @@ class EndOffsets:
             request_timeout=END_OFFSETS_TIMEOUT_S,
         )
         self._pending = {(tp.topic, tp.partition): f for tp, f in futures.items()}
+        self._asked_at = time.monotonic()
 
     def ready(self) -> bool:
-        """The pending query has its answers (or its errors)."""
-        return all(f.done() for f in self._pending.values())
+        """The pending query has its answers (or its errors), or has had longer than its
+        timeout (``take`` then raises): a query that never answers must not stop the lag."""
+        # Serves the admin client's log lines (queued for poll(), as a logger is set).
+        self.admin.poll(0)
+        overdue = time.monotonic() - self._asked_at > END_OFFSETS_TIMEOUT_S + 1
+        return overdue or all(f.done() for f in self._pending.values())
 
     def take(self, timeout: float | None = None) -> dict[Partition, int]:
         """The answers of the pending query, waiting up to ``timeout`` for them; raises the
         first partition's KafkaException (a broker away, a timeout)."""
         pending, self._pending = self._pending, {}
         done, _ = wait_futures(pending.values(), timeout=timeout)
+        self.admin.poll(0)
         if len(done) < len(pending):
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "end offsets: no answer"))
-        return {key: future.result().offset for key, future in pending.items()}
+        try:
+            return {key: future.result().offset for key, future in pending.items()}
+        except KafkaException:
+            raise
+        except Exception as exc:  # the client's own result handling failed: same as no answer
+            raise KafkaException(KafkaError(KafkaError._FAIL, f"end offsets: {exc}")) from exc
 
 
 class KafkaSource:
@@ -225,7 +237,7 @@ class KafkaSource:
         if self.ends.pending:
             if not force and not self.ends.ready():
                 return  # asked, not answered yet
-            self._apply_ends(self._take_ends(END_OFFSETS_TIMEOUT_S + 1), now)
+            self._apply_ends(self._take_ends(0 if not force else END_OFFSETS_TIMEOUT_S + 1), now)
         if not self.assignment or (not force and now - self._lag_checked < LAG_REFRESH_S):
             return
         self._lag_checked = now
