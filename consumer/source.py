@@ -234,18 +234,19 @@ class KafkaSource:
         seconds, without waiting: one call asks for them, a later one applies the answers.
         ``force`` asks at once and waits for the answers."""
         now = time.monotonic()
+        wait_s = END_OFFSETS_TIMEOUT_S + 1 if force else 0.0
         if self.ends.pending:
             if not force and not self.ends.ready():
                 return  # asked, not answered yet
-            self._apply_ends(self._take_ends(0 if not force else END_OFFSETS_TIMEOUT_S + 1), now)
+            self._apply_ends(self._take_ends(wait_s), now)
         if not self.assignment or (not force and now - self._lag_checked < LAG_REFRESH_S):
             return
         self._lag_checked = now
         self.ends.ask(self.assignment)
         if force:
-            self._apply_ends(self._take_ends(END_OFFSETS_TIMEOUT_S + 1), now)
+            self._apply_ends(self._take_ends(wait_s), now)
 
-    def _take_ends(self, timeout: float | None = None) -> dict[Partition, int] | None:
+    def _take_ends(self, timeout: float) -> dict[Partition, int] | None:
         """The end offsets asked for, or None (and Kafka marked unreachable) if the query
         failed: not ready, try again at the next refresh."""
         try:

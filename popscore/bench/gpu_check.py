@@ -118,13 +118,20 @@ def tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def tf32_state() -> dict[str, bool]:
+    """Whether TF32 is on now, for cuDNN convolutions and for matmuls."""
+    return {
+        "cudnn": torch.backends.cudnn.allow_tf32,
+        "matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
 def _outputs(artifact: Any, args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    device = args[0].device
-    moved = tuple(a.to(device) for a in args)
-    pop, hit = artifact.module(*moved)
+    """The artifact's outputs (and frontend) on ``args``, already on its device, to the host."""
+    pop, hit = artifact.module(*args)
     out = {"popularity": pop, "hit_probability": torch.sigmoid(hit)}
     if artifact.staged is not None and artifact.uses_audio:
-        out["frontend"] = artifact.staged.spectrogram(moved[0])
+        out["frontend"] = artifact.staged.spectrogram(args[0])
     return {k: v.float().cpu() for k, v in out.items()}
 
 
@@ -307,9 +314,7 @@ def service_parity(model_path: Path, device: torch.device, meta: ArtifactMeta) -
     cpu = cpu_scorer.score(per_item, features, mask)
     dev = dev_scorer.score(batched, features, mask)
     torch.set_num_threads(threads)
-    tf32_now = device.type == "cuda" and (
-        torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
-    )
+    tf32_now = device.type == "cuda" and any(tf32_state().values())
     diffs = {
         "popularity_max_abs_diff": float(np.abs(dev.popularity - cpu.popularity).max()),
         "hit_probability_max_abs_diff": float(
@@ -323,10 +328,7 @@ def service_parity(model_path: Path, device: torch.device, meta: ArtifactMeta) -
             np.isfinite(dev.popularity).all() and np.isfinite(dev.hit_probability).all()
         ),
         "device_frontend_s": dev.frontend_s,
-        "tf32": {
-            "cudnn": torch.backends.cudnn.allow_tf32,
-            "matmul": torch.backends.cuda.matmul.allow_tf32,
-        },
+        "tf32": tf32_state(),
         **_judged(diffs, TOLERANCES["tf32_on" if tf32_now else "tf32_off"]),
     }
 
@@ -478,10 +480,7 @@ def _header(device: torch.device, meta: ArtifactMeta) -> dict[str, Any]:
         "model_version": meta.model_version,
         "clip_samples": meta.clip_samples,
         "context_init_s": round(time.perf_counter() - t0, 3),
-        "tf32_default": {
-            "cudnn": torch.backends.cudnn.allow_tf32,
-            "matmul": torch.backends.cuda.matmul.allow_tf32,
-        },
+        "tf32_default": tf32_state(),
         "tolerances": TOLERANCES,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
