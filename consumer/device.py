@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from consumer.errors import DeviceUnavailable
-from popscore.artifact import ArtifactMeta, StagedScoringModule, load
+from popscore.artifact import ArtifactMeta, StagedScoringModule, load, optimize_for_cpu
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,18 @@ class Scores:
 class Scorer:
     """Runs micro-batches through the artifact on one device."""
 
-    def __init__(self, path: Path, device: str = "auto") -> None:
+    def __init__(self, path: Path, device: str = "auto", optimize: bool = True) -> None:
         self.device = pick_device(device)
         configure_cpu_threads()
         artifact = load(path, self.device)
+        self.optimize = optimize
+        """Whether an optimised module was asked for (POPSCORE_CPU_OPTIMIZE)."""
+        self.optimized = False
+        """Whether it is served: on CPU, and only if it scores like the original."""
+        if optimize and self.device.type == "cpu":
+            fast = optimize_for_cpu(artifact)
+            self.optimized = fast is not None
+            artifact = fast or artifact
         self.module = artifact.module
         self._staged: StagedScoringModule | None = artifact.staged
         self.meta: ArtifactMeta = artifact.meta
@@ -180,7 +188,12 @@ class Scorer:
         """Whether the artifact reads audio; when not, the audio is never fetched."""
         self._staging = Staging(self.device)
         self._lock = threading.Lock()  # one batch at a time through the staging buffers
-        log.info("model %s loaded on %s", self.meta.model_version, self.device)
+        log.info(
+            "model %s loaded on %s%s",
+            self.meta.model_version,
+            self.device,
+            " (optimised for CPU)" if self.optimized else "",
+        )
 
     def warm_up(self, batch_size: int, rounds: int = 2) -> float:
         """Score ``rounds`` silent batches of the serving shape, so the first real batch does

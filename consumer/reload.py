@@ -126,7 +126,7 @@ def vet(
     ``warm_batch``, a model that passes is warmed up at that batch size before it is swapped
     in, so its first batches do not pay for TorchScript's profiling runs and the fuser."""
     try:
-        candidate = Scorer(path, device)
+        candidate = Scorer(path, device, serving.optimize)
     except Exception as exc:  # a broken file or a missing device: the old model serves on
         return Verdict(REFUSED, f"cannot load: {str(exc).strip()[:300] or type(exc).__name__}")
     version = candidate.meta.model_version

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     it as SIGHUP does; 0 = only on SIGHUP."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N; auto picks CUDA when present."""
+    cpu_optimize: bool = True
+    """On CPU, serve the artifact frozen and optimised for inference (batch norms folded, the
+    convolutions run by oneDNN), if it scores a fixed probe like the original; false = as it
+    was saved."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     """Most events scored in one micro-batch."""
     batch_wait_ms: Annotated[int, Field(ge=0, le=60_000)] = 250

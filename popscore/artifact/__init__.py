@@ -18,6 +18,7 @@ from popscore.artifact.meta import (
     ArtifactMeta,
     TrainingSummary,
 )
+from popscore.artifact.optimize import optimize_for_cpu
 from popscore.artifact.protocol import ArtifactModel, ScoringModule, StagedScoringModule
 from popscore.artifact.reference import Bins, FeatureReference, Reference
 from popscore.artifact.store import Artifact, load, resave, save, weights_digest
@@ -40,6 +41,7 @@ __all__ = [
     "extract",
     "extract_many",
     "load",
+    "optimize_for_cpu",
     "resave",
     "save",
     "weights_digest",

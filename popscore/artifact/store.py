@@ -48,7 +48,7 @@ class Artifact:
 
 
 @contextmanager
-def _quiet_torchscript() -> Iterator[None]:
+def quiet_torchscript() -> Iterator[None]:
     # torch 2.11 marks every torch.jit entry point deprecated; TorchScript is still the
     # artifact format, so silence exactly that message and nothing else.
     with warnings.catch_warnings():
@@ -75,7 +75,7 @@ def save(model: ArtifactModel, path: str | Path, meta: ArtifactMeta) -> Path:
     if meta.sample_rate != int(model.sample_rate):
         raise ArtifactError(f"meta.sample_rate {meta.sample_rate} != model's {model.sample_rate}")
     frozen = copy.deepcopy(cast(nn.Module, model)).cpu().eval()
-    with _quiet_torchscript():
+    with quiet_torchscript():
         scripted = torch.jit.script(frozen)
     return _write(scripted, Path(path), meta)
 
@@ -91,7 +91,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
         raise ArtifactError(f"model artifact {path} does not exist (run `make model`)")
     extra = {META_FILE: ""}
     try:
-        with _quiet_torchscript():
+        with quiet_torchscript():
             module = torch.jit.load(  # type: ignore[no-untyped-call]
                 str(path), map_location=device, _extra_files=extra
             )
@@ -116,7 +116,7 @@ def _write(scripted: torch.jit.ScriptModule, target: Path, meta: ArtifactMeta) -
     try:
         # Through a file object: given a path, torch names the archive's top folder after the
         # file (here the random temporary name) instead of a stable "archive".
-        with open(tmp, "wb") as out, _quiet_torchscript():
+        with open(tmp, "wb") as out, quiet_torchscript():
             torch.jit.save(scripted, out, _extra_files={META_FILE: meta.to_json()})
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service often runs as another user
         os.replace(tmp, target)

@@ -47,7 +47,7 @@ FRONTEND_CALL, NETWORK_CALL = _scorer_calls()
 # pattern decides, in this order: a torch pad called by the resampler is resample time.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode (libsndfile) and mixdown", ("soundfile.py", "mix_down", "decode_window")),
-    ("resample (torchaudio)", ("resample", "Resampler")),
+    ("resample (libsoxr or torchaudio)", ("resample", "Resampler")),
     ("frontend (artifact spectrogram)", (FRONTEND_CALL,)),
     ("network (artifact score_spectrogram)", (NETWORK_CALL,)),
     ("start-up (imports, model load)", ("importlib", "torch/jit/_serialization", "_uses_audio")),

@@ -104,6 +104,8 @@ class Workload:
     """Where the audio came from: "synthetic" (training.synthetic) or a folder of real files."""
     resample_on: str = "pool"
     """Where audio was resampled: "pool" (per item, decode threads) or "device" (batched)."""
+    cpu_optimized: bool = False
+    """Whether the model ran frozen and optimised for CPU (POPSCORE_CPU_OPTIMIZE)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

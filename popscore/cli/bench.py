@@ -139,7 +139,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     }
     base = settings.model_copy(update=overrides)
     run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
-    scorer = Scorer(base.model, base.device)
+    scorer = Scorer(base.model, base.device, base.cpu_optimize)
     resampler = batch_resampler_for(base.resample_on, scorer)
     workload = Workload(
         events=args.events,
@@ -151,6 +151,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         device=str(scorer.device),
         model_version=scorer.meta.model_version,
         resample_on="pool" if resampler is None else "device",
+        cpu_optimized=scorer.optimized,
     )
     policy = AudioPolicy.create(base.audio_file_roots, max_bytes=base.audio_max_bytes)
 

@@ -117,7 +117,9 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UsageError(f"--features: {first['loc']}: {first['msg']}") from None
-    scorer = Scorer(args.model or settings.model, args.device or settings.device)
+    scorer = Scorer(
+        args.model or settings.model, args.device or settings.device, settings.cpu_optimize
+    )
     print(f"model {scorer.meta.provenance()}", file=sys.stderr)  # stdout: the record alone
     policy = AudioPolicy.create(
         (path.parent,), max_bytes=settings.audio_max_bytes, max_seconds=settings.audio_max_seconds

@@ -121,7 +121,7 @@ def test_artifact_without_the_two_call_form_still_scores(artifact: Path, tmp_pat
         ) -> tuple[torch.Tensor, torch.Tensor]:
             return self.inner(waveform, features, audio_mask)
 
-    scorer = Scorer(artifact, "cpu")
+    scorer = Scorer(artifact, "cpu", optimize=False)  # a frozen module cannot be wrapped
     old = tmp_path / "old.pt"
     # metadata as written before `exports` and `uses_audio` existed
     legacy_meta = {k: v for k, v in scorer.meta.to_dict().items() if k not in LATER_KEYS}

@@ -102,6 +102,19 @@ def test_logmel_shape_and_finite_even_on_silence() -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script
+def test_logmel_computes_what_torchaudio_melspectrogram_does() -> None:
+    """forward() skips MelSpectrogram's abs().pow(2) and transposes: same numbers, eager and
+    scripted, with the buffers every artifact and checkpoint names."""
+    frontend = LogMel(sample_rate=SR, n_fft=512, hop_length=128, n_mels=40, f_min=30.0)
+    wave = torch.randn(3, SR) * 0.1
+    wave[1] = torch.sin(torch.arange(SR) * 0.3)  # one loud tone: a wide dynamic range
+    expected = torch.log(frontend.mel(wave) + frontend.eps).unsqueeze(1)
+    torch.testing.assert_close(frontend(wave), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.jit.script(frontend)(wave), expected, rtol=0, atol=1e-4)
+    assert set(frontend.state_dict()) == {"eps", "mel.spectrogram.window", "mel.mel_scale.fb"}
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
