@@ -21,7 +21,7 @@ from consumer.kafka import client, ensure_topics, produce, producer_config
 from consumer.metrics import SHADOW_OUTCOMES
 from consumer.settings import Settings
 from popscore.bench.corpus import stamped
-from popscore.bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
+from popscore.bench.stats import CpuUse, ModeResult, peak_rss_mb, reset_peak_rss
 from schemas.events import ReleaseEvent
 from schemas.scores import ScoreRecord
 
@@ -114,8 +114,10 @@ def run(
             wait_assigned(lambda: bool(app.source.assignment), mode)
             reset_peak_rss()
             before = stage_totals(app.metrics.registry)
+            cpu_before = CpuUse.now()
             first = send(s.kafka_config("producer"), s.input_topic, events, rate)
             finished = recorder.done.wait(timeout_s)
+            cpu = CpuUse.now().since(cpu_before)
             if on_done is not None:
                 on_done()
             stages = stage_means(before, stage_totals(app.metrics.registry))
@@ -137,6 +139,9 @@ def run(
         offered_rate=rate,
         notes={
             "stages": stages,
+            # The service and this driver in one process; the others are mostly the broker
+            # and Redis, which on a production pod run elsewhere.
+            "cpu": cpu,
             **({"dead_letters": dead} if dead else {}),
             **({"shadow": shadow} if shadow else {}),
         },

@@ -46,7 +46,10 @@ FRONTEND_CALL, NETWORK_CALL = _scorer_calls()
 # (stage, substrings of a frame). Walking from the leaf up, the first frame that matches any
 # pattern decides, in this order: a torch pad called by the resampler is resample time.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode (libsndfile) and mixdown", ("soundfile.py", "mix_down", "decode_window")),
+    (
+        "decode (libsndfile) and mixdown",
+        ("soundfile.py", "mix_down", "decode_window", "_read_blocks"),
+    ),
     ("resample (libsoxr or torchaudio)", ("resample", "Resampler")),
     ("frontend (artifact spectrogram)", (FRONTEND_CALL,)),
     ("network (artifact score_spectrogram)", (NETWORK_CALL,)),

@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient
 from consumer.kafka import client, ensure_topics
 from popscore.bench import corpus
 from popscore.bench.e2e import send
-from popscore.bench.stats import machine, percentile
+from popscore.bench.stats import busy_share, cpu_times, machine, percentile
 from schemas.scores import ScoreRecord
 
 PARTITIONS = 8
@@ -83,10 +83,10 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
         send(kafka, topics["in"], warm, None)
         _collect(reader, {e.event_id for e in warm}, args.timeout)
         events = corpus.events(paths, args.events, args.seed, f"{tag}-run")
-        busy_before = _cpu_times()
+        busy_before = cpu_times()
         first = send(kafka, topics["in"], events, None)
         latencies, last = _collect(reader, {e.event_id for e in events}, args.timeout)
-        busy = _busy_share(busy_before, _cpu_times())
+        busy = busy_share(busy_before, cpu_times())
         reader.close()
     finally:
         for proc in procs:
@@ -177,18 +177,6 @@ def _collect(reader: Consumer, wanted: set[str], timeout: float) -> tuple[list[f
             latencies.append((datetime.now(UTC) - record.emitted_at).total_seconds())
             last = time.perf_counter()
     return latencies, last
-
-
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores (/proc/stat's first line)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total else 0.0
 
 
 def _plot(points: list[Point], out: Path) -> None:

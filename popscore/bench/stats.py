@@ -4,6 +4,7 @@ import math
 import os
 import platform
 import resource
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -214,6 +215,42 @@ def _ms(seconds: float) -> float | None:
 
 def _f(value: float | None) -> str:
     return f"{'-':>9}" if value is None else f"{value:>9.1f}"
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores (/proc/stat's first line)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's cores busy between two ``cpu_times()``, 0..1."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """One reading of where the machine's CPU time goes: every core (/proc/stat) and this
+    process alone; two readings say how much of the busy time other processes took (on this
+    machine, the Kafka broker and Redis share the cores with the service)."""
+
+    machine: tuple[int, int]
+    process_s: float
+
+    @classmethod
+    def now(cls) -> "CpuUse":
+        return cls(cpu_times(), time.process_time())
+
+    def since(self, before: "CpuUse") -> dict[str, float]:
+        busy_s = (self.machine[0] - before.machine[0]) / os.sysconf("SC_CLK_TCK")
+        process_s = self.process_s - before.process_s
+        return {
+            "machine_busy_share": round(busy_share(before.machine, self.machine), 3),
+            "this_process_core_s": round(process_s, 2),
+            "other_processes_core_s": round(max(0.0, busy_s - process_s), 2),
+        }
 
 
 def cpu_model(default: str = "unknown") -> str:

@@ -358,9 +358,22 @@ def test_scaleout_plan_runs_the_curve_then_each_sweep_once() -> None:
 
 
 def test_scaleout_cpu_share_is_busy_over_total_jiffies() -> None:
-    from popscore.bench.scaleout import _busy_share, _cpu_times
+    from popscore.bench.stats import busy_share, cpu_times
 
-    busy, total = _cpu_times()
+    busy, total = cpu_times()
     assert 0 <= busy <= total
-    assert _busy_share((100, 400), (250, 600)) == 0.75
-    assert _busy_share((1, 1), (1, 1)) == 0.0
+    assert busy_share((100, 400), (250, 600)) == 0.75
+    assert busy_share((1, 1), (1, 1)) == 0.0
+
+
+def test_cpu_use_splits_the_busy_time_between_this_process_and_the_others() -> None:
+    from popscore.bench.stats import CpuUse
+
+    before = CpuUse.now()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # this process's own work
+        sum(range(1000))
+    use = CpuUse.now().since(before)
+    assert use["this_process_core_s"] >= 0.3
+    assert 0 < use["machine_busy_share"] <= 1
+    assert use["other_processes_core_s"] >= 0
