@@ -124,7 +124,7 @@ def load_scorer(s: Settings) -> Scorer:
     """The artifact on its device; a missing or unreadable artifact, or a device that is not
     there, is a bad setting: start-up stops with one line naming POPSCORE_MODEL or _DEVICE."""
     try:
-        return Scorer(s.model, s.device, s.cpu_optimize)
+        return Scorer(s.model, s.device, optimize=s.cpu_optimize)
     except DeviceUnavailable as exc:
         raise ConfigError(f"POPSCORE_DEVICE: {exc}") from None
     except ArtifactError as exc:
@@ -137,7 +137,7 @@ def load_shadow(s: Settings, primary: Scorer) -> Scorer | None:
     if s.shadow_model is None:
         return None
     try:
-        shadow = Scorer(s.shadow_model, str(primary.device), primary.optimize)
+        shadow = Scorer(s.shadow_model, str(primary.device), optimize=primary.optimize)
     except (ArtifactError, DeviceUnavailable) as exc:
         raise ConfigError(f"POPSCORE_SHADOW_MODEL: {exc}") from None
     problem = shadow_problem(primary.meta, primary.listens, shadow)

@@ -126,7 +126,7 @@ def vet(
     ``warm_batch``, a model that passes is warmed up at that batch size before it is swapped
     in, so its first batches do not pay for TorchScript's profiling runs and the fuser."""
     try:
-        candidate = Scorer(path, device, serving.optimize)
+        candidate = Scorer(path, device, optimize=serving.optimize)
     except Exception as exc:  # a broken file or a missing device: the old model serves on
         return Verdict(REFUSED, f"cannot load: {str(exc).strip()[:300] or type(exc).__name__}")
     version = candidate.meta.model_version
@@ -147,6 +147,9 @@ def vet(
             return Verdict(REFUSED, f"{version}: warm-up raised {type(exc).__name__}: "
                                     f"{str(exc).strip()[:200]}")  # fmt: skip
         detail += f" (warmed up at batch {warm_batch}, first call {took:.2f} s)"
+    if candidate.optimize and candidate.device.type == "cpu" and not candidate.optimized:
+        # Served as saved: slower on CPU than an optimised one (the warning above says why).
+        detail += " (not optimised for CPU: see the warning before)"
     return Verdict(LOADED, detail, candidate)
 
 

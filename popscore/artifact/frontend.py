@@ -74,14 +74,16 @@ class LogMel(nn.Module):
         # cheaper: |X|^2 as re^2 + im^2 (abs() takes a square root that pow(2) then undoes;
         # together they were a third of the frontend on CPU), and the filterbank applied as
         # fb^T @ power, without the two transposes MelScale makes.
+        stft = self.mel.spectrogram
         spec = torch.stft(
             waveform,
             self.n_fft,
             self.hop_length,
-            window=self.mel.spectrogram.window,
-            center=True,
-            pad_mode="reflect",
-            normalized=False,
+            win_length=stft.win_length,
+            window=stft.window,
+            center=stft.center,
+            pad_mode=stft.pad_mode,
+            normalized=False,  # as __init__ builds it: no window normalisation
             onesided=True,
             return_complex=True,
         )

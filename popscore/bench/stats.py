@@ -218,10 +218,13 @@ def _f(value: float | None) -> str:
 
 
 def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores (/proc/stat's first line)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    """(busy, total) jiffies of all cores (/proc/stat's first line). Busy leaves out idle,
+    iowait and steal (a hypervisor running other guests is not this machine's work); guest
+    time is already inside user and nice, so it is not added twice."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
 
 
 def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:

@@ -139,7 +139,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     }
     base = settings.model_copy(update=overrides)
     run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
-    scorer = Scorer(base.model, base.device, base.cpu_optimize)
+    scorer = Scorer(base.model, base.device, optimize=base.cpu_optimize)
     resampler = batch_resampler_for(base.resample_on, scorer)
     workload = Workload(
         events=args.events,

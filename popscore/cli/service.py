@@ -118,7 +118,9 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         first = exc.errors()[0]
         raise UsageError(f"--features: {first['loc']}: {first['msg']}") from None
     scorer = Scorer(
-        args.model or settings.model, args.device or settings.device, settings.cpu_optimize
+        args.model or settings.model,
+        args.device or settings.device,
+        optimize=settings.cpu_optimize,
     )
     print(f"model {scorer.meta.provenance()}", file=sys.stderr)  # stdout: the record alone
     policy = AudioPolicy.create(

@@ -128,7 +128,7 @@ def test_artifact_without_the_two_call_form_still_scores(artifact: Path, tmp_pat
     extra = {"popscore.json": json.dumps(legacy_meta)}
     torch.jit.save(torch.jit.script(ForwardOnly(scorer.module)), str(old), _extra_files=extra)
     legacy = Scorer(old, "cpu")
-    assert not legacy.staged
+    assert not legacy.staged and legacy.optimized  # forward() alone is optimised too
     waves, feats, mask = inputs(3)
     scores = legacy.score(waves, feats, mask)
     assert scores.frontend_s is None

@@ -4,6 +4,7 @@ cannot rewrite a module or the rewrite scores differently, the original is serve
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ import torch
 from consumer.app import load_scorer
 from consumer.device import Scorer
 from consumer.settings import Settings
-from popscore.artifact import load, optimize_for_cpu
+from popscore.artifact import Artifact, load, optimize_for_cpu
 from popscore.artifact import optimize as optimize_module
 from popscore.artifact.features import DEFAULT_FEATURES
+from popscore.artifact.optimize import compare
 from popscore.training.model import Ensemble, FusionNet
 from tests.unit.artifact_helpers import export
 from tests.unit.conftest import CLIP, RATE
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.j
 def test_the_optimised_module_scores_like_the_original(artifact: Path) -> None:
     fast, plain = Scorer(artifact, "cpu"), Scorer(artifact, "cpu", optimize=False)
     assert fast.optimized and not plain.optimized
-    assert fast.module is not plain.module
+    graph = str(fast.module.score_spectrogram.graph)  # type: ignore[attr-defined]
+    assert "fused_bn" in graph and "mkldnn" in graph  # folded, and run by oneDNN
     waves, feats, mask = inputs(5)
     mask[1] = False  # a row without audio
     feats[2] = np.nan  # a row with every feature missing
@@ -106,3 +109,50 @@ def test_the_setting_turns_it_off(artifact: Path) -> None:
     off = load_scorer(Settings(model=artifact, device="cpu", cpu_optimize=False))
     assert on.optimized and on.optimize
     assert not off.optimized and not off.optimize
+
+
+class WrongWithoutAudio:
+    """A candidate that scores like the original except on rows without audio: what a rewrite
+    breaking only the feature path would do."""
+
+    def __init__(self, original: Artifact) -> None:
+        self.original = original
+
+    def __call__(self, waves: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> Any:
+        return self._skew(*self.original.module(waves, feats, mask), mask)
+
+    def spectrogram(self, waves: torch.Tensor) -> torch.Tensor:
+        assert self.original.staged is not None
+        return self.original.staged.spectrogram(waves)
+
+    def score_spectrogram(
+        self, logmel: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor
+    ) -> Any:
+        assert self.original.staged is not None
+        return self._skew(*self.original.staged.score_spectrogram(logmel, feats, mask), mask)
+
+    @staticmethod
+    def _skew(pop: torch.Tensor, logit: torch.Tensor, mask: torch.Tensor) -> Any:
+        off = (~mask).float()
+        return (pop - 30 * off).clamp(0, 100), logit + 4 * off
+
+
+def test_the_probe_catches_a_rewrite_wrong_only_without_audio(artifact: Path) -> None:
+    original = load(artifact)
+    assert compare(original, original.module).holds
+    parity = compare(original, WrongWithoutAudio(original))  # type: ignore[arg-type]
+    assert not parity.holds
+    assert parity.hit_logit == pytest.approx(4, abs=1e-3)
+    assert parity.popularity > 1  # a row without audio scores mid-range, not at the clamp
+
+
+def test_a_probe_the_saved_module_fails_is_named(
+    artifact: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("the artifact's own forward failed")
+
+    monkeypatch.setattr(optimize_module, "compare", broken)
+    with caplog.at_level(logging.WARNING):
+        assert optimize_for_cpu(load(artifact)) is None
+    assert "scoring the probe failed (the artifact's own forward failed)" in caplog.text

@@ -16,7 +16,7 @@ import torch
 from consumer.device import Scorer, Scores
 from consumer.metrics import Metrics
 from consumer.reload import FileWatch, Reloader, incompatibility, self_test, vet
-from popscore.artifact import DEFAULT_FEATURES, load, resave
+from popscore.artifact import DEFAULT_FEATURES, load, optimize, resave
 from popscore.training.model import FusionNet
 from tests.unit.artifact_helpers import export
 from tests.unit.conftest import CLIP, RATE
@@ -160,6 +160,21 @@ def test_a_loaded_model_is_warmed_up_at_the_serving_batch_before_the_swap(
     assert verdict.scorer is not None and len(verdict.scorer._staging._host["wave"]) == 5
     cold = vet(path, "cpu", serving)
     assert cold.scorer is not None and "warmed" not in cold.detail
+
+
+def test_a_candidate_is_optimised_as_the_serving_model_was_asked_to_be(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = export(net(), tmp_path / "m.pt", "tiny-test-2", CLIP)
+    on, off = Scorer(artifact, "cpu"), Scorer(artifact, "cpu", optimize=False)
+    assert vet(path, "cpu", on).scorer.optimized  # type: ignore[union-attr]
+    plain = vet(path, "cpu", off)
+    assert plain.scorer is not None and not plain.scorer.optimize and not plain.scorer.optimized
+    assert "optimised" not in plain.detail
+    # Asked for but refused by the probe: the reload says so.
+    monkeypatch.setitem(optimize.TOLERANCES, "popularity", -1.0)
+    refused = vet(path, "cpu", on)
+    assert refused.outcome == "loaded" and "not optimised for CPU" in refused.detail
 
 
 @pytest.mark.parametrize(
