@@ -381,3 +381,28 @@ def test_cpu_use_splits_the_busy_time_between_this_process_and_the_others() -> N
     cores = len(os.sched_getaffinity(0))
     busy_core_s = use["this_process_core_s"] + use["other_processes_core_s"]
     assert busy_core_s <= cores * (use["this_process_core_s"] + 1)
+
+
+def test_gpu_train_check_smoke_on_cpu(tmp_path: Path) -> None:
+    """The GPU training check end to end at toy size on the CPU: both runs (float32 there),
+    the report and the log, and a verdict of PASS with identical losses."""
+    from popscore.bench.gpu_train import main
+
+    args = ["--device", "cpu", "--tracks", "8", "--unique", "2", "--epochs", "1",
+            "--workers", "1", "--loaders", "0", "--work", str(tmp_path / "w"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "gpu-train-cpu.json").read_text())
+    assert report["tracks"] == 8 and not report["amp"]["mixed_precision"]
+    assert report["fp32"]["losses"] == report["amp"]["losses"]  # same seed, same arithmetic
+    assert report["verdict"]["pass"] and report["verdict"]["final_loss_relative_gap"] == 0
+    assert "PASS" in (tmp_path / "out" / "gpu-train-cpu.log").read_text()
+
+
+def test_gpu_train_verdict_fails_on_a_gap_or_a_nan() -> None:
+    from popscore.bench.gpu_train import verdict
+
+    fp32 = {"losses": [1.0, 0.80]}
+    assert verdict(fp32, {"losses": [1.0, 0.85]}, 0.10)["pass"]
+    assert not verdict(fp32, {"losses": [1.0, 0.95]}, 0.10)["pass"]
+    assert not verdict(fp32, {"losses": [float("nan"), 0.80]}, 0.10)["pass"]
