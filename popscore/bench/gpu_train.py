@@ -14,7 +14,8 @@ on PASS.
     bench/gpu_train_check.sh --out bench/results                   # on a GPU machine
     bench/gpu_train_check.sh --device cpu --tracks 64 --epochs 1   # CPU smoke: both float32
 
-Needs the training extras (soundfile, soxr, pyarrow, pydantic), not only torch.
+Needs what training imports, not only torch: soundfile, soxr, pyarrow, pydantic, boto3 and
+confluent-kafka among others (docs/MODEL.md, "Training at catalog scale").
 """
 
 import argparse
