@@ -68,8 +68,10 @@ class EndOffsets:
     stopped the poll loop for 1.3-3.5 s every LAG_REFRESH_S, which left a third of two cores
     idle (docs/PERFORMANCE.md, "One process at 8 partitions")."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], earliest: bool = False) -> None:
+        """``earliest``: where each partition's log starts instead (retention's cut)."""
         self.admin = AdminClient(admin_config(config))
+        self._spec = OffsetSpec.earliest if earliest else OffsetSpec.latest
         self._pending: dict[Partition, Future[Any]] = {}
         self._asked_at = 0.0
 
@@ -80,7 +82,7 @@ class EndOffsets:
 
     def ask(self, partitions: Iterable[Partition]) -> None:
         """Start one query for all ``partitions`` (a ListOffsets request per leader)."""
-        specs = {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions}  # type: ignore[no-untyped-call]
+        specs = {TopicPartition(t, p): self._spec() for t, p in partitions}  # type: ignore[no-untyped-call]
         futures = self.admin.list_offsets(
             specs,
             isolation_level=IsolationLevel.READ_COMMITTED,

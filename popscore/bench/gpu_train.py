@@ -2,12 +2,13 @@
 
 One synthetic catalog is prepared once (the service's decode path, `popscore.training.cache`),
 then streamed from its cache for ``--epochs`` epochs twice from the same seed, after an untimed
-warm-up epoch: in float32, and with mixed precision (float16 autocast and gradient scaling,
-`Stream.amp`, on by default on CUDA). Per run: the loss of every epoch, clips/s and peak GPU
-memory. PASS when every loss is finite and mixed precision's last loss is within
-``--loss-tolerance`` (relative, default 10 %) of float32's: about twice the seed-to-seed spread
-of the final loss measured on CPU (sd 4.4 % at 4,000 tracks, docs/MODEL.md), as float16's
-rounding changes a run about as much as another seed does. Output under ``--out``:
+warm-up epoch in each precision: in float32 (TF32 off: the reference), and with mixed precision
+(float16 autocast and gradient scaling, `Stream.amp`, on by default on CUDA). Per run: the loss
+of every epoch, clips/s and peak GPU memory. PASS when every loss is finite, mixed precision's
+last loss is within ``--loss-tolerance`` (relative, default 10 %) of float32's — about twice the
+seed-to-seed spread of the final loss measured on CPU (sd 4.4 % at 4,000 tracks,
+docs/MODEL.md), as float16's rounding changes a run about as much as another seed does — and
+its loss drops over the epochs by at least half as much as float32's. Output under ``--out``:
 ``gpu-train-<device>.json`` and the console's lines in ``gpu-train-<device>.log``; exit 0 only
 on PASS.
 
@@ -21,8 +22,11 @@ confluent-kafka among others (docs/MODEL.md, "Training at catalog scale").
 import argparse
 import json
 import math
+import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,10 +47,10 @@ CROP_SECONDS = 6.0
 def catalog_clips(work: Path, tracks: int, unique: int, workers: int) -> CachedClips:
     """``tracks`` rows over ``unique`` synthetic 30 s FLAC files, prepared into a cache."""
     sources = make_sources(work / "sources", unique, seed=0)
-    catalog = work / f"catalog-{tracks}.parquet"
+    catalog = work / f"catalog-{tracks}-of-{unique}.parquet"
     if not catalog.exists():  # rewritten, it would no longer match its prepared cache
         make_catalog(catalog, tracks, sources)
-    cache = work / f"cache-{tracks}"
+    cache = work / f"cache-{tracks}-of-{unique}"
     policy = AudioPolicy.create((work,))
     prepare(catalog, "audio", cache, policy, PAPER_FEATURES, RATE, SECONDS, workers=workers,
             progress=False)  # fmt: skip
@@ -64,7 +68,9 @@ def one_run(
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     config = replace(FUSION.config, epochs=epochs)
-    losses = train_stream(net, clips, config, Stream(workers=loaders, amp=amp), device, False)
+    # The float32 run is the reference: without TF32, which cuDNN's convolutions use by default.
+    with tf32(enabled=amp):
+        losses = train_stream(net, clips, config, Stream(workers=loaders, amp=amp), device, False)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
@@ -76,17 +82,32 @@ def one_run(
     }
 
 
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """cuDNN's and cuBLAS's TF32 on or off for the block, as they were afterwards."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def verdict(fp32: dict[str, Any], amp: dict[str, Any], tolerance: float) -> dict[str, Any]:
-    """PASS when every loss is finite and the mixed-precision run ends within ``tolerance``
-    (relative) of the float32 run."""
+    """PASS when every loss is finite, the mixed-precision run ends within ``tolerance``
+    (relative) of the float32 run, and it learns at least half as much over the epochs (the
+    gap alone would let a run that barely learns pass when float32 learns little too)."""
     finite = all(math.isfinite(x) for x in fp32["losses"] + amp["losses"])
     last, ref = amp["losses"][-1], fp32["losses"][-1]
     gap = abs(last - ref) / max(abs(ref), 1e-12)
+    learned = fp32["losses"][0] - ref, amp["losses"][0] - last
+    learns = learned[0] <= 0 or learned[1] >= 0.5 * learned[0]
     return {
         "all_finite": finite,
         "final_loss_relative_gap": round(gap, 4),
         "tolerance": tolerance,
-        "pass": finite and gap <= tolerance,
+        "loss_drop": {"fp32": round(learned[0], 5), "amp": round(learned[1], 5)},
+        "pass": finite and gap <= tolerance and learns,
     }
 
 
@@ -107,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: CUDA is not available (--device cpu for a smoke test)")
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    stem = args.out / f"gpu-train-{name.replace(' ', '-')}"
-    with open(stem.with_suffix(".log"), "w", buffering=1) as log:
+    # A MIG slice's name has dots ("1g.5gb"), others may have slashes: neither in a file name.
+    stem = str(args.out / f"gpu-train-{re.sub(r'[^A-Za-z0-9_-]+', '-', name)}")
+    with open(stem + ".log", "w", buffering=1) as log:
 
         def say(line: str) -> None:
             print(line, flush=True)
@@ -120,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"prepared {len(clips)} clips in {time.perf_counter() - started:.1f} s")
         # Untimed: CUDA's context, cuDNN's autotuning and the DataLoader's first workers would
         # otherwise all land in the first timed run.
-        one_run(clips, 1, device, False, args.loaders)
+        for amp in (False, True):
+            one_run(clips, 1, device, amp, args.loaders)
         runs = {}
         for amp in (False, True):
             runs["amp" if amp else "fp32"] = run = one_run(
@@ -134,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             "tracks": len(clips),
             "epochs": args.epochs,
             "crop_seconds": CROP_SECONDS,
+            "fp32_without_tf32": True,
             **runs,
             "verdict": result,
         }
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        Path(stem + ".json").write_text(json.dumps(report, indent=1) + "\n")
         say(f"{'PASS' if result['pass'] else 'FAIL'}: {result}")
     return 0 if result["pass"] else 1
 

@@ -406,3 +406,6 @@ def test_gpu_train_verdict_fails_on_a_gap_or_a_nan() -> None:
     assert verdict(fp32, {"losses": [1.0, 0.85]}, 0.10)["pass"]
     assert not verdict(fp32, {"losses": [1.0, 0.95]}, 0.10)["pass"]
     assert not verdict(fp32, {"losses": [float("nan"), 0.80]}, 0.10)["pass"]
+    # Ends close to float32 but barely learned: a broken scaler would look like this.
+    barely = verdict(fp32, {"losses": [0.85, 0.84]}, 0.10)
+    assert barely["final_loss_relative_gap"] <= 0.10 and not barely["pass"]
