@@ -56,7 +56,10 @@ def test_sighup_swaps_the_model_between_batches_and_refuses_a_broken_one(
     port = free_port()
     env = {**os.environ, **consumer_env, "POPSCORE_MODEL": str(served),
            "POPSCORE_HTTP_PORT": str(port), "POPSCORE_BATCH_SIZE": "4"}  # fmt: skip
-    first = produce_synthetic(consumer_env, 32, seed)
+    # Enough in flight that the reload lands inside the first wave: loading, the CPU
+    # optimisation with its probe and the self-test take 0.4 s on an idle core (0.15 s
+    # without the optimisation), more on two cores busy scoring.
+    first = produce_synthetic(consumer_env, 96, seed)
     log = tmp_path / "consumer.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
