@@ -105,10 +105,11 @@ def training_labels(meta: ArtifactMeta) -> tuple[str, str]:
     return name[:64], {True: "true", False: "false", None: "unknown"}[meta.synthetic]
 
 
-def model_labels(scorer: Scorer) -> tuple[str, str, str, str]:
+def model_labels(scorer: Scorer) -> tuple[str, str, str, str, str]:
     """popscore_model_info's labels for ``scorer``."""
     meta = scorer.meta
-    return (meta.model_version, str(scorer.device), *training_labels(meta))
+    optimized = "true" if scorer.optimized else "false"
+    return (meta.model_version, str(scorer.device), *training_labels(meta), optimized)
 
 
 def stuck_after(s: Settings) -> float:

@@ -88,7 +88,7 @@ class Metrics:
         self.model_info = Gauge(
             "popscore_model_info",
             "The loaded model (value 1), and what it was trained on.",
-            ["model_version", "device", "training_data", "synthetic"],
+            ["model_version", "device", "training_data", "synthetic", "cpu_optimized"],
             registry=r,
         )
         self.yielding = Gauge(

@@ -183,6 +183,7 @@ def test_sigterm_mid_stream_then_restart_scores_every_event(
         status, body = http_get(port, "/metrics")
         assert status == 200 and 'popscore_events_total{outcome="scored"}' in body
         assert "popscore_model_info{" in body and 'synthetic="true"' in body  # the demo model
+        assert 'cpu_optimized="true"' in body  # served optimised on this CPU
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:

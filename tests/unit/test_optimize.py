@@ -156,3 +156,10 @@ def test_a_probe_the_saved_module_fails_is_named(
     with caplog.at_level(logging.WARNING):
         assert optimize_for_cpu(load(artifact)) is None
     assert "scoring the probe failed (the artifact's own forward failed)" in caplog.text
+
+
+def test_the_model_info_says_whether_the_model_is_optimised(artifact: Path) -> None:
+    from consumer.app import model_labels
+
+    assert model_labels(Scorer(artifact, "cpu"))[-1] == "true"
+    assert model_labels(Scorer(artifact, "cpu", optimize=False))[-1] == "false"
