@@ -25,8 +25,6 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 from consumer.audio import AudioPolicy
+from popscore.bench.gpu_check import tf32
 from popscore.bench.training import RATE, SECONDS, make_catalog, make_sources
 from popscore.training.cache import prepare, read_table
 from popscore.training.data import PAPER_FEATURES
@@ -69,7 +68,7 @@ def one_run(
     started = time.perf_counter()
     config = replace(FUSION.config, epochs=epochs)
     # The float32 run is the reference: without TF32, which cuDNN's convolutions use by default.
-    with tf32(enabled=amp):
+    with tf32(amp):
         losses = train_stream(net, clips, config, Stream(workers=loaders, amp=amp), device, False)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -80,17 +79,6 @@ def one_run(
         "clips_per_s": round(len(clips) * epochs / seconds, 1),
         "peak_gpu_allocated_mb": None if peak is None else round(peak, 1),
     }
-
-
-@contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """cuDNN's and cuBLAS's TF32 on or off for the block, as they were afterwards."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def verdict(fp32: dict[str, Any], amp: dict[str, Any], tolerance: float) -> dict[str, Any]:
