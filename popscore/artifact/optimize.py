@@ -17,6 +17,7 @@ from typing import cast
 
 import torch
 
+from popscore.artifact.errors import first_line
 from popscore.artifact.protocol import STAGED_METHODS, ScoringModule, StagedScoringModule
 from popscore.artifact.store import Artifact, quiet_torchscript
 
@@ -51,12 +52,12 @@ def optimize_for_cpu(artifact: Artifact) -> Artifact | None:
     try:
         fast = _rewrite(artifact)
     except Exception as exc:  # torch's rewrite refused this artifact: serve it as it is
-        log.warning("model kept unoptimised: torch could not optimise it (%s)", _first(exc))
+        log.warning("model kept unoptimised: torch could not optimise it (%.300s)", first_line(exc))
         return None
     try:
         parity = compare(artifact, fast)
     except Exception as exc:  # the probe itself failed (on either module): serve as saved
-        log.warning("model kept unoptimised: scoring the probe failed (%s)", _first(exc))
+        log.warning("model kept unoptimised: scoring the probe failed (%.300s)", first_line(exc))
         return None
     if not parity.holds:
         log.warning(
@@ -125,8 +126,3 @@ def _scores(
     else:
         popularity, logit = staged.score_spectrogram(staged.spectrogram(waves), feats, mask)
     return popularity.float(), torch.sigmoid(logit.float()), logit.float()
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

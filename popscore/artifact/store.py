@@ -22,7 +22,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from popscore.artifact.errors import ArtifactError
+from popscore.artifact.errors import ArtifactError, first_line
 from popscore.artifact.meta import META_FILE, ArtifactMeta
 from popscore.artifact.protocol import (
     STAGED_METHODS,
@@ -96,8 +96,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
                 str(path), map_location=device, _extra_files=extra
             )
     except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ArtifactError(f"cannot load model artifact {path}: {first}") from exc
+        raise ArtifactError(f"cannot load model artifact {path}: {first_line(exc)}") from exc
     if not extra[META_FILE]:
         raise ArtifactError(f"{path}: no embedded {META_FILE}; not a popscore artifact")
     try:
