@@ -81,10 +81,11 @@ class Positions(FakeConsumer):
 
 
 class FakeEnds:
-    """EndOffsets without brokers: each query answers 15 per partition once ``answered``, or
-    fails while ``away``."""
+    """EndOffsets without brokers: each query answers ``value`` per partition once
+    ``answered``, or fails while ``away``."""
 
-    def __init__(self) -> None:
+    def __init__(self, value: int = 15) -> None:
+        self.value = value
         self.asked: list[Any] = []
         self.answered = True
         self.away = False
@@ -103,7 +104,7 @@ class FakeEnds:
         asked, self.asked = self.asked, []
         if self.away:
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Local: Timed out"))
-        return dict.fromkeys(asked, 15)
+        return dict.fromkeys(asked, self.value)
 
 
 def lag_source() -> tuple[KafkaSource, FakeEnds]:

@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumer import yielding
 from consumer.yielding import LiveTraffic
+from tests.unit.test_source import FakeEnds
 
 TOPIC, GROUP = "releases", "popscore"
 
@@ -41,32 +42,6 @@ class FakeAdmin:
         return 0
 
 
-class FakeOffsets:
-    """EndOffsets without brokers: ``value`` for every partition asked, or a failure while
-    ``away``."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-        self.away = False
-        self.asked: list[tuple[str, int]] = []
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.asked)
-
-    def ask(self, partitions: Any) -> None:
-        self.asked = list(partitions)
-
-    def ready(self) -> bool:
-        return True
-
-    def take(self, timeout: float | None = None) -> dict[tuple[str, int], int]:
-        asked, self.asked = self.asked, []
-        if self.away:
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Local: Timed out"))
-        return dict.fromkeys(asked, self.value)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -87,10 +62,10 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 def gate(
     commits: dict[int, int], max_lag: int = 10, start: int = 0
-) -> tuple[LiveTraffic, FakeAdmin, FakeOffsets]:
+) -> tuple[LiveTraffic, FakeAdmin, FakeEnds]:
     """A gate over ``commits``; every partition's log ends at 15 and starts at ``start``."""
-    admin, ends = FakeAdmin(commits), FakeOffsets(15)
-    clients: Any = (admin, ends, FakeOffsets(start))
+    admin, ends = FakeAdmin(commits), FakeEnds(15)
+    clients: Any = (admin, ends, FakeEnds(start))
     return LiveTraffic({}, GROUP, TOPIC, max_lag, clients), admin, ends
 
 
@@ -184,10 +159,10 @@ def test_a_failed_commit_query_is_logged_not_raised(
 def test_a_failed_first_check_leaves_the_lag_unknown_until_the_next(
     clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    admin, ends = FakeAdmin({0: 0}), FakeOffsets(15)
+    admin, ends = FakeAdmin({0: 0}), FakeEnds(15)
     admin.refuse = KafkaException(KafkaError(KafkaError._TRANSPORT, "all brokers down"))
     with caplog.at_level(logging.WARNING):
-        live = LiveTraffic({}, GROUP, TOPIC, 10, (admin, ends, FakeOffsets(0)))  # type: ignore[arg-type]
+        live = LiveTraffic({}, GROUP, TOPIC, 10, (admin, ends, FakeEnds(0)))  # type: ignore[arg-type]
     assert live.lag == 0 and "all brokers down" in caplog.text
     admin.refuse = None
     assert check(live, clock) and live.lag == 15
