@@ -1,5 +1,5 @@
 """The one Kafka client layer: config builders, a produce that waits out a full local queue, the
-error mapping, topic creation, and librdkafka's log lines through Python logging.
+error mapping, topic creation and clean-up, and librdkafka's log lines through Python logging.
 
     Consumer(consumer_config(settings.kafka_config("consumer"), group_id))
     Producer(producer_config(settings.kafka_config("producer")))        # idempotent
@@ -145,6 +145,23 @@ def ensure_topics(base: Mapping[str, Any], topics: list[str], partitions: int = 
             error = error_of(exc)
             if error is None or error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise PopscoreError(f"cannot create topic {topic}: {exc}") from exc
+
+
+def delete_topics(base: Mapping[str, Any], tag: str) -> int:
+    """Delete every topic whose name contains ``tag`` (the benchmark's and the tests' own, once
+    they are done: a local broker loads every partition at start-up, so left-overs slow it
+    down run after run). Best effort: a topic that cannot be deleted is logged and left.
+    Returns how many were asked to go."""
+    admin = client(lambda: AdminClient(admin_config(base)))
+    doomed = [t for t in admin.list_topics(timeout=10).topics if tag in t]
+    if not doomed:
+        return 0
+    for topic, future in admin.delete_topics(doomed, operation_timeout=15).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            logging.getLogger(__name__).warning("cannot delete topic %s: %s", topic, exc)
+    return len(doomed)
 
 
 # --- librdkafka's log lines ----------------------------------------------------------------

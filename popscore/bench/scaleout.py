@@ -25,7 +25,7 @@ from pathlib import Path
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from consumer.kafka import client, ensure_topics
+from consumer.kafka import client, delete_topics, ensure_topics
 from popscore.bench import corpus
 from popscore.bench.e2e import send
 from popscore.bench.stats import busy_share, cpu_times, machine, percentile
@@ -96,6 +96,7 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
                 proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        delete_topics(kafka, tag)
     seconds = last - first
     p50, p95, p99 = (round(percentile(latencies, q) * 1e3, 1) for q in (50, 95, 99))
     rate = round(len(events) / seconds, 3)

@@ -105,6 +105,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     _require_benchmark()
     from consumer.audio import AudioPolicy
     from consumer.device import Scorer
+    from consumer.kafka import delete_topics
     from consumer.pipeline import batch_resampler_for
     from popscore.bench import compute, corpus
     from popscore.bench.stats import ModeResult, Workload, report, table
@@ -167,7 +168,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             results.append(compute.run(scorer, policy, fresh("compute"), base.batch_size,
                                        base.decode_workers, kind,
                                        resampler))  # fmt: skip
-    results += _service_modes(args, modes, base, run_id, fresh, scorer, policy)
+    try:
+        results += _service_modes(args, modes, base, run_id, fresh, scorer, policy)
+    finally:
+        delete_topics(base.kafka_config("admin"), f"bench-{run_id}-")
     doc = report(workload, results, machine_info())
     print(table(doc))
     if args.json:

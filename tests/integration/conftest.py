@@ -17,7 +17,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 from redis.cluster import RedisCluster
 
-from consumer.kafka import ensure_topics
+from consumer.kafka import delete_topics, ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("POPSCORE_TEST_MODEL", ROOT / "models" / "demo.pt"))
@@ -78,8 +78,9 @@ def model_path() -> Path:
 
 
 @pytest.fixture
-def topics(stack: dict[str, str]) -> dict[str, str]:
-    """Fresh input, results and DLQ topics (3 partitions each) and a fresh group for one test."""
+def topics(stack: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Fresh input, results and DLQ topics (3 partitions each) and a fresh group for one test;
+    afterwards these and every topic a test named after them (``{output}-shadow``, ...) go."""
     tag = uuid.uuid4().hex[:10]
     names = {
         "input": f"releases-{tag}",
@@ -92,7 +93,8 @@ def topics(stack: dict[str, str]) -> dict[str, str]:
         [names["input"], names["output"], names["dlq"]],
         partitions=3,
     )
-    return names
+    yield names
+    delete_topics({"bootstrap.servers": stack["bootstrap"]}, tag)
 
 
 @pytest.fixture
