@@ -32,6 +32,8 @@ Header = tuple[str, str | bytes | None]
 # (unless a restart with the same transactional.id fences it first): keep it short.
 TRANSACTION_TIMEOUT_MS = 60_000
 _QUEUE_FULL_WAIT_S = 0.5
+MIN_DELETE_TAG = 8  # delete_topics: a shorter tag is too likely to be part of others' names
+log = logging.getLogger(__name__)
 
 
 # --- config builders -----------------------------------------------------------------------
@@ -151,12 +153,16 @@ def delete_topics(base: Mapping[str, Any], tag: str) -> int:
     """Delete every topic whose name contains ``tag`` (the benchmark's and the tests' own, once
     they are done: a local broker loads every partition at start-up, so left-overs slow it
     down run after run). Best effort: a topic that cannot be deleted is logged and left.
-    Returns how many were asked to go."""
+    Returns how many were asked to go. A tag under 8 characters, or one that could name a
+    broker's own topic (``__``...), is refused with ValueError: it would match others' topics."""
+    if len(tag) < MIN_DELETE_TAG or tag.startswith("__"):
+        raise ValueError(f"delete_topics: tag {tag!r} could match topics that are not its own")
     admin = client(lambda: AdminClient(admin_config(base)))
     try:
-        doomed = [t for t in admin.list_topics(timeout=10).topics if tag in t]
+        doomed = [t for t in admin.list_topics(timeout=10).topics
+                  if tag in t and not t.startswith("__")]  # fmt: skip
     except KafkaException as exc:  # e.g. the broker is down after a chaos test
-        logging.getLogger(__name__).warning("cannot list topics to delete (%s): %s", tag, exc)
+        log.warning("cannot list topics to delete (%s): %s", tag, exc)
         return 0
     if not doomed:
         return 0
@@ -164,7 +170,7 @@ def delete_topics(base: Mapping[str, Any], tag: str) -> int:
         try:
             future.result()
         except KafkaException as exc:
-            logging.getLogger(__name__).warning("cannot delete topic %s: %s", topic, exc)
+            log.warning("cannot delete topic %s: %s", topic, exc)
     return len(doomed)
 
 

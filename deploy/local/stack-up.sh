@@ -8,7 +8,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 KAFKA_START_TIMEOUT_S=90    # without progress: the broker logged nothing new for this long
-KAFKA_START_CAP_S=270       # in all, under the test fixture's 300 s limit on this script
+KAFKA_START_CAP_S=270       # since this script started (bash's SECONDS): under the tests' 300 s
 REDIS_START_TIMEOUT_S=30
 
 # --- helpers ----------------------------------------------------------------------
@@ -60,7 +60,7 @@ our_kafka_ready() {
 # A broker that loads many partitions (a dev box after weeks of test topics) logs all along,
 # so the deadline moves while its log grows; one that hangs stops logging and fails.
 wait_our_kafka() {
-  local deadline=$((SECONDS + KAFKA_START_TIMEOUT_S)) cap=$((SECONDS + KAFKA_START_CAP_S))
+  local deadline=$((SECONDS + KAFKA_START_TIMEOUT_S)) cap=$KAFKA_START_CAP_S
   local rc size seen=-1
   while true; do
     rc=0; our_kafka_ready || rc=$?
@@ -75,15 +75,16 @@ wait_our_kafka() {
 }
 
 kafka_not_ready() {
+  # Don't leave a half-started broker behind for the next run to wait on again.
+  if pid_alive "$KAFKA_PID"; then kill -TERM "$(cat "$KAFKA_PID")" || true; fi
   echo "kafka: not ready (process exited, ${KAFKA_START_TIMEOUT_S}s without progress or" \
-    "${KAFKA_START_CAP_S}s passed); last log lines:" >&2
+    "${KAFKA_START_CAP_S}s since start-up began); last log lines:" >&2
   tail -n 40 "$KAFKA_LOG" >&2 || true
-  local dirs; dirs="$(find "$KAFKA_DATA" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)"
+  local dirs
+  dirs="$( (find "$KAFKA_DATA" -mindepth 1 -maxdepth 1 -type d 2>/dev/null || true) | wc -l)"
   if ((dirs > 1000)); then
     echo "kafka: $dirs partition logs on disk to load; \`make clean\` starts afresh" >&2
   fi
-  # Don't leave a half-started broker behind for the next run to wait on again.
-  if pid_alive "$KAFKA_PID"; then kill -TERM "$(cat "$KAFKA_PID")"; fi
 }
 
 # --- Redis ------------------------------------------------------------------------

@@ -52,12 +52,25 @@ class Recorder:
         self._bar.close()
 
 
-def send(
-    config: dict[str, Any], topic: str, events: list[ReleaseEvent], rate: float | None
-) -> float:
-    """Produce the events (paced at ``rate`` per second, or at once); returns the first send."""
+def warmed_producer(
+    config: dict[str, Any], admin: dict[str, Any], topic: str, rate: float | None = None
+) -> Producer:
+    """The driver's producer, ready to send: it has delivered one record to a side topic
+    (``{topic}-warmup``, created with the ``admin`` config). An idempotent producer's first
+    records wait about 0.5 s for its producer id (librdkafka; PR #5032 there); a platform's
+    long-lived producer has one, and charging that wait to the service cost 8-10 % of a
+    192-event e2e_max run. Make it before the CPU and clock snapshots of a measured run."""
     producer = client(lambda: Producer(producer_config(config, {"linger.ms": 0 if rate else 5})))
-    warm_up(producer, config, topic)
+    side = f"{topic}-warmup"
+    ensure_topics(admin, [side], 1)
+    produce(producer, side, b"warm-up")
+    if producer.flush(30):
+        raise TimeoutError(f"the bench's producer could not deliver to {side} in 30 s")
+    return producer
+
+
+def send(producer: Producer, topic: str, events: list[ReleaseEvent], rate: float | None) -> float:
+    """Produce the events (paced at ``rate`` per second, or at once); returns the first send."""
     first = time.perf_counter()
     for i, event in enumerate(events):
         if rate:
@@ -68,18 +81,6 @@ def send(
         producer.poll(0)
     producer.flush(30)
     return first
-
-
-def warm_up(producer: Producer, config: dict[str, Any], topic: str) -> None:
-    """Deliver one record to a side topic (``{topic}-warmup``) before the clock starts. An
-    idempotent producer's first records wait about 0.5 s for its producer id (librdkafka; PR
-    #5032 there): a platform's long-lived producer has one, and charging that wait to the
-    service cost 8-10 % of a 192-event e2e_max run and inflated the first events' latency."""
-    side = f"{topic}-warmup"
-    ensure_topics(config, [side], 1)
-    produce(producer, side, b"warm-up")
-    if producer.flush(30):
-        raise TimeoutError(f"the bench's producer could not deliver to {side} in 30 s")
 
 
 def wait_assigned(is_assigned: Callable[[], bool], what: str) -> None:
@@ -125,10 +126,13 @@ def run(
         loop.start()
         try:
             wait_assigned(lambda: bool(app.source.assignment), mode)
+            producer = warmed_producer(
+                s.kafka_config("producer"), s.kafka_config("admin"), s.input_topic, rate
+            )
             reset_peak_rss()
             before = stage_totals(app.metrics.registry)
             cpu_before = CpuUse.now()
-            first = send(s.kafka_config("producer"), s.input_topic, events, rate)
+            first = send(producer, s.input_topic, events, rate)
             finished = recorder.done.wait(timeout_s)
             cpu = CpuUse.now().since(cpu_before)
             if on_done is not None:

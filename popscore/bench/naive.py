@@ -23,7 +23,7 @@ from consumer.settings import Settings
 from consumer.sinks import RedisSink
 from consumer.source import record_id
 from popscore.artifact.features import extract
-from popscore.bench.e2e import Recorder, assigned, send, wait_assigned
+from popscore.bench.e2e import Recorder, assigned, send, wait_assigned, warmed_producer
 from popscore.bench.stats import ModeResult, peak_rss_mb, reset_peak_rss
 from schemas.events import ReleaseEvent
 from schemas.scores import ScoreRecord, utc_now
@@ -83,8 +83,9 @@ def run(
     try:
         consumer.subscribe([s.input_topic])
         wait_assigned(lambda: assigned(consumer), "naive")
+        sender = warmed_producer(s.kafka_config("producer"), s.kafka_config("admin"), s.input_topic)
         reset_peak_rss()
-        first = send(s.kafka_config("producer"), s.input_topic, events, None)
+        first = send(sender, s.input_topic, events, None)
         deadline = time.monotonic() + timeout_s
         while not recorder.done.is_set():
             if time.monotonic() > deadline:

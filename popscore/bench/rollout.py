@@ -61,9 +61,11 @@ def backfill(
     """Live at ``rate`` alone, then beside a backfill process over ``catalog``."""
     results = [e2e.run(alone, live[0], rate, "live_alone")]
     topic = f"{beside.input_topic}-backfill"
-    ensure_topics(beside.kafka_config("admin"), [topic], 8)
-    e2e.send(beside.kafka_config("producer"), topic, catalog, None)
-    ensure_topics(beside.kafka_config("admin"), [beside.input_topic], 3)
+    admin = beside.kafka_config("admin")
+    ensure_topics(admin, [topic], 8)
+    producer = e2e.warmed_producer(beside.kafka_config("producer"), admin, topic)
+    e2e.send(producer, topic, catalog, None)
+    ensure_topics(admin, [beside.input_topic], 3)
     process = _backfill_process(beside, topic)
     try:
         time.sleep(BACKFILL_START_S)
@@ -72,7 +74,12 @@ def backfill(
         ended = time.time()
     finally:
         process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=120)
+        try:
+            out, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()  # gone before the bench deletes its topics (auto-create)
+            process.communicate()
+            raise
     during = _records_between(beside, f"{beside.output_topic}-backfill", started, ended)
     with_backfill.notes["backfill"] = {
         "events_scored": _scored(out),

@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient
 
 from consumer.kafka import client, delete_topics, ensure_topics
 from popscore.bench import corpus
-from popscore.bench.e2e import send
+from popscore.bench.e2e import send, warmed_producer
 from popscore.bench.stats import busy_share, cpu_times, machine, percentile
 from schemas.scores import ScoreRecord
 
@@ -80,11 +80,12 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
         _wait_joined(args.bootstrap, tag, cfg.consumers, args.partitions)
         reader = _reader(args.bootstrap, topics["out"], tag)
         warm = corpus.events(paths, args.partitions * 2 * cfg.consumers, args.seed, f"{tag}-warm")
-        send(kafka, topics["in"], warm, None)
+        producer = warmed_producer(kafka, kafka, topics["in"])
+        send(producer, topics["in"], warm, None)
         _collect(reader, {e.event_id for e in warm}, args.timeout)
         events = corpus.events(paths, args.events, args.seed, f"{tag}-run")
         busy_before = cpu_times()
-        first = send(kafka, topics["in"], events, None)
+        first = send(producer, topics["in"], events, None)
         latencies, last = _collect(reader, {e.event_id for e in events}, args.timeout)
         busy = busy_share(busy_before, cpu_times())
         reader.close()
@@ -96,6 +97,7 @@ def run_point(cfg: Config, args: argparse.Namespace, paths: list[Path], log_dir:
                 proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()  # gone before its topics are: it could recreate one (auto-create)
         delete_topics(kafka, tag)
     seconds = last - first
     p50, p95, p99 = (round(percentile(latencies, q) * 1e3, 1) for q in (50, 95, 99))

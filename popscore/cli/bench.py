@@ -29,6 +29,7 @@ MODES = (
     "promote",
 )
 DEFAULT_MODES = ("decode", "compute", "e2e", "naive")
+KAFKA_MODES = {"e2e", "naive", "soak", "shadow", "backfill"}  # their topics: bench-<run id>-*
 # Debian's wesnoth-1.16-music: real music, OGG/Vorbis 44.1 kHz stereo, 5 s to 9 min.
 WESNOTH_GLOB = "/usr/share/games/wesnoth/*/data/core/music"
 
@@ -171,7 +172,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     try:
         results += _service_modes(args, modes, base, run_id, fresh, scorer, policy)
     finally:
-        delete_topics(base.kafka_config("admin"), f"bench-{run_id}-")
+        if set(modes) & KAFKA_MODES:  # decode and compute alone never reach a broker
+            delete_topics(base.kafka_config("admin"), f"bench-{run_id}-")
     doc = report(workload, results, machine_info())
     print(table(doc))
     if args.json:

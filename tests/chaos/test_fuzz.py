@@ -43,7 +43,7 @@ def test_fuzz_valid_and_hostile_records(consumer_env: dict[str, str], tmp_path: 
     audio = Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"])
     files = Files(audio, rng)
     records = [random_record(rng, files, i) for i in range(FUZZ_RECORDS)]
-    topic = f"fuzz-{uuid.uuid4().hex[:10]}"
+    topic = consumer_env["POPSCORE_INPUT_TOPIC"] + "-fuzz"  # deleted with the fixture's topics
     ensure_topics({"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"]}, [topic], 1)
     env = {**os.environ, **consumer_env, "POPSCORE_INPUT_TOPIC": topic}
     offsets = send(env, topic, records)

@@ -46,7 +46,7 @@ def test_a_catalog_is_rescored_under_a_candidate_without_touching_the_view(
     catalog.write_text("".join(e.model_dump_json() + "\n" for e in events))
     for name, value in consumer_env.items():
         monkeypatch.setenv(name, value)
-    topic = f"backfill-{uuid.uuid4().hex[:8]}"
+    topic = consumer_env["POPSCORE_INPUT_TOPIC"] + "-backfill"  # deleted with the fixture's
     cand, version = candidate(model_path, tmp_path)
     group = f"bf-{uuid.uuid4().hex[:8]}"
 
@@ -86,7 +86,7 @@ def test_a_backfill_pauses_while_the_live_group_lags(
     live = load_settings(
         **{k.removeprefix("POPSCORE_").lower(): v for k, v in consumer_env.items()}
     )
-    topic = f"backfill-{uuid.uuid4().hex[:8]}"
+    topic = consumer_env["POPSCORE_INPUT_TOPIC"] + "-backfill"  # deleted with the fixture's
     ensure_topics(live.kafka_config("admin"), [topic], 2)
     produce_synthetic({**consumer_env, "POPSCORE_INPUT_TOPIC": topic}, 4, seed=3)
     cand, _version = candidate(model_path, tmp_path)

@@ -1,5 +1,5 @@
 """Topic creation and clean-up against a real broker: ``delete_topics`` takes exactly the topics
-whose names carry the tag, and leaves the rest."""
+whose names carry the tag, and leaves the rest, a near miss included."""
 
 import time
 import uuid
@@ -12,22 +12,31 @@ from consumer.kafka import delete_topics, ensure_topics
 pytestmark = pytest.mark.integration
 
 
+def listed(admin: AdminClient, names: set[str], present: bool) -> set[str]:
+    """The topic names once ``names`` are all listed (or all gone), or at 30 s: creation and
+    deletion reach the broker's metadata asynchronously."""
+    deadline = time.monotonic() + 30
+    while True:
+        now = set(admin.list_topics(timeout=10).topics)
+        if (names <= now if present else not names & now) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
 def test_delete_topics_takes_the_tagged_ones_only(stack: dict[str, str]) -> None:
     kafka = {"bootstrap.servers": stack["bootstrap"]}
+    admin = AdminClient(kafka)
     tag = f"cleanup-{uuid.uuid4().hex[:8]}"
-    other = f"keep-{uuid.uuid4().hex[:8]}"
-    ensure_topics(kafka, [f"{tag}-in", f"{tag}-out", other], partitions=1)
+    tagged = {f"{tag}-in", f"{tag}-out"}
+    kept = {f"keep-{uuid.uuid4().hex[:8]}", tag[:-1] + ("0" if tag[-1] != "0" else "1")}
+    ensure_topics(kafka, sorted(tagged | kept), partitions=1)
     try:
+        assert tagged | kept <= listed(admin, tagged | kept, present=True)
         assert delete_topics(kafka, tag) == 2
-        admin = AdminClient(kafka)
-        deadline = time.monotonic() + 30  # deletion reaches the metadata asynchronously
-        while True:
-            names = set(admin.list_topics(timeout=10).topics)
-            if not {f"{tag}-in", f"{tag}-out"} & names or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert not {f"{tag}-in", f"{tag}-out"} & names
-        assert other in names
+        names = listed(admin, tagged, present=False)
+        assert not tagged & names
+        assert kept <= names
         assert delete_topics(kafka, tag) == 0
     finally:
-        delete_topics(kafka, other)
+        for name in kept:
+            delete_topics(kafka, name)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from consumer.kafka import MAX_KINDS, FoldRepeats, librdkafka_logger
+from consumer.kafka import MAX_KINDS, FoldRepeats, delete_topics, librdkafka_logger
 
 
 def record(msg: str, name: str = "librdkafka.consumer") -> logging.LogRecord:
@@ -48,3 +48,10 @@ def test_many_distinct_lines_stay_cheap_and_bounded() -> None:
     assert all(fold.filter(record(f"debug line {i} offset {i * 7}")) for i in range(20_000))
     assert time.perf_counter() - start < 2.0  # ~0.1 s; the old pruning took ~18 s here
     assert len(fold._seen) == MAX_KINDS
+
+
+@pytest.mark.parametrize("tag", ["", "short", "__consumer_offsets"])
+def test_delete_topics_refuses_a_tag_that_could_take_others(tag: str) -> None:
+    # Refused before any client exists: no broker at this address is ever asked.
+    with pytest.raises(ValueError, match="tag"):
+        delete_topics({"bootstrap.servers": "127.0.0.1:1"}, tag)
