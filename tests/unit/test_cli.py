@@ -155,3 +155,13 @@ def test_a_model_that_cannot_load_is_one_error_line_exit_1(
     assert main(["score", str(audio), "--model", str(bogus), "--device", "cpu"]) == 1
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "cannot load model artifact" in record.getMessage() and record.exc_info is None
+
+
+def test_the_bench_cleans_up_after_every_mode_that_goes_through_kafka() -> None:
+    from popscore.cli.bench import DEFAULT_MODES, KAFKA_MODES, MODES
+
+    assert set(MODES) >= KAFKA_MODES
+    # Every mode outside KAFKA_MODES runs without a broker, so no topic is left for them:
+    # decode and compute in-process, promote against Redis only.
+    assert set(MODES) - KAFKA_MODES == {"decode", "compute", "compute_process", "promote"}
+    assert set(DEFAULT_MODES) & KAFKA_MODES == {"e2e", "naive"}
