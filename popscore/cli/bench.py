@@ -197,28 +197,31 @@ def _service_modes(
 
     results: list[Any] = []
     rate = args.rate
+
+    def own(mode: str) -> Settings:
+        return unique_settings(base, run_id, mode)
+
     if "e2e" in modes or "shadow" in modes:
-        maxed = e2e.run(_unique(base, run_id, "max"), fresh("max"), None, "e2e_max")
+        maxed = e2e.run(own("max"), fresh("max"), None, "e2e_max")
         results.append(maxed)
         rate = rate or maxed.events_per_s / 2
     if "shadow" in modes:
-        results.append(rollout.shadow(base, _unique(base, run_id, "shadow"), fresh("shadow")))
+        results.append(rollout.shadow(base, own("shadow"), fresh("shadow")))
     if "e2e" in modes and rate:
         n = max(args.events, round(rate * args.rate_seconds))
-        results.append(e2e.run(_unique(base, run_id, "rate"), fresh("rate", n), rate, "e2e_rate"))
+        results.append(e2e.run(own("rate"), fresh("rate", n), rate, "e2e_rate"))
     if "backfill" in modes and rate:
         n = max(args.events, round(rate * args.rate_seconds))
         live = (fresh("alone", n), fresh("beside", n))
         catalog = fresh("catalog", max(1000, 20 * args.rate_seconds))
-        results += rollout.backfill(_unique(base, run_id, "alone"), _unique(base, run_id, "beside"),
-                                    live, catalog, rate)  # fmt: skip
+        results += rollout.backfill(own("alone"), own("beside"), live, catalog, rate)
     if "promote" in modes:
         results.append(rollout.promotion(base, args.events * 1000))
     if "naive" in modes:
-        results.append(naive.run(_unique(base, run_id, "naive"), scorer, policy, fresh("naive")))
+        results.append(naive.run(own("naive"), scorer, policy, fresh("naive")))
     if "soak" in modes and rate:
         n = max(1, round(rate * args.soak_seconds))
-        results.append(soak.run(_unique(base, run_id, "soak"), fresh("soak", n), rate))
+        results.append(soak.run(own("soak"), fresh("soak", n), rate))
     return results
 
 
@@ -266,7 +269,7 @@ def _wesnoth_dir() -> Path:
     return Path(found[-1])
 
 
-def _unique(settings: Settings, run_id: str, mode: str) -> Settings:
+def unique_settings(settings: Settings, run_id: str, mode: str) -> Settings:
     """Topics, group and transactional id of their own for one mode of one run."""
     tag = f"bench-{run_id}-{mode}"
     return settings.model_copy(

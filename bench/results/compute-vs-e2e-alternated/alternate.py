@@ -14,6 +14,7 @@ from consumer.device import Scorer
 from consumer.kafka import delete_topics
 from consumer.settings import Settings
 from popscore.bench import compute, corpus, e2e
+from popscore.cli.bench import unique_settings
 
 torch.set_num_threads(1)
 paths = corpus.build(Path(".bench/corpus"), "MP3", 44100, 2, 180.0, 240.0, 8, 0, workers=2)
@@ -23,18 +24,8 @@ policy = AudioPolicy.create(roots, max_bytes=200_000_000)
 for i in range(3):
     events = corpus.events(paths, 192, 0, f"c{i}{uuid.uuid4().hex[:4]}")
     r = compute.run(scorer, policy, events, 32, 4, "thread", None)
-    tag = f"alt-{uuid.uuid4().hex[:8]}"
-    s = Settings().model_copy(
-        update={
-            "audio_file_roots": roots,
-            "input_topic": f"{tag}-in",
-            "output_topic": f"{tag}-out",
-            "dlq_topic": f"{tag}-dlq",
-            "group_id": tag,
-            "transactional_id": tag,
-            "http_port": 0,
-        }
-    )
-    q = e2e.run(s, corpus.events(paths, 192, 0, tag), None, "e2e_max")
-    delete_topics(s.kafka_config("admin"), tag)
+    run = f"alt-{uuid.uuid4().hex[:8]}"
+    s = unique_settings(Settings().model_copy(update={"audio_file_roots": roots}), run, "max")
+    q = e2e.run(s, corpus.events(paths, 192, 0, run), None, "e2e_max")
+    delete_topics(s.kafka_config("admin"), f"bench-{run}-")
     print(f"round {i}: compute {r.events_per_s:.1f}  e2e_max {q.events_per_s:.1f}", flush=True)

@@ -19,24 +19,15 @@ from consumer.kafka import client, delete_topics, producer_config
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
 from popscore.bench import corpus, e2e
+from popscore.cli.bench import unique_settings
 
 
 def main(variant: str, out: Path) -> None:
     paths = corpus.build(Path(".bench/corpus"), "MP3", 44100, 2, 180.0, 240.0, 8, 0, workers=2)
     torch.set_num_threads(1)
-    run = uuid.uuid4().hex[:8]
-    tag = f"alternate-{run}"
-    s = Settings().model_copy(
-        update={
-            "audio_file_roots": tuple(sorted({p.parent for p in paths})),
-            "input_topic": f"{tag}-in",
-            "output_topic": f"{tag}-out",
-            "dlq_topic": f"{tag}-dlq",
-            "group_id": tag,
-            "transactional_id": tag,
-            "http_port": 0,
-        }
-    )
+    run = f"alternate-{uuid.uuid4().hex[:8]}"
+    roots = tuple(sorted({p.parent for p in paths}))
+    s = unique_settings(Settings().model_copy(update={"audio_file_roots": roots}), run, "max")
     if variant == "cold":
 
         def cold(config: dict[str, Any], _admin: Any, _topic: str, rate: Any = None) -> Producer:
@@ -59,8 +50,8 @@ def main(variant: str, out: Path) -> None:
         return sends[-1]
 
     e2e.send = noted  # type: ignore[assignment]
-    result = e2e.run(s, corpus.events(paths, 192, 0, tag), None, "e2e_max")
-    delete_topics(s.kafka_config("admin"), tag)
+    result = e2e.run(s, corpus.events(paths, 192, 0, run), None, "e2e_max")
+    delete_topics(s.kafka_config("admin"), f"bench-{run}-")
     out.write_text(json.dumps({
         "variant": variant,
         "events": result.events,
