@@ -9,6 +9,7 @@ import io
 import ipaddress
 import os
 import socket
+import ssl
 import stat
 import sys
 import threading
@@ -17,6 +18,7 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,11 +38,15 @@ MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
 MAX_REDIRECTS = 5
+UNKNOWN_FRAMES = 2**62  # libsndfile reports 2**63 - 1 frames for a length it does not know
 # One read may wait at most this share of the fetch timeout for the next bytes. The deadline
 # is checked between reads, so a fetch ends by (1 + this) x the timeout at worst, a bound the
 # shutdown grace period relies on (deploy/k8s, tested).
 READ_STALL_SHARE = 0.25
 WORST_FETCH_FACTOR = 1 + READ_STALL_SHARE
+# Bodies are read as sent: a compressed body would be inflated before the size check could see
+# it (a few kB of nested gzip become GBs), and audio gains nothing from HTTP compression.
+IDENTITY = {"Accept-Encoding": "identity"}
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,8 @@ def check_host(host: str, policy: AudioPolicy) -> str | None:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"cannot resolve {host!r}") from exc
+    except UnicodeError as exc:  # the IDNA codec refuses it: an empty or over-long label
+        raise DeadLetter(Reason.URI_UNSUPPORTED, f"malformed host {host[:100]!r}") from exc
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
         if address in _LOCAL_NAT64:  # any IPv4 may sit anywhere in it (RFC 6052 prefixes)
@@ -233,7 +241,7 @@ def _fetch_http(uri: str, policy: AudioPolicy) -> io.BytesIO:
     by 1.25x the setting. DNS lookups are bounded by the resolver's own timeout; the deadline
     is checked after each."""
     deadline = time.monotonic() + policy.fetch_timeout_s
-    with httpx.Client(follow_redirects=False) as client:
+    with httpx.Client(follow_redirects=False, verify=tls_context()) as client:
         # Redirects are followed by hand so every hop passes the host check.
         for _ in range(MAX_REDIRECTS + 1):
             url = httpx.URL(uri)
@@ -251,7 +259,16 @@ def _fetch_http(uri: str, policy: AudioPolicy) -> io.BytesIO:
             except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a bad redirect
                 detail = redact(f"{type(exc).__name__}: {exc}")
                 raise DeadLetter(Reason.AUDIO_FETCH_FAILED, detail) from exc
+            except UnicodeError as exc:  # IDNA, when the transport resolves the name itself
+                raise DeadLetter(Reason.URI_UNSUPPORTED, f"malformed host: {exc}"[:300]) from exc
     raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"more than {MAX_REDIRECTS} redirects")
+
+
+@cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context per process: building one loads the CA bundle (~25 ms of CPU), which a
+    client per fetch would pay on every event. Contexts are safe to share between threads."""
+    return httpx.create_ssl_context()
 
 
 def _time_left(deadline: float) -> float:
@@ -267,11 +284,11 @@ def _pinned_stream(
     """GET ``url``, connecting to the already checked ``address`` when one is given: the Host
     header and TLS server name stay the URL's, so virtual hosts and certificates still work."""
     if address is None:
-        return client.stream("GET", url, timeout=timeout)
+        return client.stream("GET", url, headers=IDENTITY, timeout=timeout)
     return client.stream(
         "GET",
         url.copy_with(host=address),
-        headers={"Host": url.netloc.decode("ascii")},
+        headers={**IDENTITY, "Host": url.netloc.decode("ascii")},
         extensions={"sni_hostname": url.host},
         timeout=timeout,
     )
@@ -280,13 +297,18 @@ def _pinned_stream(
 def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -> io.BytesIO:
     if response.status_code != 200:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"HTTP {response.status_code}")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # a server that ignored Accept-Encoding: identity
+        raise DeadLetter(
+            Reason.AUDIO_FETCH_FAILED, f"content-encoding {encoding[:50]!r} is not accepted"
+        )
     declared = int(response.headers.get("content-length", "0") or 0)
     if declared > policy.max_bytes:
         raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{declared} bytes > {policy.max_bytes}")
     body = io.BytesIO()  # decoded from where it was written: the body is held once
     # No chunk size: chunks come as the network delivers them, so the deadline is checked
-    # even when a server drips a byte at a time.
-    for chunk in response.iter_bytes():
+    # even when a server drips a byte at a time. Raw: nothing is inflated behind the check.
+    for chunk in response.iter_raw():
         body.write(chunk)
         if body.tell() > policy.max_bytes:
             raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {policy.max_bytes} bytes")
@@ -377,6 +399,14 @@ def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"{channels} channels is out of range")
     if frames <= 0:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the file holds no audio frames")
+    if frames >= UNKNOWN_FRAMES:
+        # libsndfile's answer when the header leaves the length open (a FLAC written to a pipe
+        # has total_samples 0): the centre cannot be found without decoding it all, and
+        # libsndfile fails seeking to the end of such a stream.
+        raise DeadLetter(
+            Reason.AUDIO_DECODE_FAILED,
+            "the file does not state its length (e.g. a FLAC streamed to a pipe): re-encode it",
+        )
     if frames / rate > policy.max_seconds:
         seconds = frames / rate
         raise DeadLetter(Reason.AUDIO_TOO_LONG, f"{seconds:.0f} s > {policy.max_seconds:.0f} s")

@@ -1,6 +1,7 @@
 """Audio intake: every format and rate, window and pad, and the URI policy's refusals."""
 
 import errno
+import gzip
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ import soundfile as sf
 import torch
 
 from consumer import audio, resample
-from consumer.audio import AudioPolicy, decode_window, load_clip, open_uri
+from consumer.audio import AudioPolicy, decode_window, load_clip, open_uri, tls_context
 from consumer.errors import DeadLetter
 from consumer.resample import BatchResampler, Clip, Resampler, check_resample_rate
 from schemas.dead_letter import DeadLetterReason as Reason
@@ -222,6 +223,18 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
                 self.send_response(302)
                 self.send_header("Location", f"/slowhop/{left - 1}" if left else "/a.wav")
                 self.end_headers()
+            elif self.path == "/bomb":  # 64 MiB of zeros in two gzip layers, 272 bytes sent
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip, gzip")
+                self.send_header("Content-Length", str(len(BOMB)))
+                self.end_headers()
+                self.wfile.write(BOMB)
+            elif self.path == "/echo-encoding":  # what the client asked for, as the body
+                asked = (self.headers.get("Accept-Encoding") or "").encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(asked)))
+                self.end_headers()
+                self.wfile.write(asked)
             elif self.path == "/moved":
                 self.send_response(302)
                 self.send_header("Location", "/a.wav")
@@ -245,6 +258,57 @@ def test_http_fetch_and_redirect_when_private_hosts_allowed(http_audio: str) -> 
     for path in ("/a.wav", "/moved"):
         wave = load_clip(http_audio + path, policy, Resampler(TARGET, 1.0))
         assert wave.shape == (TARGET,) and np.abs(wave).max() > 0.4
+
+
+def _gzipped(data: bytes, layers: int) -> bytes:
+    for _ in range(layers):
+        data = gzip.compress(data, compresslevel=9)
+    return data
+
+
+BOMB = _gzipped(bytes(64 << 20), 2)
+
+
+def test_a_compressed_body_is_refused_before_it_is_inflated(http_audio: str) -> None:
+    """Nested gzip turns a few kB into GBs inside one read: the body is read as sent, and a
+    server that compresses anyway is refused, so the byte limit bounds what is held."""
+    policy = AudioPolicy.create((), allow_private_hosts=True, max_bytes=1 << 20)
+    peak = tracemalloc_peak(lambda: _refused(http_audio + "/bomb", policy))
+    assert peak < 4 << 20  # against 64 MiB held if it were inflated
+
+
+def _refused(uri: str, policy: AudioPolicy) -> None:
+    with pytest.raises(DeadLetter, match="content-encoding 'gzip, gzip' is not accepted") as info:
+        open_uri(uri, policy)
+    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+
+
+def tracemalloc_peak(run: Callable[[], None]) -> int:
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_fetches_ask_for_the_body_uncompressed(http_audio: str) -> None:
+    policy = AudioPolicy.create((), allow_private_hosts=True)
+    assert open_uri(http_audio + "/echo-encoding", policy).read() == b"identity"
+
+
+def test_fetches_share_one_tls_context() -> None:
+    """Building a context loads the CA bundle, ~25 ms of CPU: once per process, not per event."""
+    assert tls_context() is tls_context()
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".com", "a..b"])
+@pytest.mark.parametrize("private", [False, True])
+def test_a_host_the_idna_codec_refuses_is_an_unsupported_uri(host: str, private: bool) -> None:
+    policy = AudioPolicy.create((), allow_private_hosts=private, fetch_timeout_s=2.0)
+    with pytest.raises(DeadLetter) as info:
+        open_uri(f"http://{host}/x.wav", policy)
+    assert reason_of(info) is Reason.URI_UNSUPPORTED
 
 
 def test_http_404_is_a_fetch_failure(http_audio: str) -> None:
@@ -525,6 +589,23 @@ def test_a_directory_uri_is_refused_without_leaking_a_descriptor(
         with pytest.raises(DeadLetter, match="not a regular file"):
             open_uri(uri, policy)
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_flac_that_does_not_state_its_length_is_refused_with_the_reason(
+    tmp_path: Path, policy: AudioPolicy
+) -> None:
+    """STREAMINFO's total_samples 0 (written to a pipe): libsndfile says 2**63 - 1 frames."""
+    path = write(tmp_path / "piped.flac", tone(3, TARGET), TARGET, "FLAC")
+    data = bytearray(path.read_bytes())
+    # fLaC, the STREAMINFO block header (4 bytes), then 13 bytes up to the 36-bit total
+    # (its low 4 bits share byte 21 with the bits per sample)
+    data[21] &= 0xF0
+    data[22:26] = bytes(4)
+    path.write_bytes(bytes(data))
+    assert sf.info(str(path)).frames == 2**63 - 1
+    with pytest.raises(DeadLetter, match="does not state its length") as info:
+        load_clip(path.as_uri(), policy, Resampler(TARGET, 1.0))
+    assert reason_of(info) is Reason.AUDIO_DECODE_FAILED
 
 
 @pytest.mark.parametrize(
