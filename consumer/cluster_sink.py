@@ -36,7 +36,7 @@ from redis.exceptions import TryAgainError
 from consumer.dead_letters import internal_error
 from consumer.errors import DeadLetter
 from consumer.redis_client import NodePipelines, Script
-from consumer.sinks import RedisSink, Upsert, utc_day
+from consumer.sinks import RedisSink, Upsert, as_text, utc_day
 from schemas.dead_letter import DeadLetterReason
 from schemas.redis_keys import CLUSTER
 from schemas.scores import ScoreRecord
@@ -208,9 +208,32 @@ class ClusterRedisSink(RedisSink):
     ) -> list[Upsert | DeadLetter]:
         built = [_built(record, source) for record, source in zip(records, sources, strict=True)]
         writes = [item for item in built if isinstance(item, _Write)]
-        if writes:
-            self._retrying(lambda: self._write_all(writes, primary), stop)
-        return [item if isinstance(item, DeadLetter) else _code(item) for item in built]
+        codes = iter(self._isolated(writes, stop, primary))
+        return [item if isinstance(item, DeadLetter) else next(codes) for item in built]
+
+    def _write_batch(
+        self, writes: list[_Write], stop: threading.Event, primary: bool
+    ) -> list[Upsert]:
+        self._retrying(lambda: self._write_all(writes, primary), stop)
+        return [_code(write) for write in writes]
+
+    def _expected_types(self, write: _Write) -> tuple[dict[str, str], dict[str, str]]:
+        record, day = write.record, utc_day(write.record)
+        version = record.model_version
+        shared = {
+            CLUSTER.current_model: "string",
+            CLUSTER.promotion_epoch: "string",
+            CLUSTER.models: "set",
+        }
+        own = {
+            write.keys[0]: "hash",
+            write.keys[1]: "hash",
+            CLUSTER.event(record.event_id, version): "string",
+            CLUSTER.model_info(version): "hash",
+        }
+        for board in (CLUSTER.leaderboard(day), CLUSTER.model_leaderboard(version, day)):
+            own |= {board: "zset", board_seqs_key(board): "hash"}
+        return shared, own
 
     def release(self, claims: Sequence[tuple[str, str, str]], stop: threading.Event) -> None:
         calls = []
@@ -294,7 +317,7 @@ class ClusterRedisSink(RedisSink):
         """The writes whose event this record holds (now, or since an earlier try)."""
         claimed = []
         for w, held in zip(writes, holders, strict=True):
-            if held is None or _text(held) == w.source:
+            if held is None or as_text(held) == w.source:
                 claimed.append(w)
             else:
                 w.code = Upsert.DUPLICATE
@@ -378,7 +401,7 @@ def _built(record: ScoreRecord, source: str) -> _Write | DeadLetter:
 
 def _pointer(reply: list[Any]) -> tuple[str, int]:
     current, epoch = reply
-    return _text(current or b""), int(epoch or 0)
+    return as_text(current or b""), int(epoch or 0)
 
 
 def _code(write: _Write) -> Upsert:
@@ -389,7 +412,3 @@ def _code(write: _Write) -> Upsert:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -26,6 +26,7 @@ import redis
 
 from consumer.dead_letters import internal_error
 from consumer.errors import DeadLetter, SinkError
+from schemas.dead_letter import DeadLetterReason
 from schemas.redis_keys import (
     CURRENT_MODEL_KEY,
     MODELS_KEY,
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BACKOFF_S = 5.0
 KEYS_PER_RECORD = 6
+# The Redis type each of a record's keys must hold (in the order _built lists them).
+RECORD_KEY_TYPES = ("hash", "zset", "hash", "zset", "string", "hash")
 
 # KEYS[1]: the current-model pointer; KEYS[2]: the set of model versions; then per record its
 # view hash, view day leaderboard, model hash, model day leaderboard, event marker, model info.
@@ -153,8 +156,57 @@ class RedisSink:
         set."""
         built = [_built(record, source) for record, source in zip(records, sources, strict=True)]
         writes = [item for item in built if not isinstance(item, DeadLetter)]
-        codes = iter(self._upsert_all(writes, stop, primary) if writes else [])
+        codes = iter(self._isolated(writes, stop, primary))
         return [item if isinstance(item, DeadLetter) else next(codes) for item in built]
+
+    def _isolated(
+        self, writes: list[Any], stop: threading.Event, primary: bool
+    ) -> list[Upsert | DeadLetter]:
+        """The writes' codes: the batch in one call; when a key holds the wrong type (a stray
+        ``SET`` on a score hash, say), each half again, down to the records whose own keys are
+        wrong (dead-lettered, the key named), so one such record costs itself alone and not
+        a crash loop. Every step is idempotent, so rewriting a half is harmless."""
+        if not writes:
+            return []
+        try:
+            return list(self._write_batch(writes, stop, primary))
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise  # any other error reply is a bug: it stops the process
+            if len(writes) == 1:
+                return [self._wrong_type(writes[0], exc)]
+            log.warning(
+                "a key of %d records holds the wrong type; splitting the batch", len(writes)
+            )
+            half = len(writes) // 2
+            return self._isolated(writes[:half], stop, primary) + self._isolated(
+                writes[half:], stop, primary
+            )
+
+    def _write_batch(self, writes: list[Any], stop: threading.Event, primary: bool) -> list[Upsert]:
+        return self._upsert_all(writes, stop, primary)
+
+    def _wrong_type(self, write: Any, exc: redis.ResponseError) -> DeadLetter:
+        """The dead letter naming the record's key of the wrong type. A key every record
+        writes (the current-model pointer, the models set) stops the process instead: no record
+        could be written, and the reason is the store's, not the events'."""
+        shared, own = self._expected_types(write)
+        for keys, fatal in ((shared, True), (own, False)):
+            for key, expected in keys.items():
+                held = as_text(self.client.type(key))
+                if held not in ("none", expected):
+                    what = f"redis key {key!r} holds a {held}, not a {expected}"
+                    if fatal:
+                        raise SinkError(f"{what}: fix or delete it") from exc
+                    return DeadLetter(DeadLetterReason.INTERNAL_ERROR, what[:300])
+        raise exc  # no key is wrong now: not this record's doing
+
+    def _expected_types(self, write: Any) -> tuple[dict[str, str], dict[str, str]]:
+        """(the keys every record writes, this record's own keys), each with its type."""
+        keys, _item = write
+        return {CURRENT_MODEL_KEY: "string", MODELS_KEY: "set"}, dict(
+            zip(keys, RECORD_KEY_TYPES, strict=True)
+        )
 
     def release(self, claims: Sequence[tuple[str, str, str]], stop: threading.Event) -> None:
         """Give up the event-id claims these records (``(event_id, model_version, source)``)
@@ -225,6 +277,10 @@ _TRANSIENT = (
     redis.exceptions.SlotNotCoveredError,
     redis.exceptions.RedisClusterException,  # e.g. no node answers while the cluster re-elects
 )
+
+
+def as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _built(record: ScoreRecord, source: str) -> tuple[list[str], str] | DeadLetter:

@@ -123,6 +123,26 @@ def test_a_track_id_the_layout_cannot_place_costs_that_record_alone(cluster: Red
     assert good is Upsert.WRITTEN and cluster.exists(CLUSTER.score("fine"))
 
 
+def test_a_key_of_the_wrong_type_costs_its_record_alone(cluster: RedisCluster) -> None:
+    sink = ClusterRedisSink(cluster)
+    cluster.set(CLUSTER.model_score("model-a", "bad"), "not a hash")
+    batch = [record("model-a", track, f"e-{track}") for track in ("a", "bad", "b")]
+    good, bad, also = sink.write(batch, ["in/0/1", "in/0/2", "in/0/3"], threading.Event())
+    assert good is Upsert.WRITTEN and also is Upsert.WRITTEN
+    assert isinstance(bad, DeadLetter) and bad.reason is DeadLetterReason.INTERNAL_ERROR
+    assert CLUSTER.model_score("model-a", "bad") in bad.detail and "not a hash" in bad.detail
+    assert cluster.exists(CLUSTER.score("a")) and cluster.exists(CLUSTER.score("b"))
+
+
+def test_a_shared_key_of_the_wrong_type_stops_the_process_naming_it(
+    cluster: RedisCluster,
+) -> None:
+    cluster.set(CLUSTER.models, "not a set")
+    sink, batch = ClusterRedisSink(cluster), [record("model-a", "a", "e1")]
+    with pytest.raises(SinkError, match="holds a string, not a set"):
+        sink.write(batch, ["in/0/1"], threading.Event())
+
+
 def test_a_retried_batch_still_takes_the_track_off_its_old_day(
     cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,10 +16,13 @@ import redis
 import soundfile as sf
 
 from consumer.app import App
+from consumer.errors import DeadLetter, SinkError
 from consumer.settings import load_settings
 from consumer.sinks import RedisSink, Upsert
 from popscore.cli import produce
 from schemas import ScoreRecord, score_key
+from schemas.dead_letter import DeadLetterReason as Reason
+from schemas.redis_keys import MODELS_KEY
 from tests.integration.conftest import committed_and_end, read_all
 
 pytestmark = pytest.mark.integration
@@ -84,6 +87,42 @@ def test_redis_upsert_is_idempotent_and_never_goes_back_in_time(
     assert (stored.event_id, stored.popularity) == ("e-new", 80.0)
     board = f"popscore:leaderboard:{t0.date().isoformat()}"
     assert redis_client.zscore(board, track) == 80.0
+
+
+@pytest.fixture
+def spare_db(stack: dict[str, str]) -> Iterator[redis.Redis]:
+    """A database of its own: these tests plant keys of the wrong type, shared ones included."""
+    client = redis.Redis.from_url(stack["redis_url"], db=11)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def test_a_key_of_the_wrong_type_costs_its_record_alone(spare_db: redis.Redis) -> None:
+    """A stray writer's string on one track's hash: that record is dead-lettered naming the key
+    (once a Lua script erred, the process used to stop and meet it again after each restart);
+    the rest of the batch, before and after it, is written."""
+    sink, when = RedisSink(spare_db), datetime(2026, 11, 27, 12, tzinfo=UTC)
+    spare_db.set(score_key("t-bad"), "not a hash")
+    batch = [record(f"e{i}", f"t-{name}", when, 50.0) for i, name in enumerate(("a", "b", "bad"))]
+    batch += [record("e9", "t-c", when, 60.0)]
+    codes = sink.write(batch, [f"in/0/{i}" for i in range(4)], threading.Event())
+    assert codes[:2] == [Upsert.WRITTEN] * 2 and codes[3] is Upsert.WRITTEN
+    assert isinstance(codes[2], DeadLetter) and codes[2].reason is Reason.INTERNAL_ERROR
+    assert codes[2].detail == "redis key 'popscore:score:t-bad' holds a string, not a hash"
+    for track in ("t-a", "t-b", "t-c"):
+        assert ScoreRecord.from_redis(spare_db.hgetall(score_key(track))).track_id == track
+
+
+def test_a_shared_key_of_the_wrong_type_stops_the_process_naming_it(
+    spare_db: redis.Redis,
+) -> None:
+    """No record could be written: the reason is the store's, so no event is dead-lettered."""
+    spare_db.set(MODELS_KEY, "not a set")
+    when = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    with pytest.raises(SinkError, match="'popscore:models' holds a string, not a set"):
+        RedisSink(spare_db).write([record("e1", "t-a", when, 50.0)], ["in/0/1"], threading.Event())
 
 
 def test_with_a_ttl_scores_and_their_leaderboard_expire(redis_client: redis.Redis) -> None:
