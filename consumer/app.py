@@ -187,11 +187,22 @@ class App:
         self._stack = ExitStack()
 
     def __enter__(self) -> "App":
+        try:
+            return self._start()
+        except BaseException:  # what started is stopped: `with` calls no __exit__ for us
+            self._stack.close()
+            raise
+
+    def _start(self) -> "App":
         s = self.settings
         if s.cpu_nice:
             # First, so every thread started below (pools, torch's) inherits it: on Linux a
             # nice value is per thread, and new threads take their creator's.
             os.nice(s.cpu_nice)
+        # The port is taken before anything slow or fencing (init_transactions fences the
+        # instance running with this transactional.id): one taken fails start-up at once.
+        self.http = self._listen(s.http_port)
+        self._stack.callback(self.http.close)
         policy = audio_policy(s)
         self.scorer = load_scorer(s)
         self.shadow = load_shadow(s, self.scorer)
@@ -271,8 +282,7 @@ class App:
         self.live = self._live_traffic()
         self.health.readiness = self._readiness
         self.health.waiting = self._waiting
-        self.http = HealthServer(s.http_port, self.metrics.registry, self.health).start()
-        self._stack.callback(self.http.close)
+        self.http.start()
         # Last in, first out: unblock Redis retries before the stage threads are joined.
         self._stack.callback(self._stop_redis_retries)
         log.info("serving /metrics, /healthz, /readyz on port %d", self.http.port)
@@ -280,6 +290,13 @@ class App:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def _listen(self, port: int) -> HealthServer:
+        try:
+            return HealthServer(port, self.metrics.registry, self.health)
+        except OSError as exc:
+            detail = f"cannot listen on {port}: {exc.strerror}"
+            raise ConfigError(f"POPSCORE_HTTP_PORT: {detail}") from exc
 
     def _announce_model(self) -> None:
         """popscore_model_info, and what the model learnt from in the log; a warning when it

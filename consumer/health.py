@@ -74,8 +74,9 @@ class HealthServer:
         return self
 
     def close(self) -> None:
-        """Stop serving and free the port."""
-        self.server.shutdown()
+        """Stop serving (if it started) and free the port."""
+        if self._thread.is_alive():  # shutdown() waits for a serve loop that never began
+            self.server.shutdown()
         self.server.server_close()
 
 

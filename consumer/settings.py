@@ -24,6 +24,9 @@ KafkaRole = Literal["consumer", "producer", "admin"]
 # Kafka Streams' convention: "consumer.session.timeout.ms" reaches only the consumer. No
 # librdkafka property starts with one of these, so a prefixed key is never ambiguous.
 KAFKA_ROLES: tuple[KafkaRole, ...] = ("consumer", "producer", "admin")
+# Ten years. Redis refuses an EXPIRE its Lua scripts write in exponent form (1e+14 and up),
+# so a larger TTL would pass start-up and fail every write.
+MAX_TTL_S = 10 * 365 * 86_400
 
 
 class Settings(BaseSettings):
@@ -49,7 +52,7 @@ class Settings(BaseSettings):
     # Below the client's 10 s socket timeout, so a slow WAIT reads as NotReplicated.
     redis_replica_wait_ms: Annotated[int, Field(ge=10, le=5_000)] = 2000
     """How long one ``WAIT`` may take before the batch's write is retried."""
-    redis_ttl_s: Annotated[int, Field(ge=0)] = 0
+    redis_ttl_s: Annotated[int, Field(ge=0, le=MAX_TTL_S)] = 0
     """TTL of score hashes in seconds; 0 keeps them forever."""
     model: Path = Path("models/demo.pt")
     """Path of the TorchScript artifact (docs/INTERFACE.md, "Model artifact")."""
@@ -82,7 +85,7 @@ class Settings(BaseSettings):
     transactional_id: str | None = None
     """Kafka transactional.id of this instance; default popscore-<group>-<hostname>. Must be
     unique per running instance and stable across its restarts (a restart fences the old one)."""
-    dedupe_ttl_s: Annotated[int, Field(ge=60)] = 7 * 86_400
+    dedupe_ttl_s: Annotated[int, Field(ge=60, le=MAX_TTL_S)] = 7 * 86_400
     """How long an event id is remembered to drop re-deliveries of the same event."""
     shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 30.0
     """On SIGTERM or a revoke, how long batches in hand may take to finish and commit."""
@@ -199,7 +202,7 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator(*_TOPIC_FIELDS)
+    @field_validator(*_TOPIC_FIELDS, "yield_to_topic")
     @classmethod
     def _topic(cls, value: str) -> str:
         if not _TOPIC.match(value) or value in (".", ".."):

@@ -54,3 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KafkaException, PopscoreError, ArtifactError, redis.RedisError) as exc:
         log.error("%s", exc)
         return 1
+    except service.Interrupted as exc:
+        log.warning("stopped by %s", exc)
+        return 128 + exc.signum

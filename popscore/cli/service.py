@@ -2,6 +2,7 @@
 dead letters sent back to the input topic."""
 
 import argparse
+import signal
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -78,10 +79,28 @@ def _register_replay(sub: Subparsers) -> None:
     parser.add_argument("--to-topic", help="where to publish (default: POPSCORE_INPUT_TOPIC)")
 
 
+class Interrupted(BaseException):
+    """SIGTERM while ``consume`` starts (model load, warm-up, connecting). A BaseException, as
+    KeyboardInterrupt is: the ``except Exception`` on its way (logging's, for one) lets it by.
+    A blocking call in C (librdkafka's init_transactions, up to 30 s) delays it until it
+    returns."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.app import REPORT_KEPT, App
     from popscore.cli.report import metrics_summary, score_table
 
+    # As PID 1 of a container, a signal without a handler is ignored: a pod deleted while it
+    # starts would sit out its whole grace period. The App's own handlers replace this one.
+    signal.signal(signal.SIGTERM, _interrupt)
     kept = REPORT_KEPT if args.report else 0
     with App(settings, stop_at_end=args.stop_at_end, keep_scored=kept) as app:
         app.install_signal_handlers()

@@ -1,5 +1,7 @@
 """The CLI: --help everywhere, bad arguments and bad settings exit 2 with one line."""
 
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +119,35 @@ def test_a_kafka_property_librdkafka_refuses_fails_start_up(properties: str, lin
     # librdkafka may log a failed connection attempt first; the verdict is the last line
     assert proc.stderr.strip().splitlines()[-1] == f"popscore: POPSCORE_KAFKA_PROPERTIES: {line}"
     assert "Traceback" not in proc.stderr
+
+
+def test_a_taken_http_port_fails_start_up_before_any_client_is_built() -> None:
+    """Before the model loads and before init_transactions could fence a running instance."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = consume_with({"POPSCORE_HTTP_PORT": str(port), "POPSCORE_MODEL": "/nonexistent"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"popscore: POPSCORE_HTTP_PORT: cannot listen on {port}: Address already in use"
+    )
+
+
+def test_sigterm_while_starting_stops_the_process() -> None:
+    """As PID 1 of a container an unhandled SIGTERM is ignored: `consume` handles it from
+    the start. A broker that never answers keeps it starting."""
+    env = {"PATH": "/usr/bin:/bin", "POPSCORE_HTTP_PORT": "0",
+           "POPSCORE_KAFKA_BOOTSTRAP": "127.0.0.1:1"}  # fmt: skip
+    command = [sys.executable, "-m", "popscore", "consume"]
+    with subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the model is loaded: it is connecting
+            if "serving" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM" in proc.stderr.read()
 
 
 def test_score_prints_a_score_record(

@@ -97,6 +97,10 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_REDIS_MIN_REPLICAS", "-1"),
         ("POPSCORE_REDIS_REPLICA_WAIT_MS", "0"),
         ("POPSCORE_REDIS_REPLICA_WAIT_MS", "60000"),
+        # Lua writes these as 1e+17, which EXPIRE refuses: every write would fail
+        ("POPSCORE_REDIS_TTL_S", "100000000000000000"),
+        ("POPSCORE_DEDUPE_TTL_S", "100000000000000000"),
+        ("POPSCORE_YIELD_TO_TOPIC", "bad topic!"),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
