@@ -113,9 +113,14 @@ DERIVED: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 }
 
 
+# Rows are float32: a larger value would become inf there, and an inf feature scores (10**39
+# followers read as a hit), where a NaN is imputed.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _as_float(value: Any) -> float:
     # bool is checked first because it is an int subclass; anything non-numeric, non-finite or
-    # beyond a float (a 400-digit count is a valid JSON integer) becomes NaN, which the
+    # beyond a float32 (a 400-digit count is a valid JSON integer) becomes NaN, which the
     # artifact imputes.
     if isinstance(value, bool):
         return 1.0 if value else 0.0
@@ -124,7 +129,7 @@ def _as_float(value: Any) -> float:
             number = float(value)
         except OverflowError:
             return math.nan
-        return number if math.isfinite(number) else math.nan
+        return number if abs(number) <= FLOAT32_MAX else math.nan  # NaN fails this too
     return math.nan
 
 
