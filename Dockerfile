@@ -43,15 +43,17 @@ RUN useradd --system --no-log-init --create-home --home-dir /app --uid 10001 --u
  && mkdir -p /app/models /data/audio \
  && chown 10001:10001 /data/audio
 WORKDIR /app
-COPY --chown=10001:10001 models/demo.pt models/paper-features.pt /app/models/
+# Root-owned and read-only: the service reads its models, never writes them.
+COPY --chmod=0444 models/demo.pt models/paper-features.pt /app/models/
 USER 10001:10001
 
 ENV POPSCORE_MODEL=/app/models/demo.pt \
     POPSCORE_HTTP_PORT=9400
 EXPOSE 9400
 # Liveness of the main loop (docs/INTERFACE.md, "HTTP"); slim has no curl, so urllib asks.
+# POPSCORE_HTTP_PORT=0 picks a free port the check cannot know: it then passes, saying so.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os,urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('POPSCORE_HTTP_PORT', '9400'), timeout=4)"]
+    CMD ["python", "-c", "import os,urllib.request as u; p = os.environ.get('POPSCORE_HTTP_PORT', '9400'); print('POPSCORE_HTTP_PORT=0: no fixed port to check') if p == '0' else u.urlopen('http://127.0.0.1:%s/healthz' % p, timeout=4)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["popscore"]
 CMD ["consume"]

@@ -11,7 +11,10 @@ MODEL := models/demo.pt
 DEMO_EVENTS ?= 50
 DEMO_DIR := .demo
 
-.PHONY: setup stack-up stack-down redis-cluster-up redis-cluster-down bench-redis bench-resample bench-scaleout s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
+.PHONY: help setup stack-up stack-down redis-cluster-up redis-cluster-down bench-redis bench-resample bench-scaleout s3-up s3-down model demo test test-unit test-integration chaos bench bench-train soak profile lint schemas clean
+
+help: ## list the targets and what each does
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
 
 setup: $(STAMP) ## create .venv and install popscore with its dev extras
 
@@ -58,7 +61,7 @@ test: $(STAMP) $(MODEL) stack-up ## the whole suite: unit + integration (real Ka
 test-unit: $(STAMP) ## unit tests only, no services
 	$(BIN)/pytest -q tests/unit
 
-test-integration: $(STAMP) $(MODEL) stack-up
+test-integration: $(STAMP) $(MODEL) stack-up ## integration tests only, against the real Kafka and Redis
 	$(BIN)/pytest -q -m integration
 
 chaos: $(STAMP) $(MODEL) stack-up ## the full chaos suite: 2,000 events per scenario and 2,000 fuzzed records, figures in bench/results/chaos.txt

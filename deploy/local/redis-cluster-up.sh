@@ -9,20 +9,18 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-BASE="${REDIS_CLUSTER_PORT:-7000}"
-[[ $BASE =~ ^[0-9]{1,5}$ ]] && ((BASE > 0 && BASE < 65530)) \
-  || die "redis-cluster: REDIS_CLUSTER_PORT=$BASE is not a port"
-NODES=6
+BASE="$(redis_cluster_base)"
+NODES=$REDIS_CLUSTER_NODES
 START_TIMEOUT_S=30
 # Failover within ~2 s of a primary's death (the default 15 s would stall a chaos run).
 NODE_TIMEOUT_MS=2000
 
-ports() { seq "$BASE" $((BASE + NODES - 1)); }
+ports() { redis_cluster_ports "$BASE"; }
 node_dir() { echo "$REDIS_CLUSTER_DIR/$1"; }
-ping() { [[ $(redis-cli -p "$1" ping 2>/dev/null) == PONG ]]; }
+ping() { [[ $(rcli -p "$1" ping 2>/dev/null) == PONG ]]; }
 cluster_ok() {
   local info
-  info="$(redis-cli -p "$BASE" cluster info 2>/dev/null)" || return 1
+  info="$(rcli -p "$BASE" cluster info 2>/dev/null)" || return 1
   grep -q '^cluster_state:ok' <<<"$info" && grep -q "^cluster_known_nodes:$NODES" <<<"$info"
 }
 all_up() { local p; for p in $(ports); do ping "$p" || return 1; done; }
@@ -44,6 +42,8 @@ if all_up && cluster_ok; then echo "redis-cluster: reused 127.0.0.1:$BASE-$((BAS
 created=false
 for port in $(ports); do
   ping "$port" && continue
+  # Not a Redis that answers, yet the port is taken: fail now, not after the start deadline.
+  tcp_open 127.0.0.1 "$port" && die "redis-cluster: 127.0.0.1:$port is taken by something that does not answer PING"
   [[ -s $(node_dir "$port")/nodes.conf ]] && created=true
   start_node "$port"
 done
@@ -54,7 +54,7 @@ if ! $created && ! cluster_ok; then
     || { cat "$REDIS_CLUSTER_DIR/create.log" >&2; die "redis-cluster: create failed"; }
 fi
 wait_for "$START_TIMEOUT_S" cluster_ok || {
-  redis-cli -p "$BASE" cluster info >&2 || true
+  rcli -p "$BASE" cluster info >&2 || true
   die "redis-cluster: not ok within ${START_TIMEOUT_S}s"
 }
 echo "redis-cluster: up on 127.0.0.1:$BASE-$((BASE + NODES - 1)) (3 primaries, 3 replicas)"

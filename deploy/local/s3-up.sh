@@ -15,6 +15,8 @@ if ! [[ $PORT =~ ^[0-9]{1,5}$ ]] || ((PORT < 1 || PORT > 65535)); then
   die "s3: S3_LOCAL_PORT=$PORT is not a port"
 fi
 EXIT_NO_MOTO=3
+# wait_our_s3's readiness check: 0 ready, 1 not yet, PROCESS_GONE when our server is gone.
+PROCESS_GONE=3
 
 # True when an S3-protocol server answers on 127.0.0.1:$1: GET / is ListBuckets, which moto
 # answers with the list and a store that wants a signature with an S3 <Error> document.
@@ -22,7 +24,7 @@ s3_answers() {
   # shellcheck disable=SC2016  # $0 is for the inner bash
   timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0" || exit 1
     printf "GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" >&3 && cat <&3' "$1" 2>/dev/null \
-    | grep -q -e '<ListAllMyBucketsResult' -e '<Error>'
+    | grep -qs -e '<ListAllMyBucketsResult' -e '<Error>'
 }
 
 moto_server_bin() {
@@ -47,10 +49,11 @@ ensure_moto() {
   exit "$EXIT_NO_MOTO"
 }
 
-# Ours is ready once it answers; it failed if the process is gone.
+# Ours is ready once it answers; it failed if the process is gone. Every "not yet" is 1 (a
+# failed pipe or grep may say 2 or 124): only a gone process is PROCESS_GONE.
 our_s3_ready() {
-  pid_alive "$S3_PID" || return 2
-  s3_answers "$PORT"
+  pid_alive "$S3_PID" moto_server || return "$PROCESS_GONE"
+  s3_answers "$PORT" || return 1
 }
 
 wait_our_s3() {
@@ -58,10 +61,12 @@ wait_our_s3() {
   while true; do
     rc=0; our_s3_ready || rc=$?
     ((rc == 0)) && return 0
-    if ((rc == 2)) || ((SECONDS >= deadline)); then
-      echo "s3: not ready (process exited or ${S3_START_TIMEOUT_S}s passed); last log lines:" >&2
+    if ((rc == PROCESS_GONE)) || ((SECONDS >= deadline)); then
+      local why="${S3_START_TIMEOUT_S}s passed"
+      ((rc == PROCESS_GONE)) && why="the process exited"
+      echo "s3: not ready ($why); last log lines:" >&2
       tail -n 40 "$S3_LOG" >&2 || true
-      if pid_alive "$S3_PID"; then kill -TERM "$(cat "$S3_PID")"; fi
+      if pid_alive "$S3_PID" moto_server; then kill -TERM "$(cat "$S3_PID")"; fi
       exit 1
     fi
     sleep 0.2
@@ -79,10 +84,12 @@ s3_start() {
   setsid bash -c 'echo $$ >"$0"; exec "$@"' "$S3_PID" \
     "$bin" -H 127.0.0.1 -p "$PORT" </dev/null >"$S3_LOG" 2>&1 9>&- &
   wait_for 5 test -s "$S3_PID" || die "s3: no pid file written"
+  # The pid is the inner bash's until it exec's moto; the readiness wait checks for moto.
+  wait_for 5 pid_alive "$S3_PID" moto_server || true
 }
 
 lock_s3
-if pid_alive "$S3_PID"; then                   # ours, possibly still starting
+if pid_alive "$S3_PID" moto_server; then       # ours, possibly still starting
   ours="$(cat "$S3_PORT_FILE" 2>/dev/null || echo "?")"
   [[ $ours == "$PORT" ]] || die "s3: ours runs on port $ours, not $PORT; run s3-down.sh first"
   wait_our_s3

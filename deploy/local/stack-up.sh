@@ -10,6 +10,9 @@ set -euo pipefail
 KAFKA_START_TIMEOUT_S=90    # without progress: the broker logged nothing new for this long
 KAFKA_START_CAP_S=270       # since this script started (bash's SECONDS): under the tests' 300 s
 REDIS_START_TIMEOUT_S=30
+KAFKA_MIN_JAVA=17           # Kafka 4 runs on Java 17 or newer
+# wait_our_kafka's readiness check: 0 ready, 1 not yet, PROCESS_GONE when our broker is gone.
+PROCESS_GONE=3
 
 # --- helpers ----------------------------------------------------------------------
 
@@ -23,7 +26,7 @@ redis_hostport() { local hp="${1#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"; [[ $hp 
 # address is someone else's service and must already be up.
 is_local_default() { [[ $1 == "127.0.0.1:$2" || $1 == "localhost:$2" ]]; }
 
-redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null) == PONG ]]; }
+redis_ping() { [[ $(rcli -h 127.0.0.1 -p 6379 ping 2>/dev/null) == PONG ]]; }
 
 # A Python that has confluent_kafka (the project's .venv, else python3), if any: it lets the
 # readiness check ask the broker for metadata instead of trusting an open port.
@@ -51,10 +54,12 @@ PY
 }
 
 # Our own broker is ready once it logged the end of start-up (KafkaRaftServer prints this
-# after the broker is unfenced) and answers; it failed if the process is gone.
+# after the broker is unfenced) and answers; it failed if the process is gone. Every "not yet"
+# is 1 (grep says 2 for a missing log): only a gone process is PROCESS_GONE.
 our_kafka_ready() {
-  pid_alive "$KAFKA_PID" || return 2
-  grep -q 'Kafka Server started' "$KAFKA_LOG" 2>/dev/null && kafka_answers 127.0.0.1:9092
+  pid_alive "$KAFKA_PID" java || return "$PROCESS_GONE"
+  grep -qs 'Kafka Server started' "$KAFKA_LOG" || return 1
+  kafka_answers 127.0.0.1:9092 || return 1
 }
 
 # A broker that loads many partitions (a dev box after weeks of test topics) logs all along,
@@ -67,18 +72,17 @@ wait_our_kafka() {
     ((rc == 0)) && return 0
     size="$(stat -c %s "$KAFKA_LOG" 2>/dev/null || echo 0)"
     if ((size != seen)); then seen=$size; deadline=$((SECONDS + KAFKA_START_TIMEOUT_S)); fi
-    if ((rc == 2)) || ((SECONDS >= deadline)) || ((SECONDS >= cap)); then
-      kafka_not_ready; exit 1
-    fi
+    if ((rc == PROCESS_GONE)); then kafka_not_ready "the process exited"; exit 1; fi
+    if ((SECONDS >= deadline)); then kafka_not_ready "${KAFKA_START_TIMEOUT_S}s without progress"; exit 1; fi
+    if ((SECONDS >= cap)); then kafka_not_ready "${KAFKA_START_CAP_S}s since start-up began"; exit 1; fi
     sleep 0.2
   done
 }
 
 kafka_not_ready() {
   # Don't leave a half-started broker behind for the next run to wait on again.
-  if pid_alive "$KAFKA_PID"; then kill -TERM "$(cat "$KAFKA_PID")" || true; fi
-  echo "kafka: not ready (process exited, ${KAFKA_START_TIMEOUT_S}s without progress or" \
-    "${KAFKA_START_CAP_S}s since start-up began); last log lines:" >&2
+  if pid_alive "$KAFKA_PID" java; then kill -TERM "$(cat "$KAFKA_PID")" || true; fi
+  echo "kafka: not ready ($1); last log lines:" >&2
   tail -n 40 "$KAFKA_LOG" >&2 || true
   local dirs
   dirs="$( (find "$KAFKA_DATA" -mindepth 1 -maxdepth 1 -type d 2>/dev/null || true) | wc -l)"
@@ -99,6 +103,9 @@ redis_up() {
     apt_install redis-server                 # Debian's package brings redis-cli too
   fi
   if redis_ping; then echo "redis: reused 127.0.0.1:6379"; return; fi
+  # Something that is not Redis (or a Redis that hangs) holds the port: say so now, not after
+  # waiting out the start-up deadline on a server that cannot bind it.
+  tcp_open 127.0.0.1 6379 && die "redis: 127.0.0.1:6379 is taken by something that does not answer PING"
 
   mkdir -p "$REDIS_DIR"
   # A cache for tests and the demo: nothing is worth persisting, and no dump.rdb appears.
@@ -159,6 +166,23 @@ kafka_start() {
     -Dlog4j2.configurationFile="$HERE/kafka/log4j2.xml" -cp "$KAFKA_LIBS/*" \
     kafka.Kafka "$KAFKA_CONF" </dev/null >"$KAFKA_LOG" 2>&1 9>&- &
   wait_for 5 test -s "$KAFKA_PID" || die "kafka: no pid file written"
+  # The pid is the inner bash's until it exec's the JVM; the readiness wait checks for java.
+  wait_for 5 pid_alive "$KAFKA_PID" java || true
+}
+
+# The major version of `java` on the PATH ("1.8.0_412" is 8, "17.0.11" is 17).
+java_major() {
+  local version
+  version="$(java -version 2>&1 | sed -n 's/.* version "\([^"]*\)".*/\1/p' | head -n 1)"
+  [[ $version == 1.* ]] && version="${version#1.}"
+  echo "${version%%[.+-]*}"
+}
+
+java_is_recent_enough() {
+  local major; major="$(java_major)"
+  [[ $major =~ ^[0-9]+$ ]] && ((major >= KAFKA_MIN_JAVA)) && return
+  die "kafka: needs Java $KAFKA_MIN_JAVA or newer, found ${major:-an unreadable version} ($(command -v java));" \
+    "install one (e.g. apt-get install openjdk-17-jre-headless) and put it first on the PATH"
 }
 
 kafka_up() {
@@ -168,13 +192,14 @@ kafka_up() {
     if tcp_open "${hp%:*}" "${hp##*:}"; then echo "kafka: using $hp (POPSCORE_KAFKA_BOOTSTRAP)"; return; fi
     is_local_default "$hp" 9092 || die "kafka: POPSCORE_KAFKA_BOOTSTRAP points at $hp, which does not answer"
   fi
-  if pid_alive "$KAFKA_PID"; then            # ours, possibly still starting
+  if pid_alive "$KAFKA_PID" java; then       # ours, possibly still starting
     wait_our_kafka; echo "kafka: reused 127.0.0.1:9092 (pid $(cat "$KAFKA_PID"))"; return
   fi
   if kafka_answers 127.0.0.1:9092; then echo "kafka: reused 127.0.0.1:9092 (not started by us)"; return; fi
   tcp_open 127.0.0.1 9092 && die "kafka: 127.0.0.1:9092 is taken by something that is not a Kafka broker"
 
-  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  command -v java >/dev/null || apt_install default-jre-headless
+  java_is_recent_enough
   kafka_jars
   kafka_format
   local t0=$EPOCHREALTIME

@@ -114,7 +114,10 @@ def scrape(port: int, config: Path, target_port: int) -> None:
 def panel_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [
-        (panel["title"], target["expr"].replace("$__rate_interval", RATE_INTERVAL))
+        (
+            panel["title"],
+            target["expr"].replace("$__rate_interval", RATE_INTERVAL).replace("$job", "popscore"),
+        )
         for panel in dashboard["panels"]
         for target in panel["targets"]
     ]

@@ -97,5 +97,8 @@ def test_grafana_provisions_the_dashboard_and_its_datasource() -> None:
     [source] = load_yaml(provisioning / "datasources" / "prometheus.yaml")["datasources"]
     assert source["url"] == "http://prometheus:9090"
     dashboard = load_yaml(DEPLOY / "grafana" / "popscore.json")
-    [variable] = dashboard["templating"]["list"]
-    assert variable["current"]["value"] == source["uid"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["current"]["value"] == source["uid"]
+    # The dashboard opens on the job compose's Prometheus scrapes popscore as.
+    [scrape] = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
+    assert variables["job"]["current"]["value"] == scrape["job_name"]

@@ -176,3 +176,23 @@ def test_healthcheck_command_follows_healthz(alive: bool) -> None:
     finally:
         server.close()
     assert (done.returncode == 0) is alive
+
+
+def test_healthcheck_passes_saying_why_when_the_port_is_not_fixed() -> None:
+    """POPSCORE_HTTP_PORT=0 lets the service pick a free port the check cannot know."""
+    argv = healthcheck_command()
+    env = {**os.environ, "POPSCORE_HTTP_PORT": "0"}
+    done = subprocess.run(
+        [sys.executable, *argv[1:]],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and "no fixed port" in done.stdout
+
+
+def test_models_are_root_owned_and_read_only() -> None:
+    copies = [c.args for c in of("COPY", last_stage()) if "models/" in c.args]
+    assert copies and all("--chown" not in c and "--chmod=0444" in c for c in copies)

@@ -22,9 +22,10 @@ def panel_queries() -> list[tuple[str, str]]:
     ]
 
 
-def as_promql(expr: str, rate_interval: str = "1m") -> str:
-    """A Grafana query with its interval variables filled in, as Prometheus receives it."""
-    return expr.replace("$__rate_interval", rate_interval).replace("$__interval", rate_interval)
+def as_promql(expr: str, rate_interval: str = "1m", job: str = "popscore") -> str:
+    """A Grafana query with its variables filled in, as Prometheus receives it."""
+    expr = expr.replace("$__rate_interval", rate_interval).replace("$__interval", rate_interval)
+    return expr.replace("$job", job)
 
 
 def test_the_dashboard_covers_the_contract() -> None:
@@ -69,3 +70,14 @@ def test_every_query_parses(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_query_selects_the_chosen_job() -> None:
+    """Live consumers (job popscore) and a backfill's (popscore-backfill) export the same
+    metrics: the $job variable picks one, defaulting to the live service."""
+    [job] = [v for v in DASHBOARD["templating"]["list"] if v["name"] == "job"]
+    assert job["type"] == "query" and "label_values(popscore_model_info, job)" in job["definition"]
+    assert job["current"]["value"] == "popscore" and not job["multi"] and not job["includeAll"]
+    for title, expr in panel_queries():
+        for match in re.finditer(r"\b(popscore_[a-z0-9_]+)\b(\{[^}]*\})?", expr):
+            assert 'job="$job"' in (match.group(2) or ""), f"{title}: {match.group(1)}"

@@ -3,11 +3,22 @@ is exercised both firing and quiet, has a runbook section, and uses only exporte
 
 import re
 import subprocess
+from pathlib import Path
 
-from tests.unit.deploy_helpers import DEPLOY, ROOT, exported_series_names, load_yaml, promtool
+import yaml
+
+from tests.unit.deploy_helpers import (
+    DEPLOY,
+    ROOT,
+    exported_series_names,
+    load_yaml,
+    load_yaml_docs,
+    promtool,
+)
 
 RULES = DEPLOY / "prometheus" / "rules.yaml"
 TESTS = DEPLOY / "prometheus" / "tests.yaml"
+SCRAPE_K8S = DEPLOY / "prometheus" / "kubernetes-pods.yml"
 RUNBOOK = ROOT / "docs" / "OPERATIONS.md"
 # Series that come from Prometheus itself or kube-state-metrics, not from popscore.
 EXTERNAL = {"up", "kube_pod_container_status_ready"}
@@ -94,3 +105,58 @@ def test_rules_use_only_metrics_the_service_exports() -> None:
         names = set(re.findall(r"\b(popscore_[a-z0-9_]+|up|kube_[a-z_]+)\b", rule["expr"]))
         unknown = names - exported - EXTERNAL - recorded
         assert not unknown, f"{rule.get('record') or rule['alert']}: {unknown}"
+
+
+def test_every_popscore_series_is_selected_by_the_live_job() -> None:
+    """Backfill consumers (job popscore-backfill) export the same metrics; a rule without the
+    job selector would count them as live (docs/OPERATIONS.md: the alerts select job="popscore")."""
+    for rule in rules():
+        expr = re.sub(r"\s+", " ", rule["expr"])
+        for match in re.finditer(r"\b(popscore_[a-z0-9_]+|up)\b(\{[^}]*\})?", expr):
+            name, selector = match.group(1), match.group(2) or ""
+            assert 'job="popscore"' in selector, f"{rule.get('record') or rule['alert']}: {name}"
+
+
+def test_a_backfill_is_part_of_the_rule_tests() -> None:
+    series = [s["series"] for case in load_yaml(TESTS)["tests"] for s in case["input_series"]]
+    assert any('job="popscore-backfill"' in s for s in series)
+
+
+def test_the_annotation_scrape_names_each_component_as_its_job(tmp_path: Path) -> None:
+    """deploy/prometheus/kubernetes-pods.yml: promtool checks its relabelling (on static
+    targets: Debian's promtool has no Kubernetes discovery), and the job rules match the pods'
+    labels as Prometheus matches them (anchored regex, source labels joined with ';')."""
+    config = load_yaml(SCRAPE_K8S)
+    [job] = config["scrape_configs"]
+    sd = job.pop("kubernetes_sd_configs")
+    assert sd == [{"role": "pod"}]
+    job["static_configs"] = [{"targets": ["10.0.0.1:9400"]}]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [promtool(), "check", "config", str(checked)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = {"consumer": "popscore", "backfill": "popscore-backfill"}
+    for folder, component in [("base", "consumer"), ("backfill", "backfill")]:
+        [deployment] = [
+            d
+            for d in load_yaml_docs(DEPLOY / "k8s" / folder / "deployment.yaml")
+            if d["kind"] == "Deployment"
+        ]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        meta = {
+            f"__meta_kubernetes_pod_label_{k.replace('.', '_').replace('/', '_')}": v
+            for k, v in labels.items()
+        }
+        jobs = [
+            r["replacement"]
+            for r in job["relabel_configs"]
+            if r.get("target_label") == "job"
+            and re.fullmatch(r["regex"], ";".join(meta.get(s, "") for s in r["source_labels"]))
+        ]
+        assert jobs == [expected[component]], folder
