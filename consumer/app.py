@@ -279,6 +279,8 @@ class App:
         # producer is closed.
         self._stack.callback(self.txn.close)
         self._stack.callback(self.source.close)
+        if self.stop_at_end:
+            self._check_input_exists()
         self.live = self._live_traffic()
         self.health.readiness = self._readiness
         self.health.waiting = self._waiting
@@ -290,6 +292,14 @@ class App:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def _check_input_exists(self) -> None:
+        """With --stop-at-end a missing input topic would be waited on for ever: no partition
+        is ever assigned, so none is ever read to its end."""
+        topic = self.settings.input_topic
+        found = self.source.consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if found is None or (found.error is not None and not found.partitions):
+            raise ConfigError(f"POPSCORE_INPUT_TOPIC: topic {topic!r} does not exist")
 
     def _listen(self, port: int) -> HealthServer:
         try:

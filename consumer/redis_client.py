@@ -11,7 +11,9 @@ from typing import Any
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import Connection, ConnectionPool
+from redis.exceptions import RedisClusterException
 
+from consumer.errors import ConfigError
 from schemas.redis_keys import RedisKeys
 
 AnyRedis = redis.Redis | RedisCluster
@@ -21,7 +23,16 @@ def connect(url: str, cluster: bool, socket_timeout: float = 10.0) -> AnyRedis:
     """The client for ``url``: a cluster client (which discovers every node from this one)
     when ``cluster``, else a single-node client."""
     if cluster:
-        return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
+        try:
+            return RedisCluster.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=5
+            )
+        except RedisClusterException as exc:  # a plain Redis answers: the setting is wrong
+            if "cluster mode is not enabled" not in str(exc).lower():
+                raise
+            raise ConfigError(
+                "POPSCORE_REDIS_CLUSTER: the Redis at POPSCORE_REDIS_URL is not in cluster mode"
+            ) from None
     return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
 
 

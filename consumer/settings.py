@@ -20,6 +20,12 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names (kafka.common.internals.Topic), "." and ".." excepted.
 _TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 _TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic", "shadow_topic")
+# One bootstrap.servers entry as librdkafka reads it: [protocol://]host[:port], IPv6 in [].
+_BROKER = re.compile(
+    r"^(?:(?:plaintext|ssl|sasl_plaintext|sasl_ssl)://)?"
+    r"(?:\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?)(?::(?P<port>\d{1,5}))?$",
+    re.IGNORECASE,
+)
 KafkaRole = Literal["consumer", "producer", "admin"]
 # Kafka Streams' convention: "consumer.session.timeout.ms" reaches only the consumer. No
 # librdkafka property starts with one of these, so a prefixed key is never ambiguous.
@@ -200,6 +206,25 @@ class Settings(BaseSettings):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _brokers(cls, value: str) -> str:
+        # librdkafka would take a malformed list and retry it for ever, start-up hanging
+        # silently on init_transactions.
+        for entry in value.split(","):
+            match = _BROKER.match(entry.strip())
+            if match is None or not 0 < int(match["port"] or 9092) < 65_536:
+                raise ValueError(f"{entry.strip()[:100]!r} is not [protocol://]host[:port]")
+        return value
+
+    @field_validator("yield_to_group")
+    @classmethod
+    def _not_own_group(cls, value: str, info: ValidationInfo) -> str:
+        if value and value == info.data.get("group_id"):
+            # It would pause on its own lag, which then could never fall.
+            raise ValueError("must not be this consumer's own POPSCORE_GROUP_ID")
         return value
 
     @field_validator(*_TOPIC_FIELDS, "yield_to_topic")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import redis
 from confluent_kafka import KafkaException
+from redis.exceptions import RedisClusterException
 
 from consumer.errors import ConfigError, PopscoreError, UsageError
 from consumer.settings import load_settings
@@ -16,6 +17,14 @@ from popscore.cli import bench, model, produce, rollout, service
 from popscore.cli.argtypes import EXIT_USAGE, Handler, Parser
 
 log = logging.getLogger("popscore")
+# A run that failed for a reason one log line says (RedisClusterException is no RedisError).
+RUN_FAILURES = (
+    KafkaException,
+    PopscoreError,
+    ArtifactError,
+    redis.RedisError,
+    RedisClusterException,
+)
 
 
 def build_parser() -> Parser:
@@ -51,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except UsageError as exc:
         parser.error(str(exc))  # one line, exit 2
-    except (KafkaException, PopscoreError, ArtifactError, redis.RedisError) as exc:
+    except (
+        KafkaException,
+        PopscoreError,
+        ArtifactError,
+        redis.RedisError,
+        RedisClusterException,
+    ) as exc:
         log.error("%s", exc)
         return 1
     except service.Interrupted as exc:

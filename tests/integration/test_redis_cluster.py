@@ -13,8 +13,8 @@ from redis.cluster import RedisCluster
 
 from consumer import cluster_sink, rollout
 from consumer.cluster_sink import ClusterRedisSink, board_ops_calls
-from consumer.errors import DeadLetter, SinkError
-from consumer.redis_client import NodePipelines, close
+from consumer.errors import ConfigError, DeadLetter, SinkError
+from consumer.redis_client import NodePipelines, close, connect
 from consumer.rollout import promote
 from consumer.sinks import Upsert
 from schemas import ScoreRecord
@@ -210,3 +210,9 @@ def test_a_new_track_written_under_a_pointer_a_promotion_replaced_is_redone(
     view = ScoreRecord.from_redis(cluster.hgetall(CLUSTER.score("t7")))
     assert view.model_version == "model-b"
     assert cluster.zscore(CLUSTER.leaderboard(DAY.date()), "t7") == 80.0
+
+
+def test_cluster_mode_against_a_plain_redis_is_a_bad_setting(stack: dict[str, str]) -> None:
+    """One line naming the setting, where a 70-line traceback was."""
+    with pytest.raises(ConfigError, match=r"^POPSCORE_REDIS_CLUSTER: .* not in cluster mode$"):
+        connect(stack["redis_url"], cluster=True)

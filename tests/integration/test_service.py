@@ -17,8 +17,10 @@ import pytest
 import redis
 import soundfile as sf
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from consumer.app import App
+from consumer.errors import ConfigError
 from consumer.settings import load_settings
 from popscore.cli import produce
 from schemas import ReleaseEvent, ScoreRecord, score_key
@@ -33,6 +35,18 @@ def run_until_caught_up(env: dict[str, str]) -> App:
     with App(settings, stop_at_end=True) as app:
         app.run()
     return app
+
+
+def test_stop_at_end_on_a_topic_that_does_not_exist_fails_start_up(
+    consumer_env: dict[str, str],
+) -> None:
+    """No partition of it is ever assigned, so none is ever read to its end: it waited for
+    ever. The check creates nothing (the broker auto-creates topics on a producer's request)."""
+    missing = consumer_env["POPSCORE_INPUT_TOPIC"] + "-missing"
+    with pytest.raises(ConfigError, match=f"^POPSCORE_INPUT_TOPIC: topic '{missing}' does not"):
+        run_until_caught_up({**consumer_env, "POPSCORE_INPUT_TOPIC": missing})
+    admin = AdminClient({"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"]})
+    assert missing not in admin.list_topics(timeout=10).topics
 
 
 def produce_synthetic(env: dict[str, str], n: int, seed: int) -> list[ReleaseEvent]:

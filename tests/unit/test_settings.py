@@ -101,6 +101,12 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_REDIS_TTL_S", "100000000000000000"),
         ("POPSCORE_DEDUPE_TTL_S", "100000000000000000"),
         ("POPSCORE_YIELD_TO_TOPIC", "bad topic!"),
+        # librdkafka would retry these for ever: start-up hung without a word
+        ("POPSCORE_KAFKA_BOOTSTRAP", "localhost:abc"),
+        ("POPSCORE_KAFKA_BOOTSTRAP", ",,,"),
+        ("POPSCORE_KAFKA_BOOTSTRAP", "http://localhost:9092"),
+        ("POPSCORE_KAFKA_BOOTSTRAP", "broker:70000"),
+        ("POPSCORE_YIELD_TO_GROUP", "popscore"),  # its own group: paused on its own lag
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
@@ -192,3 +198,14 @@ def test_the_model_watch_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("POPSCORE_MODEL_WATCH_S", "-1")
     with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL_WATCH_S: "):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    "servers",
+    ["kafka", "b-1:9092,b-2:9092", " a:1 , b:2", "SASL_SSL://b-1.example.com:9096", "[::1]:9092"],
+)
+def test_bootstrap_servers_take_every_form_librdkafka_reads(
+    monkeypatch: pytest.MonkeyPatch, servers: str
+) -> None:
+    monkeypatch.setenv("POPSCORE_KAFKA_BOOTSTRAP", servers)
+    assert load_settings().kafka_bootstrap == servers
