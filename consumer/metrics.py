@@ -53,7 +53,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "popscore_stage_seconds",
-            "Seconds per batch spent in each pipeline stage.",
+            "Seconds in each pipeline stage: per event for fetch and decode, per batch otherwise.",
             [STAGE],
             buckets=_STAGE_BUCKETS,
             registry=r,
@@ -66,7 +66,7 @@ class Metrics:
         )
         self.consumer_lag = Gauge(
             "popscore_consumer_lag",
-            "Messages behind the high watermark.",
+            "Records behind the last stable offset (what a read_committed reader can reach).",
             [TOPIC, PARTITION],
             registry=r,
         )
