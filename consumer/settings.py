@@ -1,8 +1,12 @@
 """Every knob of the service, read once from ``POPSCORE_*`` environment variables (README,
 "Configuration")."""
 
+import difflib
+import logging
+import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +17,7 @@ from redis.connection import parse_url
 from consumer.errors import ConfigError
 from consumer.s3uri import bucket_name_problem
 
+log = logging.getLogger(__name__)
 ENV_PREFIX = "POPSCORE_"
 # Their raw values may hold passwords: an error names the variable but never echoes it.
 _SECRET_FIELDS = frozenset({"redis_url", "kafka_properties"})
@@ -288,7 +293,9 @@ def _as_text(key: str, item: Any) -> Any:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the environment; a bad value raises ConfigError naming its variable in one line."""
+    """Read the environment; a bad value raises ConfigError naming its variable in one line.
+    A ``POPSCORE_*`` variable no setting reads is logged: a typo would be ignored silently."""
+    _warn_unknown(os.environ)
     try:
         settings = Settings(**overrides)
     except SettingsError as exc:
@@ -316,3 +323,18 @@ def _distinct_topics(settings: Settings) -> None:
                 f"{ENV_PREFIX}{seen[topic].upper()}; the topics must differ"
             )
         seen[topic] = field
+
+
+def check_distinct_topics(settings: Settings) -> None:
+    """Start-up's check that no topic plays two roles (ConfigError), for settings derived
+    from the environment's rather than read from it (``popscore backfill run``)."""
+    _distinct_topics(settings)
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX)):
+        if name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            log.warning("%s is not a popscore setting and is ignored%s", name, hint)

@@ -209,3 +209,14 @@ def test_bootstrap_servers_take_every_form_librdkafka_reads(
 ) -> None:
     monkeypatch.setenv("POPSCORE_KAFKA_BOOTSTRAP", servers)
     assert load_settings().kafka_bootstrap == servers
+
+
+def test_an_unknown_popscore_variable_is_named_with_the_likely_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """extra="ignore" would drop a typo silently, the default serving in its place."""
+    monkeypatch.setenv("POPSCORE_BATCHSIZE", "8")
+    with caplog.at_level("WARNING", logger="consumer.settings"):
+        assert load_settings().batch_size == 32
+    assert "POPSCORE_BATCHSIZE is not a popscore setting and is ignored; did you mean " \
+        "POPSCORE_BATCH_SIZE?" in caplog.text  # fmt: skip
