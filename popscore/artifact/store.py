@@ -87,6 +87,10 @@ def resave(module: ScoringModule, path: str | Path, meta: ArtifactMeta) -> Path:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
     """Load an artifact onto ``device`` in eval mode; ArtifactError says why it cannot be."""
+    if str(path).strip() in ("", "."):
+        raise ArtifactError("no model artifact given (an empty path)")
+    if Path(path).is_dir():
+        raise ArtifactError(f"model artifact {path} is a folder, not a file")
     if not Path(path).is_file():
         raise ArtifactError(f"model artifact {path} does not exist (run `make model`)")
     extra = {META_FILE: ""}

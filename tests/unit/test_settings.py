@@ -142,6 +142,10 @@ def test_a_bad_redis_url_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch
 def test_a_missing_model_or_device_is_a_bad_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL: model artifact .* does not exist"):
         load_scorer(load_settings(model=tmp_path / "absent.pt"))
+    with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL: model artifact .* is a folder"):
+        load_scorer(load_settings(model=tmp_path))
+    with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL: no model artifact given"):
+        load_scorer(load_settings(model=""))
     (tmp_path / "junk.pt").write_bytes(b"not a TorchScript file")
     with pytest.raises(ConfigError, match=r"^POPSCORE_MODEL: "):
         load_scorer(load_settings(model=tmp_path / "junk.pt"))
