@@ -172,7 +172,15 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     variants = [jobs.with_epochs(v, args.epochs) for v in variants]
     device = jobs.resolve_device(args.device)
     summary, oof_file = jobs.evaluate(
-        table, variants, args.folds, args.seed, device, args.report, not args.quiet, args.plots
+        table,
+        variants,
+        args.folds,
+        args.seed,
+        device,
+        args.report,
+        not args.quiet,
+        args.plots,
+        jobs.stream_options(args.workers),
     )
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.report} and {oof_file}")
@@ -187,9 +195,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     with jobs.distributed(jobs.resolve_device(args.device)) as (device, rank):
         table, [variant] = jobs.load_data(_data(args, settings), comparison=False)
         variant = jobs.with_epochs(variant, args.epochs)
+        jobs.check_resume(table, variant, args.resume)
         evaluation = None
         if args.evaluation:
-            evaluation = read_evaluation(args.evaluation, variant.name, len(table.popularity))
+            evaluation = read_evaluation(args.evaluation, jobs.trained(table, variant, args.seed))
         stream = jobs.train_stream_options(args.out, args.workers, args.resume)
         result = jobs.train(
             table,
@@ -223,10 +232,13 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
         args.shard_rows,
         not args.quiet,
     )
+    again = ""
+    if result.retried:
+        again = f"; {result.retried} failed rows tried again, {result.recovered} recovered"
     print(
         f"{args.cache}: {result.rows} tracks in {result.shards} shards "
-        f"({result.skipped_shards} already prepared), {result.failures} without usable audio "
-        f"(listed in {args.cache / 'failures.csv'})"
+        f"({result.skipped_shards} already prepared{again}), {result.failures} without usable "
+        f"audio (listed in {args.cache / 'failures.csv'})"
     )
     return 0
 
@@ -246,9 +258,9 @@ def _compare(args: argparse.Namespace, settings: Settings) -> int:
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
     from popscore.training.export import reexport
-    from popscore.training.report import read_evaluation
 
-    evaluation = read_evaluation(args.evaluation) if args.evaluation else None
-    meta = reexport(args.artifact, args.out, evaluation, args.hit_threshold, args.model_version)
+    meta = reexport(
+        args.artifact, args.out, args.evaluation, args.hit_threshold, args.model_version
+    )
     print(f"wrote {args.out} as {meta.model_version}")
     return 0

@@ -7,8 +7,9 @@ worker processes, into shards on disk that training and evaluation stream from.
 
 The layout of DIR, and why these formats:
 
-    manifest.json        what the cache holds and from which catalog (a changed catalog or
-                         setting is refused, not silently mixed in)
+    manifest.json        what the cache holds and from which catalog, under which feature-
+                         extraction rules (a changed catalog, setting or rule is refused,
+                         not silently mixed in)
     shard-00000.npy      float16 [rows, clip_samples], NumPy's .npy format: every row is one
                          contiguous slice at a computable offset, so a training crop is one
                          `pread` of just its bytes, in any order (grouped folds need random
@@ -21,9 +22,11 @@ The layout of DIR, and why these formats:
     shard-00000.parquet  one row per track: catalog `row`, `popularity`, `group`, `features`
                          (list<float32>, NaN = missing), `audio_ok`, `reason` — small, typed,
                          columnar, readable by pandas or DuckDB. Written last: a shard whose
-                         .parquet exists is complete, so a rerun skips it (resumable).
+                         .parquet exists is complete, so a rerun skips it (resumable) and
+                         decodes only its failed rows again (a file added since).
     complete.json        written last by a finished prepare (shards, rows, failures): a folder
-                         without it is refused by read_table, never read half-made.
+                         without it is refused by read_table, never read half-made. A rerun
+                         removes it only once it is about to change something.
     failures.csv         row, uri, reason of every track whose audio could not be used (its
                          row stays, with audio_ok false: it trains on its features alone).
 """
@@ -31,12 +34,13 @@ The layout of DIR, and why these formats:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,9 @@ from consumer.errors import DeadLetter
 from consumer.redact import redact
 from consumer.resample import Resampler
 from consumer.soxr_resample import SoxrResampler
+from popscore.artifact import features as features_module
 from popscore.artifact.features import extract
+from popscore.training import catalog as catalog_module
 from popscore.training.catalog import CatalogRows, catalog_rows, read_catalog
 
 CLIP_DTYPE = np.float16
@@ -68,6 +74,7 @@ class Manifest:
     feature_paths: tuple[str, ...]
     shard_rows: int
     version: int = FORMAT_VERSION
+    feature_rules: str = ""  # feature_rules() when prepared ("" in caches from before it)
 
     @property
     def clip_samples(self) -> int:
@@ -93,7 +100,18 @@ class Manifest:
             clip_seconds,
             tuple(feature_paths),
             shard_rows,
+            feature_rules=feature_rules(),
         )
+
+
+def feature_rules() -> str:
+    """A digest of the code that turns a catalog row into its feature row (the catalog's
+    column mapping, popscore.artifact.features' extraction): the cached rows are stale once
+    either changes, whatever the change."""
+    digest = hashlib.sha256()
+    for module in (features_module, catalog_module):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -112,10 +130,13 @@ class Prepared:
     shards: int
     skipped_shards: int  # already complete (a resumed run)
     failures: int
+    retried: int = 0  # rows of complete shards that had failed and were decoded again
+    recovered: int = 0  # of those, the ones whose audio could be used this time
 
 
-# Shards being decoded: each worker's future and the catalog rows of its shard.
-Running = dict[Future[list[str | None]], tuple[Shard, CatalogRows]]
+# Decodes in flight: each worker's future, its shard and catalog rows, and for a retry the
+# offsets (within the shard) of the rows decoded again (None: the whole shard).
+Running = dict[Future[list[str | None]], tuple[Shard, CatalogRows, list[int] | None]]
 
 
 def shard_name(index: int, suffix: str) -> str:
@@ -135,16 +156,15 @@ def prepare(
     progress: bool = True,
 ) -> Prepared:
     """Decode every row's audio window into DIR's shards, `workers` processes at a time;
-    complete shards are kept. ValueError when DIR holds another catalog's or setting's cache."""
+    complete shards are kept, and only their failed rows are tried again. ValueError when DIR
+    holds another catalog's or setting's cache."""
     manifest = Manifest.of(
         catalog, audio_column, sample_rate, clip_seconds, feature_paths, shard_rows
     )
     next(read_catalog(catalog, audio_column, batch_rows=1))  # its columns, before any write
     _claim(directory, manifest)
-    (directory / "complete.json").unlink(missing_ok=True)
     total = catalog_rows(catalog)
     workers = workers or os.cpu_count() or 1
-    done = skipped = 0
     with (
         tqdm(total=total, desc="preparing audio", unit="track", disable=not progress) as bar,
         ProcessPoolExecutor(
@@ -154,28 +174,89 @@ def prepare(
             (policy, sample_rate, clip_seconds),
         ) as pool,
     ):
-        running: Running = {}
+        run = _Run(directory, manifest, bar)
         for shard, rows in _shards(catalog, audio_column, shard_rows):
-            if (directory / shard_name(shard.index, ".parquet")).exists():
-                skipped += 1
-                bar.update(len(shard.rows))
-                continue
-            if len(running) >= 2 * workers:  # bounded: a shard's rows wait, not the catalog's
-                _finish(
-                    wait(running, return_when=FIRST_COMPLETED).done,
-                    running,
-                    directory,
-                    manifest,
-                    bar,
-                )
-            running[pool.submit(_decode_shard, shard, directory)] = (shard, rows)
-            done += 1
-        _finish(wait(running).done, running, directory, manifest, bar)
-    failures = _write_failures(directory, done + skipped)
-    # Last: the cache is whole. read_table refuses a folder without it (a prepare that died).
-    complete = {"shards": done + skipped, "rows": total, "failures": failures}
-    (directory / "complete.json").write_text(json.dumps(complete) + "\n")
-    return Prepared(manifest, total, done + skipped, skipped, failures)
+            if len(run.running) >= 2 * workers:  # bounded: a shard's rows wait, not the catalog's
+                run.finish(wait(run.running, return_when=FIRST_COMPLETED).done)
+            run.submit(pool, shard, rows)
+        run.finish(wait(run.running).done)
+    return run.complete(total)
+
+
+@dataclass
+class _Run:
+    """One prepare's progress: what is decoding, what was kept, and whether DIR changed."""
+
+    directory: Path
+    manifest: Manifest
+    bar: tqdm
+    running: Running = field(default_factory=dict)
+    shards: int = 0
+    skipped: int = 0
+    retried: int = 0
+    recovered: int = 0
+    changed: bool = False
+
+    def submit(self, pool: ProcessPoolExecutor, shard: Shard, rows: CatalogRows) -> None:
+        self.shards += 1
+        table = self.directory / shard_name(shard.index, ".parquet")
+        if not table.exists():
+            self._invalidate()
+            self.running[pool.submit(_decode_shard, shard, self.directory)] = (shard, rows, None)
+            return
+        self.skipped += 1
+        # A row that failed (a file missing then, added since) is decoded again; a row the
+        # catalog gives no audio has nothing to retry.
+        again = [i for i in _failed_rows(table) if shard.uris[i] is not None]
+        if not again:
+            self.bar.update(len(shard.rows))
+            return
+        self.retried += len(again)
+        future = pool.submit(_redecode_rows, shard, again, self.directory)
+        self.running[future] = (shard, rows, again)
+
+    def finish(self, finished: set[Future[list[str | None]]]) -> None:
+        for future in finished:
+            shard, rows, again = self.running.pop(future)
+            path = self.directory / shard_name(shard.index, ".parquet")
+            reasons: list[str | None] | None = future.result()
+            if again is not None and reasons is not None:
+                reasons = self._merge(path, again, reasons)
+            if reasons is not None:
+                _write_table(path, shard, rows, reasons, self.manifest.feature_paths)
+            self.bar.update(len(shard.rows))
+
+    def _merge(
+        self, path: Path, again: list[int], retried: list[str | None]
+    ) -> list[str | None] | None:
+        """The shard's reasons with the retried rows' new ones; None when none recovered."""
+        recovered = sum(reason is None for reason in retried)
+        if not recovered:
+            return None
+        self.recovered += recovered
+        self._invalidate()
+        reasons = _reasons(path)
+        for offset, reason in zip(again, retried, strict=True):
+            reasons[offset] = reason
+        return reasons
+
+    def _invalidate(self) -> None:
+        # Only once something will change: a rerun with nothing to do keeps the cache readable.
+        if not self.changed:
+            (self.directory / "complete.json").unlink(missing_ok=True)
+            self.changed = True
+
+    def complete(self, total: int) -> Prepared:
+        done = self.directory / "complete.json"
+        failures = _count_failures(self.directory, self.shards)
+        if self.changed or not done.exists():
+            _write_failures(self.directory, self.shards)
+            # Last: the cache is whole. read_table refuses a folder without it.
+            summary = {"shards": self.shards, "rows": total, "failures": failures}
+            done.write_text(json.dumps(summary) + "\n")
+        return Prepared(
+            self.manifest, total, self.shards, self.skipped, failures, self.retried, self.recovered
+        )
 
 
 def _claim(directory: Path, manifest: Manifest) -> None:
@@ -188,6 +269,13 @@ def _claim(directory: Path, manifest: Manifest) -> None:
         found["feature_paths"] = tuple(found.get("feature_paths", ()))
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            if changed == ["feature_rules"]:
+                raise ValueError(
+                    f"{directory} was prepared under other (or unrecorded) feature-extraction "
+                    "rules (popscore/artifact/features.py or popscore/training/catalog.py "
+                    "changed since): its feature rows are stale; delete it or use another "
+                    "--cache folder"
+                )
             raise ValueError(
                 f"{directory} holds a cache of another catalog or setting "
                 f"({', '.join(changed)} differ): use another --cache folder"
@@ -240,6 +328,26 @@ def _decode_shard(shard: Shard, directory: Path) -> list[str | None]:
     return reasons
 
 
+def _redecode_rows(shard: Shard, offsets: list[int], directory: Path) -> list[str | None]:
+    """Decode the shard's rows at `offsets` again, writing each clip that now loads in place
+    of its silence in the shard's .npy; the reason each still fails, None where it did not."""
+    resampler: Resampler = _WORKER["resampler"]
+    path = directory / shard_name(shard.index, ".npy")
+    row_bytes = resampler.clip_samples * np.dtype(CLIP_DTYPE).itemsize
+    reasons: list[str | None] = []
+    with path.open("r+b") as out:
+        np.lib.format.read_magic(out)
+        np.lib.format.read_array_header_1_0(out)
+        start = out.tell()
+        for offset in offsets:
+            clip, reason = _clip(shard.uris[offset], _WORKER["policy"], resampler)
+            reasons.append(reason)
+            if reason is None:  # a failed row keeps its silence
+                out.seek(start + offset * row_bytes)
+                out.write(clip.astype(CLIP_DTYPE).tobytes())
+    return reasons
+
+
 def _clip(
     uri: str | None, policy: AudioPolicy, resampler: Resampler
 ) -> tuple[np.ndarray, str | None]:
@@ -253,27 +361,6 @@ def _clip(
 
 
 # --- the row table --------------------------------------------------------------------------
-
-
-def _finish(
-    finished: set[Future[list[str | None]]],
-    running: Running,
-    directory: Path,
-    manifest: Manifest,
-    bar: tqdm,
-) -> None:
-    for future in finished:
-        shard, rows = running.pop(future)
-        reasons = future.result()
-        _write_table(
-            directory / shard_name(shard.index, ".parquet"),
-            shard,
-            rows,
-            reasons,
-            manifest.feature_paths,
-        )
-        bar.update(len(shard.rows))
-        bar.set_postfix(failed=sum(r is not None for r in reasons))
 
 
 def _write_table(
@@ -304,11 +391,26 @@ def _write_table(
     partial.replace(path)  # last: the shard is complete
 
 
-def _write_failures(directory: Path, shards: int) -> int:
-    """failures.csv from every shard's table; returns how many rows failed."""
+def _failed_rows(path: Path) -> list[int]:
+    """The offsets of a complete shard's rows whose audio could not be used."""
+    return [i for i, reason in enumerate(_reasons(path)) if reason is not None]
+
+
+def _reasons(path: Path) -> list[str | None]:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    count = 0
+    reasons: list[str | None] = pq.read_table(path, columns=["reason"])["reason"].to_pylist()
+    return reasons
+
+
+def _count_failures(directory: Path, shards: int) -> int:
+    return sum(len(_failed_rows(directory / shard_name(i, ".parquet"))) for i in range(shards))
+
+
+def _write_failures(directory: Path, shards: int) -> None:
+    """failures.csv from every shard's table."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
     with (directory / "failures.csv").open("w", newline="") as handle:
         out = csv.writer(handle)
         out.writerow(["row", "uri", "reason"])
@@ -319,8 +421,6 @@ def _write_failures(directory: Path, shards: int) -> int:
             for record in table:
                 if record["reason"] is not None:
                     out.writerow([record["row"], record["uri"], record["reason"]])
-                    count += 1
-    return count
 
 
 @dataclass(frozen=True)
@@ -348,6 +448,7 @@ def read_manifest(directory: Path) -> Manifest:
 
 def read_table(directory: Path) -> CachedTable:
     """The rows of every complete shard (ValueError when a shard is missing: prepare first)."""
+    import pyarrow as pa  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     manifest = read_manifest(directory)
@@ -355,24 +456,29 @@ def read_table(directory: Path) -> CachedTable:
         complete = json.loads((directory / "complete.json").read_text())
     except (OSError, ValueError):
         raise ValueError(f"{directory} is not completely prepared: run prepare again") from None
-    parts = []
-    for index in range(int(complete["shards"])):
-        path = directory / shard_name(index, ".parquet")
-        table = pq.read_table(path, columns=["row", "popularity", "group", "features", "audio_ok"])
-        parts.append((index, table.to_pydict()))
-    if sum(len(p["row"]) for _, p in parts) != complete["rows"]:
+    columns = ["row", "popularity", "group", "features", "audio_ok"]
+    parts = [
+        pq.read_table(directory / shard_name(index, ".parquet"), columns=columns)
+        for index in range(int(complete["shards"]))
+    ]
+    sizes = [part.num_rows for part in parts]
+    if sum(sizes) != complete["rows"]:
         raise ValueError(f"{directory}: its shards do not hold {complete['rows']} rows")
-    column = lambda name: [v for _, part in parts for v in part[name]]  # noqa: E731
+    # Arrow's buffers straight into NumPy: Python lists of every value would take ~10x the RAM.
+    table = pa.concat_tables(parts)
+
+    def column(name: str) -> Any:
+        return table[name].combine_chunks()
+
+    features = column("features").flatten().to_numpy(zero_copy_only=False)
     return CachedTable(
         directory=directory,
         manifest=manifest,
-        rows=np.array(column("row"), dtype=np.int64),
-        popularity=np.array(column("popularity"), dtype=np.float32),
-        groups=np.array(column("group")),
-        features=np.array(column("features"), dtype=np.float32).reshape(
-            -1, len(manifest.feature_paths)
-        ),
-        audio_ok=np.array(column("audio_ok"), dtype=bool),
-        shard=np.concatenate([np.full(len(p["row"]), i) for i, p in parts]),
-        offset=np.concatenate([np.arange(len(p["row"])) for _, p in parts]),
+        rows=column("row").to_numpy().astype(np.int64, copy=False),
+        popularity=column("popularity").to_numpy().astype(np.float32, copy=False),
+        groups=column("group").to_numpy(zero_copy_only=False).astype(str),
+        features=features.astype(np.float32, copy=False).reshape(-1, len(manifest.feature_paths)),
+        audio_ok=column("audio_ok").to_numpy(zero_copy_only=False).astype(bool),
+        shard=np.repeat(np.arange(len(sizes)), sizes),
+        offset=np.concatenate([np.arange(size) for size in sizes]),
     )

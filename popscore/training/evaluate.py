@@ -99,7 +99,7 @@ FUSION = ModelSpec(name="fusion", config=TrainConfig(epochs=10), trees=0.5, inne
 AUDIO_ONLY = ModelSpec(name="audio_only", use_features=False, config=TrainConfig(epochs=10))
 
 
-# How cached audio is streamed in evaluation (training.stream); `train` passes its own.
+# How cached audio is streamed by default (training.stream); the commands pass their own.
 STREAM = Stream()
 
 
@@ -178,7 +178,7 @@ def _inputs(table: TrackTable, spec: ModelSpec, rows: Rows) -> tuple[Any, np.nda
     if not spec.use_features:
         features = np.full_like(features, np.nan)
     waveforms = None
-    if spec.use_audio and not _streamed(table, spec):
+    if spec.use_audio and not streams_from_cache(table, spec):
         if table.waveforms is None:
             raise ValueError(f"{spec.name} needs audio, and this table has none loaded")
         waveforms = table.waveforms[rows]
@@ -206,7 +206,7 @@ def fit_model(
     for m in range(spec.members):
         net = spec.build(table.feature_paths, sample_rate, seed + m)
         config = TrainConfig(**{**asdict(spec.config), "seed": seed + m})
-        if _streamed(table, spec):
+        if streams_from_cache(table, spec):
             clips = _clips(table, spec, rows, round(stream.crop_seconds * sample_rate), True)
             member = replace(stream, checkpoint=_member_path(stream.checkpoint, m, spec.members))
             history = train_stream(net, clips, config, member, device, progress=False)
@@ -229,25 +229,25 @@ def fit_model(
 
 
 def predict_rows(
-    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows, stream: Stream = STREAM
 ) -> np.ndarray:
-    return predict_both(model, table, spec, rows)[0]
+    return predict_both(model, table, spec, rows, stream)[0]
 
 
 def predict_both(
-    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows, stream: Stream = STREAM
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(popularity, hit probability) for `rows`."""
-    if _streamed(table, spec):
+    """(popularity, hit probability) for `rows` (cached audio read by `stream.workers`)."""
+    if streams_from_cache(table, spec):
         assert table.cached is not None
         clips = _clips(table, spec, rows, table.cached.manifest.clip_samples, False)
-        return predict_cached(model, clips, STREAM.workers)
+        return predict_cached(model, clips, stream.workers)
     waveforms, features = _inputs(table, spec, rows)
     mask = table.audio_mask[rows] if spec.use_audio and table.audio_mask is not None else None
     return predict(model, waveforms, features, mask)
 
 
-def _streamed(table: TrackTable, spec: ModelSpec) -> bool:
+def streams_from_cache(table: TrackTable, spec: ModelSpec) -> bool:
     """Audio read from a prepared cache rather than held in `table.waveforms`."""
     return spec.use_audio and table.waveforms is None and table.cached is not None
 
@@ -269,7 +269,13 @@ def _member_path(path: Path | None, member: int, members: int) -> Path | None:
 
 
 def choose_inner(
-    table: TrackTable, spec: ModelSpec, rows: Rows, seed: int, sample_rate: int, device: str
+    table: TrackTable,
+    spec: ModelSpec,
+    rows: Rows,
+    seed: int,
+    sample_rate: int,
+    device: str,
+    stream: Stream = STREAM,
 ) -> tuple[dict[float, float], float]:
     """From an inner grouped CV on `rows` (training folds only): the decision cut per
     threshold and the trees' share of the ensemble (see ModelSpec.tree_weight_grid)."""
@@ -279,8 +285,8 @@ def choose_inner(
     nets, trees = np.empty(len(rows)), np.zeros(len(rows))
     for test in inner:
         train_rows = rows[np.setdiff1d(np.arange(len(rows)), test)]
-        model = fit_model(table, spec, train_rows, seed, sample_rate, device)
-        nets[test], trees[test] = _split_predictions(model, table, spec, rows[test])
+        model = fit_model(table, spec, train_rows, seed, sample_rate, device, stream=stream)
+        nets[test], trees[test] = _split_predictions(model, table, spec, rows[test], stream)
     target = table.popularity[rows]
     weight = spec.trees
     if spec.trees > 0 and spec.tree_weight_grid:
@@ -294,15 +300,15 @@ def choose_inner(
 
 
 def _split_predictions(
-    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, rows: Rows, stream: Stream = STREAM
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the nets' mean popularity, the trees' popularity) of a model with trees; (all of
     it, 0) of one without, so that `(1 - w) * nets + w * trees` re-blends it at any w."""
     if spec.trees <= 0 or not isinstance(model, Ensemble):
-        return predict_rows(model, table, spec, rows), np.zeros(len(rows))
+        return predict_rows(model, table, spec, rows, stream), np.zeros(len(rows))
     *nets, trees = model.members
-    net_mean = np.mean([predict_rows(net, table, spec, rows) for net in nets], axis=0)
-    return net_mean, predict_rows(trees, table, spec, rows)
+    net_mean = np.mean([predict_rows(net, table, spec, rows, stream) for net in nets], axis=0)
+    return net_mean, predict_rows(trees, table, spec, rows, stream)
 
 
 @dataclass
@@ -322,6 +328,7 @@ def oof_predictions(
     sample_rate: int,
     device: str = "cpu",
     progress: bool = True,
+    stream: Stream = STREAM,
 ) -> FoldResult:
     """Out-of-fold predictions of `spec`, plus each fold's decision cuts."""
     n = len(table.popularity)
@@ -330,12 +337,20 @@ def oof_predictions(
     )
     for test in tqdm(folds, desc=spec.name, unit="fold", disable=not progress):
         train_rows = np.setdiff1d(np.arange(n), test)
-        cuts, tree_weight = choose_inner(table, spec, train_rows, seed, sample_rate, device)
+        cuts, tree_weight = choose_inner(table, spec, train_rows, seed, sample_rate, device, stream)
         model = fit_model(
-            table, spec, train_rows, seed, sample_rate, device, tree_weight, result.histories
+            table,
+            spec,
+            train_rows,
+            seed,
+            sample_rate,
+            device,
+            tree_weight,
+            result.histories,
+            stream,
         )
         result.prediction[test], result.hit_probability[test] = predict_both(
-            model, table, spec, test
+            model, table, spec, test, stream
         )
         for t, cut in cuts.items():
             result.cuts[t][test] = cut
@@ -349,7 +364,9 @@ def oof_predictions(
 # --- the report -----------------------------------------------------------------------------
 
 
-def _describe(spec: ModelSpec, result: FoldResult, target: np.ndarray) -> dict[str, Any]:
+def _describe(
+    spec: ModelSpec, result: FoldResult, target: np.ndarray, folds: Sequence[Rows]
+) -> dict[str, Any]:
     return {
         "variant": spec.name,
         "uses_audio": spec.use_audio,
@@ -382,6 +399,7 @@ def _describe(spec: ModelSpec, result: FoldResult, target: np.ndarray) -> dict[s
             result.cuts,
             result.hit_probability,
             spec.config.hit_threshold,
+            folds,
         ),
     }
 
@@ -403,6 +421,7 @@ def cross_validate(
     device: str = "cpu",
     progress: bool = True,
     resamples: int = 2000,
+    stream: Stream = STREAM,
 ) -> tuple[dict[str, Any], Outcome]:
     """The report dict, and the OOF predictions of the first spec (the model the report is
     about) and of the baselines."""
@@ -410,8 +429,10 @@ def cross_validate(
     target = table.popularity.astype(np.float64)
     models, results = {}, []
     for spec in specs:
-        results.append(oof_predictions(table, spec, folds, seed, sample_rate, device, progress))
-        models[spec.name] = _describe(spec, results[-1], target)
+        results.append(
+            oof_predictions(table, spec, folds, seed, sample_rate, device, progress, stream)
+        )
+        models[spec.name] = _describe(spec, results[-1], target, folds)
     outcome = Outcome(results[0], baseline_predictions(table, folds, seed, specs[0].inner_folds))
     report = {
         "data": {
@@ -430,7 +451,7 @@ def cross_validate(
                 "decision": "predicted popularity >= a cut chosen by the model's inner CV"
                 if name in CUT_BY_INNER_CV and specs[0].inner_folds > 1
                 else "predicted popularity >= the threshold",
-                "metrics": metrics(target, b.prediction, b.cuts),
+                "metrics": metrics(target, b.prediction, b.cuts, folds=folds),
             }
             for name, b in outcome.baselines.items()
         },

@@ -9,16 +9,18 @@ import torch
 
 from consumer.errors import PopscoreError, UsageError
 from popscore.artifact import ArtifactError, ArtifactMeta, TrainingSummary, load, resave
+from popscore.training.report import Trained, read_evaluation
 
 
 def reexport(
     artifact: Path,
     out: Path,
-    evaluation: dict[str, Any] | None = None,
+    evaluation: Path | None = None,
     hit_threshold: float | None = None,
     model_version: str | None = None,
 ) -> ArtifactMeta:
-    """Write ``artifact`` again with new metadata, after checking it scores a test batch."""
+    """Write ``artifact`` again with new metadata, after checking it scores a test batch; an
+    ``evaluation`` report must be of the artifact's model (report.read_evaluation)."""
     try:
         loaded = load(artifact)
     except ArtifactError as exc:
@@ -27,7 +29,8 @@ def reexport(
     changes: dict[str, Any] = {}
     if evaluation is not None:
         training = meta.training or TrainingSummary()
-        changes["training"] = replace(training, evaluation=evaluation)
+        summary = read_evaluation(evaluation, trained_artifact(meta))
+        changes["training"] = replace(training, evaluation=summary)
     if hit_threshold is not None:
         changes["hit_threshold"] = hit_threshold
     if model_version:
@@ -43,3 +46,23 @@ def reexport(
         raise PopscoreError(f"{artifact} scores a test batch as non-finite")
     resave(loaded.module, out, meta)
     return meta
+
+
+def trained_artifact(meta: ArtifactMeta) -> Trained:
+    """What an artifact's metadata tells of its model, for checking a report against it (older
+    artifacts record less, and less is checked)."""
+    training = meta.training
+    if training is None:
+        return Trained(features=meta.features)
+    train = training.details.get("train")
+    sha256 = training.details.get("data_sha256")
+    return Trained(
+        features=meta.features,
+        variant=training.variant,
+        rows=training.rows,
+        seed=training.seed,
+        train=train if isinstance(train, dict) else None,
+        source=training.data,
+        synthetic=bool(training.synthetic),
+        sha256=sha256 if isinstance(sha256, str) else None,
+    )

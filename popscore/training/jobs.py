@@ -2,7 +2,8 @@
 
     table, variants = load_data(Data(csv=Path("tracks.csv")), comparison=True)
     summary, oof_file = evaluate(table, variants, 5, seed=0, device="cpu", report_path=path)
-    path, meta = train(table, variant, out, 0, "cpu", read_evaluation(path, variant.name, rows))
+    evaluation = read_evaluation(path, trained(table, variant, seed=0))
+    path, meta = train(table, variant, out, 0, "cpu", evaluation)
 
 Bad input raises ``consumer.errors.UsageError`` naming the argument (the CLI exits 2).
 """
@@ -12,6 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,10 @@ from popscore.training.evaluate import (
     cross_validate,
     fit_model,
     predict_rows,
+    streams_from_cache,
 )
 from popscore.training.metrics import group_folds
-from popscore.training.report import summary, write_report
+from popscore.training.report import Trained, catalog_identity, file_digest, summary, write_report
 from popscore.training.stream import Stream
 
 SAMPLE_RATE = 22050
@@ -52,6 +55,9 @@ SYNTHETIC_SECONDS = 6.0  # crops of synthetic audio: the CNN pools over time, an
 # Deciles need few rows; scoring every row of a catalog again would cost another pass over
 # its audio.
 REFERENCE_SCORED_ROWS = 5000
+# How long the other ranks wait for rank 0 to prepare the cache under torchrun: 20,000 tracks
+# took 846 s on 2 cores (docs/MODEL.md); a day leaves room for millions on a larger machine.
+PREPARE_WAIT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -70,21 +76,30 @@ class Data:
     progress: bool = True
 
 
-def _prepare_on_rank_0(*args: Any, **kwargs: Any) -> None:
+def _prepare_on_rank_0(*args: Any, wait: timedelta = PREPARE_WAIT, **kwargs: Any) -> None:
     """prepare_cache, by one process: under torchrun the other ranks wait, then read it."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if not dist.is_initialized():
         prepare_cache(*args, **kwargs)
         return
+    # Its own gloo group: NCCL cannot carry a CPU tensor, and the default group's timeout
+    # (10 min NCCL, 30 min gloo) is shorter than decoding a large catalog.
+    group = dist.new_group(backend="gloo", timeout=wait)
+    try:
+        _prepare_and_tell(group, *args, **kwargs)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def _prepare_and_tell(group: Any, *args: Any, **kwargs: Any) -> None:
     failed: BaseException | None = None
-    if rank == 0:
+    if dist.get_rank() == 0:
         try:
             prepare_cache(*args, **kwargs)
         except BaseException as exc:  # re-raised below, after telling the others
             failed = exc
     # A barrier that also carries rank 0's outcome: the others must not wait for ever.
     outcome = torch.tensor([0 if failed else 1])
-    dist.broadcast(outcome, src=0)
+    dist.broadcast(outcome, src=0, group=group)
     if failed is not None:
         raise failed
     if int(outcome) == 0:
@@ -138,6 +153,7 @@ def evaluate(
     report_path: Path,
     progress: bool = True,
     plots: Path | None = None,
+    stream: Stream = STREAM,
 ) -> tuple[dict[str, Any], Path]:
     """Write the artist-grouped k-fold report (docs/MODEL.md) at ``report_path`` and the first
     variant's out-of-fold predictions beside it, and its plots into ``plots`` when given;
@@ -146,8 +162,13 @@ def evaluate(
         split = group_folds(table.groups, folds, seed)
     except ValueError as exc:  # more folds than artists
         raise UsageError(f"--folds {folds}: {exc}") from None
+    _check_inner_folds(table, split, variants, folds)
     _check_plots(plots)
-    report, outcome = cross_validate(table, variants, split, seed, SAMPLE_RATE, device, progress)
+    report, outcome = cross_validate(
+        table, variants, split, seed, SAMPLE_RATE, device, progress, stream=stream
+    )
+    if not table.synthetic:  # found and matched wherever the report is read from
+        report["data"] |= catalog_identity(Path(table.source))
     oof = write_report(report, outcome.model.prediction, table.popularity, report_path)
     if plots is not None:
         from popscore.training.plots import write_plots  # noqa: PLC0415 (matplotlib: training only)
@@ -201,13 +222,39 @@ def train(
             seed=seed,
             variant=spec.name,
             evaluation=evaluation,
+            details=_recipe(table, spec),
         ),
-        reference=reference(model, table, spec, seed),
+        reference=reference(model, table, spec, seed, stream),
     )
     return save(model, out, meta), meta
 
 
-def reference(model: torch.nn.Module, table: TrackTable, spec: ModelSpec, seed: int) -> Reference:
+def trained(table: TrackTable, spec: ModelSpec, seed: int) -> Trained:
+    """What `train --evaluation` requires the report to describe: this run's model and data."""
+    recipe = _recipe(table, spec)
+    return Trained(
+        features=table.feature_paths,
+        variant=spec.name,
+        rows=len(table.popularity),
+        seed=seed,
+        train=recipe["train"],
+        source=table.source,
+        synthetic=table.synthetic,
+        sha256=recipe.get("data_sha256"),
+    )
+
+
+def _recipe(table: TrackTable, spec: ModelSpec) -> dict[str, Any]:
+    # Recorded in the artifact, so that `export --evaluation` can check a report against it.
+    recipe: dict[str, Any] = {"train": dataclasses.asdict(spec.config)}
+    if not table.synthetic:
+        recipe["data_sha256"] = file_digest(Path(table.source))
+    return recipe
+
+
+def reference(
+    model: torch.nn.Module, table: TrackTable, spec: ModelSpec, seed: int, stream: Stream = STREAM
+) -> Reference:
     """The drift reference: every training row's features, and the model's popularity on at
     most REFERENCE_SCORED_ROWS of them (in-sample: the rows it was fitted on)."""
     n = len(table.popularity)
@@ -216,7 +263,7 @@ def reference(model: torch.nn.Module, table: TrackTable, spec: ModelSpec, seed: 
         chosen = np.random.default_rng(seed).choice(n, REFERENCE_SCORED_ROWS, replace=False)
         rows = np.sort(chosen)
     return Reference.build(
-        table.feature_paths, table.features, predict_rows(model, table, spec, rows)
+        table.feature_paths, table.features, predict_rows(model, table, spec, rows, stream)
     )
 
 
@@ -255,6 +302,23 @@ def prepare_cache(
         raise UsageError(f"--data {catalog}: {exc}") from None
 
 
+def _check_inner_folds(
+    table: TrackTable, split: list[np.ndarray], variants: list[ModelSpec], folds: int
+) -> None:
+    # Before any fitting: each outer fold's training rows are split again by artist to choose
+    # its decision cut, and too few artists there would stop the run hours in.
+    inner = max(v.inner_folds for v in variants)
+    if inner < 2:
+        return
+    fewest = min(len(np.unique(np.delete(table.groups, test))) for test in split)
+    if fewest < inner:
+        raise UsageError(
+            f"--folds {folds}: an outer fold's training rows hold only {fewest} artists, "
+            f"fewer than the {inner} inner folds that choose its cuts; use fewer folds or more "
+            f"artists ({len(np.unique(table.groups))} in all)"
+        )
+
+
 def _check_plots(plots: Path | None) -> None:
     # Before hours of training, not after: the pictures need a folder.
     if plots is not None and plots.exists() and not plots.is_dir():
@@ -268,11 +332,29 @@ def with_epochs(spec: ModelSpec, epochs: int | None) -> ModelSpec:
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, epochs=epochs))
 
 
+def check_resume(table: TrackTable, spec: ModelSpec, resume: bool) -> None:
+    """Refuse a --resume that could do nothing: only streamed training writes checkpoints."""
+    if resume and not streams_from_cache(table, spec):
+        raise UsageError(
+            "--resume: this run keeps no checkpoint to resume from (only training that streams "
+            "audio from a cache does; features-only and synthetic runs train in memory from "
+            "the start): leave --resume out"
+        )
+
+
+def stream_options(workers: int | None) -> Stream:
+    """How cached audio is streamed: ``workers`` DataLoader processes (None: the default)."""
+    return Stream(workers=STREAM.workers if workers is None else workers)
+
+
 def train_stream_options(out: Path, workers: int | None, resume: bool) -> Stream:
     """How `popscore train` streams cached audio: a checkpoint beside the artifact (OUT.ckpt)
     after every epoch, resumed from with ``resume``."""
-    loaders = STREAM.workers if workers is None else workers
-    return Stream(workers=loaders, checkpoint=out.with_name(out.name + ".ckpt"), resume=resume)
+    return replace(
+        stream_options(workers),
+        checkpoint=out.with_name(out.name + ".ckpt"),
+        resume=resume,
+    )
 
 
 @contextmanager

@@ -84,12 +84,15 @@ def metrics(
     cuts: dict[float, np.ndarray] | None = None,
     hit_score: np.ndarray | None = None,
     hit_threshold: float = 70.0,
+    folds: Sequence[Rows] | None = None,
 ) -> dict[str, Any]:
     """MAE, RMSE, R² and per-threshold metrics. `cuts`: per-row decision cut on the predicted
     popularity for each threshold (the model's, fitted per fold); default: the threshold.
 
     `roc_auc` always ranks the predicted popularity (comparable with every baseline); with a
-    `hit_score` (the hit head's output), `roc_auc_hit_head` at `hit_threshold` ranks that too."""
+    `hit_score` (the hit head's output), `roc_auc_hit_head` at `hit_threshold` ranks that too.
+    With the `folds` the predictions came from, `roc_auc_per_fold` and its mean
+    `roc_auc_fold_mean` rank within each fold only (see fold_aucs)."""
     target = np.asarray(target, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
     out: dict[str, Any] = {"mae": math.nan, "rmse": math.nan, "r2": math.nan, "at": {}}
@@ -105,7 +108,22 @@ def metrics(
         out["at"][f"{t:g}"] = classification_metrics(target, prediction, prediction >= cut, t)
         if hit_score is not None and t == hit_threshold:
             out["at"][f"{t:g}"]["roc_auc_hit_head"] = roc_auc(target >= t, hit_score)
+        if folds is not None:
+            per_fold = fold_aucs(target, prediction, folds, t)
+            out["at"][f"{t:g}"] |= {
+                "roc_auc_per_fold": per_fold,
+                "roc_auc_fold_mean": float(np.mean(per_fold)),
+            }
     return out
+
+
+def fold_aucs(
+    target: np.ndarray, prediction: np.ndarray, folds: Sequence[Rows], threshold: float
+) -> list[float]:
+    """ROC-AUC within each fold. The pooled AUC also ranks rows of different folds against
+    each other, whose models differ: a mean predictor, 0.5 in every fold, pools to another
+    value because each fold's mean moves opposite to its test rows' labels."""
+    return [roc_auc(target[f] >= threshold, prediction[f]) for f in folds]
 
 
 def best_cut(target: np.ndarray, prediction: np.ndarray, threshold: float) -> float:

@@ -16,8 +16,9 @@ not bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class CachedClips(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
         self.features = torch.from_numpy(features)
         self.audio_ok = torch.from_numpy(table.audio_ok[rows])
         self.popularity = torch.from_numpy(table.popularity[rows])
+        self.data = _digest(table.rows[rows], features, table.popularity[rows])
         self._data_offsets: dict[int, int] = {}  # shard -> where its rows start in the file
 
     def __len__(self) -> int:
@@ -94,6 +96,14 @@ class CachedClips(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
                 np.lib.format.read_array_header_1_0(handle)
                 self._data_offsets[shard] = handle.tell()
         return self._data_offsets[shard]
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    # What the rows are (catalog row numbers, features, labels), wherever the cache now lies.
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,8 @@ def train_stream(
     rank, world = _rank()
     trainer = _trainer(net, clips, config, stream, device, rank, world)
     history: list[float] = []
-    run = {"seed": config.seed, "epochs": config.epochs, "rows": len(clips), "world": world}
+    # What a checkpoint must match to be resumed: every training setting, the rows, the ranks.
+    run = {**asdict(config), "rows": len(clips), "data": clips.data, "world": world}
     start = _restore(stream, trainer, history, run)
     for epoch in range(start, config.epochs):
         seed = config.seed * 1_000_003 + epoch * 7919 + rank
@@ -279,7 +290,7 @@ def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(total) / world
 
 
-def _save(path: Path, trainer: _Trainer, history: list[float], run: dict[str, int]) -> None:
+def _save(path: Path, trainer: _Trainer, history: list[float], run: dict[str, Any]) -> None:
     state = {
         "run": run,
         "net": trainer.net.state_dict(),
@@ -294,16 +305,18 @@ def _save(path: Path, trainer: _Trainer, history: list[float], run: dict[str, in
     partial.replace(path)  # a crash mid-write leaves the previous epoch's checkpoint
 
 
-def _restore(stream: Stream, trainer: _Trainer, history: list[float], run: dict[str, int]) -> int:
+def _restore(stream: Stream, trainer: _Trainer, history: list[float], run: dict[str, Any]) -> int:
     """The epoch to start at: 0, or the one after the checkpoint's (with its state loaded).
-    A checkpoint of another run (seed, epochs, rows, or another model) is a UsageError."""
+    A checkpoint of another run (any training setting, the data, the number of processes, or
+    another model) is a UsageError naming the first difference."""
     path = stream.checkpoint
     if not (stream.resume and path is not None and path.exists()):
         return 0
     try:
         state = torch.load(path, map_location=trainer.device, weights_only=True)
-        if state.get("run") != run:
-            raise ValueError(f"it is of the run {state.get('run')}, this one is {run}")
+        saved = state.get("run")
+        if saved != run:
+            raise ValueError(_difference(saved if isinstance(saved, dict) else {}, run))
         trainer.net.load_state_dict(state["net"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.schedule.load_state_dict(state["schedule"])
@@ -312,6 +325,11 @@ def _restore(stream: Stream, trainer: _Trainer, history: list[float], run: dict[
         raise UsageError(f"--resume: {path} cannot be resumed here: {str(exc)[:200]}") from None
     history.extend(state["history"])
     return len(history)
+
+
+def _difference(saved: dict[str, Any], run: dict[str, Any]) -> str:
+    key = next(k for k in [*run, *saved] if saved.get(k) != run.get(k))
+    return f"its {key} is {saved.get(key)!r}, this run's {run.get(key)!r}"
 
 
 @torch.inference_mode()

@@ -7,13 +7,14 @@ import csv
 import datetime as dt
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from sklearn.metrics import roc_auc_score
 
 from consumer.audio import AudioPolicy, decode_window
 from consumer.device import Scorer
@@ -41,7 +42,7 @@ from popscore.training.evaluate import (
 from popscore.training.metrics import THRESHOLDS, best_cut, group_folds, metrics
 from popscore.training.model import Ensemble, FusionNet
 from popscore.training.plots import write_plots
-from popscore.training.report import oof_path, write_report
+from popscore.training.report import oof_path, summary, write_report
 from popscore.training.train import TrainConfig
 from tests.unit.artifact_helpers import export
 
@@ -239,6 +240,21 @@ def test_report_has_every_metric_for_model_and_baselines(report: tuple) -> None:
     assert "threshold" in data["baselines"]["mean"]["decision"]
 
 
+def test_report_gives_the_per_fold_roc_auc_beside_the_pooled_one(report: tuple) -> None:
+    data, path, table = report
+    folds = group_folds(table.groups, 3, 0)
+    model = data["models"][data["model"]]["metrics"]["at"]["70"]
+    oof = np.loadtxt(oof_path(path), delimiter=",", skiprows=1)
+    truth = table.popularity >= 70
+    expected = [roc_auc_score(truth[f], oof[f, 2]) for f in folds]
+    np.testing.assert_allclose(model["roc_auc_per_fold"], expected, atol=1e-3)  # OOF: 4 digits
+    assert model["roc_auc_fold_mean"] == pytest.approx(np.mean(model["roc_auc_per_fold"]))
+    # The mean predictor is constant within a fold: 0.5 in each, whatever the pooled AUC says.
+    mean = data["baselines"]["mean"]["metrics"]["at"]["70"]
+    assert mean["roc_auc_per_fold"] == [0.5, 0.5, 0.5] and mean["roc_auc"] != 0.5
+    assert summary(data)["model"]["roc_auc_fold_mean@70"] == round(model["roc_auc_fold_mean"], 4)
+
+
 def test_report_gives_artist_bootstrap_intervals(report: tuple) -> None:
     data, _, _ = report
     intervals = data["intervals"]
@@ -429,12 +445,22 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
     not_pt = tmp_path / "x.pt"
     not_pt.write_text("not a TorchScript artifact")
     out = str(tmp_path / "m.pt")
+    few = _write_csv(tmp_path / "few.csv", [[f"t{i}", 40 + i, 200000, f"A{i % 4}", "2001-01-01",
+                                             100, 60, 1000, ""] for i in range(20)])  # fmt: skip
     for args, needle in [
+        (  # 4 artists in 2 outer folds leave 2 for the 3 inner ones
+            ["evaluate", "--data", str(few), "--report", str(report), "--folds", "2"],
+            "--folds 2: an outer fold's training rows hold only 2 artists",
+        ),
         (
             ["train", "--data", str(data), "--out", out, "--evaluation", str(report)],
             "it evaluated fusion on 30 rows; this run trains features_only on 30",
         ),
         (["train", "--data", str(data), "--out", out, "--evaluation", str(not_csv)], "report"),
+        (
+            ["train", "--data", str(data), "--out", out, "--no-evaluation", "--resume"],
+            "--resume: this run keeps no checkpoint to resume from",
+        ),
         (["evaluate", "--data", str(not_csv), "--report", str(tmp_path / "r2.json")], "--data"),
         (["export", str(not_pt), "--out", out], "x.pt"),
         (
@@ -487,7 +513,7 @@ def _fake_report(model: str, rows: int) -> dict[str, object]:
     metrics = {"mae": 9.0, "rmse": 11.0, "r2": 0.1, "at": {"70": {"roc_auc": 0.7, "macro_f1": 0.6}}}
     return {
         "model": model,
-        "data": {"source": "d.csv", "rows": rows},
+        "data": {"source": "d.csv", "rows": rows, "features": list(PAPER_FEATURES)},
         "split": {"method": "artist-grouped k-fold", "folds": 5, "seed": 0},
         "models": {
             model: {"metrics": metrics, "fold_cuts": [{"70": 66.0}, {"70": 68.0}, {"70": 67.0}]}
@@ -507,6 +533,41 @@ def test_train_embeds_a_matching_evaluation_and_its_cut(tmp_path: Path) -> None:
     assert meta.hit_threshold == 67.0  # the median of the folds' cuts
     assert meta.training is not None and meta.training.evaluation is not None
     assert meta.training.evaluation["model"]["mae"] == 9.0
+
+
+def test_an_evaluation_of_another_model_is_refused_by_train_and_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _thirty_rows(tmp_path / "d.csv")
+    report = _fake_report("features_only", rows=30)
+    report["models"]["features_only"]["train"] = asdict(FEATURES_ONLY.config)  # type: ignore[index]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(report))
+    (tmp_path / "other").mkdir()  # another catalog of 30 rows: not the data beside the report
+    other = _write_csv(tmp_path / "other" / "d.csv", [[f"t{i}", 41 + i % 50, 200000 + i,
+        f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""] for i in range(30)])  # fmt: skip
+    out = tmp_path / "m.pt"
+    train = ["train", "--out", str(out), "--quiet", "--device", "cpu", "--evaluation", str(good)]
+    for extra, needle in [
+        (["--without", "release.title"], "its 20 features are not this model's 14 (feature 15:"),
+        (["--seed", "1"], "it evaluated seed 0, this model's seed is 1"),
+        (["--epochs", "3"], "its epochs is 150, this model's 3"),
+        (["--data", str(other)], "it evaluated the data d.csv, not this model's"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main([*train, *(["--data", str(data)] if "--data" not in extra else []), *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and needle in err, err
+    assert main([*train, "--data", str(data)]) == 0  # the data beside the report: accepted
+    # export checks a report against the artifact's own metadata.
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(report | {"data": {**report["data"], "features": ["x"]}}))
+    export = ["export", str(out), "--out", str(tmp_path / "x.pt"), "--evaluation"]
+    with pytest.raises(SystemExit) as info:
+        main([*export, str(fewer)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "its 1 features are not this model's 20" in err, err
+    assert main([*export, str(good)]) == 0
 
 
 def _report_with_oof(path: Path, data: Path, prediction: np.ndarray, folds: int = 3) -> Path:
@@ -543,3 +604,21 @@ def test_compare_pairs_two_reports_of_the_same_folds(
     with pytest.raises(SystemExit) as info:
         main(["compare", str(a), str(other_folds)])
     assert info.value.code == 2 and "not of the same data and folds" in capsys.readouterr().err
+
+
+def test_compare_finds_a_reports_relative_data_from_the_report_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older reports hold `data.source` as typed, relative to where evaluate ran."""
+    target = np.array([40 + (7 * i) % 60 for i in range(30)], dtype=float)
+    rows = [[f"t{i}", y, 200000, f"A{i % 9}", "2001-01-01", 100, 60, 1000, ""]
+            for i, y in enumerate(target)]  # fmt: skip
+    data = _write_csv(tmp_path / "d.csv", rows)
+    (tmp_path / "results").mkdir()
+    a = _report_with_oof(tmp_path / "results" / "a.json", data, target)
+    b = _report_with_oof(tmp_path / "results" / "b.json", data, target + 1)
+    for path in (a, b):  # as evaluate wrote it when run in tmp_path
+        report = json.loads(path.read_text())
+        path.write_text(json.dumps(report | {"data": {**report["data"], "source": "d.csv"}}))
+    monkeypatch.chdir(tmp_path / "results")  # where "d.csv" is not
+    assert main(["compare", str(a), str(b), "--resamples", "100"]) == 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import soundfile as sf
 import torch
 
 from consumer.audio import AudioPolicy
+from consumer.errors import UsageError
 from popscore.artifact import load
 from popscore.cli.main import main
 from popscore.training import stream as stream_module
@@ -125,6 +127,27 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    ("config", "rows", "named"),
+    [
+        (replace(CONFIG, lr=1e-3), np.arange(ROWS), "its lr is 0.003, this run's 0.001"),
+        (replace(CONFIG, batch_size=4), np.arange(ROWS), "its batch_size is 8, this run's 4"),
+        (CONFIG, np.arange(ROWS)[::-1], "its data is"),  # the same number of other rows
+    ],
+)
+def test_a_checkpoint_of_other_settings_or_data_is_not_resumed(
+    cache: Path, tmp_path: Path, config: TrainConfig, rows: np.ndarray, named: str
+) -> None:
+    checkpoint = tmp_path / "ck.pt"
+    _train(cache, Stream(workers=0, checkpoint=checkpoint), epochs=1)
+    other = CachedClips(cache, read_table(cache), rows, RATE // 2, True)
+    net = FusionNet(PAPER_FEATURES, sample_rate=RATE, **SMALL)  # type: ignore[arg-type]
+    resume = Stream(workers=0, checkpoint=checkpoint, resume=True)
+    with pytest.raises(UsageError, match="cannot be resumed here") as info:
+        train_stream(net, other, replace(config, epochs=1), resume, progress=False)
+    assert named in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 short real files, 4 artists: what `popscore train --audio-column` reads."""
@@ -163,9 +186,27 @@ def _train_command(catalog: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_popscore_train_streams_a_catalog_and_resumes(catalog: Path, tmp_path: Path) -> None:
+@pytest.fixture()
+def loader_workers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The num_workers of every DataLoader training.stream builds."""
+    built: list[int] = []
+    real = stream_module.DataLoader
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        built.append(kwargs.get("num_workers", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "DataLoader", spy)
+    return built
+
+
+def test_popscore_train_streams_a_catalog_and_resumes(
+    catalog: Path, tmp_path: Path, loader_workers: list[int]
+) -> None:
     out = tmp_path / "m.pt"
     assert main(_train_command(catalog, out)) == 0
+    # --workers 0 reaches every loader: the epochs' and the drift reference's scoring.
+    assert loader_workers and set(loader_workers) == {0}
     artifact = load(out)
     assert artifact.uses_audio and artifact.meta.training is not None
     assert artifact.meta.training.rows == 16
@@ -219,7 +260,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_popscore_evaluate_reads_the_same_cache(tmp_path: Path) -> None:
+def test_popscore_evaluate_reads_the_same_cache(tmp_path: Path, loader_workers: list[int]) -> None:
     """Out-of-core evaluation: the artist-grouped folds stream their audio from the cache."""
     rng = np.random.default_rng(2)
     with (tmp_path / "catalog.csv").open("w", newline="") as handle:
@@ -256,6 +297,7 @@ def test_popscore_evaluate_reads_the_same_cache(tmp_path: Path) -> None:
     assert set(data["models"]) == {"fusion", "audio_only", "features_only"}
     assert data["models"]["fusion"]["uses_audio"] and data["data"]["rows"] == 24
     assert (tmp_path / "catalog.csv.cache" / "manifest.json").exists()  # the default cache
+    assert loader_workers and set(loader_workers) == {0}  # --workers 0, scoring included
 
 
 def test_the_audio_only_variant_never_sees_features(cache: Path) -> None:
