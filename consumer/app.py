@@ -32,7 +32,7 @@ from types import FrameType
 from typing import cast
 
 import redis
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
 from redis.cluster import RedisCluster
 
 from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy, lower_decode_thread_priority
@@ -64,6 +64,9 @@ BUSY_POLL_S = 0.02
 # `consume --report` prints the records of its run (the latest this many); without it none are
 # kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Memory").
 REPORT_KEPT = 10_000
+TOPIC_LOOKUPS = (
+    4  # --stop-at-end: metadata asked this often (0.5 s apart) before a topic is missing
+)
 DNS_ALLOWANCE_S = 10.0  # glibc's resolver: 5 s x 2 attempts by default
 
 
@@ -201,7 +204,8 @@ class App:
             os.nice(s.cpu_nice)
         # The port is taken before anything slow or fencing (init_transactions fences the
         # instance running with this transactional.id): one taken fails start-up at once.
-        self.http = self._listen(s.http_port)
+        # Served from now on, probes get a quick 503 "starting" rather than a hung connection.
+        self.http = self._listen(s.http_port).start()
         self._stack.callback(self.http.close)
         policy = audio_policy(s)
         self.scorer = load_scorer(s)
@@ -263,6 +267,8 @@ class App:
             )
         )
         try:
+            if self.stop_at_end:  # before init_transactions can fence a running instance
+                self._check_input_exists()
             self.txn = client(
                 lambda: Transactions(
                     s.kafka_config("producer"),
@@ -279,12 +285,11 @@ class App:
         # producer is closed.
         self._stack.callback(self.txn.close)
         self._stack.callback(self.source.close)
-        if self.stop_at_end:
-            self._check_input_exists()
         self.live = self._live_traffic()
         self.health.readiness = self._readiness
         self.health.waiting = self._waiting
-        self.http.start()
+        self.health.beat()
+        self.health.started = True
         # Last in, first out: unblock Redis retries before the stage threads are joined.
         self._stack.callback(self._stop_redis_retries)
         log.info("serving /metrics, /healthz, /readyz on port %d", self.http.port)
@@ -297,9 +302,16 @@ class App:
         """With --stop-at-end a missing input topic would be waited on for ever: no partition
         is ever assigned, so none is ever read to its end."""
         topic = self.settings.input_topic
-        found = self.source.consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if found is None or (found.error is not None and not found.partitions):
-            raise ConfigError(f"POPSCORE_INPUT_TOPIC: topic {topic!r} does not exist")
+        for attempt in range(TOPIC_LOOKUPS):  # a topic created a moment ago may lag in metadata
+            found = self.source.consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if found is not None and found.partitions:
+                return
+            refused = KafkaError.TOPIC_AUTHORIZATION_FAILED
+            if found is not None and found.error is not None and found.error.code() == refused:
+                raise ConfigError(f"POPSCORE_INPUT_TOPIC: not authorized to read {topic!r}")
+            if attempt < TOPIC_LOOKUPS - 1:
+                time.sleep(0.5)
+        raise ConfigError(f"POPSCORE_INPUT_TOPIC: topic {topic!r} does not exist")
 
     def _listen(self, port: int) -> HealthServer:
         try:

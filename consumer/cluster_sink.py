@@ -217,22 +217,26 @@ class ClusterRedisSink(RedisSink):
         self._retrying(lambda: self._write_all(writes, primary), stop)
         return [_code(write) for write in writes]
 
-    def _expected_types(self, write: _Write) -> tuple[dict[str, str], dict[str, str]]:
+    def _expected_types(
+        self, write: _Write, stop: threading.Event
+    ) -> tuple[dict[str, str], dict[str, str]]:
         record, day = write.record, utc_day(write.record)
         version = record.model_version
         shared = {
             CLUSTER.current_model: "string",
             CLUSTER.promotion_epoch: "string",
             CLUSTER.models: "set",
+            CLUSTER.model_info(version): "hash",
         }
+        named = self._boards_named(list(write.keys), ("_leaderboard", "_prev_leaderboard"), stop)
+        boards = [CLUSTER.leaderboard(day), CLUSTER.model_leaderboard(version, day), *named]
+        for board in boards:
+            shared |= {board: "zset", board_seqs_key(board): "hash"}
         own = {
             write.keys[0]: "hash",
             write.keys[1]: "hash",
             CLUSTER.event(record.event_id, version): "string",
-            CLUSTER.model_info(version): "hash",
         }
-        for board in (CLUSTER.leaderboard(day), CLUSTER.model_leaderboard(version, day)):
-            own |= {board: "zset", board_seqs_key(board): "hash"}
         return shared, own
 
     def release(self, claims: Sequence[tuple[str, str, str]], stop: threading.Event) -> None:
@@ -251,7 +255,8 @@ class ClusterRedisSink(RedisSink):
 
     def _write_all(self, writes: list[_Write], primary: bool) -> None:
         for write in writes:  # a retried attempt starts over: every step is idempotent
-            write.code, write.ops = None, []
+            # created too: a failed round trip may have counted it already (short, never over)
+            write.code, write.ops, write.created = None, [], False
         # Steps 1 and 2 are independent: one round trip.
         meta = self._meta_calls(writes)
         replies = self.nodes.run(meta + self._claim_calls(writes))

@@ -28,6 +28,9 @@ class Health:
         self._waiting = False
         self.stuck_s = stuck_s
         self.model_loaded = False
+        self.started = False
+        """Set once start-up is over: until then /healthz answers 503 "starting", so a
+        startup probe keeps waiting (the port is served from the first moment of start-up)."""
         self.readiness: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
         self.waiting: Callable[[], bool] = lambda: False
         """Whether records wait to be committed (set by the app; asked on the main loop only)."""
@@ -46,6 +49,8 @@ class Health:
     def liveness(self) -> tuple[bool, str]:
         """The main loop iterates, and records in hand get committed while the dependencies
         answer; else why not."""
+        if not self.started:
+            return False, "starting"
         now = self._clock()
         if now - self._beat >= STALL_S:
             return False, "main loop stalled"

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, date
 from enum import IntEnum
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -165,16 +166,17 @@ class RedisSink:
         """The writes' codes: the batch in one call; when a key holds the wrong type (a stray
         ``SET`` on a score hash, say), each half again, down to the records whose own keys are
         wrong (dead-lettered, the key named), so one such record costs itself alone and not
-        a crash loop. Every step is idempotent, so rewriting a half is harmless."""
+        a crash loop. Every step is idempotent, so rewriting a half is harmless; a script that
+        failed midway may have written that record's model hash already."""
         if not writes:
             return []
         try:
             return list(self._write_batch(writes, stop, primary))
         except redis.ResponseError as exc:
-            if not str(exc).startswith("WRONGTYPE"):
+            if "WRONGTYPE" not in str(exc):  # Redis 6 words a script's error differently
                 raise  # any other error reply is a bug: it stops the process
             if len(writes) == 1:
-                return [self._wrong_type(writes[0], exc)]
+                return [self._alone(writes[0], exc, stop, primary)]
             log.warning(
                 "a key of %d records holds the wrong type; splitting the batch", len(writes)
             )
@@ -186,27 +188,71 @@ class RedisSink:
     def _write_batch(self, writes: list[Any], stop: threading.Event, primary: bool) -> list[Upsert]:
         return self._upsert_all(writes, stop, primary)
 
-    def _wrong_type(self, write: Any, exc: redis.ResponseError) -> DeadLetter:
-        """The dead letter naming the record's key of the wrong type. A key every record
-        writes (the current-model pointer, the models set) stops the process instead: no record
-        could be written, and the reason is the store's, not the events'."""
-        shared, own = self._expected_types(write)
+    def _alone(
+        self, write: Any, exc: redis.ResponseError, stop: threading.Event, primary: bool
+    ) -> Upsert | DeadLetter:
+        """One record's write that met a key of the wrong type. Found no more (the failed
+        script had already moved the hash off the day it was leaving, say), it is tried again
+        once."""
+        found = self._wrong_type(write, exc, stop)
+        if found is not None:
+            return found
+        try:
+            return self._write_batch([write], stop, primary)[0]
+        except redis.ResponseError as again:
+            if "WRONGTYPE" not in str(again):
+                raise
+            return DeadLetter(DeadLetterReason.INTERNAL_ERROR, f"redis: {again}"[:300])
+
+    def _wrong_type(
+        self, write: Any, exc: redis.ResponseError, stop: threading.Event
+    ) -> DeadLetter | None:
+        """The dead letter naming the record's own key (its track's hashes, its event marker)
+        of the wrong type; None when no key is wrong any more. A key many records write (the
+        pointer, the models set, a day leaderboard, a version's info) stops the process
+        instead, naming it: every record writing it would be dead-lettered, and the fault is
+        the store's, not the events'."""
+        shared, own = self._expected_types(write, stop)
         for keys, fatal in ((shared, True), (own, False)):
             for key, expected in keys.items():
-                held = as_text(self.client.type(key))
+                held = self._type(key, stop)
                 if held not in ("none", expected):
                     what = f"redis key {key!r} holds a {held}, not a {expected}"
                     if fatal:
                         raise SinkError(f"{what}: fix or delete it") from exc
                     return DeadLetter(DeadLetterReason.INTERNAL_ERROR, what[:300])
-        raise exc  # no key is wrong now: not this record's doing
+        return None
 
-    def _expected_types(self, write: Any) -> tuple[dict[str, str], dict[str, str]]:
-        """(the keys every record writes, this record's own keys), each with its type."""
+    def _expected_types(
+        self, write: Any, stop: threading.Event
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """(keys many records write, this record's own keys), each with its type: the day
+        leaderboards the track's hashes name (the day it leaves) count among the shared."""
         keys, _item = write
-        return {CURRENT_MODEL_KEY: "string", MODELS_KEY: "set"}, dict(
-            zip(keys, RECORD_KEY_TYPES, strict=True)
-        )
+        hashes = [keys[0], keys[2]]
+        shared = {
+            CURRENT_MODEL_KEY: "string",
+            MODELS_KEY: "set",
+            keys[1]: "zset",
+            keys[3]: "zset",
+            keys[5]: "hash",
+            **dict.fromkeys(self._boards_named(hashes, ("_leaderboard",), stop), "zset"),
+        }
+        return shared, {keys[0]: "hash", keys[2]: "hash", keys[4]: "string"}
+
+    def _boards_named(
+        self, hashes: list[str], fields: tuple[str, ...], stop: threading.Event
+    ) -> list[str]:
+        """The leaderboards these score hashes name in ``fields`` (those that are hashes)."""
+        boards: list[str] = []
+        for key in hashes:
+            if self._type(key, stop) == "hash":
+                named = self._retrying(partial(self.client.hmget, key, fields), stop)
+                boards += [as_text(board) for board in named if board]
+        return boards
+
+    def _type(self, key: str, stop: threading.Event) -> str:
+        return as_text(self._retrying(lambda: self.client.type(key), stop))
 
     def release(self, claims: Sequence[tuple[str, str, str]], stop: threading.Event) -> None:
         """Give up the event-id claims these records (``(event_id, model_version, source)``)

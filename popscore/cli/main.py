@@ -60,13 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except UsageError as exc:
         parser.error(str(exc))  # one line, exit 2
-    except (
-        KafkaException,
-        PopscoreError,
-        ArtifactError,
-        redis.RedisError,
-        RedisClusterException,
-    ) as exc:
+    except RUN_FAILURES as exc:
         log.error("%s", exc)
         return 1
     except service.Interrupted as exc:

@@ -2,6 +2,7 @@
 adds to the single-node guarantees. The upsert's semantics themselves run on both in
 test_rollout.py; kills and failovers are in tests/chaos (redis-cluster-failover-x2)."""
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -134,13 +135,37 @@ def test_a_key_of_the_wrong_type_costs_its_record_alone(cluster: RedisCluster) -
     assert cluster.exists(CLUSTER.score("a")) and cluster.exists(CLUSTER.score("b"))
 
 
-def test_a_shared_key_of_the_wrong_type_stops_the_process_naming_it(
+def test_a_key_many_records_write_of_the_wrong_type_stops_the_process_naming_it(
     cluster: RedisCluster,
 ) -> None:
     cluster.set(CLUSTER.models, "not a set")
     sink, batch = ClusterRedisSink(cluster), [record("model-a", "a", "e1")]
     with pytest.raises(SinkError, match="holds a string, not a set"):
         sink.write(batch, ["in/0/1"], threading.Event())
+
+
+def test_the_day_a_track_leaves_of_the_wrong_type_stops_the_process_naming_it(
+    cluster: RedisCluster,
+) -> None:
+    """A day leaderboard is written by every record of the day: not one record's fault."""
+    sink, stop = ClusterRedisSink(cluster), threading.Event()
+    assert sink.write([record("model-a", "a", "e1")], ["in/0/1"], stop) == [Upsert.WRITTEN]
+    left = CLUSTER.model_leaderboard("model-a", DAY.date())
+    cluster.delete(left)
+    cluster.set(left, "not a zset")
+    later = [record("model-a", "a", "e2", DAY + timedelta(days=1)), record("model-a", "b", "e3")]
+    with pytest.raises(SinkError, match=f"'{re.escape(left)}' holds a string, not a zset"):
+        sink.write(later, ["in/0/2", "in/0/3"], stop)
+
+
+def test_a_split_batch_counts_each_new_track_at_most_once(cluster: RedisCluster) -> None:
+    """A failed round trip may already have counted its tracks: a retry never counts again."""
+    sink = ClusterRedisSink(cluster)
+    cluster.set(CLUSTER.model_score("model-a", "bad"), "not a hash")
+    batch = [record("model-a", track, f"e-{track}") for track in ("a", "b", "c", "bad")]
+    codes = sink.write(batch, [f"in/0/{i}" for i in range(4)], threading.Event())
+    assert codes[:3] == [Upsert.WRITTEN] * 3 and isinstance(codes[3], DeadLetter)
+    assert int(cluster.hget(CLUSTER.model_info("model-a"), "tracks") or 0) <= 3
 
 
 def test_a_retried_batch_still_takes_the_track_off_its_old_day(

@@ -115,14 +115,43 @@ def test_a_key_of_the_wrong_type_costs_its_record_alone(spare_db: redis.Redis) -
         assert ScoreRecord.from_redis(spare_db.hgetall(score_key(track))).track_id == track
 
 
-def test_a_shared_key_of_the_wrong_type_stops_the_process_naming_it(
-    spare_db: redis.Redis,
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        (MODELS_KEY, "set"),
+        ("popscore:leaderboard:2026-11-27", "zset"),  # the day every record of it writes
+        ("popscore:model:m:info", "hash"),
+    ],
+)
+def test_a_key_many_records_write_of_the_wrong_type_stops_the_process_naming_it(
+    spare_db: redis.Redis, key: str, kind: str
 ) -> None:
-    """No record could be written: the reason is the store's, so no event is dead-lettered."""
-    spare_db.set(MODELS_KEY, "not a set")
+    """Every record writing it would be dead-lettered: the fault is the store's."""
+    sink, stop = RedisSink(spare_db), threading.Event()
+    day_before = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    assert sink.write([record("e0", "t-a", day_before, 40.0)], ["in/0/0"], stop) == [Upsert.WRITTEN]
+    spare_db.delete(key)
+    spare_db.set(key, "not a " + kind)
     when = datetime(2026, 11, 27, 12, tzinfo=UTC)
-    with pytest.raises(SinkError, match="'popscore:models' holds a string, not a set"):
-        RedisSink(spare_db).write([record("e1", "t-a", when, 50.0)], ["in/0/1"], threading.Event())
+    with pytest.raises(SinkError, match=f"'{key}' holds a string, not a {kind}: fix or delete"):
+        sink.write([record("e1", "t-a", when, 50.0)], ["in/0/1"], stop)
+
+
+def test_a_stray_value_on_the_day_a_track_leaves_is_written_past(spare_db: redis.Redis) -> None:
+    """The failed script moved the hash off that day before its ZREM failed: tried again
+    alone, the record is written (nothing of the stray day is touched)."""
+    sink, stop = RedisSink(spare_db), threading.Event()
+    day_before, when = (
+        datetime(2026, 11, 26, 12, tzinfo=UTC),
+        datetime(2026, 11, 27, 12, tzinfo=UTC),
+    )
+    assert (
+        sink.write([record("e0", "t-a", day_before, 40.0)], ["in/0/0"], stop)[0] is Upsert.WRITTEN
+    )
+    spare_db.delete("popscore:leaderboard:2026-11-26")
+    spare_db.set("popscore:leaderboard:2026-11-26", "not a zset")
+    assert sink.write([record("e1", "t-a", when, 50.0)], ["in/0/1"], stop) == [Upsert.WRITTEN]
+    assert spare_db.zscore("popscore:leaderboard:2026-11-27", "t-a") == 50.0
 
 
 def test_with_a_ttl_scores_and_their_leaderboard_expire(redis_client: redis.Redis) -> None:

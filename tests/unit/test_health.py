@@ -20,6 +20,7 @@ class Clock:
 def make(waiting: bool, ready: bool) -> tuple[Health, Clock]:
     clock = Clock()
     h = Health(clock, STUCK)
+    h.started = True
     h.waiting = lambda: waiting
     h.readiness = lambda: (ready, "ready" if ready else "redis unreachable: down")
     return h, clock
@@ -65,3 +66,16 @@ def test_stuck_allows_twice_the_slowest_legitimate_batch() -> None:
     slow = Settings(audio_fetch_timeout_s=60, batch_size=64, decode_workers=2)
     assert stuck_after(slow) == 2 * 32 * (75 + 10) + 30
     assert stuck_after(Settings(batch_size=1, audio_fetch_timeout_s=1)) == health.STUCK_S
+
+
+def test_until_start_up_is_over_the_probes_hear_starting() -> None:
+    """The port is served from the first moment of start-up: a startup probe must keep
+    waiting (503) through a model load or warm-up longer than the stall limit."""
+    clock = Clock()
+    h = Health(clock, STUCK)
+    clock.now += 2 * health.STALL_S
+    assert h.liveness() == (False, "starting")
+    assert h.readiness() == (False, "starting")
+    h.beat()
+    h.started = True
+    assert h.liveness() == (True, "ok")
