@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -44,8 +45,8 @@ UNKNOWN_FRAMES = 2**62  # libsndfile reports 2**63 - 1 frames for a length it do
 # shutdown grace period relies on (deploy/k8s, tested).
 READ_STALL_SHARE = 0.25
 WORST_FETCH_FACTOR = 1 + READ_STALL_SHARE
-# Bodies are read as sent: a compressed body would be inflated before the size check could see
-# it (a few kB of nested gzip become GBs), and audio gains nothing from HTTP compression.
+# Bodies are asked for as stored: audio gains nothing from HTTP compression, and a compressed
+# body is inflated here under the byte limit (a few kB of nested gzip become GBs).
 IDENTITY = {"Accept-Encoding": "identity"}
 
 
@@ -297,26 +298,55 @@ def _pinned_stream(
 def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -> io.BytesIO:
     if response.status_code != 200:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"HTTP {response.status_code}")
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):  # a server that ignored Accept-Encoding: identity
-        raise DeadLetter(
-            Reason.AUDIO_FETCH_FAILED, f"content-encoding {encoding[:50]!r} is not accepted"
-        )
+    inflate = _inflater(response.headers.get("content-encoding", ""))
     declared = int(response.headers.get("content-length", "0") or 0)
     if declared > policy.max_bytes:
         raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{declared} bytes > {policy.max_bytes}")
     body = io.BytesIO()  # decoded from where it was written: the body is held once
     # No chunk size: chunks come as the network delivers them, so the deadline is checked
-    # even when a server drips a byte at a time. Raw: nothing is inflated behind the check.
+    # even when a server drips a byte at a time. Raw, and inflated here if at all, so the
+    # byte limit bounds what is held, not what was sent.
     for chunk in response.iter_raw():
-        body.write(chunk)
-        if body.tell() > policy.max_bytes:
-            raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {policy.max_bytes} bytes")
+        _write_bounded(body, chunk, inflate, policy.max_bytes)
         # httpx times each read; a server dripping a byte at a time needs a total deadline.
         if time.monotonic() > deadline:
             raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "fetch deadline exceeded")
+    if inflate is not None and not inflate.eof:
+        raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "the compressed body ends early")
     body.seek(0)
     return body
+
+
+def _inflater(encoding: str) -> "zlib._Decompress | None":
+    """Fetches ask for the body as stored (``Accept-Encoding: identity``), yet an object
+    stored gzip-encoded (S3 ``Content-Encoding: gzip``) comes so anyway: one gzip or deflate
+    layer is inflated here, within the byte limit. Layers on layers are refused."""
+    coding = encoding.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    if coding == "deflate":  # zlib-wrapped, as RFC 9110 says (raw deflate is read too)
+        return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)
+    raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"content-encoding {coding[:50]!r} is not accepted")
+
+
+def _write_bounded(
+    body: io.BytesIO, chunk: bytes, inflate: "zlib._Decompress | None", limit: int
+) -> None:
+    """Append ``chunk`` (inflated, at most up to the limit at a time); past ``limit`` bytes the
+    body is too large."""
+    if inflate is None:
+        body.write(chunk)
+    else:
+        while chunk and body.tell() <= limit:
+            try:
+                body.write(inflate.decompress(chunk, limit + 1 - body.tell()))
+            except zlib.error as exc:
+                raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"corrupt body: {exc}") from exc
+            chunk = inflate.unconsumed_tail
+    if body.tell() > limit:
+        raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {limit} bytes")
 
 
 def decode_window(

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -223,12 +224,13 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
                 self.send_response(302)
                 self.send_header("Location", f"/slowhop/{left - 1}" if left else "/a.wav")
                 self.end_headers()
-            elif self.path == "/bomb":  # 64 MiB of zeros in two gzip layers, 272 bytes sent
+            elif self.path in ENCODED:  # (Content-Encoding, body)
+                coding, data = ENCODED[self.path](body)
                 self.send_response(200)
-                self.send_header("Content-Encoding", "gzip, gzip")
-                self.send_header("Content-Length", str(len(BOMB)))
+                self.send_header("Content-Encoding", coding)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(BOMB)
+                self.wfile.write(data)
             elif self.path == "/echo-encoding":  # what the client asked for, as the body
                 asked = (self.headers.get("Accept-Encoding") or "").encode()
                 self.send_response(200)
@@ -266,21 +268,45 @@ def _gzipped(data: bytes, layers: int) -> bytes:
     return data
 
 
-BOMB = _gzipped(bytes(64 << 20), 2)
+ENCODED: dict[str, Callable[[bytes], tuple[str, bytes]]] = {
+    # 64 MiB of zeros: one gzip layer (65 kB sent), two (272 bytes sent)
+    "/gzip-bomb": lambda _wav: ("gzip", _gzipped(bytes(64 << 20), 1)),
+    "/nested-bomb": lambda _wav: ("gzip, gzip", _gzipped(bytes(64 << 20), 2)),
+    "/gzip-stored": lambda wav: ("gzip", _gzipped(wav, 1)),  # S3 Content-Encoding: gzip
+    "/deflate-stored": lambda wav: ("deflate", zlib.compress(wav)),
+    "/gzip-cut": lambda wav: ("gzip", _gzipped(wav, 1)[:-100]),
+}
 
 
-def test_a_compressed_body_is_refused_before_it_is_inflated(http_audio: str) -> None:
-    """Nested gzip turns a few kB into GBs inside one read: the body is read as sent, and a
-    server that compresses anyway is refused, so the byte limit bounds what is held."""
+@pytest.mark.parametrize(
+    ("path", "reason", "detail"),
+    [
+        ("/gzip-bomb", Reason.AUDIO_TOO_LARGE, "over 1048576 bytes"),
+        ("/nested-bomb", Reason.AUDIO_FETCH_FAILED, "content-encoding 'gzip, gzip' is not"),
+        ("/gzip-cut", Reason.AUDIO_FETCH_FAILED, "the compressed body ends early"),
+    ],
+)
+def test_a_compressed_body_is_inflated_only_within_the_byte_limit(
+    http_audio: str, path: str, reason: Reason, detail: str
+) -> None:
+    """A few kB of gzip inflate to GBs inside one read: the body is inflated here, a bounded
+    piece at a time, so the byte limit bounds what is held; layers on layers are refused."""
     policy = AudioPolicy.create((), allow_private_hosts=True, max_bytes=1 << 20)
-    peak = tracemalloc_peak(lambda: _refused(http_audio + "/bomb", policy))
-    assert peak < 4 << 20  # against 64 MiB held if it were inflated
+    peak = tracemalloc_peak(lambda: _refused(http_audio + path, policy, reason, detail))
+    assert peak < 4 << 20  # against 64 MiB held if it were inflated whole
 
 
-def _refused(uri: str, policy: AudioPolicy) -> None:
-    with pytest.raises(DeadLetter, match="content-encoding 'gzip, gzip' is not accepted") as info:
+def _refused(uri: str, policy: AudioPolicy, reason: Reason, detail: str) -> None:
+    with pytest.raises(DeadLetter, match=detail) as info:
         open_uri(uri, policy)
-    assert reason_of(info) is Reason.AUDIO_FETCH_FAILED
+    assert reason_of(info) is reason
+
+
+@pytest.mark.parametrize("path", ["/gzip-stored", "/deflate-stored"])
+def test_audio_stored_compressed_is_inflated_and_decodes(http_audio: str, path: str) -> None:
+    policy = AudioPolicy.create((), allow_private_hosts=True)
+    wave = load_clip(http_audio + path, policy, Resampler(TARGET, 1.0))
+    assert wave.shape == (TARGET,) and np.abs(wave).max() > 0.4
 
 
 def tracemalloc_peak(run: Callable[[], None]) -> int:
