@@ -28,7 +28,7 @@ _TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic", "shadow_topic")
 # One bootstrap.servers entry as librdkafka reads it: [protocol://]host[:port], IPv6 in [].
 _BROKER = re.compile(
     r"^(?:(?:plaintext|ssl|sasl_plaintext|sasl_ssl)://)?"
-    r"(?:\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?)(?::(?P<port>\d{1,5}))?$",
+    r"(?:\[[0-9a-f:.]+(?:%[\w.-]+)?\]|[a-z0-9_][a-z0-9._-]*)(?::(?P<port>\d{1,5}))?$",
     re.IGNORECASE,
 )
 KafkaRole = Literal["consumer", "producer", "admin"]
@@ -218,10 +218,13 @@ class Settings(BaseSettings):
     def _brokers(cls, value: str) -> str:
         # librdkafka would take a malformed list and retry it for ever, start-up hanging
         # silently on init_transactions.
-        for entry in value.split(","):
-            match = _BROKER.match(entry.strip())
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if not entries:
+            raise ValueError("names no broker")
+        for entry in entries:  # librdkafka skips empty entries too
+            match = _BROKER.match(entry)
             if match is None or not 0 < int(match["port"] or 9092) < 65_536:
-                raise ValueError(f"{entry.strip()[:100]!r} is not [protocol://]host[:port]")
+                raise ValueError(f"{entry[:100]!r} is not [protocol://]host[:port]")
         return value
 
     @field_validator("yield_to_group")
@@ -331,10 +334,21 @@ def check_distinct_topics(settings: Settings) -> None:
     _distinct_topics(settings)
 
 
+_WARNED: set[str] = set()
+
+
 def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """Once per name and process; POPSCORE_TEST_* are the test suite's own knobs."""
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX)):
-        if name.upper() not in known:
-            close = difflib.get_close_matches(name.upper(), known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            log.warning("%s is not a popscore setting and is ignored%s", name, hint)
+    unknown = {
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not name.upper().startswith(ENV_PREFIX + "TEST_")
+    }
+    for name in sorted(unknown - _WARNED):
+        _WARNED.add(name)
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("%s is not a popscore setting and is ignored%s", name, hint)

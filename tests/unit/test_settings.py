@@ -104,6 +104,7 @@ def test_a_kafka_property_key_must_name_a_property(
         # librdkafka would retry these for ever: start-up hung without a word
         ("POPSCORE_KAFKA_BOOTSTRAP", "localhost:abc"),
         ("POPSCORE_KAFKA_BOOTSTRAP", ",,,"),
+        ("POPSCORE_KAFKA_BOOTSTRAP", "-broker:9092"),
         ("POPSCORE_KAFKA_BOOTSTRAP", "http://localhost:9092"),
         ("POPSCORE_KAFKA_BOOTSTRAP", "broker:70000"),
         ("POPSCORE_YIELD_TO_GROUP", "popscore"),  # its own group: paused on its own lag
@@ -206,7 +207,18 @@ def test_the_model_watch_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize(
     "servers",
-    ["kafka", "b-1:9092,b-2:9092", " a:1 , b:2", "SASL_SSL://b-1.example.com:9096", "[::1]:9092"],
+    [
+        "kafka",
+        "b-1:9092,b-2:9092",
+        " a:1 , b:2",
+        "kafka:9092,",  # librdkafka skips empty entries
+        "k:9092,,k2:9092",
+        "SASL_SSL://b-1.example.com:9096",
+        "[::1]:9092",
+        "[fe80::1%eth0]:9092",
+        "_kafka._tcp.example:9092",
+        "broker.example.com.:9092",
+    ],
 )
 def test_bootstrap_servers_take_every_form_librdkafka_reads(
     monkeypatch: pytest.MonkeyPatch, servers: str
@@ -219,8 +231,12 @@ def test_an_unknown_popscore_variable_is_named_with_the_likely_one(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """extra="ignore" would drop a typo silently, the default serving in its place."""
+    monkeypatch.setattr("consumer.settings._WARNED", set())
     monkeypatch.setenv("POPSCORE_BATCHSIZE", "8")
+    monkeypatch.setenv("POPSCORE_TEST_MODEL", "/x.pt")  # the test suite's own knob
     with caplog.at_level("WARNING", logger="consumer.settings"):
         assert load_settings().batch_size == 32
+        load_settings()
+    assert caplog.text.count("is not a popscore setting") == 1, "once per name"
     assert "POPSCORE_BATCHSIZE is not a popscore setting and is ignored; did you mean " \
         "POPSCORE_BATCH_SIZE?" in caplog.text  # fmt: skip
