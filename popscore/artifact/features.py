@@ -113,6 +113,11 @@ DERIVED: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 }
 
 
+# The version of extract's rules together with popscore/training/catalog.py's column mapping:
+# bump it when some input gets another feature row, so prepared caches of the old rows are
+# refused (popscore.training.cache). 1: the rules when caches began recording it.
+FEATURE_RULES = 1
+
 # Rows are float32: a larger value would become inf there, and an inf feature scores (10**39
 # followers read as a hit), where a NaN is imputed.
 FLOAT32_MAX = float(np.finfo(np.float32).max)

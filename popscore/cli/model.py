@@ -231,6 +231,7 @@ def _prepare(args: argparse.Namespace, settings: Settings) -> int:
         args.workers,
         args.shard_rows,
         not args.quiet,
+        retry_failed=True,
     )
     again = ""
     if result.retried:

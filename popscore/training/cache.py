@@ -34,7 +34,6 @@ The layout of DIR, and why these formats:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import multiprocessing
 import os
@@ -52,9 +51,7 @@ from consumer.errors import DeadLetter
 from consumer.redact import redact
 from consumer.resample import Resampler
 from consumer.soxr_resample import SoxrResampler
-from popscore.artifact import features as features_module
-from popscore.artifact.features import extract
-from popscore.training import catalog as catalog_module
+from popscore.artifact.features import FEATURE_RULES, extract
 from popscore.training.catalog import CatalogRows, catalog_rows, read_catalog
 
 CLIP_DTYPE = np.float16
@@ -74,7 +71,7 @@ class Manifest:
     feature_paths: tuple[str, ...]
     shard_rows: int
     version: int = FORMAT_VERSION
-    feature_rules: str = ""  # feature_rules() when prepared ("" in caches from before it)
+    feature_rules: int = FEATURE_RULES
 
     @property
     def clip_samples(self) -> int:
@@ -104,14 +101,12 @@ class Manifest:
         )
 
 
-def feature_rules() -> str:
-    """A digest of the code that turns a catalog row into its feature row (the catalog's
-    column mapping, popscore.artifact.features' extraction): the cached rows are stale once
-    either changes, whatever the change."""
-    digest = hashlib.sha256()
-    for module in (features_module, catalog_module):
-        digest.update(Path(str(module.__file__)).read_bytes())
-    return digest.hexdigest()[:16]
+def feature_rules() -> int:
+    """The version of the rules that turn a catalog row into its feature row (the catalog's
+    column mapping, popscore.artifact.features' extraction): cached rows of another version
+    are stale. A number bumped by hand, not a digest of the code: a comment or a reformat
+    must not throw away hours of prepared audio."""
+    return FEATURE_RULES
 
 
 @dataclass(frozen=True)
@@ -154,10 +149,12 @@ def prepare(
     shard_rows: int = 256,
     workers: int | None = None,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> Prepared:
     """Decode every row's audio window into DIR's shards, `workers` processes at a time;
-    complete shards are kept, and only their failed rows are tried again. ValueError when DIR
-    holds another catalog's or setting's cache."""
+    complete shards are kept, and with `retry_failed` their failed rows are tried again (the
+    ``popscore prepare`` command: not each train or evaluate run, which would fetch every dead
+    link again at each start). ValueError when DIR holds another catalog's or setting's cache."""
     manifest = Manifest.of(
         catalog, audio_column, sample_rate, clip_seconds, feature_paths, shard_rows
     )
@@ -174,7 +171,7 @@ def prepare(
             (policy, sample_rate, clip_seconds),
         ) as pool,
     ):
-        run = _Run(directory, manifest, bar)
+        run = _Run(directory, manifest, bar, retry_failed)
         for shard, rows in _shards(catalog, audio_column, shard_rows):
             if len(run.running) >= 2 * workers:  # bounded: a shard's rows wait, not the catalog's
                 run.finish(wait(run.running, return_when=FIRST_COMPLETED).done)
@@ -190,6 +187,7 @@ class _Run:
     directory: Path
     manifest: Manifest
     bar: tqdm
+    retry_failed: bool
     running: Running = field(default_factory=dict)
     shards: int = 0
     skipped: int = 0
@@ -208,7 +206,7 @@ class _Run:
         # A row that failed (a file missing then, added since) is decoded again; a row the
         # catalog gives no audio has nothing to retry.
         again = [i for i in _failed_rows(table) if shard.uris[i] is not None]
-        if not again:
+        if not again or not self.retry_failed:
             self.bar.update(len(shard.rows))
             return
         self.retried += len(again)
@@ -267,14 +265,14 @@ def _claim(directory: Path, manifest: Manifest) -> None:
     if path.exists():
         found = json.loads(path.read_text())
         found["feature_paths"] = tuple(found.get("feature_paths", ()))
+        found.setdefault("feature_rules", 1)  # caches from before the key: the rules of then
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             if changed == ["feature_rules"]:
                 raise ValueError(
-                    f"{directory} was prepared under other (or unrecorded) feature-extraction "
-                    "rules (popscore/artifact/features.py or popscore/training/catalog.py "
-                    "changed since): its feature rows are stale; delete it or use another "
-                    "--cache folder"
+                    f"{directory} was prepared under feature-extraction rules "
+                    f"{found['feature_rules']}, these are {wanted['feature_rules']}: its "
+                    "feature rows are stale; delete it or use another --cache folder"
                 )
             raise ValueError(
                 f"{directory} holds a cache of another catalog or setting "

@@ -29,6 +29,8 @@ import numpy as np
 from popscore.artifact.features import AUDIO_FEATURE_NAMES
 
 # CSV column -> dotted ReleaseEvent path. Columns absent from a file are simply missing.
+# A change to how a row maps to ReleaseEvent fields changes the feature rules: bump
+# popscore.artifact.features.FEATURE_RULES with it (prepared caches then refuse the old rows).
 CSV_COLUMNS: dict[str, str] = {
     "name": "release.title",
     "artist": "artist.name",

@@ -9,6 +9,7 @@ Bad input raises ``consumer.errors.UsageError`` naming the argument (the CLI exi
 """
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,8 @@ REFERENCE_SCORED_ROWS = 5000
 # How long the other ranks wait for rank 0 to prepare the cache under torchrun: 20,000 tracks
 # took 846 s on 2 cores (docs/MODEL.md); a day leaves room for millions on a larger machine.
 PREPARE_WAIT = timedelta(hours=24)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,7 @@ def prepare_cache(
     workers: int | None = None,
     shard_rows: int = 256,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> Prepared:
     """Decode the catalog's audio into ``directory`` (training.cache) under the service's audio
     policy; local files may also lie under the catalog's own folder."""
@@ -297,6 +301,7 @@ def prepare_cache(
             shard_rows,
             workers,
             progress,
+            retry_failed,
         )
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise UsageError(f"--data {catalog}: {exc}") from None
@@ -333,12 +338,13 @@ def with_epochs(spec: ModelSpec, epochs: int | None) -> ModelSpec:
 
 
 def check_resume(table: TrackTable, spec: ModelSpec, resume: bool) -> None:
-    """Refuse a --resume that could do nothing: only streamed training writes checkpoints."""
+    """Say so when --resume can do nothing: only streamed training writes checkpoints. Not
+    refused: a job that always passes --resume (restarted by its scheduler) trains from the
+    start, in memory, as it would without it."""
     if resume and not streams_from_cache(table, spec):
-        raise UsageError(
-            "--resume: this run keeps no checkpoint to resume from (only training that streams "
-            "audio from a cache does; features-only and synthetic runs train in memory from "
-            "the start): leave --resume out"
+        log.warning(
+            "--resume: this run keeps no checkpoint (only training that streams audio from a "
+            "cache does; features-only and synthetic runs train in memory): it starts afresh"
         )
 
 

@@ -6,6 +6,7 @@ scikit-learn here: ``popscore export`` runs where only the service is installed.
 import csv
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from consumer.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def oof_path(report_path: str | Path) -> Path:
@@ -167,7 +170,13 @@ def _same_data(report: dict[str, Any], path: Path, trained: Trained) -> bool:
     recorded = report["data"].get("sha256")
     if not recorded:  # a report from before the digest: its catalog, if it is still there
         found = report_source(report, path)
-        recorded = file_digest(found) if found.is_file() else None
+        if not found.is_file():
+            log.warning(
+                "%s: its catalog %s is not found to compare; taken as this model's",
+                path, report["data"]["source"],
+            )  # fmt: skip
+            return True
+        recorded = file_digest(found)
     return bool(recorded == trained.sha256)
 
 
@@ -196,7 +205,7 @@ def report_source(report: dict[str, Any], path: Path) -> Path:
     if source.is_absolute():
         return source
     folder = path.resolve().parent
-    for base in (folder, *folder.parents):
+    for base in (folder, *folder.parents, Path.cwd()):
         if (base / source).exists():
             return (base / source).resolve()
     return folder / source  # absent: the reader's error names it

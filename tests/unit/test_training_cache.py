@@ -103,7 +103,10 @@ def test_a_rerun_decodes_the_failed_rows_again_and_keeps_the_rest(
     kept = np.load(cache / shard_name(2, ".npy"))[1]  # row 7, not audio: silence
     # The missing file (row 6) arrives after the first run.
     sf.write(catalog.parent / "audio/missing.wav", np.full((RATE, 1), 0.25, np.float32), RATE)
-    result = _prepare(catalog, cache)
+    # train and evaluate prepare too: they never fetch the dead links again at each start
+    unasked = _prepare(catalog, cache)
+    assert (unasked.retried, unasked.failures) == (0, 2)
+    result = _prepare(catalog, cache, retry_failed=True)  # `popscore prepare`
     assert (result.skipped_shards, result.retried, result.recovered) == (3, 2, 1)
     assert result.failures == 1
     table = read_table(cache)
@@ -126,7 +129,7 @@ def test_a_rerun_with_nothing_to_change_leaves_the_cache_readable(
     cache = tmp_path / "cache"
     _prepare(catalog, cache)
     before = (cache / "complete.json").stat()
-    result = _prepare(catalog, cache)  # the two failures fail again: nothing changes
+    result = _prepare(catalog, cache, retry_failed=True)  # both fail again: nothing changes
     assert (result.skipped_shards, result.retried, result.recovered) == (3, 2, 0)
     after = (cache / "complete.json").stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
@@ -138,9 +141,20 @@ def test_a_cache_of_other_feature_rules_is_refused(
     cache = tmp_path / "cache"
     _prepare(catalog, cache)
     assert json.loads((cache / "manifest.json").read_text())["feature_rules"] == feature_rules()
-    monkeypatch.setattr(cache_module, "feature_rules", lambda: "rules-of-another-day")
-    with pytest.raises(ValueError, match=r"prepared under other \(or unrecorded\) feature-"):
+    monkeypatch.setattr(cache_module, "feature_rules", lambda: 2)
+    with pytest.raises(ValueError, match=r"prepared under feature-extraction rules 1, these are 2"):
         _prepare(catalog, cache)
+
+
+def test_a_cache_from_before_the_rules_were_recorded_is_of_the_first_rules(
+    catalog: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    _prepare(catalog, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["feature_rules"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert _prepare(catalog, cache).skipped_shards == 3
 
 
 def test_a_cache_of_other_settings_is_refused(catalog: Path, tmp_path: Path) -> None:

@@ -457,10 +457,6 @@ def test_files_that_are_not_what_an_argument_names_exit_2_with_one_line(
             "it evaluated fusion on 30 rows; this run trains features_only on 30",
         ),
         (["train", "--data", str(data), "--out", out, "--evaluation", str(not_csv)], "report"),
-        (
-            ["train", "--data", str(data), "--out", out, "--no-evaluation", "--resume"],
-            "--resume: this run keeps no checkpoint to resume from",
-        ),
         (["evaluate", "--data", str(not_csv), "--report", str(tmp_path / "r2.json")], "--data"),
         (["export", str(not_pt), "--out", out], "x.pt"),
         (
