@@ -5,12 +5,17 @@ which the parser turns into one line on stderr and exit status 2.
 
 import argparse
 import json
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
-from consumer.settings import Settings
+from pydantic import ValidationError
+
+from consumer.errors import ConfigError, UsageError
+from consumer.settings import _DEVICE, _TOPIC, ENV_PREFIX, Settings
 
 EXIT_USAGE = 2
 # A subcommand's implementation: parsed arguments and settings in, exit status out.
@@ -49,12 +54,76 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """A validator for integers from ``low`` to ``high``."""
+    at_least = int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+tcp_port = int_between(0, 65_535)
+
+
 def positive_float(text: str) -> float:
     """A number > 0."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def finite_positive_float(text: str) -> float:
+    """A number > 0, not inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def popularity(text: str) -> float:
+    """A popularity on the 0-100 scale (a decision cut)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be within 0-100, got {text}")
+    return value
+
+
+def model_version(text: str) -> str:
+    """A model version as the artifact takes it (it names Redis keys): not blank, at most 256
+    characters, no ':' and no braces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be blank")
+    if any(c in text for c in ":{}") or len(text) > 256:
+        raise argparse.ArgumentTypeError(f"at most 256 characters, no ':', no braces: {text!r}")
+    return text
+
+
+def device_name(text: str) -> str:
+    """A scoring device as POPSCORE_DEVICE takes it."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def kafka_topic(text: str) -> str:
+    """A legal Kafka topic name (the broker refuses others only once a client asks)."""
+    if not _TOPIC.match(text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -): {text!r}"
+        )
+    return text
 
 
 def existing_file(text: str) -> Path:
@@ -71,6 +140,35 @@ def existing_dir(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {text}")
     return path
+
+
+def writable_dir(text: str) -> Path:
+    """A folder that exists, or can be made, and can be written in."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"not a folder: {text}")
+    _check_writable(path)
+    return path
+
+
+def writable_path(text: str) -> Path:
+    """A file that can be written: not a folder, in a folder that exists (or can be made) and
+    can be written in. Checked before the work whose result it is to hold."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"is a folder: {text}")
+    _check_writable(path.parent)
+    return path
+
+
+def _check_writable(folder: Path) -> None:
+    """``folder``, or the nearest of its parents that exists (where it would be made), is a
+    folder this process can write in."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"not a folder: {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {existing}")
 
 
 def json_object(text: str) -> dict[str, object]:
@@ -93,3 +191,21 @@ def rfc3339_time(text: str) -> datetime:
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z or +02:00): {text!r}")
     return value
+
+
+def settings_with(
+    settings: Settings, update: Mapping[str, Any], flags: Mapping[str, str]
+) -> Settings:
+    """``settings`` with ``update`` applied and validated as the environment's values are
+    (``model_copy`` would skip every validator). An invalid value is a UsageError naming its
+    flag (``flags`` maps a field to the flag that set it), else a ConfigError naming its
+    variable: either way one line and exit 2."""
+    try:
+        return Settings.model_validate({**settings.model_dump(), **update})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        message = first["msg"].removeprefix("Value error, ")
+        if field in flags:
+            raise UsageError(f"{flags[field]}: {message} (got {first.get('input')!r})") from None
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {message}") from None

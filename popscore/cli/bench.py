@@ -15,7 +15,20 @@ from typing import Any
 
 from consumer.errors import UsageError
 from consumer.settings import Settings
-from popscore.cli.argtypes import Subparsers, existing_dir, positive_float, positive_int
+from popscore.cli.argtypes import (
+    Subparsers,
+    device_name,
+    existing_dir,
+    existing_file,
+    finite_positive_float,
+    int_at_least,
+    positive_float,
+    positive_int,
+    settings_with,
+    writable_dir,
+    writable_path,
+)
+from popscore.cli.service import load_scorer
 
 MODES = (
     "decode",
@@ -41,7 +54,7 @@ def register(sub: Subparsers) -> None:
     bench.add_argument("--events", type=positive_int, default=192, help="events per mode")
     bench.add_argument(
         "--clip",
-        type=float,
+        type=finite_positive_float,
         metavar="SECONDS",
         help="releases of this length (e.g. 30) instead of full-length 3-4 min",
     )
@@ -87,17 +100,21 @@ def register(sub: Subparsers) -> None:
         help="offered events/s of the latency run (default: half the measured max)",
     )
     bench.add_argument("--batch-size", type=positive_int, help="default: POPSCORE_BATCH_SIZE")
-    bench.add_argument("--batch-wait-ms", type=int, help="default: POPSCORE_BATCH_WAIT_MS")
+    bench.add_argument(
+        "--batch-wait-ms", type=int_at_least(0), help="default: POPSCORE_BATCH_WAIT_MS"
+    )
     bench.add_argument("--decode-workers", type=positive_int, help="POPSCORE_DECODE_WORKERS")
     bench.add_argument("--torch-threads", type=positive_int, help="default: half the usable cores")
     bench.add_argument(
         "--resample-on", choices=["auto", "pool", "device"], help="POPSCORE_RESAMPLE_ON"
     )
-    bench.add_argument("--device", help="default: POPSCORE_DEVICE")
-    bench.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
-    bench.add_argument("--corpus-dir", type=Path, default=Path(".bench/corpus"))
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+    bench.add_argument(
+        "--device", type=device_name, help="auto | cpu | cuda | cuda:N (default: POPSCORE_DEVICE)"
+    )
+    bench.add_argument("--model", type=existing_file, help="default: POPSCORE_MODEL")
+    bench.add_argument("--corpus-dir", type=writable_dir, default=Path(".bench/corpus"))
+    bench.add_argument("--seed", type=int_at_least(0), default=0)
+    bench.add_argument("--json", type=writable_path, metavar="FILE", help="write the report here")
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,7 +122,6 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     _require_benchmark()
     from consumer.audio import AudioPolicy
-    from consumer.device import Scorer
     from consumer.kafka import delete_topics
     from consumer.pipeline import batch_resampler_for
     from popscore.bench import compute, corpus
@@ -115,33 +131,28 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := set(modes) - set(MODES):
         print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
         return 2
+    if not modes:
+        print(f"popscore bench: --modes names no mode (of: {', '.join(MODES)})", file=sys.stderr)
+        return 2
     for needs_rate in ("soak", "backfill"):
         if needs_rate in modes and not args.rate and "e2e" not in modes:
             print(f"popscore bench: the {needs_rate} mode needs --rate or the e2e mode",
                   file=sys.stderr)  # fmt: skip
             return 2
+    base = settings_with(settings, _overrides(args), BENCH_FLAGS)  # before anything slow
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
         torch.set_num_threads(args.torch_threads)
+    # Seconds, before the corpus: synthesizing one can take minutes.
+    scorer = load_scorer(args.model, args.device, base)
     try:
         paths, shape = _corpus(args)
     except corpus.CorpusError as exc:
         print(f"popscore bench: {exc}", file=sys.stderr)
         return 2
-    overrides: dict[str, Any] = {
-        "batch_size": args.batch_size or settings.batch_size,
-        "batch_wait_ms": settings.batch_wait_ms
-        if args.batch_wait_ms is None
-        else args.batch_wait_ms,
-        "decode_workers": args.decode_workers or settings.decode_workers,
-        "device": args.device or settings.device,
-        "model": args.model or settings.model,
-        "audio_file_roots": tuple(sorted({p.parent for p in paths})),
-        "resample_on": args.resample_on or settings.resample_on,
-    }
-    base = settings.model_copy(update=overrides)
+    roots = tuple(sorted({p.parent for p in paths}))
+    base = settings_with(base, {"audio_file_roots": roots}, BENCH_FLAGS)
     run_id = f"{int(time.time())}-{uuid.uuid4().hex[:6]}"
-    scorer = Scorer(base.model, base.device, optimize=base.cpu_optimize)
     resampler = batch_resampler_for(base.resample_on, scorer)
     workload = Workload(
         events=args.events,
@@ -181,6 +192,25 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+# The flag that sets each setting the benchmark overrides: an error about one names it.
+BENCH_FLAGS = {
+    "batch_size": "--batch-size",
+    "batch_wait_ms": "--batch-wait-ms",
+    "decode_workers": "--decode-workers",
+    "device": "--device",
+    "model": "--model",
+    "resample_on": "--resample-on",
+}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the benchmark's flags give, where given."""
+    given = {
+        field: getattr(args, flag[2:].replace("-", "_")) for field, flag in BENCH_FLAGS.items()
+    }
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def _service_modes(
@@ -242,7 +272,7 @@ def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
     if args.wesnoth or args.audio_dir:
         folder = args.audio_dir or _wesnoth_dir()
         return corpus.from_dir(folder)
-    lo, hi = (args.clip, args.clip) if args.clip else (180.0, 240.0)
+    lo, hi = (args.clip, args.clip) if args.clip is not None else (180.0, 240.0)
     paths = corpus.build(args.corpus_dir, args.format, args.sample_rate, args.channels, lo, hi,
                          args.unique_files, args.seed, workers=os.cpu_count() or 2)  # fmt: skip
     return paths, {

@@ -63,6 +63,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RUN_FAILURES as exc:
         log.error("%s", exc)
         return 1
-    except service.Interrupted as exc:
-        log.warning("stopped by %s", exc)
-        return 128 + exc.signum

@@ -5,12 +5,19 @@
 import argparse
 import importlib.util
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consumer.errors import UsageError
 from consumer.settings import Settings
-from popscore.cli.argtypes import Subparsers, existing_file, int_at_least
+from popscore.cli.argtypes import (
+    Subparsers,
+    existing_file,
+    int_at_least,
+    model_version,
+    popularity,
+    writable_dir,
+    writable_path,
+)
 
 if TYPE_CHECKING:
     from popscore.training.jobs import Data
@@ -21,11 +28,13 @@ def register(sub: Subparsers) -> None:
     evaluate = sub.add_parser("evaluate", help="artist-grouped k-fold report with baselines")
     evaluate.set_defaults(handler=_evaluate)
     _data_arguments(evaluate)
-    evaluate.add_argument("--report", type=Path, required=True, help="report JSON to write")
+    evaluate.add_argument(
+        "--report", type=writable_path, required=True, help="report JSON to write"
+    )
     evaluate.add_argument("--folds", type=int_at_least(2), default=5)
     evaluate.add_argument(
         "--plots",
-        type=Path,
+        type=writable_dir,
         metavar="DIR",
         help="also write the pictures (predicted vs actual, ROC, calibration, error by artist "
         "size, loss curves) as PNG files into DIR",
@@ -34,7 +43,9 @@ def register(sub: Subparsers) -> None:
     train = sub.add_parser("train", help="train on every row and export an artifact")
     train.set_defaults(handler=_train)
     _data_arguments(train)
-    train.add_argument("--out", type=Path, required=True, help="artifact path, e.g. models/x.pt")
+    train.add_argument(
+        "--out", type=writable_path, required=True, help="artifact path, e.g. models/x.pt"
+    )
     # An artifact carries its evaluation; leaving it out is a deliberate choice.
     evaluated = train.add_mutually_exclusive_group(required=True)
     evaluated.add_argument(
@@ -45,14 +56,16 @@ def register(sub: Subparsers) -> None:
     evaluated.add_argument(
         "--no-evaluation", action="store_true", help="embed no evaluation (an experiment)"
     )
-    train.add_argument("--model-version", help="default: derived from data, seed and weights")
+    train.add_argument(
+        "--model-version", type=model_version, help="default: derived from data, seed and weights"
+    )
     train.add_argument(
         "--resume",
         action="store_true",
         help="continue from the checkpoint beside --out (OUT.ckpt) when a run was interrupted",
     )
     train.add_argument(
-        "--plots", type=Path, metavar="DIR", help="write the loss curves per epoch into DIR"
+        "--plots", type=writable_dir, metavar="DIR", help="write the loss curves per epoch into DIR"
     )
 
     prepare = sub.add_parser(
@@ -70,7 +83,7 @@ def register(sub: Subparsers) -> None:
     )
     prepare.add_argument(
         "--cache",
-        type=Path,
+        type=writable_dir,
         required=True,
         metavar="DIR",
         help="where the shards go (a rerun resumes)",
@@ -94,16 +107,18 @@ def register(sub: Subparsers) -> None:
     compare.set_defaults(handler=_compare)
     compare.add_argument("a", type=existing_file, help="an `evaluate` report (A)")
     compare.add_argument("b", type=existing_file, help="a report of the same data and folds (B)")
-    compare.add_argument("--json", type=Path, help="also write the comparison here")
+    compare.add_argument("--json", type=writable_path, help="also write the comparison here")
     compare.add_argument("--resamples", type=int_at_least(100), default=2000)
 
     export = sub.add_parser("export", help="re-export an artifact with updated metadata")
     export.set_defaults(handler=_export)
     export.add_argument("artifact", type=existing_file, help="an existing popscore artifact")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--out", type=writable_path, required=True)
     export.add_argument("--evaluation", type=existing_file, help="report whose summary to embed")
-    export.add_argument("--hit-threshold", type=float, help="new is_hit cut on popularity")
-    export.add_argument("--model-version")
+    export.add_argument(
+        "--hit-threshold", type=popularity, help="new is_hit cut on popularity (0-100)"
+    )
+    export.add_argument("--model-version", type=model_version)
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +139,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache",
-        type=Path,
+        type=writable_dir,
         metavar="DIR",
         help="where the catalog's audio is prepared once (default: CATALOG.cache beside it)",
     )

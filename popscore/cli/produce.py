@@ -20,7 +20,15 @@ from tqdm import tqdm
 from consumer.errors import SinkError, UsageError
 from consumer.kafka import client, ensure_topics, produce, producer_config
 from consumer.settings import Settings
-from popscore.cli.argtypes import Subparsers, existing_file, positive_float, positive_int
+from popscore.cli.argtypes import (
+    Subparsers,
+    existing_file,
+    finite_positive_float,
+    int_at_least,
+    kafka_topic,
+    positive_int,
+    writable_dir,
+)
 from schemas.events import ReleaseEvent
 
 FORMATS = ("MP3", "FLAC", "OGG", "WAV")
@@ -37,16 +45,16 @@ def register(sub: Subparsers) -> None:
         "--synthetic", type=positive_int, metavar="N", help="synthesize N releases with real audio"
     )
     source.add_argument("--file", type=existing_file, help="a JSONL file, one event per line")
-    parser.add_argument("--topic", help="default: POPSCORE_INPUT_TOPIC")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--topic", type=kafka_topic, help="default: POPSCORE_INPUT_TOPIC")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument(
         "--out-dir",
-        type=Path,
+        type=writable_dir,
         default=Path(".demo/audio"),
-        help="where synthetic audio files are written",
+        help="where synthetic audio files are written (made if missing)",
     )
-    parser.add_argument("--min-seconds", type=positive_float, default=5.0)
-    parser.add_argument("--max-seconds", type=positive_float, default=240.0)
+    parser.add_argument("--min-seconds", type=finite_positive_float, default=5.0)
+    parser.add_argument("--max-seconds", type=finite_positive_float, default=240.0)
     parser.add_argument(
         "--partitions",
         type=positive_int,
@@ -59,6 +67,8 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
     topic = args.topic or settings.input_topic
     if args.synthetic and args.min_seconds > args.max_seconds:
         raise UsageError("--min-seconds must not exceed --max-seconds")
+    if args.synthetic:
+        _check_out_dir(args.out_dir)
     ensure_topics(settings.kafka_config("admin"), [topic], args.partitions)
     config = settings.kafka_config("producer")
     if args.synthetic:
@@ -75,6 +85,14 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
         sent = send(config, topic, jsonl_records(args.file))
         print(f"sent {sent} events from {args.file} to {topic}")
     return 0
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The default folder too (argparse checks only a given one), and only when it is used."""
+    try:
+        writable_dir(str(out_dir))
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--out-dir: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,20 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from consumer.errors import UsageError
+from consumer.errors import ConfigError, UsageError
 from consumer.redis_client import AnyRedis, close, connect
 from consumer.rollout import current_model, drop, models, promote
-from consumer.settings import Settings
-from popscore.cli.argtypes import Parser, Subparsers, existing_file, int_at_least, positive_int
+from consumer.settings import ENV_PREFIX, Settings, check_distinct_topics
+from popscore.cli import service
+from popscore.cli.argtypes import (
+    Parser,
+    Subparsers,
+    existing_file,
+    kafka_topic,
+    positive_int,
+    settings_with,
+    tcp_port,
+)
 
 
 def register(sub: Subparsers) -> None:
@@ -95,7 +104,7 @@ def register_backfill(sub: Subparsers) -> None:
     )
     publish.set_defaults(handler=_publish)
     publish.add_argument("--catalog", type=existing_file, required=True)
-    publish.add_argument("--topic", default=BACKFILL_TOPIC)
+    publish.add_argument("--topic", type=kafka_topic, default=BACKFILL_TOPIC)
     publish.add_argument("--partitions", type=positive_int, default=8)
     publish.add_argument(
         "--force", action="store_true", help="publish even when the topic already holds records"
@@ -106,8 +115,12 @@ def register_backfill(sub: Subparsers) -> None:
     )
     run.set_defaults(handler=_run)
     run.add_argument("--model", type=existing_file, required=True)
-    run.add_argument("--topic", default=BACKFILL_TOPIC, help="the topic to re-score")
-    run.add_argument("--group", help="default: popscore-backfill-<model_version>")
+    run.add_argument(
+        "--topic", type=kafka_topic, default=BACKFILL_TOPIC, help="the topic to re-score"
+    )
+    run.add_argument(
+        "--group", help="default: popscore-backfill-<model_version>; never POPSCORE_GROUP_ID"
+    )
     run.add_argument(
         "--nice", type=int, choices=range(20), default=10, metavar="0-19", help="CPU nice value"
     )
@@ -117,7 +130,13 @@ def register_backfill(sub: Subparsers) -> None:
         help="pause while this group lags (default: POPSCORE_GROUP_ID); '' never pauses",
     )
     run.add_argument("--follow", action="store_true", help="keep consuming after the end")
-    run.add_argument("--http-port", type=int_at_least(0), default=9401)
+    run.add_argument(
+        "--http-port",
+        type=tcp_port,
+        default=9401,
+        help="/metrics, /healthz, /readyz of the backfill (beside a live consumer's "
+        "POPSCORE_HTTP_PORT); 0 = any free port",
+    )
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,39 +185,89 @@ def _json_value(value: object) -> str:
     return str(value)
 
 
+# Which flag of `backfill run` sets each setting: an error about one names the flag.
+RUN_FLAGS = {
+    "model": "--model",
+    "input_topic": "--topic",
+    "group_id": "--group",
+    "cpu_nice": "--nice",
+    "yield_to_group": "--yield-to",
+    "http_port": "--http-port",
+}
+
+
 def backfill_settings(args: argparse.Namespace, settings: Settings, version: str) -> Settings:
     """The live settings turned into a backfill consumer's: its own topics and group, the
-    backfill role, a lower CPU priority, yielding to the live group."""
+    backfill role, a lower CPU priority, yielding to the live group. Validated as start-up
+    validates the environment; a bad value is one line naming its flag (UsageError)."""
     name = re.sub(r"[^a-zA-Z0-9._-]", "_", version)[:200]
-    return settings.model_copy(
-        update={
-            "model": args.model,
-            "input_topic": args.topic,
-            "output_topic": f"{settings.output_topic}-backfill",
-            "dlq_topic": f"{settings.dlq_topic}-backfill",
-            "group_id": args.group or f"popscore-backfill-{name}",
-            "transactional_id": None,
-            "shadow_model": None,
-            "role": "backfill",
-            "cpu_nice": args.nice,
-            "yield_to_group": settings.group_id if args.yield_to is None else args.yield_to,
-            "yield_to_topic": settings.input_topic,
-            "http_port": args.http_port,
-        }
-    )
+    group = args.group or f"popscore-backfill-{name}"
+    _refuse_loops(args.topic, group, settings)
+    update = {
+        "model": args.model,
+        "input_topic": args.topic,
+        "output_topic": f"{settings.output_topic}-backfill",
+        "dlq_topic": f"{settings.dlq_topic}-backfill",
+        "group_id": group,
+        "transactional_id": None,
+        "shadow_model": None,
+        "role": "backfill",
+        "cpu_nice": args.nice,
+        "yield_to_group": settings.group_id if args.yield_to is None else args.yield_to,
+        "yield_to_topic": settings.input_topic,
+        "http_port": args.http_port,
+    }
+    backfill = settings_with(settings, update, RUN_FLAGS)
+    check_distinct_topics(backfill)
+    return backfill
+
+
+def _refuse_loops(topic: str, group: str | None, live: Settings) -> None:
+    """A backfill reading a topic it writes scores itself for ever; one in the live group
+    takes live partitions and commits the live group's offsets."""
+    written = {
+        f"{live.output_topic}-backfill": "its output topic (POPSCORE_OUTPUT_TOPIC-backfill)",
+        f"{live.dlq_topic}-backfill": "its dead-letter topic (POPSCORE_DLQ_TOPIC-backfill)",
+        live.shadow_topic: "POPSCORE_SHADOW_TOPIC",
+    }
+    if topic in written:
+        raise UsageError(f"--topic: {topic!r} is {written[topic]}; a backfill reads another")
+    if group == live.group_id:
+        raise UsageError(
+            f"--group: {group!r} is the live group (POPSCORE_GROUP_ID); a backfill needs its "
+            "own, or it joins the live consumers and commits their offsets"
+        )
+
+
+@contextmanager
+def _flags_named() -> Iterator[None]:
+    """Start-up names the POPSCORE_* variable of a bad setting; here some came from flags."""
+    try:
+        yield
+    except ConfigError as exc:
+        variable, _, detail = str(exc).partition(": ")
+        flag = RUN_FLAGS.get(variable.removeprefix(ENV_PREFIX).lower())
+        if flag is None:
+            raise
+        raise UsageError(f"{flag}: {detail}") from None
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.app import App
     from consumer.kafka import ensure_topics
-    from popscore.artifact import load
+    from popscore.artifact import ArtifactError, load
 
-    version = load(args.model).meta.model_version
+    _refuse_loops(args.topic, args.group, settings)  # before the artifact loads
+    try:
+        version = load(args.model).meta.model_version
+    except ArtifactError as exc:
+        raise UsageError(f"--model: {exc}") from None
     s = backfill_settings(args, settings, version)
     ensure_topics(s.kafka_config("admin"), [s.output_topic, s.dlq_topic], 8)
-    print(f"backfill of {args.topic} under {version}: group {s.group_id}, scores to "
-          f"{s.output_topic}", file=sys.stderr)  # fmt: skip
-    with App(s, stop_at_end=not args.follow) as app:
+    service.exit_on_sigterm()  # the App's own handlers replace it once it serves
+    with _flags_named(), App(s, stop_at_end=not args.follow) as app:
+        print(f"backfill of {args.topic} under {version}: group {s.group_id}, scores to "
+              f"{s.output_topic}", file=sys.stderr)  # fmt: skip
         app.install_signal_handlers()
         app.run()
         done = app.metrics.registry.get_sample_value("popscore_events_total", {"outcome": "scored"})

@@ -2,17 +2,30 @@
 dead letters sent back to the input topic."""
 
 import argparse
+import os
 import signal
 import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from consumer.errors import DeadLetter, UsageError
+from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable, UsageError
 from consumer.settings import Settings
-from popscore.cli.argtypes import Subparsers, existing_file, json_object, rfc3339_time
+from popscore.artifact import ArtifactError
+from popscore.cli.argtypes import (
+    Subparsers,
+    device_name,
+    existing_file,
+    json_object,
+    kafka_topic,
+    rfc3339_time,
+)
+
+if TYPE_CHECKING:
+    from consumer.device import Scorer
 from schemas.dead_letter import DeadLetterReason
 from schemas.events import ReleaseEvent
 
@@ -41,8 +54,10 @@ def register(sub: Subparsers) -> None:
         default={},
         help='ReleaseEvent groups as JSON, e.g. \'{"artist": {"followers": 1200}}\'',
     )
-    score.add_argument("--model", type=Path, help="default: POPSCORE_MODEL")
-    score.add_argument("--device", help="default: POPSCORE_DEVICE")
+    score.add_argument("--model", type=existing_file, help="default: POPSCORE_MODEL")
+    score.add_argument(
+        "--device", type=device_name, help="auto | cpu | cuda | cuda:N (default: POPSCORE_DEVICE)"
+    )
     _register_replay(sub)
 
 
@@ -75,32 +90,34 @@ def _register_replay(sub: Subparsers) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="count what would be replayed; publish nothing"
     )
-    parser.add_argument("--from-topic", help="dead-letter topic (default: POPSCORE_DLQ_TOPIC)")
-    parser.add_argument("--to-topic", help="where to publish (default: POPSCORE_INPUT_TOPIC)")
+    parser.add_argument(
+        "--from-topic", type=kafka_topic, help="dead-letter topic (default: POPSCORE_DLQ_TOPIC)"
+    )
+    parser.add_argument(
+        "--to-topic", type=kafka_topic, help="where to publish (default: POPSCORE_INPUT_TOPIC)"
+    )
 
 
-class Interrupted(BaseException):
-    """SIGTERM while ``consume`` starts (model load, warm-up, connecting). A BaseException, as
-    KeyboardInterrupt is: the ``except Exception`` on its way (logging's, for one) lets it by.
-    A blocking call in C (librdkafka's init_transactions, up to 30 s) delays it until it
-    returns."""
+def exit_on_sigterm() -> None:
+    """Until the App installs its own handlers: SIGTERM ends the process at once. As PID 1 of
+    a container a signal without a handler is ignored, so a pod deleted while it starts (model
+    load, warm-up, connecting) would sit out its whole grace period. Nothing is consumed or
+    open yet to finish; an exception raised from the handler could land in a librdkafka
+    callback and be swallowed, so the process exits from the handler itself. A blocking call
+    in C (init_transactions, up to 30 s) delays it until it returns."""
+    signal.signal(signal.SIGTERM, _exit_now)
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
+def _exit_now(signum: int, _frame: object) -> None:
+    os.write(2, f"popscore: stopped by {signal.Signals(signum).name} while starting\n".encode())
+    os._exit(128 + signum)
 
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.app import REPORT_KEPT, App
     from popscore.cli.report import metrics_summary, score_table
 
-    # As PID 1 of a container, a signal without a handler is ignored: a pod deleted while it
-    # starts would sit out its whole grace period. The App's own handlers replace this one.
-    signal.signal(signal.SIGTERM, _interrupt)
+    exit_on_sigterm()  # the App's own handlers replace it once it serves
     kept = REPORT_KEPT if args.report else 0
     with App(settings, stop_at_end=args.stop_at_end, keep_scored=kept) as app:
         app.install_signal_handlers()
@@ -126,7 +143,6 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from consumer.audio import AudioPolicy
-    from consumer.device import Scorer
     from consumer.metrics import Metrics
     from consumer.pipeline import Pipeline
 
@@ -136,11 +152,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UsageError(f"--features: {first['loc']}: {first['msg']}") from None
-    scorer = Scorer(
-        args.model or settings.model,
-        args.device or settings.device,
-        optimize=settings.cpu_optimize,
-    )
+    scorer = load_scorer(args.model, args.device, settings)
     print(f"model {scorer.meta.provenance()}", file=sys.stderr)  # stdout: the record alone
     policy = AudioPolicy.create(
         (path.parent,), max_bytes=settings.audio_max_bytes, max_seconds=settings.audio_max_seconds
@@ -153,6 +165,25 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(outcome.model_dump_json(indent=2))
     return 0
+
+
+def load_scorer(model: Path | None, device: str | None, settings: Settings) -> "Scorer":
+    """The artifact on its device, each the flag's or else the setting's; one that cannot load
+    or a device that is not there is one line naming the flag or the variable (exit 2)."""
+    from consumer.device import Scorer
+
+    try:
+        return Scorer(
+            model or settings.model, device or settings.device, optimize=settings.cpu_optimize
+        )
+    except DeviceUnavailable as exc:
+        if device:
+            raise UsageError(f"--device: {exc}") from None
+        raise ConfigError(f"POPSCORE_DEVICE: {exc}") from None
+    except ArtifactError as exc:
+        if model:
+            raise UsageError(f"--model: {exc}") from None
+        raise ConfigError(f"POPSCORE_MODEL: {exc}") from None
 
 
 def _offline_event(path: Path, features: dict[str, object]) -> ReleaseEvent:

@@ -176,16 +176,19 @@ def test_score_prints_a_score_record(
     assert 0 <= record.popularity <= 100
 
 
-def test_a_model_that_cannot_load_is_one_error_line_exit_1(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_model_that_cannot_load_is_one_line_naming_the_flag_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     audio = tmp_path / "a.wav"
     sf.write(audio, np.zeros(2_000, dtype=np.float32), 8_000)
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not an artifact")
-    assert main(["score", str(audio), "--model", str(bogus), "--device", "cpu"]) == 1
-    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert "cannot load model artifact" in record.getMessage() and record.exc_info is None
+    with pytest.raises(SystemExit) as info:
+        main(["score", str(audio), "--model", str(bogus), "--device", "cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("popscore: error: --model: cannot load model artifact")
+    assert err.count("\n") == 1
 
 
 def test_the_bench_cleans_up_after_every_mode_that_goes_through_kafka() -> None:
