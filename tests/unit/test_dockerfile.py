@@ -163,6 +163,7 @@ def healthcheck_command() -> list[str]:
 def test_healthcheck_command_follows_healthz(alive: bool) -> None:
     """Run the HEALTHCHECK's exact command against the real /healthz server."""
     health = Health()
+    health.started = True  # start-up over: /healthz says what the loop does
     if not alive:
         health._beat -= 10_000  # a main loop stalled long ago
     server = HealthServer(0, CollectorRegistry(), health).start()
