@@ -25,6 +25,15 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names (kafka.common.internals.Topic), "." and ".." excepted.
 _TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 _TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic", "shadow_topic")
+# librdkafka properties popscore sets itself: in POPSCORE_KAFKA_PROPERTIES they are refused.
+_OWNED_PROPERTIES = {
+    "bootstrap.servers": "POPSCORE_KAFKA_BOOTSTRAP",
+    "group.id": "POPSCORE_GROUP_ID",
+    "transactional.id": "POPSCORE_TRANSACTIONAL_ID",
+    "isolation.level": "read_committed, for exactly once",
+    "enable.auto.commit": "offsets are committed in the batch's transaction",
+    "enable.auto.offset.store": "offsets are committed in the batch's transaction",
+}
 # One bootstrap.servers entry as librdkafka reads it: [protocol://]host[:port], IPv6 in [].
 _BROKER = re.compile(
     r"^(?:(?:plaintext|ssl|sasl_plaintext|sasl_ssl)://)?"
@@ -269,6 +278,16 @@ class Settings(BaseSettings):
             role, _, rest = key.partition(".")
             if not key.strip() or (role in KAFKA_ROLES and not rest):
                 raise ValueError(f"{key!r} names no librdkafka property")
+            owner = _OWNED_PROPERTIES.get(rest if role in KAFKA_ROLES else key)
+            if owner is not None:  # it would be overridden, or override, without a word
+                raise ValueError(f"{key!r} is popscore's to set ({owner})")
+        return value
+
+    @field_validator("transactional_id")
+    @classmethod
+    def _id_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank (unset it for the default)")
         return value
 
     def kafka_config(self, role: KafkaRole) -> dict[str, str]:

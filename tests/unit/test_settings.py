@@ -108,6 +108,11 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_KAFKA_BOOTSTRAP", "http://localhost:9092"),
         ("POPSCORE_KAFKA_BOOTSTRAP", "broker:70000"),
         ("POPSCORE_YIELD_TO_GROUP", "popscore"),  # its own group: paused on its own lag
+        # popscore's own properties: silently overridden, or overriding POPSCORE_KAFKA_BOOTSTRAP
+        ("POPSCORE_KAFKA_PROPERTIES", '{"bootstrap.servers": "other:9092"}'),
+        ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.group.id": "g"}'),
+        ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.isolation.level": "read_uncommitted"}'),
+        ("POPSCORE_TRANSACTIONAL_ID", " "),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
