@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import httpx
 import numpy as np
@@ -298,7 +298,7 @@ def _pinned_stream(
 def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -> io.BytesIO:
     if response.status_code != 200:
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"HTTP {response.status_code}")
-    inflate = _inflater(response.headers.get("content-encoding", ""))
+    inflate = Inflater.of(response.headers.get("content-encoding", ""), policy.max_bytes)
     declared = int(response.headers.get("content-length", "0") or 0)
     if declared > policy.max_bytes:
         raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"{declared} bytes > {policy.max_bytes}")
@@ -307,46 +307,95 @@ def _read_body(response: httpx.Response, policy: AudioPolicy, deadline: float) -
     # even when a server drips a byte at a time. Raw, and inflated here if at all, so the
     # byte limit bounds what is held, not what was sent.
     for chunk in response.iter_raw():
-        _write_bounded(body, chunk, inflate, policy.max_bytes)
+        if inflate is None:
+            body.write(chunk)
+            if body.tell() > policy.max_bytes:
+                raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {policy.max_bytes} bytes")
+        else:
+            inflate.feed(body, chunk)
         # httpx times each read; a server dripping a byte at a time needs a total deadline.
         if time.monotonic() > deadline:
             raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "fetch deadline exceeded")
-    if inflate is not None and not inflate.eof:
+    if inflate is not None and not inflate.finished():
         raise DeadLetter(Reason.AUDIO_FETCH_FAILED, "the compressed body ends early")
     body.seek(0)
     return body
 
 
-def _inflater(encoding: str) -> "zlib._Decompress | None":
-    """Fetches ask for the body as stored (``Accept-Encoding: identity``), yet an object
-    stored gzip-encoded (S3 ``Content-Encoding: gzip``) comes so anyway: one gzip or deflate
-    layer is inflated here, within the byte limit. Layers on layers are refused."""
-    coding = encoding.strip().lower()
-    if coding in ("", "identity"):
-        return None
-    if coding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    if coding == "deflate":  # zlib-wrapped, as RFC 9110 says (raw deflate is read too)
-        return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)
-    raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"content-encoding {coding[:50]!r} is not accepted")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _write_bounded(
-    body: io.BytesIO, chunk: bytes, inflate: "zlib._Decompress | None", limit: int
-) -> None:
-    """Append ``chunk`` (inflated, at most up to the limit at a time); past ``limit`` bytes the
-    body is too large."""
-    if inflate is None:
-        body.write(chunk)
-    else:
-        while chunk and body.tell() <= limit:
+class Inflater:
+    """One gzip or deflate layer inflated into a body, never past its byte limit.
+
+    Fetches ask for the body as stored (``Accept-Encoding: identity``), yet an object stored
+    gzip-encoded (S3 ``Content-Encoding: gzip``) comes so anyway. A gzip body may hold several
+    members (RFC 1952: ``cat a.gz b.gz``), each inflated in turn; bytes after the last are
+    counted against the limit and dropped, never kept. Layers on layers are refused."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.gzip = coding in ("gzip", "x-gzip")
+        self.limit = limit
+        self.stream: zlib._Decompress | None = None
+        self.pending = b""  # a few bytes that may begin the next gzip member
+        self.trailing = 0
+
+    @classmethod
+    def of(cls, encoding: str, limit: int) -> "Inflater | None":
+        coding = encoding.strip().lower()
+        if coding in ("", "identity"):
+            return None
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise DeadLetter(
+                Reason.AUDIO_FETCH_FAILED, f"content-encoding {coding[:50]!r} is not accepted"
+            )
+        return cls(coding, limit)
+
+    def feed(self, body: io.BytesIO, chunk: bytes) -> None:
+        """Inflate ``chunk`` into ``body`` (at most up to the limit at a time)."""
+        data = self.pending + chunk
+        self.pending = b""
+        while data and body.tell() <= self.limit:
+            if self.stream is None or self.stream.eof:
+                data = self._next_member(data)
+                if not data:
+                    return
+            stream = cast("zlib._Decompress", self.stream)
             try:
-                body.write(inflate.decompress(chunk, limit + 1 - body.tell()))
+                body.write(stream.decompress(data, self.limit + 1 - body.tell()))
             except zlib.error as exc:
                 raise DeadLetter(Reason.AUDIO_FETCH_FAILED, f"corrupt body: {exc}") from exc
-            chunk = inflate.unconsumed_tail
-    if body.tell() > limit:
-        raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {limit} bytes")
+            data = stream.unused_data if stream.eof else stream.unconsumed_tail
+        if body.tell() > self.limit:
+            raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {self.limit} bytes")
+
+    def _next_member(self, data: bytes) -> bytes:
+        """Start the stream (or the next gzip member) on ``data``; what follows the last
+        member is counted and dropped. Returns the bytes still to inflate."""
+        if self.stream is None:
+            self.stream = zlib.decompressobj(wbits=self._wbits(data))
+            return data
+        if self.gzip and len(data) < len(GZIP_MAGIC) and GZIP_MAGIC.startswith(data):
+            self.pending = data  # the next member's first byte; its second comes next
+            return b""
+        if self.gzip and data.startswith(GZIP_MAGIC):
+            self.stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            return data
+        self.trailing += len(data)
+        if self.trailing > self.limit:
+            raise DeadLetter(Reason.AUDIO_TOO_LARGE, f"over {self.limit} bytes after the data")
+        return b""
+
+    def _wbits(self, data: bytes) -> int:
+        if self.gzip or data.startswith(GZIP_MAGIC):  # gzip sent as "deflate" happens too
+            return 16 + zlib.MAX_WBITS
+        # deflate is zlib-wrapped, as RFC 9110 says; some servers send it raw
+        wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+
+    def finished(self) -> bool:
+        """The stream ended: a cut body (no end of stream) is no audio."""
+        return self.stream is not None and self.stream.eof and not self.pending
 
 
 def decode_window(

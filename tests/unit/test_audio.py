@@ -229,7 +229,8 @@ def http_audio(tmp_path: Path) -> Iterator[str]:
                 coding, data = ENCODED[self.path](body)
                 self.send_response(200)
                 self.send_header("Content-Encoding", coding)
-                self.send_header("Content-Length", str(len(data)))
+                if not self.path.endswith("-junk"):  # else its end is the connection's
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
             elif self.path == "/echo-encoding":  # what the client asked for, as the body
@@ -270,6 +271,11 @@ def _gzipped(data: bytes, layers: int) -> bytes:
 
 
 @functools.cache
+def _junk() -> bytes:
+    return _gzipped(b"x", 1) + bytes(8 << 20)
+
+
+@functools.cache
 def _bomb(layers: int) -> bytes:
     return _gzipped(bytes(64 << 20), layers)
 
@@ -281,7 +287,17 @@ ENCODED: dict[str, Callable[[bytes], tuple[str, bytes]]] = {
     "/gzip-stored": lambda wav: ("gzip", _gzipped(wav, 1)),  # S3 Content-Encoding: gzip
     "/deflate-stored": lambda wav: ("deflate", zlib.compress(wav)),
     "/gzip-cut": lambda wav: ("gzip", _gzipped(wav, 1)[:-100]),
+    # two members (cat a.gz b.gz): both are the audio, not the first alone
+    "/gzip-members": lambda wav: ("gzip", _gzipped(wav[:1000], 1) + _gzipped(wav[1000:], 1)),
+    "/raw-deflate": lambda wav: ("deflate", _raw_deflate(wav)),
+    # a small member, then 8 MiB of junk: counted against the limit, never held
+    "/gzip-junk": lambda _wav: ("gzip", _junk()),
 }
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
 
 
 @pytest.mark.parametrize(
@@ -290,6 +306,7 @@ ENCODED: dict[str, Callable[[bytes], tuple[str, bytes]]] = {
         ("/gzip-bomb", Reason.AUDIO_TOO_LARGE, "over 1048576 bytes"),
         ("/nested-bomb", Reason.AUDIO_FETCH_FAILED, "content-encoding 'gzip, gzip' is not"),
         ("/gzip-cut", Reason.AUDIO_FETCH_FAILED, "the compressed body ends early"),
+        ("/gzip-junk", Reason.AUDIO_TOO_LARGE, "over 1048576 bytes after the data"),
     ],
 )
 def test_a_compressed_body_is_inflated_only_within_the_byte_limit(
@@ -309,9 +326,13 @@ def _refused(uri: str, policy: AudioPolicy, reason: Reason, detail: str) -> None
     assert reason_of(info) is reason
 
 
-@pytest.mark.parametrize("path", ["/gzip-stored", "/deflate-stored"])
-def test_audio_stored_compressed_is_inflated_and_decodes(http_audio: str, path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["/gzip-stored", "/deflate-stored", "/gzip-members", "/raw-deflate"]
+)
+def test_audio_stored_compressed_is_inflated_whole_and_decodes(http_audio: str, path: str) -> None:
     policy = AudioPolicy.create((), allow_private_hosts=True)
+    body = open_uri(http_audio + path, policy)
+    assert body.read() == open_uri(http_audio + "/a.wav", policy).read()
     wave = load_clip(http_audio + path, policy, Resampler(TARGET, 1.0))
     assert wave.shape == (TARGET,) and np.abs(wave).max() > 0.4
 
