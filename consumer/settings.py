@@ -25,14 +25,20 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names (kafka.common.internals.Topic), "." and ".." excepted.
 _TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 _TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic", "shadow_topic")
-# librdkafka properties popscore sets itself: in POPSCORE_KAFKA_PROPERTIES they are refused.
-_OWNED_PROPERTIES = {
-    "bootstrap.servers": "POPSCORE_KAFKA_BOOTSTRAP",
-    "group.id": "POPSCORE_GROUP_ID",
-    "transactional.id": "POPSCORE_TRANSACTIONAL_ID",
-    "isolation.level": "read_committed, for exactly once",
-    "enable.auto.commit": "offsets are committed in the batch's transaction",
-    "enable.auto.offset.store": "offsets are committed in the batch's transaction",
+# librdkafka properties popscore sets itself, aliases included: in POPSCORE_KAFKA_PROPERTIES
+# they are refused (silently overridden, or overriding a setting), unless one restates the
+# value popscore gives it.
+_OWNED_PROPERTIES: dict[str, tuple[str, str | None]] = {
+    "bootstrap.servers": ("POPSCORE_KAFKA_BOOTSTRAP", None),
+    "metadata.broker.list": ("POPSCORE_KAFKA_BOOTSTRAP", None),
+    "group.id": ("POPSCORE_GROUP_ID", None),
+    "transactional.id": ("POPSCORE_TRANSACTIONAL_ID", None),
+    "isolation.level": ("read_committed, for exactly once", "read_committed"),
+    "enable.auto.commit": ("offsets commit in the batch's transaction", "false"),
+    "auto.commit.enable": ("offsets commit in the batch's transaction", "false"),
+    "enable.auto.offset.store": ("offsets commit in the batch's transaction", "false"),
+    "enable.partition.eof": ("--stop-at-end reads partition ends", "true"),
+    "partition.assignment.strategy": ("incremental rebalances", "cooperative-sticky"),
 }
 # One bootstrap.servers entry as librdkafka reads it: [protocol://]host[:port], IPv6 in [].
 _BROKER = re.compile(
@@ -274,21 +280,20 @@ class Settings(BaseSettings):
     @field_validator("kafka_properties")
     @classmethod
     def _roles_name_a_property(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for key in value:
+        for key, secret in value.items():
             role, _, rest = key.partition(".")
             if not key.strip() or (role in KAFKA_ROLES and not rest):
                 raise ValueError(f"{key!r} names no librdkafka property")
-            owner = _OWNED_PROPERTIES.get(rest if role in KAFKA_ROLES else key)
-            if owner is not None:  # it would be overridden, or override, without a word
-                raise ValueError(f"{key!r} is popscore's to set ({owner})")
+            owned = _OWNED_PROPERTIES.get(rest if role in KAFKA_ROLES else key)
+            if owned is not None and secret.get_secret_value().strip().lower() != owned[1]:
+                raise ValueError(f"{key!r} is popscore's to set ({owned[0]})")
         return value
 
-    @field_validator("transactional_id")
+    @field_validator("transactional_id", mode="before")
     @classmethod
-    def _id_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be blank (unset it for the default)")
-        return value
+    def _blank_id_is_unset(cls, value: Any) -> Any:
+        # A templated manifest often renders an unset value as "": the default then.
+        return None if isinstance(value, str) and not value.strip() else value
 
     def kafka_config(self, role: KafkaRole) -> dict[str, str]:
         """librdkafka properties of one kind of client: the bootstrap servers, every unprefixed

@@ -151,6 +151,15 @@ def writable_dir(text: str) -> Path:
     return path
 
 
+def cache_dir(text: str) -> Path:
+    """A prepared cache (``complete.json`` in it), which training only reads: a read-only
+    volume will do. Anything else must be a folder that can be made and written in."""
+    path = Path(text)
+    if (path / "complete.json").is_file():
+        return path
+    return writable_dir(text)
+
+
 def writable_path(text: str) -> Path:
     """A file that can be written: not a folder, in a folder that exists (or can be made) and
     can be written in. Checked before the work whose result it is to hold."""

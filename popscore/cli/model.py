@@ -11,6 +11,7 @@ from consumer.errors import UsageError
 from consumer.settings import Settings
 from popscore.cli.argtypes import (
     Subparsers,
+    cache_dir,
     existing_file,
     int_at_least,
     model_version,
@@ -139,7 +140,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache",
-        type=writable_dir,
+        type=cache_dir,
         metavar="DIR",
         help="where the catalog's audio is prepared once (default: CATALOG.cache beside it)",
     )

@@ -265,7 +265,10 @@ def _claim(directory: Path, manifest: Manifest) -> None:
     if path.exists():
         found = json.loads(path.read_text())
         found["feature_paths"] = tuple(found.get("feature_paths", ()))
-        found.setdefault("feature_rules", 1)  # caches from before the key: the rules of then
+        if not isinstance(found.get("feature_rules"), int):
+            # Before the key, or a digest of the sources (a few commits used one): the rules of
+            # then, which are version 1.
+            found["feature_rules"] = 1
         if found != wanted:
             changed = sorted(k for k in wanted if found.get(k) != wanted[k])
             if changed == ["feature_rules"]:

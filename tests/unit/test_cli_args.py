@@ -391,3 +391,18 @@ def test_model_commands_refuse_outputs_and_values_before_any_work(
     result it was to hold, not after it."""
     line = refused([a.format(model=artifact, tmp=tmp_path) for a in args], capsys)
     assert needle in line
+
+
+def test_a_prepared_cache_is_taken_without_a_write_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training only reads a prepared cache: a read-only volume will do."""
+    (tmp_path / "complete.json").write_text("{}")
+
+    def unwritable(text: str) -> Path:
+        raise argparse.ArgumentTypeError(f"cannot write in {text}")
+
+    monkeypatch.setattr(argtypes, "writable_dir", unwritable)
+    assert argtypes.cache_dir(str(tmp_path)) == tmp_path
+    with pytest.raises(argparse.ArgumentTypeError):
+        argtypes.cache_dir(str(tmp_path / "not-prepared"))

@@ -112,7 +112,8 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_KAFKA_PROPERTIES", '{"bootstrap.servers": "other:9092"}'),
         ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.group.id": "g"}'),
         ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.isolation.level": "read_uncommitted"}'),
-        ("POPSCORE_TRANSACTIONAL_ID", " "),
+        ("POPSCORE_KAFKA_PROPERTIES", '{"metadata.broker.list": "other:9092"}'),  # an alias
+        ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.partition.assignment.strategy": "range"}'),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
@@ -245,3 +246,18 @@ def test_an_unknown_popscore_variable_is_named_with_the_likely_one(
     assert caplog.text.count("is not a popscore setting") == 1, "once per name"
     assert "POPSCORE_BATCHSIZE is not a popscore setting and is ignored; did you mean " \
         "POPSCORE_BATCH_SIZE?" in caplog.text  # fmt: skip
+
+
+def test_restating_a_property_popscore_sets_the_same_way_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "POPSCORE_KAFKA_PROPERTIES",
+        '{"consumer.isolation.level": "read_committed", "enable.auto.commit": false}',
+    )
+    assert load_settings().kafka_config("consumer")["isolation.level"] == "read_committed"
+
+
+def test_a_blank_transactional_id_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPSCORE_TRANSACTIONAL_ID", "")
+    assert load_settings().instance_transactional_id().startswith("popscore-popscore-")

@@ -155,6 +155,9 @@ def test_a_cache_from_before_the_rules_were_recorded_is_of_the_first_rules(
     del manifest["feature_rules"]
     (cache / "manifest.json").write_text(json.dumps(manifest))
     assert _prepare(catalog, cache).skipped_shards == 3
+    manifest["feature_rules"] = "0123456789abcdef"  # a few commits recorded a source digest
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert _prepare(catalog, cache).skipped_shards == 3
 
 
 def test_a_cache_of_other_settings_is_refused(catalog: Path, tmp_path: Path) -> None:
