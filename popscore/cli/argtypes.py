@@ -7,7 +7,8 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -78,12 +79,16 @@ def positive_float(text: str) -> float:
     return value
 
 
-def finite_positive_float(text: str) -> float:
-    """A number > 0, not inf."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def finite_positive_float(text: str) -> float:
+    """A number > 0, not inf."""
+    value = _number(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
     return value
@@ -91,10 +96,7 @@ def finite_positive_float(text: str) -> float:
 
 def popularity(text: str) -> float:
     """A popularity on the 0-100 scale (a decision cut)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 0 <= value <= 100:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"must be within 0-100, got {text}")
     return value
@@ -218,3 +220,17 @@ def settings_with(
         if field in flags:
             raise UsageError(f"{flags[field]}: {message} (got {first.get('input')!r})") from None
         raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {message}") from None
+
+
+@contextmanager
+def flags_named(flags: Mapping[str, str]) -> Iterator[None]:
+    """A ConfigError naming the POPSCORE_* variable of a setting a flag gave (``flags`` maps a
+    field to its flag) becomes a UsageError naming the flag; others pass unchanged."""
+    try:
+        yield
+    except ConfigError as exc:
+        variable, _, detail = str(exc).partition(": ")
+        flag = flags.get(variable.removeprefix(ENV_PREFIX).lower())
+        if flag is None:
+            raise
+        raise UsageError(f"{flag}: {detail}") from None

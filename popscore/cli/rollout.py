@@ -10,15 +10,16 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from consumer.errors import ConfigError, UsageError
+from consumer.errors import UsageError
 from consumer.redis_client import AnyRedis, close, connect
 from consumer.rollout import current_model, drop, models, promote
-from consumer.settings import ENV_PREFIX, Settings, check_distinct_topics
+from consumer.settings import Settings, check_distinct_topics
 from popscore.cli import service
 from popscore.cli.argtypes import (
     Parser,
     Subparsers,
     existing_file,
+    flags_named,
     kafka_topic,
     positive_int,
     settings_with,
@@ -239,19 +240,6 @@ def _refuse_loops(topic: str, group: str | None, live: Settings) -> None:
         )
 
 
-@contextmanager
-def _flags_named() -> Iterator[None]:
-    """Start-up names the POPSCORE_* variable of a bad setting; here some came from flags."""
-    try:
-        yield
-    except ConfigError as exc:
-        variable, _, detail = str(exc).partition(": ")
-        flag = RUN_FLAGS.get(variable.removeprefix(ENV_PREFIX).lower())
-        if flag is None:
-            raise
-        raise UsageError(f"{flag}: {detail}") from None
-
-
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.app import App
     from consumer.kafka import ensure_topics
@@ -265,7 +253,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     s = backfill_settings(args, settings, version)
     ensure_topics(s.kafka_config("admin"), [s.output_topic, s.dlq_topic], 8)
     service.exit_on_sigterm()  # the App's own handlers replace it once it serves
-    with _flags_named(), App(s, stop_at_end=not args.follow) as app:
+    with flags_named(RUN_FLAGS), App(s, stop_at_end=not args.follow) as app:
         print(f"backfill of {args.topic} under {version}: group {s.group_id}, scores to "
               f"{s.output_topic}", file=sys.stderr)  # fmt: skip
         app.install_signal_handlers()

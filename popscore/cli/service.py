@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable, UsageError
+from consumer.errors import DeadLetter, UsageError
 from consumer.settings import Settings
-from popscore.artifact import ArtifactError
 from popscore.cli.argtypes import (
     Subparsers,
     device_name,
     existing_file,
+    flags_named,
     json_object,
     kafka_topic,
     rfc3339_time,
@@ -168,22 +168,15 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def load_scorer(model: Path | None, device: str | None, settings: Settings) -> "Scorer":
-    """The artifact on its device, each the flag's or else the setting's; one that cannot load
-    or a device that is not there is one line naming the flag or the variable (exit 2)."""
-    from consumer.device import Scorer
+    """The artifact on its device, each the flag's or else the setting's, loaded as the service
+    loads it; one that cannot load or a device that is not there is one line naming the flag
+    or the variable (exit 2)."""
+    from consumer.app import load_scorer as load
 
-    try:
-        return Scorer(
-            model or settings.model, device or settings.device, optimize=settings.cpu_optimize
-        )
-    except DeviceUnavailable as exc:
-        if device:
-            raise UsageError(f"--device: {exc}") from None
-        raise ConfigError(f"POPSCORE_DEVICE: {exc}") from None
-    except ArtifactError as exc:
-        if model:
-            raise UsageError(f"--model: {exc}") from None
-        raise ConfigError(f"POPSCORE_MODEL: {exc}") from None
+    given = {"model": model, "device": device}
+    flags = {field: f"--{field}" for field, value in given.items() if value}
+    with flags_named(flags):
+        return load(settings.model_copy(update={f: given[f] for f in flags}))
 
 
 def _offline_event(path: Path, features: dict[str, object]) -> ReleaseEvent:
