@@ -1,6 +1,7 @@
 """Shared by the deploy/ tests: paths, YAML loading, the metric names the service exports."""
 
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,11 @@ def promtool() -> str:
     if path is None:
         pytest.skip("promtool not found: run deploy/local/install-tools.sh (Debian 'prometheus')")
     return path
+
+
+def promtool_passes(*args: str, cwd: Path | None = None, timeout: float = 60) -> None:
+    """Run ``promtool ARGS`` and fail the test with its output unless it passes."""
+    done = subprocess.run(
+        [promtool(), *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

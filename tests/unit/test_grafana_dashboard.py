@@ -3,13 +3,17 @@ parses as PromQL (promtool) and names only metrics the service exports. The inte
 tests/integration/test_observability.py runs every query against a live consumer."""
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.unit.deploy_helpers import DEPLOY, exported_series_names, load_yaml, promtool
+from tests.unit.deploy_helpers import (
+    DEPLOY,
+    exported_series_names,
+    load_yaml,
+    promtool_passes,
+)
 
 DASHBOARD = load_yaml(DEPLOY / "grafana" / "popscore.json")
 
@@ -62,14 +66,7 @@ def test_every_query_parses(tmp_path: Path) -> None:
     ]
     path = tmp_path / "panels.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = subprocess.run(
-        [promtool(), "check", "rules", str(path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    promtool_passes("check", "rules", str(path))
 
 
 def test_every_query_selects_the_chosen_job() -> None:

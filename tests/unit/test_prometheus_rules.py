@@ -2,7 +2,6 @@
 is exercised both firing and quiet, has a runbook section, and uses only exported metrics."""
 
 import re
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -13,7 +12,7 @@ from tests.unit.deploy_helpers import (
     exported_series_names,
     load_yaml,
     load_yaml_docs,
-    promtool,
+    promtool_passes,
 )
 
 RULES = DEPLOY / "prometheus" / "rules.yaml"
@@ -33,26 +32,11 @@ def alerts() -> list[dict[str, str]]:
 
 
 def test_promtool_check_rules() -> None:
-    done = subprocess.run(
-        [promtool(), "check", "rules", str(RULES)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    promtool_passes("check", "rules", str(RULES))
 
 
 def test_promtool_test_rules() -> None:
-    done = subprocess.run(
-        [promtool(), "test", "rules", str(TESTS)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=TESTS.parent,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    promtool_passes("test", "rules", str(TESTS), cwd=TESTS.parent, timeout=120)
 
 
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
@@ -133,14 +117,7 @@ def test_the_annotation_scrape_names_each_component_as_its_job(tmp_path: Path) -
     job["static_configs"] = [{"targets": ["10.0.0.1:9400"]}]
     checked = tmp_path / "prometheus.yml"
     checked.write_text(yaml.safe_dump(config))
-    done = subprocess.run(
-        [promtool(), "check", "config", str(checked)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    promtool_passes("check", "config", str(checked))
     expected = {"consumer": "popscore", "backfill": "popscore-backfill"}
     for folder, component in [("base", "consumer"), ("backfill", "backfill")]:
         [deployment] = [
