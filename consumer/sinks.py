@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BACKOFF_S = 5.0
 KEYS_PER_RECORD = 6
-# The Redis type each of a record's keys must hold (in the order _built lists them).
-RECORD_KEY_TYPES = ("hash", "zset", "hash", "zset", "string", "hash")
 
 # KEYS[1]: the current-model pointer; KEYS[2]: the set of model versions; then per record its
 # view hash, view day leaderboard, model hash, model day leaderboard, event marker, model info.
@@ -173,7 +171,7 @@ class RedisSink:
         try:
             return list(self._write_batch(writes, stop, primary))
         except redis.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):  # Redis 6 words a script's error differently
+            if not _wrong_type_reply(exc):
                 raise  # any other error reply is a bug: it stops the process
             if len(writes) == 1:
                 return [self._alone(writes[0], exc, stop, primary)]
@@ -200,7 +198,7 @@ class RedisSink:
         try:
             return self._write_batch([write], stop, primary)[0]
         except redis.ResponseError as again:
-            if "WRONGTYPE" not in str(again):
+            if not _wrong_type_reply(again):
                 raise
             return DeadLetter(DeadLetterReason.INTERNAL_ERROR, f"redis: {again}"[:300])
 
@@ -323,6 +321,11 @@ _TRANSIENT = (
     redis.exceptions.SlotNotCoveredError,
     redis.exceptions.RedisClusterException,  # e.g. no node answers while the cluster re-elects
 )
+
+
+def _wrong_type_reply(exc: redis.ResponseError) -> bool:
+    # Anywhere in the reply: Redis 6 words a script's error differently from 7.
+    return "WRONGTYPE" in str(exc)
 
 
 def as_text(value: bytes | str) -> str:
