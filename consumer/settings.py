@@ -335,12 +335,13 @@ def load_settings(**overrides: Any) -> Settings:
         field = str(first["loc"][0]) if first["loc"] else "?"
         shown = "" if field in _SECRET_FIELDS else f" (got {first.get('input')!r})"
         raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}{shown}") from None
-    _distinct_topics(settings)
+    check_distinct_topics(settings)
     return settings
 
 
-def _distinct_topics(settings: Settings) -> None:
-    """The same topic twice loops: dead letters read back as input, scores as bad events."""
+def check_distinct_topics(settings: Settings) -> None:
+    """The same topic twice loops: dead letters read back as input, scores as bad events
+    (ConfigError). Start-up checks the environment's; ``backfill run`` its derived ones."""
     seen: dict[str, str] = {}
     for field in _TOPIC_FIELDS:
         topic = getattr(settings, field)
@@ -350,12 +351,6 @@ def _distinct_topics(settings: Settings) -> None:
                 f"{ENV_PREFIX}{seen[topic].upper()}; the topics must differ"
             )
         seen[topic] = field
-
-
-def check_distinct_topics(settings: Settings) -> None:
-    """Start-up's check that no topic plays two roles (ConfigError), for settings derived
-    from the environment's rather than read from it (``popscore backfill run``)."""
-    _distinct_topics(settings)
 
 
 _WARNED: set[str] = set()
