@@ -9,6 +9,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +182,16 @@ def _same_data(report: dict[str, Any], path: Path, trained: Trained) -> bool:
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
+    """SHA-256 of a file's bytes. Read once per process while the file is unchanged: a train
+    run asks it of its catalog for the report check, for the artifact and for an older report."""
+    info = path.stat()
+    return _digest_of(str(path.resolve()), info.st_size, info.st_mtime_ns)
+
+
+@cache
+def _digest_of(path: str, _size: int, _mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
