@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -39,6 +40,48 @@ log = logging.getLogger(__name__)
 # --- config builders -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Owned:
+    """A librdkafka property popscore sets itself."""
+
+    value: str | None
+    """What popscore sets it to; None where a setting gives it (named by ``why``)."""
+    why: str
+    roles: tuple[str, ...] = ("consumer", "producer", "admin")
+    """The kinds of client it is set on."""
+
+
+_CONSUMER, _PRODUCER = ("consumer",), ("producer",)
+_OFFSETS = "offsets commit in the batch's transaction"
+# The properties popscore's guarantees rest on, aliases included: the builders below set them
+# last, and POPSCORE_KAFKA_PROPERTIES may name one only to restate its value (settings.py).
+OWNED_PROPERTIES: dict[str, Owned] = {
+    "bootstrap.servers": Owned(None, "POPSCORE_KAFKA_BOOTSTRAP"),
+    "metadata.broker.list": Owned(None, "POPSCORE_KAFKA_BOOTSTRAP"),
+    "group.id": Owned(None, "POPSCORE_GROUP_ID", _CONSUMER),
+    "transactional.id": Owned(None, "POPSCORE_TRANSACTIONAL_ID", _PRODUCER),
+    "isolation.level": Owned("read_committed", "read_committed, for exactly once", _CONSUMER),
+    "enable.auto.commit": Owned("false", _OFFSETS, _CONSUMER),
+    "auto.commit.enable": Owned("false", _OFFSETS, _CONSUMER),
+    "enable.auto.offset.store": Owned("false", _OFFSETS, _CONSUMER),
+    "enable.partition.eof": Owned("true", "--stop-at-end reads partition ends", _CONSUMER),
+    "partition.assignment.strategy": Owned(
+        "cooperative-sticky", "incremental rebalances", _CONSUMER
+    ),
+    "enable.idempotence": Owned("true", "a retried send never writes a record twice", _PRODUCER),
+    # With the default "rebootstrap", a send_offsets_to_transaction() in flight while every
+    # broker is away can block past their return (docs/RELIABILITY.md, "Failure modes").
+    "metadata.recovery.strategy": Owned(
+        "none", "a transaction never outlives a broker outage", _PRODUCER
+    ),
+}
+
+
+def owned(*names: str) -> Config:
+    """The values popscore gives these properties."""
+    return {name: OWNED_PROPERTIES[name].value for name in names}
+
+
 def consumer_config(
     base: Mapping[str, Any], group_id: str, fixed: Mapping[str, Any] | None = None
 ) -> Config:
@@ -49,23 +92,22 @@ def consumer_config(
         **base,  # tunables (session.timeout.ms, fetch sizes) may be overridden
         "logger": librdkafka_logger("consumer"),
         "group.id": group_id,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "enable.partition.eof": True,
         # Upstream producers may be transactional: never read an aborted record.
-        "isolation.level": "read_committed",
+        **owned("isolation.level", "enable.auto.commit", "enable.auto.offset.store"),
+        **owned("enable.partition.eof"),
         **(fixed or {}),
     }
 
 
 def producer_config(base: Mapping[str, Any], fixed: Mapping[str, Any] | None = None) -> Config:
-    """An idempotent producer batching for 20 ms (produce, replay-dlq, the benchmark's senders):
-    a retried send never writes a record twice; ``fixed`` overrides, e.g. another linger."""
+    """An idempotent producer batching for 20 ms unless the properties say otherwise (produce,
+    replay-dlq, the benchmark's senders): a retried send never writes a record twice; ``fixed``
+    overrides, e.g. another linger."""
     return {
+        "linger.ms": 20,
         **base,
         "logger": librdkafka_logger("producer"),
-        "enable.idempotence": True,
-        "linger.ms": 20,
+        **owned("enable.idempotence"),
         **(fixed or {}),
     }
 
@@ -77,9 +119,7 @@ def transactional_config(base: Mapping[str, Any], transactional_id: str) -> Conf
         "linger.ms": 5,
         "compression.type": "zstd",
         **base,
-        # With the default "rebootstrap", a send_offsets_to_transaction() in flight while every
-        # broker is away can block past their return (docs/RELIABILITY.md, "Failure modes").
-        "metadata.recovery.strategy": "none",
+        **owned("enable.idempotence", "metadata.recovery.strategy"),
         "logger": librdkafka_logger("producer"),
         "transactional.id": transactional_id,
     }

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from redis.connection import parse_url
 
 from consumer.errors import ConfigError
+from consumer.kafka import OWNED_PROPERTIES
 from consumer.s3uri import bucket_name_problem
 
 log = logging.getLogger(__name__)
@@ -24,22 +25,22 @@ _SECRET_FIELDS = frozenset({"redis_url", "kafka_properties"})
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 # Kafka's own rule for topic names (kafka.common.internals.Topic), "." and ".." excepted.
 _TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+
+
+def device_problem(value: str) -> str | None:
+    """Why ``value`` is not a scoring device (POPSCORE_DEVICE, --device), or None."""
+    return None if _DEVICE.match(value) else "expected auto, cpu, cuda or cuda:N"
+
+
+def topic_problem(value: str) -> str | None:
+    """Why ``value`` is not a legal Kafka topic name, or None: the broker would refuse it only
+    once a client asks."""
+    if _TOPIC.match(value) and value not in (".", ".."):
+        return None
+    return "not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"
+
+
 _TOPIC_FIELDS = ("input_topic", "output_topic", "dlq_topic", "shadow_topic")
-# librdkafka properties popscore sets itself, aliases included: in POPSCORE_KAFKA_PROPERTIES
-# they are refused (silently overridden, or overriding a setting), unless one restates the
-# value popscore gives it.
-_OWNED_PROPERTIES: dict[str, tuple[str, str | None]] = {
-    "bootstrap.servers": ("POPSCORE_KAFKA_BOOTSTRAP", None),
-    "metadata.broker.list": ("POPSCORE_KAFKA_BOOTSTRAP", None),
-    "group.id": ("POPSCORE_GROUP_ID", None),
-    "transactional.id": ("POPSCORE_TRANSACTIONAL_ID", None),
-    "isolation.level": ("read_committed, for exactly once", "read_committed"),
-    "enable.auto.commit": ("offsets commit in the batch's transaction", "false"),
-    "auto.commit.enable": ("offsets commit in the batch's transaction", "false"),
-    "enable.auto.offset.store": ("offsets commit in the batch's transaction", "false"),
-    "enable.partition.eof": ("--stop-at-end reads partition ends", "true"),
-    "partition.assignment.strategy": ("incremental rebalances", "cooperative-sticky"),
-}
 # One bootstrap.servers entry as librdkafka reads it: [protocol://]host[:port], IPv6 in [].
 _BROKER = re.compile(
     r"^(?:(?:plaintext|ssl|sasl_plaintext|sasl_ssl)://)?"
@@ -172,8 +173,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        if problem := device_problem(value):
+            raise ValueError(problem)
         return value
 
     @field_validator("redis_url")
@@ -253,8 +254,8 @@ class Settings(BaseSettings):
     @field_validator(*_TOPIC_FIELDS, "yield_to_topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        if not _TOPIC.match(value) or value in (".", ".."):
-            raise ValueError("not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
+        if problem := topic_problem(value):
+            raise ValueError(problem)
         return value
 
     @field_validator("drift_min_events")
@@ -284,9 +285,8 @@ class Settings(BaseSettings):
             role, _, rest = key.partition(".")
             if not key.strip() or (role in KAFKA_ROLES and not rest):
                 raise ValueError(f"{key!r} names no librdkafka property")
-            owned = _OWNED_PROPERTIES.get(rest if role in KAFKA_ROLES else key)
-            if owned is not None and secret.get_secret_value().strip().lower() != owned[1]:
-                raise ValueError(f"{key!r} is popscore's to set ({owned[0]})")
+            if why := _owned_by_popscore(key, secret.get_secret_value()):
+                raise ValueError(f"{key!r} is popscore's to set ({why})")
         return value
 
     @field_validator("transactional_id", mode="before")
@@ -307,6 +307,17 @@ class Settings(BaseSettings):
             elif prefix == role:
                 own[rest] = secret.get_secret_value()
         return {**shared, **own}
+
+
+def _owned_by_popscore(key: str, value: str) -> str | None:
+    """Why popscore sets the property ``key`` (role-prefixed or not) names itself, unless
+    ``value`` restates popscore's own or no client it reaches gets it from popscore."""
+    role, _, rest = key.partition(".")
+    name, roles = (rest, {role}) if role in KAFKA_ROLES else (key, set(KAFKA_ROLES))
+    owned = OWNED_PROPERTIES.get(name)
+    if owned is None or not roles & set(owned.roles):
+        return None
+    return None if value.strip().lower() == owned.value else owned.why
 
 
 def _as_text(key: str, item: Any) -> Any:

@@ -26,7 +26,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from consumer.kafka import admin_config, consumer_config, error_of, librdkafka_logger
+from consumer.kafka import admin_config, consumer_config, error_of, librdkafka_logger, owned
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class KafkaSource:
             # Client-level errors (all brokers down, fatal ones) come here, not from consume().
             "error_cb": self._on_error,
             # Incremental rebalances: partitions that stay are never stopped.
-            "partition.assignment.strategy": "cooperative-sticky",
+            **owned("partition.assignment.strategy"),
         }
         self.consumer = Consumer(consumer_config(config, group_id, fixed))
         self.ends = EndOffsets(config if admin is None else admin)

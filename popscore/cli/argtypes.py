@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeAlias
 from pydantic import ValidationError
 
 from consumer.errors import ConfigError, UsageError
-from consumer.settings import _DEVICE, _TOPIC, ENV_PREFIX, Settings
+from consumer.settings import ENV_PREFIX, Settings, device_problem, topic_problem
 
 EXIT_USAGE = 2
 # A subcommand's implementation: parsed arguments and settings in, exit status out.
@@ -114,17 +114,15 @@ def model_version(text: str) -> str:
 
 def device_name(text: str) -> str:
     """A scoring device as POPSCORE_DEVICE takes it."""
-    if not _DEVICE.match(text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if problem := device_problem(text):
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
     return text
 
 
 def kafka_topic(text: str) -> str:
     """A legal Kafka topic name (the broker refuses others only once a client asks)."""
-    if not _TOPIC.match(text) or text in (".", ".."):
-        raise argparse.ArgumentTypeError(
-            f"not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -): {text!r}"
-        )
+    if problem := topic_problem(text):
+        raise argparse.ArgumentTypeError(f"{problem}: {text!r}")
     return text
 
 

@@ -102,12 +102,14 @@ def test_bad_setting_fails_start_up_naming_the_variable() -> None:
         ('{"producer.bogus.prop": "1"}', 'No such configuration property: "bogus.prop"'),
         (
             '{"producer.enable.idempotence": "false"}',
-            "Failed to create producer: `transactional.id` requires `enable.idempotence=true`",
+            "Value error, 'producer.enable.idempotence' is popscore's to set (a retried send "
+            "never writes a record twice)",
         ),
     ],
 )
-def test_a_kafka_property_librdkafka_refuses_fails_start_up(properties: str, line: str) -> None:
-    """Refused when the clients are built, before any broker is needed (none listens here)."""
+def test_a_kafka_property_refused_fails_start_up(properties: str, line: str) -> None:
+    """Refused by popscore or when the clients are built, before any broker is needed (none
+    listens here)."""
     proc = consume_with(
         {
             "POPSCORE_HTTP_PORT": "0",

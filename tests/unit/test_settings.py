@@ -114,6 +114,9 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.isolation.level": "read_uncommitted"}'),
         ("POPSCORE_KAFKA_PROPERTIES", '{"metadata.broker.list": "other:9092"}'),  # an alias
         ("POPSCORE_KAFKA_PROPERTIES", '{"consumer.partition.assignment.strategy": "range"}'),
+        ("POPSCORE_KAFKA_PROPERTIES", '{"producer.enable.idempotence": false}'),
+        # unprefixed, it would reach the transactional producer too, which sets "none"
+        ("POPSCORE_KAFKA_PROPERTIES", '{"metadata.recovery.strategy": "rebootstrap"}'),
     ],
 )
 def test_bad_value_names_the_variable_in_one_line(
@@ -256,6 +259,17 @@ def test_restating_a_property_popscore_sets_the_same_way_is_taken(
         '{"consumer.isolation.level": "read_committed", "enable.auto.commit": false}',
     )
     assert load_settings().kafka_config("consumer")["isolation.level"] == "read_committed"
+
+
+def test_a_property_popscore_sets_on_other_clients_only_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """popscore sets metadata.recovery.strategy on its producer alone."""
+    monkeypatch.setenv(
+        "POPSCORE_KAFKA_PROPERTIES", '{"consumer.metadata.recovery.strategy": "rebootstrap"}'
+    )
+    consumer = load_settings().kafka_config("consumer")
+    assert consumer["metadata.recovery.strategy"] == "rebootstrap"
 
 
 def test_a_blank_transactional_id_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
