@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -214,10 +215,18 @@ def settings_with(
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
-        message = first["msg"].removeprefix("Value error, ")
+        message = _flags_for_variables(first["msg"].removeprefix("Value error, "), flags)
         if field in flags:
             raise UsageError(f"{flags[field]}: {message} (got {first.get('input')!r})") from None
         raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {message}") from None
+
+
+def _flags_for_variables(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with each POPSCORE_* variable a flag gave named by that flag: the user typed
+    the flag (``--yield-to X --group X``: "must not be this consumer's own --group")."""
+    for field, flag in flags.items():
+        message = re.sub(rf"\b{ENV_PREFIX}{field.upper()}\b", flag, message)
+    return message
 
 
 @contextmanager

@@ -69,6 +69,8 @@ def run_args(model: Path, **given: object) -> argparse.Namespace:
         ({"topic": "releases-dlq-backfill"}, "--topic: 'releases-dlq-backfill' is its dead-letter"),
         ({"topic": "release-scores-shadow"}, "--topic: 'release-scores-shadow' is POPSCORE_SHADOW"),
         ({"topic": "bad topic"}, "--topic: not a Kafka topic name"),
+        # the message names the flags the user typed, not the variables they set
+        ({"yield_to": "g", "group": "g"}, "--yield-to: must not be this consumer's own --group"),
     ],
 )
 def test_backfill_settings_are_validated_naming_the_flag(
