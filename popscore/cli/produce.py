@@ -49,7 +49,7 @@ def register(sub: Subparsers) -> None:
     parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument(
         "--out-dir",
-        type=writable_dir,
+        type=Path,  # checked only with --synthetic, the one that writes there
         default=Path(".demo/audio"),
         help="where synthetic audio files are written (made if missing)",
     )
@@ -88,11 +88,14 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """The default folder too (argparse checks only a given one), and only when it is used."""
+    """The given folder or the default, only when it is used (not with --file)."""
     try:
         writable_dir(str(out_dir))
+        out_dir.mkdir(parents=True, exist_ok=True)  # what access() cannot tell (/proc, quotas)
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"--out-dir: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--out-dir: cannot make {out_dir}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)

@@ -226,8 +226,8 @@ def test_bench_refuses_a_model_that_cannot_load_before_building_its_corpus(
         (["--max-seconds", "inf"], "argument --max-seconds: must be a positive finite number"),
         (["--min-seconds", "nan"], "argument --min-seconds: must be a positive finite number"),
         (["--min-seconds", "10", "--max-seconds", "5"], "--min-seconds must not exceed"),
-        (["--out-dir", "FILE"], "argument --out-dir: not a folder: "),
-        (["--out-dir", "FILE/audio"], "argument --out-dir: not a folder: "),
+        (["--out-dir", "FILE"], "--out-dir: not a folder: "),
+        (["--out-dir", "FILE/audio"], "--out-dir: not a folder: "),
         (["--topic", "bad topic"], "argument --topic: not a Kafka topic name"),
     ],
 )
@@ -248,6 +248,9 @@ def test_the_default_out_dir_is_checked_only_when_synthesizing(
     Path(".demo").write_text("")  # where the default folder would be made
     (tmp_path / "events.jsonl").write_text("{}\n")
     assert build_parser().parse_args(["produce", "--file", "events.jsonl"]).out_dir
+    # a given one too: --file writes no audio
+    args = ["produce", "--file", "events.jsonl", "--out-dir", ".demo/x"]
+    assert build_parser().parse_args(args).out_dir == Path(".demo/x")
     err = refused(["produce", "--synthetic", "1"], capsys)
     assert err == "popscore: error: --out-dir: not a folder: .demo\n"
 
