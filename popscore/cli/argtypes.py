@@ -161,6 +161,13 @@ def cache_dir(text: str) -> Path:
     return writable_dir(text)
 
 
+def folder_to_fill(text: str) -> Path:
+    """A folder of cached files: one that exists is taken as it is (only what is missing gets
+    written there, so a read-only copy of a full one will do), else one that can be made."""
+    path = Path(text)
+    return path if path.is_dir() else writable_dir(text)
+
+
 def writable_path(text: str) -> Path:
     """A file that can be written: not a folder, in a folder that exists (or can be made) and
     can be written in. Checked before the work whose result it is to hold."""

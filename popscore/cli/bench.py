@@ -21,11 +21,11 @@ from popscore.cli.argtypes import (
     existing_dir,
     existing_file,
     finite_positive_float,
+    folder_to_fill,
     int_at_least,
     positive_float,
     positive_int,
     settings_with,
-    writable_dir,
     writable_path,
 )
 from popscore.cli.service import load_scorer
@@ -112,7 +112,12 @@ def register(sub: Subparsers) -> None:
         "--device", type=device_name, help="auto | cpu | cuda | cuda:N (default: POPSCORE_DEVICE)"
     )
     bench.add_argument("--model", type=existing_file, help="default: POPSCORE_MODEL")
-    bench.add_argument("--corpus-dir", type=writable_dir, default=Path(".bench/corpus"))
+    bench.add_argument(
+        "--corpus-dir",
+        type=folder_to_fill,
+        default=Path(".bench/corpus"),
+        help="synthesized files are cached here; one made before may be read-only",
+    )
     bench.add_argument("--seed", type=int_at_least(0), default=0)
     bench.add_argument("--json", type=writable_path, metavar="FILE", help="write the report here")
 
@@ -273,8 +278,11 @@ def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
         folder = args.audio_dir or _wesnoth_dir()
         return corpus.from_dir(folder)
     lo, hi = (args.clip, args.clip) if args.clip is not None else (180.0, 240.0)
-    paths = corpus.build(args.corpus_dir, args.format, args.sample_rate, args.channels, lo, hi,
-                         args.unique_files, args.seed, workers=os.cpu_count() or 2)  # fmt: skip
+    try:
+        paths = corpus.build(args.corpus_dir, args.format, args.sample_rate, args.channels, lo, hi,
+                             args.unique_files, args.seed, workers=os.cpu_count() or 2)  # fmt: skip
+    except OSError as exc:  # a read-only corpus missing a file this run needs
+        raise UsageError(f"--corpus-dir: cannot write {exc.filename}: {exc.strerror}") from None
     return paths, {
         "audio_format": args.format,
         "clip_seconds": args.clip,

@@ -255,6 +255,18 @@ def test_the_default_out_dir_is_checked_only_when_synthesizing(
     assert err == "popscore: error: --out-dir: not a folder: .demo\n"
 
 
+def test_a_cache_folder_that_exists_may_be_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench --corpus-dir: a corpus made before, mounted read-only, is only read."""
+    monkeypatch.setattr(argtypes.os, "access", lambda *_: False)  # as a non-root user sees it
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write in"):
+        argtypes.writable_dir(str(tmp_path))
+    assert argtypes.folder_to_fill(str(tmp_path)) == tmp_path
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write in"):
+        argtypes.folder_to_fill(str(tmp_path / "new"))
+
+
 def test_an_out_dir_that_can_be_made_is_taken(tmp_path: Path) -> None:
     assert argtypes.writable_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
     assert argtypes.writable_dir(str(tmp_path)) == tmp_path
