@@ -67,9 +67,13 @@ local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 
 -- Newer-wins as in the single-node script. Each write takes a sequence above the hash's last
 -- one and above the clock (a hash that expired and came back still moves forward).
-local function put(hkey, zkey, rec, any_model, view, ops)
-  local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard', 'model_version',
+-- ``cur``: the hash's fields as read() returned them.
+local function read(hkey)
+  return redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard', 'model_version',
     '_seq', '_epoch', '_prev_leaderboard')
+end
+
+local function put(hkey, zkey, rec, any_model, view, ops, cur)
   if view and (tonumber(cur[6]) or 0) > epoch then return -1 end
   local order = tonumber(cur[1])
   local blocks = any_model or cur[4] == rec.version
@@ -110,10 +114,17 @@ for i = 5, #ARGV do
   local rec = cjson.decode(ARGV[i])
   local k = 2 * (i - 5)
   local ops = {}
-  local wrote = put(KEYS[k + 2], rec.model_board, rec, true, false, ops)
+  -- Both hashes are read before the record writes anything: one holding another type fails
+  -- the script here, so a dead-lettered record leaves nothing behind.
+  local in_view = current == rec.version or (current == '' and primary)
+  local mine = read(KEYS[k + 2])
+  local shown = in_view and read(KEYS[k + 1])
+  local wrote = put(KEYS[k + 2], rec.model_board, rec, true, false, ops, mine)
   local code = math.min(wrote, 1)
-  if current == rec.version or (current == '' and primary) then
-    if put(KEYS[k + 1], rec.view_board, rec, current == '', true, ops) == -1 then code = -1 end
+  if in_view then
+    if put(KEYS[k + 1], rec.view_board, rec, current == '', true, ops, shown) == -1 then
+      code = -1
+    end
   end
   local created = 0
   if wrote == 3 then created = 1 end

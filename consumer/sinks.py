@@ -60,8 +60,12 @@ local current = redis.call('GET', KEYS[1])
 -- Newer-wins: refuse when the stored record is newer. ``any_model``: a stored record of another
 -- model blocks too (the view before any promotion); otherwise only the same model's does, so a
 -- current model's record replaces the previous model's in the view.
-local function put(hkey, zkey, rec, any_model)
-  local cur = redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard', 'model_version')
+-- ``cur``: the hash's fields as read() returned them.
+local function read(hkey)
+  return redis.call('HMGET', hkey, '_order', 'event_id', '_leaderboard', 'model_version')
+end
+
+local function put(hkey, zkey, rec, any_model, cur)
   local order = tonumber(cur[1])
   local blocks = any_model or cur[4] == rec.version
   if order and blocks and (order > rec.order or (order == rec.order and cur[2] > rec.event_id)) then
@@ -91,17 +95,20 @@ for i = 5, #ARGV do
   if claimed and claimed ~= rec.source then
     out[#out + 1] = 2
   else
+    -- Both of the track's hashes are read before the record writes anything: one holding
+    -- another type fails the script here, so a dead-lettered record leaves nothing behind.
+    local in_view = (current and current == rec.version) or (not current and primary)
+    local mine = read(KEYS[k + 3])
+    local shown = in_view and read(KEYS[k + 1])
     if not claimed then redis.call('SET', ekey, rec.source, 'EX', marker_ttl) end
-    local wrote = put(KEYS[k + 3], KEYS[k + 4], rec, true)
+    local wrote = put(KEYS[k + 3], KEYS[k + 4], rec, true, mine)
     if wrote == 3 then redis.call('HINCRBY', info, 'tracks', 1) end
     if not seen[rec.version] then
       seen[rec.version] = true
       redis.call('SADD', KEYS[2], rec.version)
       redis.call('HSET', info, 'last_write_ms', now)
     end
-    if (current and current == rec.version) or (not current and primary) then
-      put(KEYS[k + 1], KEYS[k + 2], rec, not current)
-    end
+    if in_view then put(KEYS[k + 1], KEYS[k + 2], rec, not current, shown) end
     out[#out + 1] = math.min(wrote, 1)
   end
 end
@@ -164,8 +171,8 @@ class RedisSink:
         """The writes' codes: the batch in one call; when a key holds the wrong type (a stray
         ``SET`` on a score hash, say), each half again, down to the records whose own keys are
         wrong (dead-lettered, the key named), so one such record costs itself alone and not
-        a crash loop. Every step is idempotent, so rewriting a half is harmless; a script that
-        failed midway may have written that record's model hash already."""
+        a crash loop. Every step is idempotent, so rewriting a half is harmless; a record whose
+        own key is wrong has written nothing (the script reads its keys first)."""
         if not writes:
             return []
         try:

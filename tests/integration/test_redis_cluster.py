@@ -135,6 +135,18 @@ def test_a_key_of_the_wrong_type_costs_its_record_alone(cluster: RedisCluster) -
     assert cluster.exists(CLUSTER.score("a")) and cluster.exists(CLUSTER.score("b"))
 
 
+def test_a_record_whose_view_key_is_wrong_leaves_nothing_behind(cluster: RedisCluster) -> None:
+    """The track's hashes are read before the record writes anything, so its dead letter is
+    the whole story: no score in its model's namespace either."""
+    sink = ClusterRedisSink(cluster)
+    cluster.set(CLUSTER.score("bad"), "not a hash")
+    batch = [record("model-a", track, f"e-{track}") for track in ("a", "bad")]
+    good, bad = sink.write(batch, ["in/0/1", "in/0/2"], threading.Event())
+    assert good is Upsert.WRITTEN and isinstance(bad, DeadLetter)
+    assert CLUSTER.score("bad") in bad.detail
+    assert not cluster.exists(CLUSTER.model_score("model-a", "bad"))
+
+
 def test_a_key_many_records_write_of_the_wrong_type_stops_the_process_naming_it(
     cluster: RedisCluster,
 ) -> None:

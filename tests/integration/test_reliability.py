@@ -22,7 +22,13 @@ from consumer.sinks import RedisSink, Upsert
 from popscore.cli import produce
 from schemas import ScoreRecord, score_key
 from schemas.dead_letter import DeadLetterReason as Reason
-from schemas.redis_keys import MODELS_KEY
+from schemas.redis_keys import (
+    MODELS_KEY,
+    event_key,
+    model_info_key,
+    model_leaderboard_key,
+    model_score_key,
+)
 from tests.integration.conftest import committed_and_end, read_all
 
 pytestmark = pytest.mark.integration
@@ -113,6 +119,11 @@ def test_a_key_of_the_wrong_type_costs_its_record_alone(spare_db: redis.Redis) -
     assert codes[2].detail == "redis key 'popscore:score:t-bad' holds a string, not a hash"
     for track in ("t-a", "t-b", "t-c"):
         assert ScoreRecord.from_redis(spare_db.hgetall(score_key(track))).track_id == track
+    # the dead-lettered record left nothing behind: its keys are read before it writes
+    assert not spare_db.exists(model_score_key("m", "t-bad"), event_key("e2", "m"))
+    board = model_leaderboard_key("m", when.date())
+    assert spare_db.zscore(board, "t-bad") is None and spare_db.zcard(board) == 3
+    assert spare_db.hget(model_info_key("m"), "tracks") == b"3"
 
 
 @pytest.mark.parametrize(
