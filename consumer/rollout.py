@@ -13,6 +13,10 @@ The switch, as a reader observes it (docs/INTERFACE.md, "Redis"):
 3. Each of the new version's day leaderboards replaces the view's of that day in one command
    (``COPY … REPLACE``). A day the new version never scored keeps the old ranking.
 
+Every step is fenced by the promotion epoch that step 1 increments: a promotion that stalled
+(its lock expired) and meets a later one's epoch stops at its next step instead of writing its
+version over the later one's.
+
 Hashes go first: a live write of the new version during step 2 moves its track between the
 view's days from the hash's own pointer, and step 3 then copies leaderboards that already agree
 with the new version's hashes, so every track ends on the one day its hash names. Until its
@@ -43,7 +47,8 @@ from schemas.redis_keys import KEY_PREFIX, RedisKeys, model_prefix
 log = logging.getLogger(__name__)
 SCAN_COUNT = 1000
 BATCH_TRACKS = 500
-LOCK_TTL_MS = 60_000  # refreshed every batch: a crashed promotion frees the lock within a minute
+LOCK_TTL_MS = 60_000  # a crashed promotion frees the lock within a minute
+LOCK_REFRESH_S = 10.0
 VIEW_LEADERBOARD_PREFIX = f"{KEY_PREFIX}:leaderboard:"
 VIEW_SCORE_PREFIX = f"{KEY_PREFIX}:score:"
 
@@ -74,11 +79,14 @@ for i = 1, #KEYS, 2 do
     local f = {}
     for j = 1, #flat, 2 do f[flat[j]] = flat[j + 1] end
     local cur = redis.call('HMGET', dst, '_order', 'event_id', '_leaderboard', 'model_version',
-      '_seq', '_prev_leaderboard', 'popularity')
+      '_seq', '_prev_leaderboard', 'popularity', '_epoch')
     local order, mine = tonumber(cur[1]), tonumber(f._order)
     local kept = cur[4] == version and order and
       (order > mine or (order == mine and cur[2] >= f.event_id))
-    if kept and cur[3] and cur[5] and cur[7] then
+    if (tonumber(cur[8]) or 0) > tonumber(epoch) then
+      -- A later promotion (or a consumer writing under it) owns this hash: leave it alone.
+      kept = 'newer'
+    elseif kept and cur[3] and cur[5] and cur[7] then
       -- Already switched (a rerun after a promotion that stopped between this step and the
       -- leaderboard changes, or a newer live write): repeat the changes its hash records, at
       -- its sequence; the day boards skip what they already applied.
@@ -111,15 +119,17 @@ end
 return {moved, cjson.encode(ops)}
 """
 
-# KEYS: pairs (the model's hash, the view's hash). ARGV[1]: the model version; ARGV[2]: its
-# leaderboard key prefix; ARGV[3]: the view's. Replaces each view hash by the model's record
-# (leaderboard field pointed at the view's day key, TTL carried over) unless the view already
-# holds a newer record of the same version; removes the track from the old record's day
-# leaderboard when that was another day. Returns how many were replaced.
+# KEYS[1]: the promotion epoch; then pairs (the model's hash, the view's hash). ARGV[1]: the
+# model version; ARGV[2]: its leaderboard key prefix; ARGV[3]: the view's; ARGV[4]: this
+# promotion's epoch. Replaces each view hash by the model's record (leaderboard field pointed at
+# the view's day key, TTL carried over) unless the view already holds a newer record of the same
+# version; removes the track from the old record's day leaderboard when that was another day.
+# Returns how many were replaced, or -1 (nothing written) once a later promotion has begun.
 PROMOTE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return -1 end
 local version, model_boards, view_boards = ARGV[1], ARGV[2], ARGV[3]
 local moved = 0
-for i = 1, #KEYS, 2 do
+for i = 2, #KEYS, 2 do
   local src, dst = KEYS[i], KEYS[i + 1]
   local flat = redis.call('HGETALL', src)
   if #flat > 0 then
@@ -150,8 +160,33 @@ return moved
 """
 
 
+# Step 3 on one node. KEYS: the promotion epoch, the version's day leaderboard, the view's of
+# that day; ARGV[1]: this promotion's epoch. -1 (nothing copied) once a later one has begun.
+COPY_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+return redis.call('COPY', KEYS[2], KEYS[3], 'REPLACE')
+"""
+
+# The end, on either layout. KEYS: the promotion hash, the epoch (one slot on a cluster);
+# ARGV: this promotion's epoch, then the fields to set. -1 once a later one has begun.
+FINISH_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+# The lock, held by its token. KEYS[1]: the lock; ARGV[1]: the token; ARGV[2]: ms, or 0 to
+# release it. 1 while the token holds it, 0 once it does not.
+LOCK_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+
 class PromotionError(PopscoreError):
-    """The promotion cannot start (unknown version, another one running)."""
+    """The promotion cannot start (unknown version, another one running), or a later one
+    superseded it while it ran."""
 
 
 @dataclass(frozen=True)
@@ -217,16 +252,13 @@ def promote(
             "`popscore models` lists the versions there are"
         )
     start = time.monotonic()
-    with _lock(client, keys, version):
+    with _lock(client, keys, version) as lock:
         previous = current_model(client)
-        epoch = _begin(client, keys, previous, version)
-        seen, replaced = _switch_tracks(client, keys, version, epoch, progress)
+        fence = _Fence(client, keys, _begin(client, keys, previous, version), lock)
+        seen, replaced = _switch_tracks(client, keys, version, fence, progress)
         # On a cluster each track moved between the view's days in step 2 already.
-        days = 0 if keys.cluster else _switch_leaderboards(client, version)
-        client.hset(
-            keys.promotion,
-            mapping={"state": "done", "finished_at": _now(), "days": days, "tracks": replaced},
-        )
+        days = 0 if keys.cluster else _switch_leaderboards(client, version, fence)
+        fence.finish({"state": "done", "finished_at": _now(), "days": days, "tracks": replaced})
     promotion = Promotion(previous, version, days, seen, replaced, time.monotonic() - start)
     log.info("%s", promotion.report())
     return promotion
@@ -270,13 +302,50 @@ def _begin(client: AnyRedis, keys: RedisKeys, previous: str | None, version: str
     return int(client.eval(BEGIN_LUA, len(names), *names, previous or "", version, _now()))
 
 
-def _switch_leaderboards(client: AnyRedis, version: str) -> int:
+class _Fence:
+    """This promotion's epoch and lock: each step checks them, and stops the promotion once a
+    later one has begun (its epoch is higher), so a stalled promotion never writes its version
+    over a later one's."""
+
+    def __init__(self, client: AnyRedis, keys: RedisKeys, epoch: int, lock: "_Lock") -> None:
+        self.client, self.keys, self.epoch, self.lock = client, keys, epoch, lock
+
+    def checked(self, reply: Any) -> int:
+        """A fenced script's reply: its count, or PromotionError when it found a later epoch."""
+        if int(reply) == -1:
+            self.superseded()
+        self.lock.refresh()
+        return int(reply)
+
+    def check(self) -> None:
+        """Before a step no script can fence (on a cluster the epoch is in another slot)."""
+        now = self.client.get(self.keys.promotion_epoch)
+        if int(now or 0) != self.epoch:
+            self.superseded()
+        self.lock.refresh()
+
+    def finish(self, fields: dict[str, Any]) -> None:
+        """The promotion's state, unless a later promotion's is there by now."""
+        flat = [str(item) for pair in fields.items() for item in pair]
+        keys = (self.keys.promotion, self.keys.promotion_epoch)
+        self.checked(self.client.eval(FINISH_LUA, 2, *keys, self.epoch, *flat))
+
+    def superseded(self) -> None:
+        raise PromotionError(
+            f"a later promotion began while this one ran (epoch {self.epoch} is no longer "
+            "current): stopped; `popscore models` shows the current version"
+        )
+
+
+def _switch_leaderboards(client: AnyRedis, version: str, fence: _Fence) -> int:
     """Step 3: each of the version's day leaderboards replaces the view's, one command each."""
     prefix = f"{model_prefix(version)}leaderboard:"
+    epoch_key = fence.keys.promotion_epoch
     days = 0
     for key in _scan(client, prefix):
         day = key[len(prefix) :]
-        client.copy(key, VIEW_LEADERBOARD_PREFIX + day, replace=True)
+        fence.checked(client.eval(COPY_LUA, 3, epoch_key, key, VIEW_LEADERBOARD_PREFIX + day,
+                                  fence.epoch))  # fmt: skip
         days += 1
     return days
 
@@ -285,27 +354,33 @@ def _switch_tracks(
     client: AnyRedis,
     keys: RedisKeys,
     version: str,
-    epoch: int,
+    fence: _Fence,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[int, int]:
     """Step 2: every track's hash, BATCH_TRACKS per round trip."""
     source = f"{model_prefix(version)}score:"
-    switch = _ClusterSwitch(client, version, epoch) if isinstance(client, RedisCluster) else None
-    script = client.register_script(PROMOTE_LUA)
-    args = [version, f"{model_prefix(version)}leaderboard:", VIEW_LEADERBOARD_PREFIX]
+    if isinstance(client, RedisCluster):
+        switch: Callable[[list[str]], int] = _ClusterSwitch(client, version, fence).run
+    else:
+        script = client.register_script(PROMOTE_LUA)
+        args = [version, f"{model_prefix(version)}leaderboard:", VIEW_LEADERBOARD_PREFIX]
+        args.append(str(fence.epoch))
+
+        def switch(pairs: list[str]) -> int:
+            return fence.checked(script(keys=[keys.promotion_epoch, *pairs], args=args))
+
     seen = replaced = 0
     batch: list[str] = []
     for key in _scan(client, source):
         batch += [key, VIEW_SCORE_PREFIX + key[len(source) :]]
         if len(batch) >= 2 * BATCH_TRACKS:
-            replaced += switch.run(batch) if switch else int(script(keys=batch, args=args))
+            replaced += switch(batch)
             seen += len(batch) // 2
             batch = []
-            _refresh_lock(client, keys)
             if progress:
                 progress(seen, replaced)
     if batch:
-        replaced += switch.run(batch) if switch else int(script(keys=batch, args=args))
+        replaced += switch(batch)
         seen += len(batch) // 2
     return seen, replaced
 
@@ -314,13 +389,17 @@ class _ClusterSwitch:
     """Step 2 on a cluster: one PROMOTE_CLUSTER_LUA call per hash slot, then the leaderboard
     changes they return, by the cluster sink's step 4."""
 
-    def __init__(self, client: RedisCluster, version: str, epoch: int) -> None:
+    def __init__(self, client: RedisCluster, version: str, fence: _Fence) -> None:
         self.script = Script(PROMOTE_CLUSTER_LUA)
         self.nodes = NodePipelines(client, [self.script, *SCRIPTS.values()])
         prefix = model_prefix(version)
-        self.args = [version, f"{prefix}leaderboard:", VIEW_LEADERBOARD_PREFIX, epoch]
+        self.args = [version, f"{prefix}leaderboard:", VIEW_LEADERBOARD_PREFIX, fence.epoch]
+        self.fence = fence
 
     def run(self, pairs: list[str]) -> int:
+        # The epoch lives in another slot: checked before each batch; within one, a hash a
+        # later promotion already switched carries its higher epoch and is left alone.
+        self.fence.check()
         by_slot: dict[int, list[str]] = defaultdict(list)
         for i in range(0, len(pairs), 2):
             by_slot[key_slot(pairs[i].encode())] += pairs[i : i + 2]
@@ -338,22 +417,43 @@ def _scan(client: AnyRedis, prefix: str) -> Iterator[str]:
     return scan_prefix(client, prefix, SCAN_COUNT)
 
 
+class _Lock:
+    """The promotion lock, held by a token: refreshed and released only while the token still
+    holds it (an expired lock may be another promotion's by then)."""
+
+    def __init__(self, client: AnyRedis, keys: RedisKeys, version: str) -> None:
+        self.client, self.key = client, keys.promotion_lock
+        self.token = f"{version} {uuid.uuid4().hex[:8]} {_now()}"
+        self.refreshed = time.monotonic()
+
+    def take(self) -> None:
+        if not self.client.set(self.key, self.token, nx=True, px=LOCK_TTL_MS):
+            held = self.client.get(self.key)
+            raise PromotionError(f"another promotion is running ({_text(held or b'?')})")
+
+    def refresh(self) -> None:
+        """At most every LOCK_REFRESH_S. A lost lock (this process stalled past its TTL) is
+        taken again when free; the epoch, not the lock, keeps a later promotion's work safe."""
+        if time.monotonic() - self.refreshed < LOCK_REFRESH_S:
+            return
+        if not self.client.eval(LOCK_LUA, 1, self.key, self.token, LOCK_TTL_MS):
+            log.warning("the promotion lock expired while this promotion stalled; taking it again")
+            self.take()
+        self.refreshed = time.monotonic()
+
+    def release(self) -> None:
+        self.client.eval(LOCK_LUA, 1, self.key, self.token, 0)
+
+
 @contextmanager
-def _lock(client: AnyRedis, keys: RedisKeys, version: str) -> Iterator[None]:
+def _lock(client: AnyRedis, keys: RedisKeys, version: str) -> Iterator[_Lock]:
     """One promotion at a time: a second one is refused while the first holds the lock."""
-    token = f"{version} {uuid.uuid4().hex[:8]} {_now()}"
-    if not client.set(keys.promotion_lock, token, nx=True, px=LOCK_TTL_MS):
-        held = client.get(keys.promotion_lock)
-        raise PromotionError(f"another promotion is running ({_text(held or b'?')})")
+    lock = _Lock(client, keys, version)
+    lock.take()
     try:
-        yield
+        yield lock
     finally:
-        if client.get(keys.promotion_lock) == token.encode():
-            client.delete(keys.promotion_lock)
-
-
-def _refresh_lock(client: AnyRedis, keys: RedisKeys) -> None:
-    client.pexpire(keys.promotion_lock, LOCK_TTL_MS)
+        lock.release()
 
 
 def _now() -> str:

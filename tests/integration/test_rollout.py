@@ -240,6 +240,35 @@ def test_promotion_is_refused_for_an_unknown_version_or_while_another_runs(
     assert current_model(db) is None
 
 
+def test_a_stalled_promotion_never_writes_over_a_later_one(
+    db: AnyRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Promotion A (to model-b) stalls past its lock's TTL; promotion C (to model-c) runs whole
+    meanwhile. A must stop at its next step: the pointer, every view hash, the day's ranking
+    and the promotion's state all stay model-c's (A used to finish, leaving most tracks on
+    model-b and the pointer on model-c)."""
+    sink = sink_for(db)
+    tracks = [f"t{i}" for i in range(12)]
+    for version, primary in (("model-a", True), ("model-b", False), ("model-c", False)):
+        write(sink, version, tracks, primary=primary)
+    monkeypatch.setattr(rollout, "BATCH_TRACKS", 3)
+    keys = keys_for(db)
+
+    def stall(seen: int, _replaced: int) -> None:
+        if seen == 3:  # A's first batch is in; its lock "expires" and C runs
+            db.delete(keys.promotion_lock)
+            promote(db, "model-c")
+
+    with pytest.raises(PromotionError, match="a later promotion began while this one ran"):
+        promote(db, "model-b", progress=stall)
+    assert current_model(db) == "model-c"
+    assert {view_version(db, t) for t in tracks} == {"model-c"}
+    board = keys.leaderboard(DAY.date())
+    assert {score for _m, score in db.zrange(board, 0, -1, withscores=True)} == {50.0}
+    assert db.hmget(keys.promotion, ["to", "state"]) == [b"model-c", b"done"]
+    assert not db.exists(keys.promotion_lock), "C released its own lock; A took none back"
+
+
 def test_the_cli_lists_models_and_promotes(
     db: AnyRedis, stack: dict[str, str], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
