@@ -51,6 +51,7 @@ from consumer.progress import Progress
 from consumer.redis_client import close as close_redis
 from consumer.redis_client import connect
 from consumer.reload import FileWatch, Reloader
+from consumer.rollout import ViewWatch
 from consumer.settings import Settings
 from consumer.sinks import RedisSink, Upsert
 from consumer.source import KafkaSource, Partition, next_offsets, partition_of, record_id
@@ -251,6 +252,7 @@ class App:
             if isinstance(self.redis, RedisCluster)
             else RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         )
+        self.view = ViewWatch(self.redis, self.metrics.view_fed, live=s.role == "live")
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first (it joins the group only at its first poll, in run()): a property
         # librdkafka refuses then fails start-up before init_transactions waits for a broker.
@@ -292,6 +294,7 @@ class App:
         # Last in, first out: unblock Redis retries before the stage threads are joined.
         self._stack.callback(self._stop_redis_retries)
         log.info("serving /metrics, /healthz, /readyz on port %d", self.http.port)
+        self._check_view()  # a live primary that no longer feeds the view says so at once
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -514,6 +517,7 @@ class App:
         primary = self.settings.role == "live"  # a backfill's model never claims the view
         codes = self.redis_sink.write(records, sources, stop, primary)
         self.metrics.stage_seconds.labels("redis").observe(time.perf_counter() - start)
+        self._check_view()
         written_at = datetime.now(UTC)
         kept, unwritten = [], []
         for (msg, record), code in zip(result.scored, codes, strict=True):
@@ -529,6 +533,10 @@ class App:
         self._release_claims(result, unwritten, stop)
         result.rejected += unwritten
         return result
+
+    def _check_view(self) -> None:
+        shadow = self.shadow.meta.model_version if self.shadow else None
+        self.view.check(self.scorer.meta.model_version, shadow)
 
     def _release_claims(
         self, result: BatchResult, rejected: list[Rejected], stop: threading.Event

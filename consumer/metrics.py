@@ -91,6 +91,13 @@ class Metrics:
             ["model_version", "device", "training_data", "synthetic", "cpu_optimized"],
             registry=r,
         )
+        self.view_fed = Gauge(
+            "popscore_view_fed",
+            "1 while this consumer's scores reach the view (popscore:score:*, the day "
+            "leaderboards): no version promoted and it is the live primary, or the promoted "
+            "version is its model or its shadow; 0 while they reach only its model's namespace.",
+            registry=r,
+        )
         self.yielding = Gauge(
             "popscore_yielding",
             "1 while this consumer pauses for live traffic (POPSCORE_YIELD_TO_GROUP lags).",

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+from prometheus_client import Gauge
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -49,6 +51,7 @@ SCAN_COUNT = 1000
 BATCH_TRACKS = 500
 LOCK_TTL_MS = 60_000  # a crashed promotion frees the lock within a minute
 LOCK_REFRESH_S = 10.0
+VIEW_CHECK_S = 15.0
 VIEW_LEADERBOARD_PREFIX = f"{KEY_PREFIX}:leaderboard:"
 VIEW_SCORE_PREFIX = f"{KEY_PREFIX}:score:"
 
@@ -224,6 +227,44 @@ def current_model(client: AnyRedis) -> str | None:
     """The version the view shows; None before the first promotion."""
     value = client.get(keys_for(client).current_model)
     return _text(value) if value is not None else None
+
+
+class ViewWatch:
+    """Whether this consumer's scores reach the view (popscore_view_fed): once a version is
+    promoted, only that version's writes do, so a live consumer serving another one (a reload or
+    rollout after ``popscore promote``) scores on while the view stands still. Checked from
+    the sink stage at most every VIEW_CHECK_S; a change is logged (a warning on the live
+    consumer, where it is a fault; a backfill's model reaches the view only once promoted)."""
+
+    def __init__(self, client: AnyRedis, gauge: Gauge, live: bool) -> None:
+        self.client, self.gauge, self.live = client, gauge, live
+        self.fed: bool | None = None
+        self._checked = -VIEW_CHECK_S
+
+    def check(self, primary: str, shadow: str | None) -> None:
+        if time.monotonic() - self._checked < VIEW_CHECK_S:
+            return
+        try:
+            current = current_model(self.client)
+        except redis.RedisError:  # the next write retries; the next check reads again
+            return
+        self._checked = time.monotonic()
+        fed = current in (primary, shadow) if current else self.live
+        self.gauge.set(int(fed))
+        if fed != self.fed:
+            self._log(fed, current, primary)
+        self.fed = fed
+
+    def _log(self, fed: bool, current: str | None, primary: str) -> None:
+        if fed:
+            log.info("this consumer's scores reach the view (current model: %s)",
+                     current or f"none promoted: {primary}, the live primary")  # fmt: skip
+        elif self.live:
+            log.warning(
+                "the view shows %s (popscore promote), so this consumer's scores of %s reach "
+                "only its own namespace: promote %s, or serve %s (docs/OPERATIONS.md, "
+                '"Roll out a model")', current, primary, primary, current,
+            )  # fmt: skip
 
 
 def models(client: AnyRedis) -> list[ModelEntry]:

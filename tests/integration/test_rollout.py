@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, Gauge
 from redis.cluster import RedisCluster
 
 from consumer import rollout
@@ -267,6 +268,34 @@ def test_a_stalled_promotion_never_writes_over_a_later_one(
     assert {score for _m, score in db.zrange(board, 0, -1, withscores=True)} == {50.0}
     assert db.hmget(keys.promotion, ["to", "state"]) == [b"model-c", b"done"]
     assert not db.exists(keys.promotion_lock), "C released its own lock; A took none back"
+
+
+def test_the_view_watch_says_when_a_live_consumer_no_longer_feeds_the_view(
+    db: AnyRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a promotion only the promoted version reaches the view: a live consumer reloaded
+    to another model scores on while the view stands still, and says so."""
+    monkeypatch.setattr(rollout, "VIEW_CHECK_S", 0.0)
+    registry = CollectorRegistry()
+    gauge = Gauge("view_fed", "test", registry=registry)
+    live, backfill = rollout.ViewWatch(db, gauge, live=True), rollout.ViewWatch(db, gauge, False)
+
+    def fed() -> float | None:
+        return registry.get_sample_value("view_fed")
+
+    live.check("model-a", None)
+    assert fed() == 1, "no promotion: the live primary writes the view"
+    backfill.check("model-b", None)
+    assert fed() == 0, "a backfill's model reaches the view only once promoted"
+    write(sink_for(db), "model-b", ["t1"], primary=False)
+    promote(db, "model-b")
+    with caplog.at_level("WARNING"):
+        live.check("model-a", None)
+    assert fed() == 0
+    assert "the view shows model-b (popscore promote), so this consumer's scores of model-a " \
+        "reach only its own namespace" in caplog.text  # fmt: skip
+    live.check("model-a", "model-b")
+    assert fed() == 1, "its shadow is the promoted version: it feeds the view"
 
 
 def test_the_cli_lists_models_and_promotes(
