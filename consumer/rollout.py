@@ -52,6 +52,7 @@ BATCH_TRACKS = 500
 LOCK_TTL_MS = 60_000  # a crashed promotion frees the lock within a minute
 LOCK_REFRESH_S = 10.0
 VIEW_CHECK_S = 15.0
+STALE_S = 3600.0  # a version nobody wrote for this long is probably scored by no one
 VIEW_LEADERBOARD_PREFIX = f"{KEY_PREFIX}:leaderboard:"
 VIEW_SCORE_PREFIX = f"{KEY_PREFIX}:score:"
 
@@ -282,9 +283,15 @@ def models(client: AnyRedis) -> list[ModelEntry]:
 
 
 def promote(
-    client: AnyRedis, version: str, progress: Callable[[int, int], None] | None = None
+    client: AnyRedis,
+    version: str,
+    progress: Callable[[int, int], None] | None = None,
+    ttl_s: int = 0,
+    force: bool = False,
 ) -> Promotion:
-    """Make ``version`` current and copy its namespace into the view (module docstring)."""
+    """Make ``version`` current and copy its namespace into the view (module docstring).
+    ``ttl_s``: the scores' TTL (POPSCORE_REDIS_TTL_S); a version whose last write is older has
+    none left, and is refused unless ``force``."""
     keys = keys_for(client)
     _namespace_name(keys, version)
     if not client.sismember(keys.models, version):
@@ -292,6 +299,7 @@ def promote(
             f"no scores of {version!r} in Redis: score with it first (shadow or backfill); "
             "`popscore models` lists the versions there are"
         )
+    _check_fresh(client, keys, version, ttl_s, force)
     start = time.monotonic()
     with _lock(client, keys, version) as lock:
         previous = current_model(client)
@@ -305,16 +313,46 @@ def promote(
     return promotion
 
 
+def _check_fresh(client: AnyRedis, keys: RedisKeys, version: str, ttl_s: int, force: bool) -> None:
+    """After a promotion only ``version``'s writes change the view: refuse one whose scores
+    have all expired (unless ``force``), warn about one nobody has written for an hour."""
+    last = client.hget(keys.model_info(version), "last_write_ms")
+    idle_s = time.time() - int(last) / 1000 if last else float("inf")
+    if ttl_s and idle_s > ttl_s and not force:
+        raise PromotionError(
+            f"every score of {version} has expired (no write for {_ago(idle_s)}, "
+            f"POPSCORE_REDIS_TTL_S is {ttl_s}): the view would keep the old records until "
+            f"{version} scores again; --force promotes it anyway"
+        )
+    if idle_s > STALE_S:
+        log.warning(
+            "no consumer has written a score of %s for %s: after the promotion the view changes "
+            "only as %s scores, so serve or shadow it (docs/OPERATIONS.md, \"Roll out a model\")",
+            version, _ago(idle_s), version,
+        )  # fmt: skip
+
+
+def _ago(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "ever"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def drop(client: AnyRedis, version: str) -> int:
     """Delete a retired version's namespace (its hashes, leaderboards, event claims, info) and
     forget it; the current version is refused. Returns how many keys went."""
     keys = keys_for(client)
     _namespace_name(keys, version)
-    if version == current_model(client):
-        raise PromotionError(f"{version} is the current model: promote another one first")
     if not client.sismember(keys.models, version):
         raise PromotionError(f"no scores of {version!r} in Redis (`popscore models`)")
-    client.srem(keys.models, version)  # first: a consumer still scoring it adds it back
+    with _lock(client, keys, version):  # never while a promotion copies from it
+        if version == current_model(client):
+            raise PromotionError(f"{version} is the current model: promote another one first")
+        client.srem(keys.models, version)  # first: a consumer still scoring it adds it back
+        return _unlink_namespace(client, keys, version)
+
+
+def _unlink_namespace(client: AnyRedis, keys: RedisKeys, version: str) -> int:
     gone, batch = 0, []
     for key in _scan(client, model_prefix(version)):
         batch.append(key)

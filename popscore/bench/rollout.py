@@ -21,6 +21,7 @@ from pathlib import Path
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from consumer.errors import UsageError
 from consumer.kafka import consumer_config, ensure_topics
 from consumer.rollout import promote
 from consumer.settings import Settings
@@ -144,11 +145,18 @@ PROMOTE_DB = 15  # a scratch database: a promotion sets the pointer for its whol
 
 def promotion(settings: Settings, tracks: int) -> ModeResult:
     """``popscore promote`` of ``tracks`` tracks (one day): the switch's time and rate, in
-    Redis database PROMOTE_DB, emptied before and after."""
+    Redis database PROMOTE_DB, which must be empty (refused otherwise) and is emptied after."""
+    if settings.redis_cluster:
+        raise UsageError("--modes promote: needs a single Redis node (a cluster has no databases)")
     url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + f"/{PROMOTE_DB}"
     client = redis.Redis.from_url(url, socket_timeout=60)
+    if held := client.dbsize():  # never someone else's data: emptied only after, once it is ours
+        client.close()
+        raise UsageError(
+            f"--modes promote: Redis database {PROMOTE_DB} holds {held} keys; it runs there and "
+            "empties it after, so it must start empty"
+        )
     try:
-        client.flushdb()
         sink, stop = RedisSink(client), threading.Event()
         when = datetime(2026, 11, 30, 12, tzinfo=UTC)
         for start in range(0, tracks, 500):

@@ -71,7 +71,8 @@ def register(sub: Subparsers) -> None:
         "compute, e2e, naive (these four the default), compute_process (the "
         "compute ceiling with a process pool instead of threads), soak, shadow (the e2e max "
         "with a shadow model beside the primary), backfill (live p99 at --rate alone and "
-        "beside a backfill process), promote (popscore promote of --events x 1000 tracks)",
+        "beside a backfill process), promote (popscore promote of --events x 1000 tracks, in "
+        "Redis database 15 of POPSCORE_REDIS_URL, which must be empty and is emptied after)",
     )
     source = bench.add_mutually_exclusive_group()
     source.add_argument(

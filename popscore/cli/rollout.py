@@ -5,10 +5,12 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 from consumer.errors import UsageError
 from consumer.redis_client import AnyRedis, close, connect
@@ -21,6 +23,7 @@ from popscore.cli.argtypes import (
     existing_file,
     flags_named,
     kafka_topic,
+    model_version,
     positive_int,
     settings_with,
     tcp_port,
@@ -38,13 +41,24 @@ def register(sub: Subparsers) -> None:
             "them, no other version's do. Roll back by promoting the previous version."
         ),
     )
-    parser.add_argument("version", help="a model_version Redis holds scores of (`popscore models`)")
+    parser.add_argument(
+        "version",
+        type=model_version,
+        help="a model_version Redis holds scores of (`popscore models`)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="promote a version whose scores have all expired (POPSCORE_REDIS_TTL_S since its "
+        "last write): the view then changes only as it scores again",
+    )
     parser.set_defaults(handler=_promote)
     listing = sub.add_parser("models", help="list the model versions Redis holds scores of")
     listing.set_defaults(handler=_models)
     listing.add_argument(
         "--drop",
         metavar="VERSION",
+        type=model_version,
         help="delete a retired version's scores, leaderboards and claims (not the current one)",
     )
     register_backfill(sub)
@@ -62,11 +76,15 @@ def _client(settings: Settings) -> Iterator[AnyRedis]:
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
     with _client(settings) as client:
+        last = time.monotonic()
 
         def progress(seen: int, replaced: int) -> None:
-            print(f"  {seen} tracks checked, {replaced} switched", file=sys.stderr)
+            nonlocal last
+            if time.monotonic() - last >= PROGRESS_S:  # 10^8 tracks: not a line per batch
+                last = time.monotonic()
+                print(f"  {seen} tracks checked, {replaced} switched", file=sys.stderr)
 
-        print(promote(client, args.version, progress).report())
+        print(promote(client, args.version, progress, settings.redis_ttl_s, args.force).report())
     return 0
 
 
@@ -87,6 +105,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 BACKFILL_TOPIC = "releases-backfill"
+PROGRESS_S = 5.0
 
 
 def register_backfill(sub: Subparsers) -> None:
@@ -144,6 +163,9 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.kafka import ensure_topics, topic_records
     from popscore.cli.produce import jsonl_records, send
 
+    parquet = args.catalog.suffix.lower() in (".parquet", ".pq")
+    # Opened before the topic is made: a file that is no Parquet is one line, not a traceback.
+    records = parquet_records(args.catalog) if parquet else jsonl_records(args.catalog)
     admin = settings.kafka_config("admin")
     ensure_topics(admin, [args.topic], args.partitions)
     held = topic_records(admin, args.topic)
@@ -152,8 +174,6 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.topic} already holds {held} records (consumers resume from their offsets); "
             "--force publishes the catalog again (its events are then duplicates, and dropped)"
         )
-    parquet = args.catalog.suffix.lower() in (".parquet", ".pq")
-    records = parquet_records(args.catalog) if parquet else jsonl_records(args.catalog)
     count = send(settings.kafka_config("producer"), args.topic, records)
     print(f"published {count} events to {args.topic}")
     return 0
@@ -162,11 +182,20 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
 def parquet_records(path: Path) -> Iterator[tuple[bytes | None, bytes]]:
     """(key, value) per Parquet row: its ReleaseEvent fields (flat, dotted or struct columns)
     as JSON, sent whatever they hold, so an invalid row is dead-lettered with its reason."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        catalog = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"--catalog: {path} is no readable Parquet file: {exc}") from None
+    return _rows(catalog)
+
+
+def _rows(catalog: Any) -> Iterator[tuple[bytes | None, bytes]]:
     from popscore.training.catalog import row_event
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    for batch in catalog.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
             doc = row_event(row)
             for key in ("schema_version", "event_id", "track_id", "emitted_at", "audio_uri"):

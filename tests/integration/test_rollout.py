@@ -298,6 +298,23 @@ def test_the_view_watch_says_when_a_live_consumer_no_longer_feeds_the_view(
     assert fed() == 1, "its shadow is the promoted version: it feeds the view"
 
 
+def test_a_version_whose_scores_all_expired_is_refused_unless_forced(
+    db: AnyRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a promotion only the promoted version's writes change the view: one nobody has
+    written for longer than the scores' TTL has none left to show."""
+    write(sink_for(db), "model-b", ["t1"], primary=False)
+    two_hours_ago = int((datetime.now(UTC) - timedelta(hours=2)).timestamp() * 1000)
+    db.hset(keys_for(db).model_info("model-b"), "last_write_ms", two_hours_ago)
+    with pytest.raises(PromotionError, match=r"every score of model-b has expired \(no write"):
+        promote(db, "model-b", ttl_s=3600)
+    assert current_model(db) is None
+    with caplog.at_level("WARNING"):
+        promote(db, "model-b", ttl_s=3600, force=True)
+    assert "no consumer has written a score of model-b for 2.0 h" in caplog.text
+    assert current_model(db) == "model-b"
+
+
 def test_the_cli_lists_models_and_promotes(
     db: AnyRedis, stack: dict[str, str], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

@@ -333,6 +333,31 @@ def test_writable_path_refuses_a_folder_it_cannot_write_in(tmp_path: Path) -> No
         argtypes.writable_path(str(locked / "r.json"))
 
 
+def test_a_catalog_that_is_no_parquet_is_one_line_before_kafka(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """backfill publish: read before the topic is made (no broker listens here)."""
+    monkeypatch.setenv("POPSCORE_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    args = ["backfill", "publish", "--catalog", str(tmp_path / "bad.parquet")]
+    assert "--catalog: " in (err := refused(args, capsys))
+    assert "is no readable Parquet file" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["promote", "a:b"], "no ':', no braces"),
+        (["models", "--drop", "{x}"], "no ':', no braces"),
+        (["promote", " "], "must not be blank"),
+    ],
+)
+def test_a_malformed_model_version_is_a_bad_argument(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert needle in refused(args, capsys)
+
+
 # 7. topic names
 
 
