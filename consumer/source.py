@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaError,
     KafkaException,
@@ -115,6 +116,55 @@ class EndOffsets:
             raise KafkaException(KafkaError(KafkaError._FAIL, f"end offsets: {exc}")) from exc
 
 
+class CommittedOffsets:
+    """The group's committed offsets of some partitions, asked in the background like
+    ``EndOffsets``: where a partition this member holds but has no fetch position in would be
+    read from (one assigned while paused, say)."""
+
+    def __init__(self, admin: AdminClient, group: str) -> None:
+        self.admin, self.group = admin, group
+        self._future: Future[Any] | None = None
+        self._known: dict[Partition, int] = {}
+
+    def ask(self, partitions: Iterable[Partition]) -> None:
+        """One query, unless one is still out."""
+        if self._future is not None and not self._future.done():
+            return
+        request = ConsumerGroupTopicPartitions(self.group, self._partitions(partitions))
+        try:
+            futures = self.admin.list_consumer_group_offsets(
+                [request], request_timeout=END_OFFSETS_TIMEOUT_S
+            )
+        except (KafkaException, ValueError) as exc:
+            log.debug("committed offsets not asked: %s", exc)
+            return
+        self._future = futures[self.group]
+
+    def known(self) -> dict[Partition, int]:
+        """The latest answers (partitions with nothing committed left out); never waits."""
+        future, self._future = self._future, None
+        if future is None or not future.done():
+            self._future = future
+            return self._known
+        try:
+            answer = future.result()
+        except Exception as exc:  # a broker away: keep the earlier answers, ask again later
+            log.debug("committed offsets: %s", exc)
+            return self._known
+        for tp in answer.topic_partitions or []:
+            if tp.error is None and tp.offset >= 0:
+                self._known[(tp.topic, tp.partition)] = tp.offset
+        return self._known
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        for key in partitions:
+            self._known.pop(key, None)
+
+    @staticmethod
+    def _partitions(parts: Iterable[Partition]) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in sorted(parts)]
+
+
 class KafkaSource:
     """One member of the consumer group, subscribed to the input topic."""
 
@@ -142,6 +192,10 @@ class KafkaSource:
         }
         self.consumer = Consumer(consumer_config(config, group_id, fixed))
         self.ends = EndOffsets(config if admin is None else admin)
+        self.committed = CommittedOffsets(self.ends.admin, group_id)
+        self._eof: dict[Partition, int] = {}
+        """Per partition, where its last end-of-partition event put it: the position of one
+        read to its end, which position() reports only once a record was consumed."""
         self.topic = topic
         self.metrics = metrics
         self.assignment: set[Partition] = set()
@@ -169,6 +223,7 @@ class KafkaSource:
             tp = partition_of(msg)
             if err is None:
                 self._at_end.discard(tp)
+                self._eof.pop(tp, None)
                 self.kafka_problem = None
                 # A revoke served inside this consume() may have come after the message.
                 if tp in self.assignment:
@@ -176,6 +231,9 @@ class KafkaSource:
                     self._first_read.setdefault(tp, msg.offset() or 0)
             elif err.code() == KafkaError._PARTITION_EOF:
                 self._at_end.add(tp)
+                offset = msg.offset()
+                if tp in self.assignment and offset is not None and offset >= 0:
+                    self._eof[tp] = offset
             elif err.fatal():
                 raise KafkaException(err)
             else:
@@ -225,6 +283,7 @@ class KafkaSource:
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
                 # librdkafka reports a partition's end again only after a seek
                 self._at_end.discard(key)
+                self._eof.pop(key, None)
         log.warning("rewound %d partitions to their committed offsets", len(committed))
 
     def group_metadata(self) -> Any:
@@ -245,6 +304,9 @@ class KafkaSource:
             return
         self._lag_checked = now
         self.ends.ask(self.assignment)
+        unplaced = [key for key, offset in self._positions(self.assignment) if offset < 0]
+        if unplaced:
+            self.committed.ask(unplaced)
         if force:
             self._apply_ends(self._take_ends(wait_s), now)
 
@@ -261,19 +323,30 @@ class KafkaSource:
         self.kafka_problem = None
         return ends
 
-    def _apply_ends(self, ends: dict[Partition, int] | None, now: float) -> None:
-        """Lag per partition still assigned: its end minus the consumer's position (the whole
-        partition while it has no position)."""
-        held = sorted(self.assignment & set(ends or {}))
-        if ends is None or not held:
-            return
-        total = 0
-        for tp in self.consumer.position(self._partitions(held)):
+    def _positions(self, parts: Iterable[Partition]) -> list[tuple[Partition, int]]:
+        """Where each partition is read from: the consumer's position, else where its end
+        event left it, else -1 (none known: assigned while paused, or not fetched yet)."""
+        found = []
+        for tp in self.consumer.position(self._partitions(parts)):
             key = (tp.topic, tp.partition)
-            lag = ends[key] - tp.offset if tp.offset >= 0 else ends[key]
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
-            self._watch_position(key, tp.offset, lag, now)
-            total += max(lag, 0)
+            found.append((key, tp.offset if tp.offset >= 0 else self._eof.get(key, -1)))
+        return found
+
+    def _apply_ends(self, ends: dict[Partition, int] | None, now: float) -> None:
+        """Lag per partition still assigned: its end minus the consumer's position; without
+        one, minus the group's committed offset (the whole partition when nothing is)."""
+        if ends is None:
+            return
+        held = sorted(self.assignment & set(ends))
+        committed = self.committed.known()
+        total = 0
+        for key, offset in self._positions(held):
+            start = offset if offset >= 0 else committed.get(key, 0)
+            lag = max(ends[key] - start, 0)
+            self.metrics.consumer_lag.labels(key[0], str(key[1])).set(lag)
+            self._watch_position(key, offset, lag, now)
+            total += lag
+        # Also with nothing held any more: a consumer that lost its partitions has none left.
         self.remaining = total
         self.metrics.remaining.set(total)
 
@@ -338,6 +411,11 @@ class KafkaSource:
             self._first_read.pop(key, None)
         for key in gone:
             self._no_position_since.pop(key, None)
+            self._eof.pop(key, None)
+        self.committed.forget(gone)
+        if not self.assignment:  # no lag check runs while nothing is held: none left to read
+            self.remaining = 0
+            self.metrics.remaining.set(0)
         for topic, partition in gone:
             with contextlib.suppress(KeyError):  # never exported if no lag check ran yet
                 self.metrics.consumer_lag.remove(topic, str(partition))
