@@ -43,7 +43,7 @@ from consumer.dead_letters import Rejected
 from consumer.device import Scorer
 from consumer.drift import DriftMonitor
 from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
-from consumer.health import STUCK_S, Health, HealthServer
+from consumer.health import STUCK_S, BackgroundCheck, Health, HealthServer
 from consumer.kafka import client
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline, Prepared, shadow_problem
@@ -61,6 +61,8 @@ from schemas.scores import ScoreRecord
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2
+# The readiness probe's PING of Redis, on its own thread: well within the probes' 5 s timeout.
+PROBE_TIMEOUT_S = 2.0
 BUSY_POLL_S = 0.02
 # `consume --report` prints the records of its run (the latest this many); without it none are
 # kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Memory").
@@ -221,6 +223,7 @@ class App:
         # finishing a dropped batch never finds a closed client.
         self.redis = connect(s.redis_url.get_secret_value(), s.redis_cluster)
         self._stack.callback(close_redis, self.redis)
+        self._redis_check = self._redis_probe()
         pool = self._executor(s.decode_workers, "decode", lower_decode_thread_priority)
         self.pipeline = Pipeline(
             self.scorer,
@@ -720,6 +723,24 @@ class App:
         self._stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         return pool
 
+    def _redis_probe(self) -> BackgroundCheck:
+        """PING on a client of its own with a short timeout, on a thread of its own: /readyz
+        reads the last answer."""
+        s = self.settings
+        client = connect(s.redis_url.get_secret_value(), s.redis_cluster, PROBE_TIMEOUT_S)
+        self._stack.callback(close_redis, client)
+
+        def ping() -> str | None:
+            try:
+                client.ping()
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                return str(exc)
+            return None
+
+        check = BackgroundCheck(ping).start()
+        self._stack.callback(check.close)
+        return check
+
     def _readiness(self) -> tuple[bool, str]:
         if not self.health.model_loaded:
             return False, "model not loaded"
@@ -727,10 +748,8 @@ class App:
             return False, "no partitions assigned"
         if self.source.kafka_problem:
             return False, f"kafka unreachable: {self.source.kafka_problem}"
-        try:
-            self.redis.ping()
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            return False, f"redis unreachable: {exc}"
+        if problem := self._redis_check.problem():
+            return False, f"redis unreachable: {problem}"
         if self.redis_sink.failing:  # it answers PING but refuses writes (OOM, READONLY)
             return False, f"redis refusing writes: {self.redis_sink.failing}"
         return True, "ready"

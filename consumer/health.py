@@ -64,6 +64,51 @@ class Health:
         return self.liveness()[0]
 
 
+class BackgroundCheck:
+    """A dependency check run on a thread of its own every ``every_s``; the probes read its
+    last answer and never wait on the dependency: a Redis that accepted connections but never
+    answered made every probe time out, liveness included, so every pod would have been
+    restarted at once."""
+
+    def __init__(
+        self,
+        check: Callable[[], str | None],
+        every_s: float = 2.0,
+        stale_s: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``check``: the problem, or None when all is well; it must time out by itself
+        well within ``stale_s``."""
+        self._check, self.every_s, self.stale_s, self._clock = check, every_s, stale_s, clock
+        self._problem: str | None = "not checked yet"
+        self._at = clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-check", daemon=True)
+
+    def start(self) -> "BackgroundCheck":
+        self._thread.start()
+        return self
+
+    def problem(self) -> str | None:
+        """The last check's problem; or that the check itself has not answered lately."""
+        age = self._clock() - self._at
+        if age > self.stale_s:
+            return f"no answer for {age:.0f} s"
+        return self._problem
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._problem = self._check()
+            except Exception as exc:  # a check that raises is a failing check, not a dead thread
+                self._problem = f"check failed: {exc}"
+            self._at = self._clock()
+            self._stop.wait(self.every_s)
+
+
 class HealthServer:
     """A small threaded HTTP server on its own daemon thread."""
 
@@ -101,11 +146,14 @@ def _make_handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPR
                 self._send(404, b"not found\n")
 
         def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the prober gave up waiting: nothing to answer, nothing to log
 
         def log_message(self, *_args: Any) -> None:
             """Scrapes every few seconds would flood the log."""

@@ -174,6 +174,40 @@ def wait_for(condition, timeout_s: float, what: str) -> None:  # type: ignore[no
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_a_redis_that_never_answers_gets_quick_probe_answers(consumer_env: dict[str, str]) -> None:
+    """A Redis that takes connections and answers nothing (a hung node, a frozen proxy): the
+    probes used to PING it in the handler and time out (liveness too, which restarts every pod
+    at once). Now /readyz says why at once and /healthz stays 200."""
+    produce_synthetic(consumer_env, 1, seed=7)  # the topic, so that partitions get assigned
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(64)  # connections complete in the backlog; nothing is ever read or sent
+    port = free_port()
+    env = {**os.environ, **consumer_env, "POPSCORE_HTTP_PORT": str(port),
+           "POPSCORE_REDIS_URL": f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "popscore", "consume"], env=env, cwd=ROOT,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        answers: list[tuple[int, str]] = []
+
+        def unready_for_redis() -> bool:
+            started = time.monotonic()
+            try:
+                answers.append(http_get(port, "/readyz"))
+            except OSError:  # not listening yet
+                return False
+            assert time.monotonic() - started < 1.5, "a probe waited on Redis"
+            return answers[-1][1].startswith("redis unreachable")
+
+        wait_for(unready_for_redis, 120, "/readyz naming Redis")
+        assert answers[-1][0] == 503
+        assert http_get(port, "/healthz") == (200, "ok\n")
+    finally:
+        proc.kill()
+        proc.wait(30)
+        black_hole.close()
+
+
 def test_sigterm_mid_stream_then_restart_scores_every_event(
     consumer_env: dict[str, str], redis_client: redis.Redis
 ) -> None:

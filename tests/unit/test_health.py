@@ -1,9 +1,12 @@
 """Liveness: the main loop iterates, and records in hand get committed while Kafka and Redis
 answer (an abort loop or a wedged stage restarts the pod; a dependency outage does not)."""
 
+import threading
+import time
+
 from consumer import health
 from consumer.app import stuck_after
-from consumer.health import Health
+from consumer.health import BackgroundCheck, Health
 from consumer.settings import Settings
 
 STUCK = 400.0
@@ -79,3 +82,57 @@ def test_until_start_up_is_over_the_probes_hear_starting() -> None:
     h.beat()
     h.started = True
     assert h.liveness() == (True, "ok")
+
+
+def test_a_check_that_hangs_is_reported_without_waiting_for_it() -> None:
+    """The probes read the background check's last answer: a Redis that never answers made
+    every probe time out (liveness too, which would restart every pod at once)."""
+    clock, release, answered = Clock(), threading.Event(), threading.Event()
+
+    def check() -> str | None:
+        answered.set()
+        release.wait(10)
+        return None
+
+    probe = BackgroundCheck(check, every_s=0.01, stale_s=15.0, clock=clock).start()
+    try:
+        assert answered.wait(5)
+        assert probe.problem() == "not checked yet"  # the first check is still out
+        clock.now += 16
+        started = time.monotonic()
+        assert probe.problem() == "no answer for 16 s"
+        assert time.monotonic() - started < 0.1
+        release.set()
+        deadline = time.monotonic() + 5
+        while probe.problem() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert probe.problem() is None
+    finally:
+        release.set()
+        probe.close()
+
+
+def test_a_check_that_raises_is_a_problem_not_a_dead_thread() -> None:
+    raised, release = threading.Event(), threading.Event()
+
+    def check() -> str | None:
+        if not raised.is_set():
+            raised.set()
+            raise RuntimeError("boom")
+        release.wait(10)  # the second check: answers once the test has looked
+        return None
+
+    probe = BackgroundCheck(check, every_s=0.01).start()
+    try:
+        assert raised.wait(5)
+        deadline = time.monotonic() + 5
+        while probe.problem() == "not checked yet" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert probe.problem() == "check failed: boom"
+        release.set()
+        while probe.problem() is not None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert probe.problem() is None, "the thread lives on and checks again"
+    finally:
+        release.set()
+        probe.close()
