@@ -41,6 +41,14 @@ def redis_cluster_url() -> str:
     return f"redis://127.0.0.1:{os.environ.get('REDIS_CLUSTER_PORT', '7000')}"
 
 
+def database_url(stack: dict[str, str], db: int) -> str:
+    """The stack's Redis URL with database ``db``: redis-py takes a URL's database over a
+    ``db=`` argument, so ``from_url(url, db=11)`` is still database 0 (which that flushed)."""
+    url = stack["redis_url"].rsplit("/", 1)[0] + f"/{db}"
+    assert redis.Redis.from_url(url).connection_pool.connection_kwargs["db"] == db
+    return url
+
+
 def flush_cluster(client: RedisCluster) -> None:
     """Empty every primary (replicas follow)."""
     for node in client.get_primaries():

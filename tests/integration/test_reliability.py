@@ -29,7 +29,7 @@ from schemas.redis_keys import (
     model_leaderboard_key,
     model_score_key,
 )
-from tests.integration.conftest import committed_and_end, read_all
+from tests.integration.conftest import committed_and_end, database_url, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_redis_upsert_is_idempotent_and_never_goes_back_in_time(
 @pytest.fixture
 def spare_db(stack: dict[str, str]) -> Iterator[redis.Redis]:
     """A database of its own: these tests plant keys of the wrong type, shared ones included."""
-    client = redis.Redis.from_url(stack["redis_url"], db=11)
+    client = redis.Redis.from_url(database_url(stack, 11))
     client.flushdb()
     yield client
     client.flushdb()

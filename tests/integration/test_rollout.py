@@ -23,7 +23,7 @@ from consumer.rollout import PromotionError, current_model, models, promote
 from consumer.sinks import RedisSink, Upsert
 from popscore.cli.main import main
 from schemas import ScoreRecord
-from tests.integration.conftest import flush_cluster
+from tests.integration.conftest import database_url, flush_cluster
 
 pytestmark = pytest.mark.integration
 ROLLOUT_DB = 5
@@ -34,7 +34,7 @@ SCORES = {"model-a": 20.0, "model-b": 80.0}
 
 def db_url(stack: dict[str, str]) -> str:
     """The stack's Redis URL, database ROLLOUT_DB."""
-    return stack["redis_url"].rsplit("/", 1)[0] + f"/{ROLLOUT_DB}"
+    return database_url(stack, ROLLOUT_DB)
 
 
 @pytest.fixture(params=["single", "cluster"])
