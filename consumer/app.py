@@ -394,7 +394,13 @@ class App:
             self._poll()
             self.source.refresh_lag()
             self._set_eta()
-            if self.stop_at_end and self._idle() and self.source.caught_up():
+            # Not while a drop waits for its rewind: the dropped records are not read yet.
+            if (
+                self.stop_at_end
+                and self._idle()
+                and not self._needs_rewind
+                and self.source.caught_up()
+            ):
                 log.info("all assigned partitions read to the end; stopping")
                 break
         self._drain(self.settings.shutdown_grace_s)
@@ -592,6 +598,7 @@ class App:
             self._drop_uncommitted()
             return
         self.metrics.transactions.labels("committed").inc()
+        self.source.mark_committed(next_offsets(item.messages))
         self.progress.committed(len(item.messages))
         self.health.progressed()
         self.metrics.stage_seconds.labels("produce").observe(produce_s)

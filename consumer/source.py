@@ -192,7 +192,7 @@ class KafkaSource:
         }
         self.consumer = Consumer(consumer_config(config, group_id, fixed))
         self.ends = EndOffsets(config if admin is None else admin)
-        self.committed = CommittedOffsets(self.ends.admin, group_id)
+        self._group_offsets = CommittedOffsets(self.ends.admin, group_id)
         self._eof: dict[Partition, int] = {}
         """Per partition, where its last end-of-partition event put it: the position of one
         read to its end, which position() reports only once a record was consumed."""
@@ -208,6 +208,8 @@ class KafkaSource:
         self._no_position_since: dict[Partition, float] = {}
         self._first_read: dict[Partition, int] = {}
         """Per partition, the offset of the first record read since it was assigned."""
+        self._committed_here: dict[Partition, int] = {}
+        """Per partition, the offset this member last committed since it was assigned."""
         self.consumer.subscribe(
             [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -265,26 +267,31 @@ class KafkaSource:
             self.consumer.resume(self._partitions(self.assignment))
         self.paused = False
 
-    def rewind(self) -> None:
-        """Seek every assigned partition back to its committed offset (after an abort); one
-        with nothing committed yet goes back to the first record this member read of it
-        (where ``auto.offset.reset`` started it). A partition whose committed offset cannot be
-        read raises: moving on from where it is would skip records never committed, and the
-        restart resumes from the committed offsets."""
-        if not self.assignment:
-            return
-        committed = self.consumer.committed(self._partitions(self.assignment), timeout=30)
-        if failed := [tp for tp in committed if tp.error is not None]:
-            raise KafkaException(failed[0].error)
-        for tp in committed:
+    def mark_committed(self, offsets: Iterable[TopicPartition]) -> None:
+        """This member's transaction committed ``offsets``: where a rewind goes back to."""
+        for tp in offsets:
             key = (tp.topic, tp.partition)
-            offset = tp.offset if tp.offset >= 0 else self._first_read.get(key)
-            if offset is not None:  # else nothing was read: nothing to rewind
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-                # librdkafka reports a partition's end again only after a seek
-                self._at_end.discard(key)
-                self._eof.pop(key, None)
-        log.warning("rewound %d partitions to their committed offsets", len(committed))
+            if key in self.assignment:
+                self._committed_here[key] = tp.offset
+
+    def rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset (after an abort or a
+        drop): the last this member committed since the partition was assigned, else the first
+        record it read of it, which is where the group's committed offset (or
+        ``auto.offset.reset``) started it. Nothing is asked of the broker: behind a rejoin in
+        progress that query waited for the whole group (up to the session timeout) and timed
+        out, which stopped the process."""
+        rewound = 0
+        for key in sorted(self.assignment):
+            offset = self._committed_here.get(key, self._first_read.get(key))
+            if offset is None:
+                continue  # nothing read: nothing to rewind
+            self.consumer.seek(TopicPartition(*key, offset))
+            # librdkafka reports a partition's end again only after a seek
+            self._at_end.discard(key)
+            self._eof.pop(key, None)
+            rewound += 1
+        log.warning("rewound %d partitions to their committed offsets", rewound)
 
     def group_metadata(self) -> Any:
         """For ``send_offsets_to_transaction``: fences commits from an outdated generation."""
@@ -306,7 +313,7 @@ class KafkaSource:
         self.ends.ask(self.assignment)
         unplaced = [key for key, offset in self._positions(self.assignment) if offset < 0]
         if unplaced:
-            self.committed.ask(unplaced)
+            self._group_offsets.ask(unplaced)
         if force:
             self._apply_ends(self._take_ends(wait_s), now)
 
@@ -338,7 +345,7 @@ class KafkaSource:
         if ends is None:
             return
         held = sorted(self.assignment & set(ends))
-        committed = self.committed.known()
+        committed = self._group_offsets.known()
         total = 0
         for key, offset in self._positions(held):
             start = offset if offset >= 0 else committed.get(key, 0)
@@ -409,10 +416,11 @@ class KafkaSource:
         self._at_end -= gone
         for key in gone:
             self._first_read.pop(key, None)
+            self._committed_here.pop(key, None)
         for key in gone:
             self._no_position_since.pop(key, None)
             self._eof.pop(key, None)
-        self.committed.forget(gone)
+        self._group_offsets.forget(gone)
         if not self.assignment:  # no lag check runs while nothing is held: none left to read
             self.remaining = 0
             self.metrics.remaining.set(0)
