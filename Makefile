@@ -52,6 +52,7 @@ demo: $(STAMP) $(MODEL) stack-up ## produce sample releases, score them all, pri
 	export POPSCORE_AUDIO_FILE_ROOTS=$(abspath $(DEMO_DIR))/audio POPSCORE_DEVICE=auto
 	start=$$(date +%s%N)
 	$(BIN)/popscore produce --synthetic $(DEMO_EVENTS) --seed $$(date +%s) --out-dir $(DEMO_DIR)/audio
+	$(BIN)/popscore topics --create > /dev/null
 	$(BIN)/popscore --log-level WARNING consume --stop-at-end --report
 	echo "demo wall time: $$(( ($$(date +%s%N) - start) / 1000000 )) ms (produce + consume)"
 

@@ -44,7 +44,7 @@ from consumer.device import Scorer
 from consumer.drift import DriftMonitor
 from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
 from consumer.health import STUCK_S, BackgroundCheck, Health, HealthServer
-from consumer.kafka import client
+from consumer.kafka import TOPIC_LOOKUPS, client, output_topics_limit
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline, Prepared, shadow_problem
 from consumer.progress import Progress
@@ -68,7 +68,6 @@ BUSY_POLL_S = 0.02
 # kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Memory").
 REPORT_KEPT = 10_000
 # --stop-at-end: the metadata is asked this often (0.5 s apart) before a topic is missing.
-TOPIC_LOOKUPS = 4
 DNS_ALLOWANCE_S = 10.0  # glibc's resolver: 5 s x 2 attempts by default
 
 
@@ -273,6 +272,10 @@ class App:
         try:
             if self.stop_at_end:  # before init_transactions can fence a running instance
                 self._check_input_exists()
+            written = {"POPSCORE_OUTPUT_TOPIC": s.output_topic, "POPSCORE_DLQ_TOPIC": s.dlq_topic}
+            if self.shadow:
+                written["POPSCORE_SHADOW_TOPIC"] = s.shadow_topic
+            limit = output_topics_limit(s.kafka_config("admin"), written)
             self.txn = client(
                 lambda: Transactions(
                     s.kafka_config("producer"),
@@ -280,6 +283,7 @@ class App:
                     s.output_topic,
                     s.dlq_topic,
                     s.shadow_topic if self.shadow else None,
+                    limit,
                 )
             )
         except BaseException:

@@ -56,8 +56,10 @@ class Transactions:
         results_topic: str,
         dlq_topic: str,
         shadow_topic: str | None = None,
+        topic_limit: int | None = None,
     ) -> None:
-        self.producer = Producer(transactional_config(config, transactional_id))
+        """``topic_limit``: the smallest max.message.bytes of the topics it writes."""
+        self.producer = Producer(transactional_config(config, transactional_id, topic_limit))
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         self.shadow_topic = shadow_topic

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from consumer.errors import ConfigError, PopscoreError
 
@@ -33,6 +38,7 @@ Header = tuple[str, str | bytes | None]
 # (unless a restart with the same transactional.id fences it first): keep it short.
 TRANSACTION_TIMEOUT_MS = 60_000
 _QUEUE_FULL_WAIT_S = 0.5
+TOPIC_LOOKUPS = 4
 MIN_DELETE_TAG = 8  # delete_topics: a shorter tag is too likely to be part of others' names
 log = logging.getLogger(__name__)
 
@@ -112,17 +118,31 @@ def producer_config(base: Mapping[str, Any], fixed: Mapping[str, Any] | None = N
     }
 
 
-def transactional_config(base: Mapping[str, Any], transactional_id: str) -> Config:
-    """The service's producer: scores, dead letters and input offsets in one transaction."""
+def transactional_config(
+    base: Mapping[str, Any], transactional_id: str, topic_limit: int | None = None
+) -> Config:
+    """The service's producer: scores, dead letters and input offsets in one transaction.
+    ``topic_limit``: the smallest ``max.message.bytes`` of the topics it writes; its batches
+    stay within it, so a record the broker would refuse (aborting the batch, and its replay,
+    for ever) is refused at ``produce`` instead, where a dead letter falls back to a smaller
+    form."""
+    limited = {} if topic_limit is None else _within(base, topic_limit)
     return {
         "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
         "linger.ms": 5,
         "compression.type": "zstd",
         **base,
+        **limited,
         **owned("enable.idempotence", "metadata.recovery.strategy"),
         "logger": librdkafka_logger("producer"),
         "transactional.id": transactional_id,
     }
+
+
+def _within(base: Mapping[str, Any], topic_limit: int) -> Config:
+    """message.max.bytes no larger than the topics take (librdkafka's default is 1,000,000)."""
+    own = int(base.get("message.max.bytes", 1_000_000))
+    return {"message.max.bytes": max(min(own, topic_limit), 1000)}  # librdkafka's floor
 
 
 def admin_config(base: Mapping[str, Any]) -> Config:
@@ -171,12 +191,51 @@ def client(build: Callable[[], T]) -> T:
         raise
 
 
-def ensure_topics(base: Mapping[str, Any], topics: list[str], partitions: int = 3) -> None:
-    """Create the topics that do not exist yet (replication 1: the local stack has one broker).
-    For ``produce``, the benchmark and the tests; the service creates none."""
+def output_topics_limit(base: Mapping[str, Any], named: Mapping[str, str]) -> int | None:
+    """Check that the topics the service writes exist (``named``: variable -> topic) and return
+    the smallest ``max.message.bytes`` among them, or None when the brokers do not say (no
+    DescribeConfigs right). A missing one is a ConfigError naming its variable: produced to,
+    it aborted every batch that reached it, for ever (a broker with auto-create off)."""
+    admin = client(lambda: AdminClient(admin_config(base)))
+    missing = dict(named)
+    for attempt in range(TOPIC_LOOKUPS):  # a topic created a moment ago may lag in metadata
+        existing = admin.list_topics(timeout=10).topics
+        missing = {var: t for var, t in missing.items() if not existing.get(t)}
+        if not missing or attempt == TOPIC_LOOKUPS - 1:
+            break
+        time.sleep(0.5)
+    for variable, topic in missing.items():
+        raise ConfigError(
+            f"{variable}: topic {topic!r} does not exist; create it (`popscore topics --create` "
+            "makes every topic the settings name)"
+        )
+    return _smallest_limit(admin, sorted(set(named.values())))
+
+
+def _smallest_limit(admin: AdminClient, topics: list[str]) -> int | None:
+    resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
+    limits = []
+    try:
+        for future in admin.describe_configs(resources, request_timeout=10).values():
+            entry = future.result().get("max.message.bytes")
+            if entry is not None and entry.value is not None:
+                limits.append(int(entry.value))
+    except (KafkaException, ValueError) as exc:
+        log.warning("the output topics' max.message.bytes is unknown (%s): dead letters are "
+                    "sized to the producer's message.max.bytes only", exc)  # fmt: skip
+        return None
+    return min(limits, default=None)
+
+
+def ensure_topics(
+    base: Mapping[str, Any], topics: list[str], partitions: int = 3, replication: int = 1
+) -> None:
+    """Create the topics that do not exist yet (replication 1 by default: the local stack has
+    one broker; -1 takes the brokers' default). For ``produce``, ``topics --create``, the
+    benchmark and the tests; the service creates none."""
     admin = client(lambda: AdminClient(admin_config(base)))
     existing = set(admin.list_topics(timeout=10).topics)
-    missing = [NewTopic(t, num_partitions=partitions, replication_factor=1)
+    missing = [NewTopic(t, num_partitions=partitions, replication_factor=replication)
                for t in topics if t not in existing]  # fmt: skip
     if not missing:
         return

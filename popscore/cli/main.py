@@ -13,7 +13,7 @@ from redis.exceptions import RedisClusterException
 from consumer.errors import ConfigError, PopscoreError, UsageError
 from consumer.settings import load_settings
 from popscore.artifact import ArtifactError
-from popscore.cli import bench, model, produce, rollout, service
+from popscore.cli import bench, model, produce, rollout, service, topics
 from popscore.cli.argtypes import EXIT_USAGE, Handler, Parser
 
 log = logging.getLogger("popscore")
@@ -35,6 +35,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     service.register(sub)  # consume, score, replay-dlq
     produce.register(sub)
+    topics.register(sub)
     bench.register(sub)
     model.register(sub)  # train, evaluate, export
     rollout.register(sub)  # promote, models

@@ -5,6 +5,7 @@ Each poison below made the consumer raise out of a stage, so the batch was never
 and the restart read it again and raised again, for ever."""
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -16,11 +17,13 @@ from typing import Any
 import pytest
 import redis
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 import consumer.commit
 import consumer.pipeline
 import consumer.sinks
 from consumer.app import App
+from consumer.errors import ConfigError
 from consumer.settings import load_settings
 from schemas import ScoreRecord, score_key
 from schemas.dead_letter import (
@@ -163,6 +166,41 @@ def test_a_dead_letter_too_large_even_without_its_value_goes_without_its_key(
     assert int(headers[HEADER_VALUE_OMITTED]) == len(b"{not json")
     assert redis_client.exists(score_key(track)), "the record behind it was scored"
     assert_all_committed(consumer_env)
+
+
+def test_a_dead_letter_over_the_dlq_topics_limit_goes_smaller(
+    consumer_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    """The DLQ topic takes 20,000 bytes; a 50 kB invalid record fits the producer but not the
+    topic: the broker refused its dead letter, which aborted the batch, and its replay, for
+    ever. The producer now stays within the topics' limit, so the dead letter goes without
+    its value and the record behind it is scored."""
+    admin = AdminClient({"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"]})
+    small = f"{consumer_env['POPSCORE_DLQ_TOPIC']}-small"
+    config = {"max.message.bytes": "20000"}
+    admin.create_topics([NewTopic(small, 1, 1, config=config)])[small].result(30)
+    env = {**consumer_env, "POPSCORE_DLQ_TOPIC": small}
+    audio = Path(consumer_env["POPSCORE_AUDIO_FILE_ROOTS"])
+    track = f"after-big-{uuid.uuid4().hex[:8]}"
+    junk = b"{" + os.urandom(50_000)  # incompressible: zstd cannot bring it under the limit
+    send(env, [(b"k", junk), (b"k", event(track, track, write_tone(audio / "t.wav").as_uri()))])
+
+    run_until_caught_up(env)
+
+    [dead] = dead_letters_by(env, 1)[b"invalid_json"]
+    assert dead.value() is None and int(dict(dead.headers())[HEADER_VALUE_OMITTED]) == len(junk)
+    assert redis_client.exists(score_key(track)), "the record behind it was scored"
+    assert_all_committed(env)
+
+
+def test_a_topic_the_service_writes_that_does_not_exist_fails_start_up(
+    consumer_env: dict[str, str],
+) -> None:
+    """On a broker with auto-create off it aborted every batch that reached it, for ever."""
+    env = {**consumer_env, "POPSCORE_DLQ_TOPIC": f"{consumer_env['POPSCORE_DLQ_TOPIC']}-absent"}
+    settings = load_settings(**{k.removeprefix("POPSCORE_").lower(): v for k, v in env.items()})
+    with pytest.raises(ConfigError, match=r"^POPSCORE_DLQ_TOPIC: topic '.*-absent' does not exist"):
+        App(settings).__enter__()
 
 
 def test_a_claim_left_by_an_aborted_attempt_does_not_make_a_replay_a_duplicate(

@@ -8,6 +8,7 @@ import pytest
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from consumer.kafka import delete_topics, ensure_topics
+from popscore.cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +41,23 @@ def test_delete_topics_takes_the_tagged_ones_only(stack: dict[str, str]) -> None
     finally:
         for name in kept:
             delete_topics(kafka, name)
+
+
+def test_popscore_topics_creates_the_missing_ones_and_says_which_are_there(
+    stack: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tag = f"topicscmd-{uuid.uuid4().hex[:8]}"
+    for var in ("INPUT", "OUTPUT", "DLQ"):
+        monkeypatch.setenv(f"POPSCORE_{var}_TOPIC", f"{tag}-{var.lower()}")
+    monkeypatch.setenv("POPSCORE_KAFKA_BOOTSTRAP", stack["bootstrap"])
+    try:
+        assert main(["topics"]) == 1, "missing ones: exit 1"
+        assert capsys.readouterr().out.count("missing") == 3
+        assert main(["topics", "--create", "--partitions", "2"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == [
+            "POPSCORE_INPUT_TOPIC", "POPSCORE_OUTPUT_TOPIC", "POPSCORE_DLQ_TOPIC"
+        ]  # fmt: skip
+        assert all(line.endswith("2 partitions") for line in lines)
+    finally:
+        delete_topics({"bootstrap.servers": stack["bootstrap"]}, tag)

@@ -50,12 +50,16 @@ def test_every_bind_mount_exists(service: str, source: Path, target: str) -> Non
     assert source.exists(), f"{service}: {source} (mounted at {target}) does not exist"
 
 
-def test_popscore_is_built_from_the_repo_dockerfile_and_demo_reuses_the_image() -> None:
-    build = SERVICES["popscore"]["build"]
+def test_popscore_is_built_from_the_repo_dockerfile_and_the_others_reuse_the_image() -> None:
+    """The topics service builds it (it runs first: popscore creates no topic itself)."""
+    build = SERVICES["topics"]["build"]
     context = (DEPLOY / build["context"]).resolve()
     assert (context / build["dockerfile"]).is_file()
     assert build["args"]["TORCH_VARIANT"] in {"cpu", "cu130"}
-    assert SERVICES["demo"]["image"] == SERVICES["popscore"]["image"]
+    assert SERVICES["demo"]["image"] == SERVICES["popscore"]["image"] == SERVICES["topics"]["image"]
+    assert SERVICES["topics"]["command"] == ["topics", "--create"]
+    waits = SERVICES["popscore"]["depends_on"]["topics"]
+    assert waits == {"condition": "service_completed_successfully"}
 
 
 def test_popscore_settings_are_valid_and_line_up(monkeypatch: pytest.MonkeyPatch) -> None:
