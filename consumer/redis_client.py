@@ -94,6 +94,9 @@ TOPOLOGY_ERRORS = (
 )
 
 
+MAX_REDIRECTS = 5  # a slot moved on while its command was redirected: re-read, try again
+
+
 class NotReplicated(redis.exceptions.TryAgainError):
     """A node's writes did not reach enough replicas in time: retried, never acknowledged."""
 
@@ -136,6 +139,7 @@ class NodePipelines:
     def _run(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         replies: list[Any] = [None] * len(calls)
         lagging = self._exchange(calls, replies)
+        lagging += self._follow_redirects(calls, replies)
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             if any(isinstance(e, TOPOLOGY_ERRORS) for e in errors):
@@ -148,6 +152,56 @@ class NodePipelines:
                 + ", ".join(lagging)
             )
         return replies
+
+    def _follow_redirects(
+        self, calls: Sequence[tuple[str, tuple[Any, ...]]], replies: list[Any]
+    ) -> list[str]:
+        """Redo the commands a slot migration redirected, as a cluster client does: a MOVED
+        one after re-reading the slot map, an ASK one on the importing node after ``ASKING``
+        (the slot map does not change until the migration ends, so a refresh alone retried a
+        new key of a half-moved slot for ever). Returns the nodes whose WAIT came back short."""
+        lagging: list[str] = []
+        for _ in range(MAX_REDIRECTS):
+            moved = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.MovedError)]
+            asked = [i for i, r in enumerate(replies) if type(r) is redis.exceptions.AskError]
+            if not moved and not asked:
+                break
+            if moved:
+                self.refresh()
+                again: list[Any] = [None] * len(moved)
+                lagging += self._exchange([calls[i] for i in moved], again)
+                for i, reply in zip(moved, again, strict=True):
+                    replies[i] = reply
+            for i in asked:
+                replies[i], short = self._asking(replies[i], calls[i][1])
+                lagging += short
+        return lagging
+
+    def _asking(self, redirect: Any, command: tuple[Any, ...]) -> tuple[Any, list[str]]:
+        """``command`` on the node an ASK names, preceded by ASKING (and followed by WAIT)."""
+        node = self.client.get_node(host=redirect.host, port=redirect.port)  # type: ignore[no-untyped-call]
+        if node is None:  # a node the slot map does not know yet
+            self.refresh()
+            node = self.client.get_node(host=redirect.host, port=redirect.port)  # type: ignore[no-untyped-call]
+            if node is None:
+                return redirect, []
+        pool = self.client.get_redis_connection(node).connection_pool
+        conn = pool.get_connection()
+        try:
+            commands = [("ASKING",), command]
+            if self.min_replicas:
+                commands.append(("WAIT", self.min_replicas, self.wait_ms))
+            conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+            _reply(conn)  # OK
+            reply = _reply(conn)
+            acked = _reply(conn) if self.min_replicas else self.min_replicas
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            pool.release(conn)
+        short = not isinstance(acked, int) or acked < self.min_replicas
+        return reply, [f"{conn.host}:{conn.port} ({acked} replicas)"] if short else []
 
     def _exchange(
         self, calls: Sequence[tuple[str, tuple[Any, ...]]], replies: list[Any]

@@ -43,6 +43,7 @@ from schemas.scores import ScoreRecord
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BACKOFF_S = 5.0
+MIGRATION_BACKOFF_S = 0.5
 KEYS_PER_RECORD = 6
 
 # KEYS[1]: the current-model pointer; KEYS[2]: the set of model versions; then per record its
@@ -302,7 +303,7 @@ class RedisSink:
                     raise SinkError(f"redis unavailable and stopping: {exc}") from exc
                 log.warning("redis write failed (%s); retrying in %.1fs", exc, delay)
                 stop.wait(delay)
-                delay = min(delay * 2, MAX_BACKOFF_S)
+                delay = min(delay * 2, _backoff_cap(exc))
 
     def _recover(self, exc: Exception) -> None:
         if isinstance(exc, redis.ReadOnlyError):
@@ -328,6 +329,19 @@ _TRANSIENT = (
     redis.exceptions.SlotNotCoveredError,
     redis.exceptions.RedisClusterException,  # e.g. no node answers while the cluster re-elects
 )
+
+
+def _backoff_cap(exc: Exception) -> float:
+    """A slot being migrated (TRYAGAIN: a multi-key call on keys the migration split) is
+    over in milliseconds to seconds: retry it often, so writes resume as soon as it is. A
+    replica short of a WAIT, or the promotion epoch moving, is not that."""
+    # TRYAGAIN itself, not its subclasses (NotReplicated, EpochMoving); ASK and MOVED too.
+    migrating = type(exc) is redis.exceptions.TryAgainError
+    return (
+        MIGRATION_BACKOFF_S
+        if migrating or isinstance(exc, redis.exceptions.AskError)
+        else MAX_BACKOFF_S
+    )
 
 
 def _wrong_type_reply(exc: redis.ResponseError) -> bool:

@@ -4,6 +4,7 @@ test_rollout.py; kills and failovers are in tests/chaos (redis-cluster-failover-
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from consumer import cluster_sink, rollout
 from consumer.cluster_sink import ClusterRedisSink, board_ops_calls
@@ -253,3 +255,51 @@ def test_cluster_mode_against_a_plain_redis_is_a_bad_setting(stack: dict[str, st
     """One line naming the setting, where a 70-line traceback was."""
     with pytest.raises(ConfigError, match=r"^POPSCORE_REDIS_CLUSTER: .* not in cluster mode$"):
         connect(stack["redis_url"], cluster=True)
+
+
+def slot_of(key: str) -> int:
+    return int(key_slot(key.encode()))
+
+
+def test_a_write_into_a_slot_being_migrated_goes_through_once_the_migration_ends(
+    cluster: RedisCluster,
+) -> None:
+    """A slot half-migrated (``redis-cli --cluster reshard`` moving it) answers ASK for a key it
+    does not hold, and the importing node TRYAGAIN for a multi-key call on keys it does not
+    all hold: a new track's two hashes cannot be written until the migration ends. The sink
+    follows the ASK and retries TRYAGAIN every 0.5 s at most (it backed off to 5 s, and a
+    batch took 11 s over a 7 s reshard: here it would resume at 11.3 s). The migration ends
+    after 7 s."""
+    source = cluster.get_node_from_key(CLUSTER.score("ask-0"))
+
+    def fits(track: str) -> bool:
+        key = CLUSTER.score(track)
+        empty = cluster.cluster_countkeysinslot(slot_of(key)) == 0
+        return bool(cluster.get_node_from_key(key) == source and empty)
+
+    track = next(t for t in (f"ask-{i}" for i in range(10_000)) if fits(t))
+    slot = slot_of(CLUSTER.score(track))
+    target = next(n for n in cluster.get_primaries() if n != source)
+    ids = {node.name: cluster.cluster_myid(node) for node in (source, target)}
+    setslot = "CLUSTER SETSLOT"
+
+    def finish() -> None:  # the source holds no key of the slot: nothing to MIGRATE
+        for node in cluster.get_primaries():
+            cluster.execute_command(setslot, slot, "NODE", ids[target.name], target_nodes=node)
+
+    cluster.execute_command(setslot, slot, "IMPORTING", ids[source.name], target_nodes=target)
+    cluster.execute_command(setslot, slot, "MIGRATING", ids[target.name], target_nodes=source)
+    ends = threading.Timer(7.0, finish)
+    try:
+        ends.start()
+        started = time.monotonic()
+        codes = ClusterRedisSink(cluster).write(
+            [record("model-a", track, f"e-{track}")], ["in/0/1"], threading.Event()
+        )
+        took = time.monotonic() - started
+    finally:
+        ends.join()
+    assert codes == [Upsert.WRITTEN] and took < 7.0 + 1.5, f"took {took:.1f} s"
+    cluster.nodes_manager.initialize()
+    stored = ScoreRecord.from_redis(cluster.hgetall(CLUSTER.score(track)))
+    assert stored.event_id == f"e-{track}", "on the node that owns the slot now"
