@@ -300,11 +300,16 @@ def promote(
             "`popscore models` lists the versions there are"
         )
     _check_fresh(client, keys, version, ttl_s, force)
+    layout = _steady_layout(client)
     start = time.monotonic()
     with _lock(client, keys, version) as lock:
         previous = current_model(client)
         fence = _Fence(client, keys, _begin(client, keys, previous, version), lock)
         seen, replaced = _switch_tracks(client, keys, version, fence, progress)
+        while (now := _steady_layout(client)) != layout:  # a slot moved during the scan
+            log.warning("the cluster's slots moved during the switch: switching again")
+            layout = now
+            seen, replaced = _switch_tracks(client, keys, version, fence, progress)
         # On a cluster each track moved between the view's days in step 2 already.
         days = 0 if keys.cluster else _switch_leaderboards(client, version, fence)
         fence.finish({"state": "done", "finished_at": _now(), "days": days, "tracks": replaced})
@@ -345,11 +350,16 @@ def drop(client: AnyRedis, version: str) -> int:
     _namespace_name(keys, version)
     if not client.sismember(keys.models, version):
         raise PromotionError(f"no scores of {version!r} in Redis (`popscore models`)")
+    layout = _steady_layout(client)
     with _lock(client, keys, version):  # never while a promotion copies from it
         if version == current_model(client):
             raise PromotionError(f"{version} is the current model: promote another one first")
         client.srem(keys.models, version)  # first: a consumer still scoring it adds it back
-        return _unlink_namespace(client, keys, version)
+        gone = _unlink_namespace(client, keys, version)
+        while (now := _steady_layout(client)) != layout:  # a slot moved during the scan
+            layout = now
+            gone += _unlink_namespace(client, keys, version)
+        return gone
 
 
 def _unlink_namespace(client: AnyRedis, keys: RedisKeys, version: str) -> int:
@@ -364,6 +374,29 @@ def _unlink_namespace(client: AnyRedis, keys: RedisKeys, version: str) -> int:
     if keys.cluster:  # the info hash lives in the {meta} slot, outside the prefix
         gone += int(client.unlink(keys.model_info(version)))
     return gone
+
+
+def _steady_layout(client: AnyRedis) -> str:
+    """Which primary serves which slots ("" on one node). A slot being migrated is refused:
+    promote and drop scan node by node, and a key moving meanwhile would be missed; a layout
+    that changed by the end of a scan (a migration that began and ended during it) means the
+    scan runs again."""
+    if not isinstance(client, RedisCluster):
+        return ""
+    layout: set[str] = set()
+    for node in client.get_primaries():  # type: ignore[no-untyped-call]
+        nodes = client.execute_command("CLUSTER NODES", target_nodes=node)  # type: ignore[no-untyped-call]
+        for address, info in nodes.items():
+            if "myself" in info["flags"] and info["migrations"]:
+                moving = ", ".join(f"{m['slot']} {m['state']}" for m in info["migrations"])
+                raise PromotionError(
+                    f"slots are being moved ({address}: {moving}): run it once the reshard "
+                    "is over (`redis-cli --cluster check` lists open slots, `--cluster fix` "
+                    "closes one left open)"
+                )
+            if "master" in info["flags"]:
+                layout.add(f"{info['node_id']} {info['slots']}")
+    return "\n".join(sorted(layout))
 
 
 def _namespace_name(keys: RedisKeys, version: str) -> None:
