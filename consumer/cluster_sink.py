@@ -302,7 +302,18 @@ class ClusterRedisSink(RedisSink):
             moved = self._hashes(pending, current, epoch, primary)
             if not moved:
                 return current, epoch
+            used = epoch
             current, epoch = _pointer(self.nodes.run(self._meta_calls(moved))[0])
+            if epoch <= used:
+                # Refused for a newer epoch, yet the epoch is where it was: the hash carries one
+                # the epoch key never reached again (lost in a failover before replication,
+                # evicted, deleted). Retrying cannot help; promoting again sets it above.
+                raise EpochMoving(
+                    f"a view hash ({CLUSTER.score(moved[0].record.track_id)}) carries a "
+                    f"promotion epoch above {CLUSTER.promotion_epoch} ({epoch}): the key went "
+                    f"back (a failover before replication, eviction); run `popscore promote "
+                    f"{current or '<version>'}` again"
+                )
             pending = moved
         raise EpochMoving("the promotion epoch kept moving during one batch")
 

@@ -288,10 +288,14 @@ def promote(
     progress: Callable[[int, int], None] | None = None,
     ttl_s: int = 0,
     force: bool = False,
+    min_replicas: int = 0,
 ) -> Promotion:
     """Make ``version`` current and copy its namespace into the view (module docstring).
     ``ttl_s``: the scores' TTL (POPSCORE_REDIS_TTL_S); a version whose last write is older has
-    none left, and is refused unless ``force``."""
+    none left, and is refused unless ``force``. ``min_replicas`` (a cluster's
+    POPSCORE_REDIS_MIN_REPLICAS): each step's writes wait for that many replicas, as the
+    sink's do: a pointer lost in a failover would leave the switched hashes' epoch above the
+    epoch key, refusing every view write of them."""
     keys = keys_for(client)
     _namespace_name(keys, version)
     if not client.sismember(keys.models, version):
@@ -304,7 +308,8 @@ def promote(
     start = time.monotonic()
     with _lock(client, keys, version) as lock:
         previous = current_model(client)
-        fence = _Fence(client, keys, _begin(client, keys, previous, version), lock)
+        epoch = _begin(client, keys, previous, version, min_replicas)
+        fence = _Fence(client, keys, epoch, lock, min_replicas)
         seen, replaced = _switch_tracks(client, keys, version, fence, progress)
         while (now := _steady_layout(client)) != layout:  # a slot moved during the scan
             log.warning("the cluster's slots moved during the switch: switching again")
@@ -408,10 +413,16 @@ def _namespace_name(keys: RedisKeys, version: str) -> None:
         raise PromotionError(f"{version!r} is no model_version: {exc}") from None
 
 
-def _begin(client: AnyRedis, keys: RedisKeys, previous: str | None, version: str) -> int:
+def _begin(
+    client: AnyRedis, keys: RedisKeys, previous: str | None, version: str, min_replicas: int
+) -> int:
     """Step 1: the pointer and the promotion's state in one script; returns the new epoch."""
     names = [keys.promotion, keys.current_model, keys.promotion_epoch]
-    return int(client.eval(BEGIN_LUA, len(names), *names, previous or "", version, _now()))
+    args = [previous or "", version, _now()]
+    if isinstance(client, RedisCluster) and min_replicas:
+        nodes = NodePipelines(client, [], min_replicas)  # the script, then WAIT, on one connection
+        return int(nodes.run([(names[0], ("EVAL", BEGIN_LUA, len(names), *names, *args))])[0])
+    return int(client.eval(BEGIN_LUA, len(names), *names, *args))
 
 
 class _Fence:
@@ -419,8 +430,11 @@ class _Fence:
     later one has begun (its epoch is higher), so a stalled promotion never writes its version
     over a later one's."""
 
-    def __init__(self, client: AnyRedis, keys: RedisKeys, epoch: int, lock: "_Lock") -> None:
+    def __init__(
+        self, client: AnyRedis, keys: RedisKeys, epoch: int, lock: "_Lock", min_replicas: int = 0
+    ) -> None:
         self.client, self.keys, self.epoch, self.lock = client, keys, epoch, lock
+        self.min_replicas = min_replicas
 
     def checked(self, reply: Any) -> int:
         """A fenced script's reply: its count, or PromotionError when it found a later epoch."""
@@ -503,7 +517,8 @@ class _ClusterSwitch:
 
     def __init__(self, client: RedisCluster, version: str, fence: _Fence) -> None:
         self.script = Script(PROMOTE_CLUSTER_LUA)
-        self.nodes = NodePipelines(client, [self.script, *SCRIPTS.values()])
+        scripts = [self.script, *SCRIPTS.values()]
+        self.nodes = NodePipelines(client, scripts, fence.min_replicas)
         prefix = model_prefix(version)
         self.args = [version, f"{prefix}leaderboard:", VIEW_LEADERBOARD_PREFIX, fence.epoch]
         self.fence = fence

@@ -84,7 +84,9 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
                 last = time.monotonic()
                 print(f"  {seen} tracks checked, {replaced} switched", file=sys.stderr)
 
-        print(promote(client, args.version, progress, settings.redis_ttl_s, args.force).report())
+        done = promote(client, args.version, progress, settings.redis_ttl_s, args.force,
+                       settings.redis_min_replicas if settings.redis_cluster else 0)  # fmt: skip
+        print(done.report())
     return 0
 
 

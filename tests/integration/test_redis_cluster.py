@@ -324,4 +324,22 @@ def test_promote_is_refused_while_a_slot_is_being_moved(cluster: RedisCluster) -
     finally:
         for node in (source, target):
             cluster.execute_command(setslot, slot, "STABLE", target_nodes=node)
-    assert promote(cluster, "model-b").tracks_replaced == 1
+    # each step's writes wait for a replica, as the sink's do (the local cluster has one each)
+    assert promote(cluster, "model-b", min_replicas=1).tracks_replaced == 1
+
+
+def test_an_epoch_that_went_back_is_named_with_what_to_do(cluster: RedisCluster) -> None:
+    """After a promotion, the {meta} primary fails over before its epoch write replicated: the
+    switched view hashes carry an epoch the key never reaches again, and every view write of
+    those tracks is refused. It used to retry for ever saying the epoch "kept moving"."""
+    sink = ClusterRedisSink(cluster)
+    sink.write([record("model-b", "t1", "e1")], ["bf/0/1"], threading.Event(), primary=False)
+    promote(cluster, "model-b")
+    cluster.delete(CLUSTER.promotion_epoch)  # what the lost write leaves
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    later = record("model-b", "t1", "e2", DAY + timedelta(hours=1))
+    with pytest.raises(SinkError) as info:
+        sink.write([later], ["in/0/2"], stop)
+    assert "carries a promotion epoch above popscore:{meta}:promotion:epoch (0)" in str(info.value)
+    assert "run `popscore promote model-b` again" in str(info.value)
