@@ -150,6 +150,7 @@ class NodePipelines:
             raise NotReplicated(
                 f"writes not on {self.min_replicas} replica(s) within {self.wait_ms} ms: "
                 + ", ".join(lagging)
+                + " (POPSCORE_REDIS_MIN_REPLICAS: give that primary a replica, or set 0)"
             )
         return replies
 
