@@ -116,6 +116,30 @@ def test_each_version_has_its_own_scores_and_duplicates_are_per_version(db: AnyR
     assert listed == {"model-a": 1, "model-b": 1}
 
 
+def test_an_older_event_never_overwrites_a_newer_one_and_ties_go_by_event_id(
+    db: AnyRedis,
+) -> None:
+    """Newer-wins on both layouts (the cluster sink keeps its own copy of the rule): by
+    emitted_at, then event_id, whatever the order the records arrive in."""
+    sink, stop = sink_for(db), threading.Event()
+    keys = keys_for(db)
+    newer = record("model-a", "t1", "e-2", DAY + timedelta(hours=1))
+    older = record("model-a", "t1", "e-9", DAY)
+    assert sink.write([newer], ["in/0/1"], stop) == [Upsert.WRITTEN]
+    assert sink.write([older], ["in/0/2"], stop) == [Upsert.STALE]
+    for stored in (keys.score("t1"), keys.model_score("model-a", "t1")):
+        assert ScoreRecord.from_redis(db.hgetall(stored)).event_id == "e-2"
+    # the same emitted_at: the larger event_id wins, in either order
+    tie_a, tie_b = (record("model-a", t, e, DAY) for t, e in (("t2", "e-a"), ("t2", "e-b")))
+    assert sink.write([tie_b], ["in/0/3"], stop) == [Upsert.WRITTEN]
+    assert sink.write([tie_a], ["in/0/4"], stop) == [Upsert.STALE]
+    tie_c, tie_d = (record("model-a", t, e, DAY) for t, e in (("t3", "f-a"), ("t3", "f-b")))
+    assert sink.write([tie_c], ["in/0/5"], stop) == [Upsert.WRITTEN]
+    assert sink.write([tie_d], ["in/0/6"], stop) == [Upsert.WRITTEN]
+    for track, winner in (("t2", "e-b"), ("t3", "f-b")):
+        assert ScoreRecord.from_redis(db.hgetall(keys.score(track))).event_id == winner
+
+
 def test_promote_switches_every_track_and_day_then_rolls_back(db: AnyRedis) -> None:
     sink = sink_for(db)
     tracks = [f"t{i}" for i in range(50)]
