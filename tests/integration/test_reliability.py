@@ -30,6 +30,7 @@ from schemas.redis_keys import (
     model_score_key,
 )
 from tests.integration.conftest import committed_and_end, database_url, read_all
+from tests.integration.test_service import produce_synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -263,3 +264,26 @@ def test_batch_slower_than_max_poll_interval_keeps_the_group(
     results = read_all(env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_OUTPUT_TOPIC"], 1)
     assert [ScoreRecord.from_json(m.value()).event_id for m in results] == [f"slow-{tag}"]
     assert get("popscore_events_total", {"outcome": "scored"}) == 1
+
+
+def test_a_store_fault_that_stops_the_process_commits_nothing(
+    consumer_env: dict[str, str], spare_db: redis.Redis, stack: dict[str, str]
+) -> None:
+    """Offsets are committed only after the scores are in Redis, at the level of the service:
+    a shared key of the wrong type stops the App, and no offset, result or dead letter of the
+    batch is committed (a sink failure swallowed and reported as written passed every test
+    before this one)."""
+    spare_db.set(MODELS_KEY, "not a set")
+    env = {**consumer_env, "POPSCORE_REDIS_URL": database_url(stack, 11)}  # spare_db's
+    produce_synthetic(env, 3, seed=11)
+    settings = load_settings(**{k.removeprefix("POPSCORE_").lower(): v for k, v in env.items()})
+    refused = pytest.raises(SinkError, match="'popscore:models' holds a string, not a set")
+    with refused, App(settings, stop_at_end=True) as app:
+        app.run()
+    committed, _ends = committed_and_end(
+        env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_GROUP_ID"], env["POPSCORE_INPUT_TOPIC"]
+    )
+    assert all(offset < 0 for offset in committed), committed
+    bootstrap = env["POPSCORE_KAFKA_BOOTSTRAP"]
+    assert read_all(bootstrap, env["POPSCORE_OUTPUT_TOPIC"], 0, timeout_s=3) == []
+    assert read_all(bootstrap, env["POPSCORE_DLQ_TOPIC"], 0, timeout_s=3) == []
