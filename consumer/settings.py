@@ -191,6 +191,18 @@ class Settings(BaseSettings):
             ) from None
         return value
 
+    @field_validator("redis_cluster")
+    @classmethod
+    def _database_zero(cls, value: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("redis_url")
+        if value and url is not None:
+            db = int(parse_url(url.get_secret_value()).get("db", 0))  # type: ignore[no-untyped-call]
+            if db != 0:
+                raise ValueError(
+                    f"POPSCORE_REDIS_URL names database {db}; a Redis Cluster has database 0 only"
+                )
+        return value
+
     @field_validator("shadow_model", mode="before")
     @classmethod
     def _no_shadow(cls, value: Any) -> Any:

@@ -129,6 +129,15 @@ def test_bad_value_names_the_variable_in_one_line(
     assert message.startswith(var + ":") and "\n" not in message
 
 
+def test_a_cluster_url_naming_a_database_is_a_bad_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPSCORE_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("POPSCORE_REDIS_URL", "redis://127.0.0.1:7000/3")
+    with pytest.raises(ConfigError, match=r"^POPSCORE_REDIS_CLUSTER: .*names database 3; a Redis"):
+        load_settings()
+    monkeypatch.setenv("POPSCORE_REDIS_URL", "redis://127.0.0.1:7000/0")
+    assert load_settings().redis_cluster
+
+
 def test_bad_secret_is_named_but_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POPSCORE_KAFKA_PROPERTIES", "not-json-secret")
     with pytest.raises(ConfigError) as info:
