@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     decode_workers: Annotated[int, Field(ge=1, le=64)] = 4
     """Threads fetching and decoding audio (libsndfile releases the GIL)."""
     resample_on: Literal["auto", "pool", "device"] = "auto"
-    """Where decoded audio is resampled: on the decode pool per item, or batched on the scoring
-    device; auto = device on CUDA (frees the decode cores), pool on CPU (measured faster)."""
+    """Where decoded audio is resampled: on the decode pool per item with libsoxr (the
+    resampler training uses), or batched on the scoring device; auto = pool on every device,
+    so a GPU pod scores an event as a CPU pod does."""
     max_inflight_batches: Annotated[int, Field(ge=1, le=16)] = 2
     """Batches decoded, scored or written but not yet committed; when all are busy the next
     batch keeps filling, and once it is full the partitions pause."""

@@ -36,7 +36,9 @@ class ScoreRecord(BaseModel):
         return self.model_dump_json().encode()
 
     def redis_fields(self) -> dict[str, str]:
-        """The hash fields, each value as its JSON text so ``from_redis`` reads it back."""
+        """The hash fields as text: strings and times as they are, numbers as decimal text,
+        booleans ``true``/``false`` (not JSON: a string has no quotes); ``from_redis`` reads
+        them back."""
         dumped = self.model_dump(mode="json")
         return {name: _text(value) for name, value in dumped.items()}
 

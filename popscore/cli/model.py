@@ -12,6 +12,7 @@ from consumer.settings import Settings
 from popscore.cli.argtypes import (
     Subparsers,
     cache_dir,
+    device_name,
     existing_file,
     int_at_least,
     model_version,
@@ -149,7 +150,9 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int_at_least(1), help="override the variant's epochs")
     parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -382,11 +382,16 @@ def distributed(device: str) -> Iterator[tuple[str, int]]:
 
 
 def resolve_device(choice: str) -> str:
-    """``auto``: CUDA when present; an explicit ``cuda`` without it is a usage error."""
+    """``auto``: CUDA when present; an explicit ``cuda`` or ``cuda:N`` without that device is a
+    usage error (under torchrun each rank takes its LOCAL_RANK's device instead)."""
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is available")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {choice}, but no CUDA device is available")
+        index = int(choice.partition(":")[2] or 0)
+        if index >= (count := torch.cuda.device_count()):
+            raise UsageError(f"--device {choice}, but this machine has {count} CUDA devices")
     return choice
 
 
