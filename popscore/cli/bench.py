@@ -58,9 +58,11 @@ def register(sub: Subparsers) -> None:
         metavar="SECONDS",
         help="releases of this length (e.g. 30) instead of full-length 3-4 min",
     )
-    bench.add_argument("--format", default="MP3", choices=["MP3", "WAV", "FLAC", "OGG"])
-    bench.add_argument("--sample-rate", type=positive_int, default=44_100)
-    bench.add_argument("--channels", type=positive_int, default=2)
+    # Of synthesized audio only (None here: refused beside --audio-dir / --wesnoth, then
+    # SYNTHETIC_DEFAULTS).
+    bench.add_argument("--format", choices=["MP3", "WAV", "FLAC", "OGG"], help="default MP3")
+    bench.add_argument("--sample-rate", type=positive_int, help="default 44100")
+    bench.add_argument("--channels", type=positive_int, help="default 2")
     bench.add_argument(
         "--unique-files", type=positive_int, default=8, help="distinct audio files (cached)"
     )
@@ -145,6 +147,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             print(f"popscore bench: the {needs_rate} mode needs --rate or the e2e mode",
                   file=sys.stderr)  # fmt: skip
             return 2
+    _check_source(args)
     base = settings_with(settings, _overrides(args), BENCH_FLAGS)  # before anything slow
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
@@ -293,6 +296,31 @@ def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
         "channels": args.channels,
         "unique_files": args.unique_files,
     }
+
+
+SYNTHETIC_DEFAULTS = {"format": "MP3", "sample_rate": 44_100, "channels": 2}
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    """Real audio is used as it is: a flag describing synthesized audio beside it would be
+    ignored, so it is refused; --wesnoth's folder is found before the model loads."""
+    if args.wesnoth or args.audio_dir:
+        given = [f"--{name.replace('_', '-')}" for name in SYNTHETIC_DEFAULTS
+                 if getattr(args, name) is not None]  # fmt: skip
+        if given:
+            source = "--wesnoth" if args.wesnoth else "--audio-dir"
+            raise UsageError(f"{', '.join(given)}: describes synthesized audio; {source} files "
+                             "are used as they are")  # fmt: skip
+        if args.wesnoth:
+            from popscore.bench.corpus import CorpusError
+
+            try:
+                args.audio_dir, args.wesnoth = _wesnoth_dir(), False
+            except CorpusError as exc:
+                raise UsageError(f"--wesnoth: {exc}") from None
+    for name, default in SYNTHETIC_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def _wesnoth_dir() -> Path:

@@ -291,6 +291,9 @@ def test_an_out_dir_that_can_be_made_is_taken(tmp_path: Path) -> None:
         (["--modes", ","], "--modes names no mode"),
         (["--json", "FILE/x.json"], "argument --json: not a folder: "),
         (["--corpus-dir", "FILE"], "argument --corpus-dir: not a folder: "),
+        # real audio is used as it is: a flag that would be ignored is refused
+        (["--audio-dir", "TMP", "--format", "WAV"], "--format: describes synthesized audio"),
+        (["--audio-dir", "TMP", "--channels", "1"], "--channels: describes synthesized audio"),
     ],
 )
 def test_bench_refuses_bad_arguments_before_any_work(
@@ -298,7 +301,8 @@ def test_bench_refuses_bad_arguments_before_any_work(
 ) -> None:
     (tmp_path / "file").write_text("")
     corpus = tmp_path / "corpus"
-    extra = [a.replace("FILE", str(tmp_path / "file")) for a in extra]
+    extra = [a.replace("FILE", str(tmp_path / "file")).replace("TMP", str(tmp_path))
+             for a in extra]  # fmt: skip
     args = ["bench", "--modes", "decode", "--corpus-dir", str(corpus), *extra]
     assert line in refused(args, capsys)
     assert not corpus.exists()
