@@ -327,3 +327,44 @@ def test_write_audio_round_trips(fmt: str, tmp_path: Path) -> None:
 def test_write_audio_rejects_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="format"):
         write_audio(tmp_path / "x.aac", np.zeros((10, 1), np.float32), SR, "AAC")
+
+
+def _leaf_types(annotation: object) -> list[object]:
+    """The types an annotation allows, through Optional, unions and Annotated."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [leaf for arg in typing.get_args(annotation) for leaf in _leaf_types(arg)]
+    return [annotation]
+
+
+def _numeric_paths(model: type, prefix: str = "") -> set[str]:
+    """Every dotted path of a ReleaseEvent field a feature can read: numbers and booleans,
+    optional or not, through nested models."""
+    from pydantic import BaseModel
+
+    found: set[str] = set()
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        for kind in _leaf_types(field.annotation):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= _numeric_paths(kind, f"{prefix}{name}.")
+            elif kind in (int, float, bool):
+                found.add(prefix + name)
+    return found
+
+
+def test_every_feature_path_reads_a_number_the_event_can_carry() -> None:
+    """A mistyped path ("engagement.window_hour") or a text field ("release.market") is NaN
+    for every event, for ever: the model would train and serve on a constant, silently."""
+    from popscore.artifact.features import DERIVED
+    from popscore.training.data import PAPER_FEATURES
+    from schemas.events import ReleaseEvent
+
+    readable = _numeric_paths(ReleaseEvent) | set(DERIVED)
+    assert "artist.followers" in readable and "release.market" not in readable
+    for paths in (DEFAULT_FEATURES, PAPER_FEATURES):
+        assert not set(paths) - readable, sorted(set(paths) - readable)
