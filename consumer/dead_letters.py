@@ -20,6 +20,7 @@ from schemas.dead_letter import (
     HEADER_OFFSET,
     HEADER_PARTITION,
     HEADER_REASON,
+    HEADER_REPLAYED_FROM,
     HEADER_TOPIC,
     HEADER_VALUE_OMITTED,
     OWN_HEADER_PREFIX,
@@ -98,11 +99,15 @@ def dead_letter_forms(item: Rejected) -> list[DeadLetterRecord]:
 
 
 def why_headers(msg: Message, error: DeadLetter) -> list[Header]:
-    """popscore's own headers of a dead letter: why it failed, and where the original lies."""
+    """popscore's own headers of a dead letter: why it failed, where the original lies, and,
+    when the original was itself a replay, the dead letter it was replayed from (so
+    ``replay-dlq`` replays the latest dead letter of an event, not every earlier one again)."""
+    replayed = [(k, v) for k, v in headers_of(msg) if k == HEADER_REPLAYED_FROM][:1]
     return [
         (HEADER_REASON, error.reason.value.encode()),
         (HEADER_DETAIL, error.detail[:MAX_DETAIL].encode()),
         (HEADER_TOPIC, (msg.topic() or "").encode()),
         (HEADER_PARTITION, str(msg.partition()).encode()),
         (HEADER_OFFSET, str(msg.offset()).encode()),
+        *replayed,
     ]

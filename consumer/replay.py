@@ -69,6 +69,9 @@ class ReplayCount:
     replayed: Counter[str] = field(default_factory=Counter)
     value_omitted: int = 0
     """Selected, but left out: the dead letter has no value to replay (too large to copy)."""
+    superseded: int = 0
+    """Selected, but left out: replayed before, and that replay failed again (its own dead
+    letter, later in the topic, is the one replayed)."""
 
     def report(self, source: str, target: str, dry_run: bool) -> str:
         """The lines the command prints."""
@@ -79,6 +82,9 @@ class ReplayCount:
         if self.value_omitted:
             lines.append(f"skipped {self.value_omitted} without a value ({HEADER_VALUE_OMITTED}):"
                          " re-publish those from their source offsets")  # fmt: skip
+        if self.superseded:
+            lines.append(f"skipped {self.superseded} replayed before whose replay failed again: "
+                         "their later dead letters stand for them")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -101,13 +107,20 @@ def replay(
         if err is not None:
             failures.append(str(err))
 
-    for msg in _read_to_end(settings, source, selection.since_ms):
+    positions = _start_positions(settings, source, selection.since_ms)
+    # First pass: which dead letters a later one replaced (its replay failed again); replaying
+    # every one of them each run doubled the copies of a failing event run after run.
+    superseded = {_replayed_from(msg) for msg in _read(settings, source, positions)}
+    for msg in _read(settings, source, positions):
         count.read += 1
         reason = _reason(msg)
         if not selection.matches(reason, msg.timestamp()[1]):
             continue
         if any(key == HEADER_VALUE_OMITTED for key, _ in headers_of(msg)):
             count.value_omitted += 1
+            continue
+        if record_id(msg) in superseded:
+            count.superseded += 1
             continue
         count.replayed[reason] += 1
         if producer is not None:
@@ -120,19 +133,34 @@ def replay(
     return count
 
 
-def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterator[Message]:
-    """Every record of ``topic`` from its start (or ``since_ms``) to its end offsets as of now."""
+def _consumer(settings: Settings) -> Consumer:
     # A throwaway group, and read_committed: dead letters of aborted transactions were never
     # real (their batch was retried).
     group = f"popscore-replay-{uuid.uuid4().hex}"
     config = consumer_config(
         settings.kafka_config("consumer"), group, {"auto.offset.reset": "earliest"}
     )
-    consumer = client(lambda: Consumer(config))
+    return client(lambda: Consumer(config))
+
+
+def _start_positions(
+    settings: Settings, topic: str, since_ms: int | None
+) -> dict[int, tuple[int, int]]:
+    """Partition → (first offset to read, end offset as of now), for partitions with something
+    to read: both passes read the same records."""
+    consumer = _consumer(settings)
     try:
-        ends = _start_positions(consumer, topic, since_ms)
-        if not ends:
-            return
+        return _positions(consumer, topic, since_ms)
+    finally:
+        consumer.close()
+
+
+def _read(settings: Settings, topic: str, ends: dict[int, tuple[int, int]]) -> Iterator[Message]:
+    """Every record of ``topic`` within ``ends`` (from ``_start_positions``)."""
+    if not ends:
+        return
+    consumer = _consumer(settings)
+    try:
         consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in ends.items()])
         remaining = {p: end for p, (_, end) in ends.items()}
         last_progress = time.monotonic()
@@ -161,10 +189,7 @@ def _read_to_end(settings: Settings, topic: str, since_ms: int | None) -> Iterat
         consumer.close()
 
 
-def _start_positions(
-    consumer: Consumer, topic: str, since_ms: int | None
-) -> dict[int, tuple[int, int]]:
-    """Partition → (first offset to read, end offset) for partitions with something to read."""
+def _positions(consumer: Consumer, topic: str, since_ms: int | None) -> dict[int, tuple[int, int]]:
     metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
     if metadata is None or metadata.error is not None:
         raise ConfigError(f"dead-letter topic {topic} does not exist")
@@ -186,6 +211,14 @@ def _publish(producer: Producer, topic: str, msg: Message, on_delivery: Delivery
     headers = foreign_headers(msg)
     headers.append((HEADER_REPLAYED_FROM, record_id(msg)))
     produce(producer, topic, msg.value(), msg.key(), headers, on_delivery)
+
+
+def _replayed_from(msg: Message) -> str | None:
+    """The dead letter this one's original was replayed from, if it was a replay."""
+    for key, value in headers_of(msg):
+        if key == HEADER_REPLAYED_FROM and value is not None:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return None
 
 
 def _reason(msg: Message) -> str:

@@ -196,6 +196,14 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.replay import Selection, replay
 
     source = args.from_topic or settings.dlq_topic
+    if source != settings.dlq_topic and not args.to_topic:
+        # A backfill's dead letters (releases-dlq-backfill) sent to the live input by default
+        # would be scored on the live path: another DLQ's input is for the user to name.
+        raise UsageError(
+            f"--to-topic: say where the dead letters of {source} go (the default, "
+            f"POPSCORE_INPUT_TOPIC {settings.input_topic!r}, is the input of "
+            f"POPSCORE_DLQ_TOPIC {settings.dlq_topic!r})"
+        )
     target = args.to_topic or settings.input_topic
     selection = Selection.of(args.reason, args.since, args.until)
     count = replay(settings, source, target, selection, args.dry_run)

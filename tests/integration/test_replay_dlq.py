@@ -133,5 +133,38 @@ def test_same_topic_or_missing_topic_is_refused(
 ) -> None:
     assert main(["replay-dlq", "--to-topic", env["POPSCORE_DLQ_TOPIC"]]) == 2
     assert "--to-topic must differ" in capsys.readouterr().err
-    assert main(["replay-dlq", "--from-topic", f"no-such-{uuid.uuid4().hex}"]) == 2
+    absent = ["--from-topic", f"no-such-{uuid.uuid4().hex}", "--to-topic", "somewhere"]
+    assert main(["replay-dlq", *absent]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # another DLQ (a backfill's) without --to-topic: its default is the live input
+    with pytest.raises(SystemExit) as exited:
+        main(["replay-dlq", "--from-topic", "releases-dlq-backfill"])
+    assert exited.value.code == 2
+    assert "--to-topic: say where the dead letters of releases-dlq-backfill go" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_dead_letter_whose_replay_failed_again_is_not_replayed_again(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event whose audio is still missing: replayed, dead-lettered again (the new dead
+    letter names the first in popscore.replay.from), and so on. Replaying the whole DLQ each
+    time replayed every earlier copy too: 1, 2, 4, 8 dead letters after three runs."""
+    bootstrap, dlq = env["POPSCORE_KAFKA_BOOTSTRAP"], env["POPSCORE_DLQ_TOPIC"]
+    producer = Producer({"bootstrap.servers": bootstrap})
+    why = [(HEADER_REASON, b"audio_fetch_failed"), (HEADER_DETAIL, b"HTTP 404")]
+    producer.produce(dlq, b'{"first": 1}', b"k", headers=why, partition=0)
+    producer.flush(10)
+    first = f"{dlq}/0/0"
+    again = [*why, (HEADER_REPLAYED_FROM, first.encode())]
+    producer.produce(dlq, b'{"first": 1}', b"k", headers=again, partition=0)
+    producer.flush(10)
+
+    assert main(["replay-dlq"]) == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith("replayed 1 of 2 dead letters")
+    assert "skipped 1 replayed before whose replay failed again" in out
+    [replayed] = read_all(bootstrap, env["POPSCORE_INPUT_TOPIC"], 1, timeout_s=30)
+    assert dict(replayed.headers())[HEADER_REPLAYED_FROM] == f"{dlq}/0/1".encode()

@@ -18,6 +18,7 @@ from consumer.redact import redact
 from schemas.dead_letter import (
     HEADER_KEY_OMITTED,
     HEADER_REASON,
+    HEADER_REPLAYED_FROM,
     HEADER_VALUE_OMITTED,
     DeadLetterReason,
 )
@@ -36,6 +37,19 @@ def test_forms_go_from_the_whole_record_to_popscores_headers_alone() -> None:
     assert no_value[:2] == (b"k", None) and (HEADER_VALUE_OMITTED, b"4") in no_value[2]
     assert barest[:2] == (None, None) and (HEADER_KEY_OMITTED, b"1") in barest[2]
     assert all(not k.startswith("traceparent") for k, _ in barest[2])
+
+
+def test_a_replayed_record_that_fails_again_names_the_dead_letter_it_came_from() -> None:
+    """replay-dlq then replays this dead letter, not the earlier one again; every form keeps
+    it (one popscore.replay.from, never a copy of a spoofed second)."""
+    replayed = Message(topic="releases", partition=0, offset=3, key=b"k", value=b"{bad",
+                       headers=[(HEADER_REPLAYED_FROM, b"releases-dlq/1/7"),
+                                (HEADER_REPLAYED_FROM, b"spoof")])  # fmt: skip
+    item = Rejected(replayed, DeadLetter(DeadLetterReason.INVALID_JSON, "bad"))
+    for _key, _value, headers in dead_letter_forms(item):
+        assert [v for k, v in headers if k == HEADER_REPLAYED_FROM] == [b"releases-dlq/1/7"]
+    fresh = dead_letter_forms(Rejected(message(), DeadLetter(DeadLetterReason.INVALID_JSON, "x")))
+    assert all(k != HEADER_REPLAYED_FROM for k, _ in fresh[0][2])
 
 
 def test_the_fallback_dead_letter_is_skipped_by_replay() -> None:
