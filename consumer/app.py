@@ -32,7 +32,7 @@ from types import FrameType
 from typing import cast
 
 import redis
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, Message, Producer
 from redis.cluster import RedisCluster
 
 from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy, lower_decode_thread_priority
@@ -44,7 +44,7 @@ from consumer.device import Scorer
 from consumer.drift import DriftMonitor
 from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
 from consumer.health import STUCK_S, BackgroundCheck, Health, HealthServer
-from consumer.kafka import TOPIC_LOOKUPS, client, output_topics_limit
+from consumer.kafka import TOPIC_LOOKUPS, client, output_topics_limit, transactional_config
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
 from consumer.pipeline import BatchResult, Pipeline, Prepared, shadow_problem
 from consumer.progress import Progress
@@ -272,6 +272,9 @@ class App:
         try:
             if self.stop_at_end:  # before init_transactions can fence a running instance
                 self._check_input_exists()
+            # A producer property librdkafka refuses fails start-up before any broker is asked
+            # (the topic check below needs one); built, never started, then dropped.
+            client(lambda: Producer(transactional_config(s.kafka_config("producer"), "check")))
             written = {"POPSCORE_OUTPUT_TOPIC": s.output_topic, "POPSCORE_DLQ_TOPIC": s.dlq_topic}
             if self.shadow:
                 written["POPSCORE_SHADOW_TOPIC"] = s.shadow_topic
