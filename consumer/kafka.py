@@ -39,6 +39,7 @@ Header = tuple[str, str | bytes | None]
 TRANSACTION_TIMEOUT_MS = 60_000
 _QUEUE_FULL_WAIT_S = 0.5
 TOPIC_LOOKUPS = 4
+STARTUP_WAIT_S = 120.0  # about what init_transactions used to wait out at start-up
 MIN_DELETE_TAG = 8  # delete_topics: a shorter tag is too likely to be part of others' names
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,17 @@ def transactional_config(
     }
 
 
+# librdkafka checks a record against message.max.bytes without the record batch's own header
+# (61 bytes) and per-record overhead, which the broker counts: a record within this many bytes
+# of the topic's limit passed produce() and was refused by the broker, aborting its batch.
+BATCH_OVERHEAD = 512
+
+
 def _within(base: Mapping[str, Any], topic_limit: int) -> Config:
-    """message.max.bytes no larger than the topics take (librdkafka's default is 1,000,000)."""
+    """message.max.bytes no larger than the topics take, less a batch's overhead (librdkafka's
+    default is 1,000,000)."""
     own = int(base.get("message.max.bytes", 1_000_000))
-    return {"message.max.bytes": max(min(own, topic_limit), 1000)}  # librdkafka's floor
+    return {"message.max.bytes": max(min(own, topic_limit - BATCH_OVERHEAD), 1000)}
 
 
 def admin_config(base: Mapping[str, Any]) -> Config:
@@ -199,7 +207,7 @@ def output_topics_limit(base: Mapping[str, Any], named: Mapping[str, str]) -> in
     admin = client(lambda: AdminClient(admin_config(base)))
     missing = dict(named)
     for attempt in range(TOPIC_LOOKUPS):  # a topic created a moment ago may lag in metadata
-        existing = admin.list_topics(timeout=10).topics
+        existing = _topics_waiting(admin, base)
         missing = {var: t for var, t in missing.items() if not existing.get(t)}
         if not missing or attempt == TOPIC_LOOKUPS - 1:
             break
@@ -210,6 +218,22 @@ def output_topics_limit(base: Mapping[str, Any], named: Mapping[str, str]) -> in
             "makes every topic the settings name)"
         )
     return _smallest_limit(admin, sorted(set(named.values())))
+
+
+def _topics_waiting(admin: AdminClient, base: Mapping[str, Any]) -> dict[str, Any]:
+    """The brokers' topics, waiting up to STARTUP_WAIT_S for brokers that are not up yet (a
+    restart of the whole stack starts popscore and Kafka together)."""
+    deadline = time.monotonic() + STARTUP_WAIT_S
+    while True:
+        try:
+            return dict(admin.list_topics(timeout=10).topics)
+        except KafkaException as exc:
+            if time.monotonic() >= deadline:
+                where = base.get("bootstrap.servers", "?")
+                raise PopscoreError(f"Kafka unreachable at {where} for {STARTUP_WAIT_S:.0f} s "
+                                    f"(POPSCORE_KAFKA_BOOTSTRAP): {exc}") from None  # fmt: skip
+            log.warning("Kafka not reachable yet (%s); waiting", exc)
+            time.sleep(2)
 
 
 def _smallest_limit(admin: AdminClient, topics: list[str]) -> int | None:

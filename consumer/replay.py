@@ -110,19 +110,20 @@ def replay(
     positions = _start_positions(settings, source, selection.since_ms)
     # First pass: which dead letters a later one replaced (its replay failed again); replaying
     # every one of them each run doubled the copies of a failing event run after run.
-    superseded = {_replayed_from(msg) for msg in _read(settings, source, positions)}
+    # Only a later dead letter this run replays stands for an earlier one.
+    superseded = {_replayed_from(msg) for msg in _read(settings, source, positions)
+                  if _replayable(msg, selection)}  # fmt: skip
     for msg in _read(settings, source, positions):
         count.read += 1
-        reason = _reason(msg)
-        if not selection.matches(reason, msg.timestamp()[1]):
+        if not selection.matches(_reason(msg), msg.timestamp()[1]):
             continue
-        if any(key == HEADER_VALUE_OMITTED for key, _ in headers_of(msg)):
+        if _value_omitted(msg):
             count.value_omitted += 1
             continue
         if record_id(msg) in superseded:
             count.superseded += 1
             continue
-        count.replayed[reason] += 1
+        count.replayed[_reason(msg)] += 1
         if producer is not None:
             _publish(producer, target, msg, delivered)
     if producer is not None:
@@ -211,6 +212,15 @@ def _publish(producer: Producer, topic: str, msg: Message, on_delivery: Delivery
     headers = foreign_headers(msg)
     headers.append((HEADER_REPLAYED_FROM, record_id(msg)))
     produce(producer, topic, msg.value(), msg.key(), headers, on_delivery)
+
+
+def _value_omitted(msg: Message) -> bool:
+    return any(key == HEADER_VALUE_OMITTED for key, _ in headers_of(msg))
+
+
+def _replayable(msg: Message, selection: Selection) -> bool:
+    """Selected, and with a value to replay."""
+    return selection.matches(_reason(msg), msg.timestamp()[1]) and not _value_omitted(msg)
 
 
 def _replayed_from(msg: Message) -> str | None:

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from prometheus_client import Gauge
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
@@ -58,12 +57,22 @@ VIEW_SCORE_PREFIX = f"{KEY_PREFIX}:score:"
 
 # Step 1 on either layout. KEYS: the promotion hash, the pointer, the epoch (one slot on a
 # cluster); ARGV: from, to, started_at. Cluster writers read the epoch with the pointer.
+# The epoch never goes back, even when its key was lost (a failover before replication, an
+# eviction): it is at least the server's clock in ms, so a promotion run again after such a loss
+# gets an epoch above every hash the lost one stamped.
 BEGIN_LUA = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'from', ARGV[1], 'to', ARGV[2], 'state', 'switching',
   'started_at', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2])
-return redis.call('INCR', KEYS[3])
+local clock = redis.call('TIME')
+local floor = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local epoch = redis.call('INCR', KEYS[3])
+if epoch < floor then
+  redis.call('SET', KEYS[3], string.format('%d', floor))
+  epoch = floor
+end
+return epoch
 """
 
 # Step 2 on a cluster: PROMOTE_LUA's rule, for the tracks of one hash slot, with the cluster
@@ -247,7 +256,8 @@ class ViewWatch:
             return
         try:
             current = current_model(self.client)
-        except redis.RedisError:  # the next write retries; the next check reads again
+        except Exception as exc:  # a gauge never fails a batch: the next check reads again
+            log.debug("current model not read: %s", exc)
             return
         self._checked = time.monotonic()
         fed = current in (primary, shadow) if current else self.live
@@ -356,24 +366,25 @@ def drop(client: AnyRedis, version: str) -> int:
     if not client.sismember(keys.models, version):
         raise PromotionError(f"no scores of {version!r} in Redis (`popscore models`)")
     layout = _steady_layout(client)
-    with _lock(client, keys, version):  # never while a promotion copies from it
+    with _lock(client, keys, version) as lock:  # never while a promotion copies from it
         if version == current_model(client):
             raise PromotionError(f"{version} is the current model: promote another one first")
         client.srem(keys.models, version)  # first: a consumer still scoring it adds it back
-        gone = _unlink_namespace(client, keys, version)
+        gone = _unlink_namespace(client, keys, version, lock)
         while (now := _steady_layout(client)) != layout:  # a slot moved during the scan
             layout = now
-            gone += _unlink_namespace(client, keys, version)
+            gone += _unlink_namespace(client, keys, version, lock)
         return gone
 
 
-def _unlink_namespace(client: AnyRedis, keys: RedisKeys, version: str) -> int:
+def _unlink_namespace(client: AnyRedis, keys: RedisKeys, version: str, lock: "_Lock") -> int:
     gone, batch = 0, []
     for key in _scan(client, model_prefix(version)):
         batch.append(key)
         if len(batch) >= SCAN_COUNT:
             gone += int(client.unlink(*batch))
             batch = []
+            lock.refresh()  # a namespace of millions of keys outlives the lock's minute
     if batch:
         gone += int(client.unlink(*batch))
     if keys.cluster:  # the info hash lives in the {meta} slot, outside the prefix
@@ -421,6 +432,9 @@ def _begin(
     args = [previous or "", version, _now()]
     if isinstance(client, RedisCluster) and min_replicas:
         nodes = NodePipelines(client, [], min_replicas)  # the script, then WAIT, on one connection
+        # First a write-free round with its WAIT: a {meta} primary short of replicas is refused
+        # before the pointer moves, not after (which left the view half promoted).
+        nodes.run([(names[0], ("EXISTS", names[0]))])
         return int(nodes.run([(names[0], ("EVAL", BEGIN_LUA, len(names), *names, *args))])[0])
     return int(client.eval(BEGIN_LUA, len(names), *names, *args))
 

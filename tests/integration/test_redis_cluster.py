@@ -343,3 +343,7 @@ def test_an_epoch_that_went_back_is_named_with_what_to_do(cluster: RedisCluster)
         sink.write([later], ["in/0/2"], stop)
     assert "carries a promotion epoch above popscore:{meta}:promotion:epoch (0)" in str(info.value)
     assert "run `popscore promote model-b` again" in str(info.value)
+    # and that works, however far back the key went: an epoch is at least the clock in ms
+    cluster.set(CLUSTER.promotion_epoch, 1)
+    promote(cluster, "model-b")
+    assert sink.write([later], ["in/0/2"], threading.Event()) == [Upsert.WRITTEN]

@@ -157,7 +157,9 @@ def test_a_dead_letter_whose_replay_failed_again_is_not_replayed_again(
     producer.produce(dlq, b'{"first": 1}', b"k", headers=why, partition=0)
     producer.flush(10)
     first = f"{dlq}/0/0"
-    again = [*why, (HEADER_REPLAYED_FROM, first.encode())]
+    # its replay failed again, for another reason this time
+    again = [(HEADER_REASON, b"audio_decode_failed"), (HEADER_DETAIL, b"truncated"),
+             (HEADER_REPLAYED_FROM, first.encode())]  # fmt: skip
     producer.produce(dlq, b'{"first": 1}', b"k", headers=again, partition=0)
     producer.flush(10)
 
@@ -168,3 +170,7 @@ def test_a_dead_letter_whose_replay_failed_again_is_not_replayed_again(
     assert "skipped 1 replayed before whose replay failed again" in out
     [replayed] = read_all(bootstrap, env["POPSCORE_INPUT_TOPIC"], 1, timeout_s=30)
     assert dict(replayed.headers())[HEADER_REPLAYED_FROM] == f"{dlq}/0/1".encode()
+    # a later dead letter outside the selection stands for nothing: the first is replayed
+    assert main(["replay-dlq", "--dry-run", "--reason", "audio_fetch_failed"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("would replay 1 of 2") and "skipped" not in out

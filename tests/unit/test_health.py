@@ -136,3 +136,21 @@ def test_a_check_that_raises_is_a_problem_not_a_dead_thread() -> None:
     finally:
         release.set()
         probe.close()
+
+
+def test_the_view_watch_never_fails_a_batch() -> None:
+    """It runs in the sink stage after a successful write: an exception there failed the
+    batch and stopped the process (RedisClusterException is no RedisError)."""
+    from prometheus_client import CollectorRegistry, Gauge
+    from redis.exceptions import RedisClusterException
+
+    from consumer import rollout
+
+    class Down:
+        def get(self, _key: str) -> None:
+            raise RedisClusterException("Redis Cluster cannot be connected")
+
+    registry = CollectorRegistry()
+    watch = rollout.ViewWatch(Down(), Gauge("fed", "t", registry=registry), live=True)  # type: ignore[arg-type]
+    watch.check("model-a", None)
+    assert watch.fed is None and registry.get_sample_value("fed") == 0, "nothing known yet"
