@@ -69,7 +69,7 @@ def _produce(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--min-seconds must not exceed --max-seconds")
     if args.synthetic:
         _check_out_dir(args.out_dir)
-    ensure_topics(settings.kafka_config("admin"), [topic], args.partitions)
+    ensure_topics(settings.kafka_config("admin"), [topic], args.partitions, replication=-1)
     config = settings.kafka_config("producer")
     if args.synthetic:
         # Every audio file exists before the first event is sent, as on a real platform; so

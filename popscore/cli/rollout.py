@@ -169,7 +169,10 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     # Opened before the topic is made: a file that is no Parquet is one line, not a traceback.
     records = parquet_records(args.catalog) if parquet else jsonl_records(args.catalog)
     admin = settings.kafka_config("admin")
-    ensure_topics(admin, [args.topic], args.partitions)
+    # Its input, and the topics its consumers write (`backfill run` and the Kubernetes backfill
+    # alike): the service creates none. Replication: the brokers' default.
+    written = [f"{settings.output_topic}-backfill", f"{settings.dlq_topic}-backfill"]
+    ensure_topics(admin, [args.topic, *written], args.partitions, replication=-1)
     held = topic_records(admin, args.topic)
     if held and not args.force:
         raise UsageError(
@@ -282,7 +285,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     except ArtifactError as exc:
         raise UsageError(f"--model: {exc}") from None
     s = backfill_settings(args, settings, version)
-    ensure_topics(s.kafka_config("admin"), [s.output_topic, s.dlq_topic], 8)
+    ensure_topics(s.kafka_config("admin"), [s.output_topic, s.dlq_topic], 8, replication=-1)
     service.exit_on_sigterm()  # the App's own handlers replace it once it serves
     with flags_named(RUN_FLAGS), App(s, stop_at_end=not args.follow) as app:
         print(f"backfill of {args.topic} under {version}: group {s.group_id}, scores to "

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from consumer.app import App
 from consumer.kafka import ensure_topics
@@ -51,6 +52,12 @@ def test_a_catalog_is_rescored_under_a_candidate_without_touching_the_view(
     group = f"bf-{uuid.uuid4().hex[:8]}"
 
     assert main(["backfill", "publish", "--catalog", str(catalog), "--topic", topic]) == 0
+    # ... and the topics its consumers write: a Kubernetes backfill runs `consume`, which
+    # creates none and refuses to start without them
+    admin = AdminClient({"bootstrap.servers": consumer_env["POPSCORE_KAFKA_BOOTSTRAP"]})
+    listed = admin.list_topics(timeout=10).topics
+    for written in ("POPSCORE_OUTPUT_TOPIC", "POPSCORE_DLQ_TOPIC"):
+        assert f"{consumer_env[written]}-backfill" in listed
     with pytest.raises(SystemExit, match="2"):  # the topic holds the catalog already
         main(["backfill", "publish", "--catalog", str(catalog), "--topic", topic])
     run = ["backfill", "run", "--model", str(cand), "--topic", topic, "--group", group,
