@@ -7,6 +7,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -34,6 +35,16 @@ def connect(url: str, cluster: bool, socket_timeout: float = 10.0) -> AnyRedis:
                 "POPSCORE_REDIS_CLUSTER: the Redis at POPSCORE_REDIS_URL is not in cluster mode"
             ) from None
     return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
+
+
+def with_database(url: str, db: int) -> str:
+    """``url`` naming database ``db``: the path of a redis:// or rediss:// URL, the ``db``
+    query parameter of a unix:// one (a URL's database wins over a ``db=`` argument)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"] + [("db", str(db))]
+        return f"unix://{parts.netloc}{parts.path}?{urlencode(query)}"
+    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 def close(client: AnyRedis) -> None:

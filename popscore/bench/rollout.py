@@ -23,6 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from consumer.errors import UsageError
 from consumer.kafka import consumer_config, ensure_topics
+from consumer.redis_client import with_database
 from consumer.rollout import promote
 from consumer.settings import Settings
 from consumer.sinks import RedisSink
@@ -143,19 +144,27 @@ def _scored(output: str) -> int:
 PROMOTE_DB = 15  # a scratch database: a promotion sets the pointer for its whole database
 
 
-def promotion(settings: Settings, tracks: int) -> ModeResult:
-    """``popscore promote`` of ``tracks`` tracks (one day): the switch's time and rate, in
-    Redis database PROMOTE_DB, which must be empty (refused otherwise) and is emptied after."""
+def promotion_database(settings: Settings) -> redis.Redis:
+    """Database PROMOTE_DB of the settings' Redis, refused unless empty (never someone else's
+    data: it is emptied after the run, once it is the run's) or on a cluster (no databases).
+    Checked before the run's first mode."""
     if settings.redis_cluster:
         raise UsageError("--modes promote: needs a single Redis node (a cluster has no databases)")
-    url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + f"/{PROMOTE_DB}"
+    url = with_database(settings.redis_url.get_secret_value(), PROMOTE_DB)
     client = redis.Redis.from_url(url, socket_timeout=60)
-    if held := client.dbsize():  # never someone else's data: emptied only after, once it is ours
+    if held := client.dbsize():
         client.close()
         raise UsageError(
             f"--modes promote: Redis database {PROMOTE_DB} holds {held} keys; it runs there and "
             "empties it after, so it must start empty"
         )
+    return client
+
+
+def promotion(settings: Settings, tracks: int) -> ModeResult:
+    """``popscore promote`` of ``tracks`` tracks (one day): the switch's time and rate, in
+    Redis database PROMOTE_DB, which must be empty (refused otherwise) and is emptied after."""
+    client = promotion_database(settings)
     try:
         sink, stop = RedisSink(client), threading.Event()
         when = datetime(2026, 11, 30, 12, tzinfo=UTC)

@@ -135,20 +135,15 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from popscore.bench import compute, corpus
     from popscore.bench.stats import ModeResult, Workload, report, table
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := set(modes) - set(MODES):
-        print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
+    modes = _checked_modes(args)
+    if modes is None:
         return 2
-    if not modes:
-        print(f"popscore bench: --modes names no mode (of: {', '.join(MODES)})", file=sys.stderr)
-        return 2
-    for needs_rate in ("soak", "backfill"):
-        if needs_rate in modes and not args.rate and "e2e" not in modes:
-            print(f"popscore bench: the {needs_rate} mode needs --rate or the e2e mode",
-                  file=sys.stderr)  # fmt: skip
-            return 2
     _check_source(args)
     base = settings_with(settings, _overrides(args), BENCH_FLAGS)  # before anything slow
+    if "promote" in modes:  # its database, before every other mode has run
+        from popscore.bench import rollout as bench_rollout
+
+        bench_rollout.promotion_database(base).close()
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the Scorer keeps it
         torch.set_num_threads(args.torch_threads)
@@ -296,6 +291,23 @@ def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
         "channels": args.channels,
         "unique_files": args.unique_files,
     }
+
+
+def _checked_modes(args: argparse.Namespace) -> list[str] | None:
+    """The modes --modes names, or None once it has said (one line) why they cannot run."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        print(f"popscore bench: unknown modes {sorted(unknown)}", file=sys.stderr)
+        return None
+    if not modes:
+        print(f"popscore bench: --modes names no mode (of: {', '.join(MODES)})", file=sys.stderr)
+        return None
+    for needs_rate in ("soak", "backfill"):
+        if needs_rate in modes and not args.rate and "e2e" not in modes:
+            print(f"popscore bench: the {needs_rate} mode needs --rate or the e2e mode",
+                  file=sys.stderr)  # fmt: skip
+            return None
+    return modes
 
 
 SYNTHETIC_DEFAULTS = {"format": "MP3", "sample_rate": 44_100, "channels": 2}

@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, TopicPartition
 from redis.cluster import RedisCluster
 
 from consumer.kafka import delete_topics, ensure_topics
+from consumer.redis_client import with_database
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("POPSCORE_TEST_MODEL", ROOT / "models" / "demo.pt"))
@@ -44,7 +45,7 @@ def redis_cluster_url() -> str:
 def database_url(stack: dict[str, str], db: int) -> str:
     """The stack's Redis URL with database ``db``: redis-py takes a URL's database over a
     ``db=`` argument, so ``from_url(url, db=11)`` is still database 0 (which that flushed)."""
-    url = stack["redis_url"].rsplit("/", 1)[0] + f"/{db}"
+    url = with_database(stack["redis_url"], db)
     assert redis.Redis.from_url(url).connection_pool.connection_kwargs["db"] == db
     return url
 
