@@ -64,7 +64,7 @@ def register(sub: Subparsers) -> None:
     bench.add_argument("--sample-rate", type=positive_int, help="default 44100")
     bench.add_argument("--channels", type=positive_int, help="default 2")
     bench.add_argument(
-        "--unique-files", type=positive_int, default=8, help="distinct audio files (cached)"
+        "--unique-files", type=positive_int, help="distinct audio files (cached; default 8)"
     )
     bench.add_argument(
         "--modes",
@@ -282,6 +282,8 @@ def _corpus(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
                              args.unique_files, args.seed, workers=os.cpu_count() or 2)  # fmt: skip
     except OSError as exc:  # a read-only corpus missing a file this run needs
         raise UsageError(f"--corpus-dir: cannot write {exc.filename}: {exc.strerror}") from None
+    except RuntimeError as exc:  # libsndfile's own "System error" opening the file to write
+        raise UsageError(f"--corpus-dir: cannot write in {args.corpus_dir}: {exc}") from None
     return paths, {
         "audio_format": args.format,
         "clip_seconds": args.clip,
@@ -310,7 +312,13 @@ def _checked_modes(args: argparse.Namespace) -> list[str] | None:
     return modes
 
 
-SYNTHETIC_DEFAULTS = {"format": "MP3", "sample_rate": 44_100, "channels": 2}
+SYNTHETIC_DEFAULTS = {
+    "format": "MP3",
+    "sample_rate": 44_100,
+    "channels": 2,
+    "clip": None,
+    "unique_files": 8,
+}
 
 
 def _check_source(args: argparse.Namespace) -> None:

@@ -187,9 +187,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     _require_sklearn()
     from popscore.training import jobs
 
+    device = jobs.resolve_device(args.device)  # before the data: preparing it takes minutes
     table, variants = jobs.load_data(_data(args, settings), comparison=True)
     variants = [jobs.with_epochs(v, args.epochs) for v in variants]
-    device = jobs.resolve_device(args.device)
     summary, oof_file = jobs.evaluate(
         table,
         variants,

@@ -3,6 +3,7 @@ work: argument types, backfill settings validated like the environment's, load e
 
 import argparse
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_a_taken_backfill_port_names_the_flag(
 ) -> None:
     import consumer.kafka
 
-    monkeypatch.setattr(consumer.kafka, "ensure_topics", lambda *_: None)
+    monkeypatch.setattr(consumer.kafka, "ensure_topics", lambda *_, **__: None)
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -294,6 +295,8 @@ def test_an_out_dir_that_can_be_made_is_taken(tmp_path: Path) -> None:
         # real audio is used as it is: a flag that would be ignored is refused
         (["--audio-dir", "TMP", "--format", "WAV"], "--format: describes synthesized audio"),
         (["--audio-dir", "TMP", "--channels", "1"], "--channels: describes synthesized audio"),
+        (["--audio-dir", "TMP", "--clip", "5"], "--clip: describes synthesized audio"),
+        (["--audio-dir", "TMP", "--unique-files", "3"], "--unique-files: describes synthesized"),
     ],
 )
 def test_bench_refuses_bad_arguments_before_any_work(
@@ -459,3 +462,27 @@ def test_a_prepared_cache_is_taken_without_a_write_check(
     assert argtypes.cache_dir(str(tmp_path)) == tmp_path
     with pytest.raises(argparse.ArgumentTypeError):
         argtypes.cache_dir(str(tmp_path / "not-prepared"))
+
+
+@pytest.mark.parametrize(
+    ("choice", "devices", "line"),
+    [
+        ("cuda", 0, "--device cuda, but no CUDA device is available"),
+        ("cuda:1", 0, "--device cuda:1, but no CUDA device is available"),
+        ("cuda:1", 1, "--device cuda:1, but this machine has 1 CUDA devices"),
+    ],
+)
+def test_a_training_device_that_is_not_there_is_a_bad_argument(
+    monkeypatch: pytest.MonkeyPatch, choice: str, devices: int, line: str
+) -> None:
+    import torch
+
+    from popscore.training import jobs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    with pytest.raises(UsageError, match=re.escape(line)):
+        jobs.resolve_device(choice)
+    assert jobs.resolve_device("cpu") == "cpu"
+    if devices:
+        assert jobs.resolve_device("cuda:0") == "cuda:0"
