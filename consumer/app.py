@@ -256,8 +256,10 @@ class App:
         )
         self.view = ViewWatch(self.redis, self.metrics.view_fed, live=s.role == "live")
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
-        # The consumer first (it joins the group only at its first poll, in run()): a property
-        # librdkafka refuses then fails start-up before init_transactions waits for a broker.
+        # The consumer first: a property librdkafka refuses then fails start-up before any
+        # broker is asked. It joins the group in the background from here on, so a start-up
+        # failing below costs the group one (cooperative: the others keep their partitions)
+        # rebalance.
         self.source = client(
             lambda: KafkaSource(
                 s.kafka_config("consumer"),

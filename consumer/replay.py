@@ -108,6 +108,7 @@ def replay(
             failures.append(str(err))
 
     positions = _start_positions(settings, source, selection.since_ms)
+    _check_target(settings, target)
     # First pass: which dead letters a later one replaced (its replay failed again); replaying
     # every one of them each run doubled the copies of a failing event run after run.
     # Only a later dead letter this run replays stands for an earlier one.
@@ -154,6 +155,18 @@ def _start_positions(
         return _positions(consumer, topic, since_ms)
     finally:
         consumer.close()
+
+
+def _check_target(settings: Settings, topic: str) -> None:
+    """A target that does not exist is a typo (a broker with auto-create would make it, and the
+    replay would report success into a topic nobody reads)."""
+    consumer = _consumer(settings)
+    try:
+        found = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    finally:
+        consumer.close()
+    if found is None or found.error is not None:
+        raise ConfigError(f"--to-topic: topic {topic!r} does not exist")
 
 
 def _read(settings: Settings, topic: str, ends: dict[int, tuple[int, int]]) -> Iterator[Message]:

@@ -136,6 +136,9 @@ def test_same_topic_or_missing_topic_is_refused(
     absent = ["--from-topic", f"no-such-{uuid.uuid4().hex}", "--to-topic", "somewhere"]
     assert main(["replay-dlq", *absent]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a target that does not exist is a typo, not a topic to create
+    assert main(["replay-dlq", "--to-topic", f"relases-typo-{uuid.uuid4().hex}"]) == 2
+    assert "--to-topic: topic 'relases-typo-" in capsys.readouterr().err
     # another DLQ (a backfill's) without --to-topic: its default is the live input
     with pytest.raises(SystemExit) as exited:
         main(["replay-dlq", "--from-topic", "releases-dlq-backfill"])
