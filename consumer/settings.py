@@ -358,7 +358,8 @@ def load_settings(**overrides: Any) -> Settings:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
         shown = "" if field in _SECRET_FIELDS else f" (got {first.get('input')!r})"
-        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}{shown}") from None
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's, not ours
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: {message}{shown}") from None
     check_distinct_topics(settings)
     return settings
 

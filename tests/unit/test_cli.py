@@ -102,7 +102,7 @@ def test_bad_setting_fails_start_up_naming_the_variable() -> None:
         ('{"producer.bogus.prop": "1"}', 'No such configuration property: "bogus.prop"'),
         (
             '{"producer.enable.idempotence": "false"}',
-            "Value error, 'producer.enable.idempotence' is popscore's to set (a retried send "
+            "'producer.enable.idempotence' is popscore's to set (a retried send "
             "never writes a record twice)",
         ),
     ],
