@@ -51,6 +51,11 @@ def record_id(msg: Message) -> str:
     return "{}/{}/{}".format(*partition_of(msg), msg.offset())
 
 
+def topic_partitions(parts: Iterable[Partition]) -> list[TopicPartition]:
+    """The (topic, partition) pairs as librdkafka takes them, in order."""
+    return [TopicPartition(t, p) for t, p in sorted(parts)]
+
+
 def next_offsets(messages: Iterable[Message]) -> list[TopicPartition]:
     """Per partition, the offset after its last message: what a commit of these messages stores."""
     offsets: dict[Partition, int] = {}
@@ -130,7 +135,7 @@ class CommittedOffsets:
         """One query, unless one is still out."""
         if self._future is not None and not self._future.done():
             return
-        request = ConsumerGroupTopicPartitions(self.group, self._partitions(partitions))
+        request = ConsumerGroupTopicPartitions(self.group, topic_partitions(partitions))
         try:
             futures = self.admin.list_consumer_group_offsets(
                 [request], request_timeout=END_OFFSETS_TIMEOUT_S
@@ -159,10 +164,6 @@ class CommittedOffsets:
     def forget(self, partitions: Iterable[Partition]) -> None:
         for key in partitions:
             self._known.pop(key, None)
-
-    @staticmethod
-    def _partitions(parts: Iterable[Partition]) -> list[TopicPartition]:
-        return [TopicPartition(t, p) for t, p in sorted(parts)]
 
 
 class KafkaSource:
@@ -258,13 +259,13 @@ class KafkaSource:
     def pause(self) -> None:
         """Stop fetching; ``fetch`` keeps serving callbacks, so the group membership lives on."""
         if not self.paused and self.assignment:
-            self.consumer.pause(self._partitions(self.assignment))
+            self.consumer.pause(topic_partitions(self.assignment))
         self.paused = True
 
     def resume(self) -> None:
         """Fetch again."""
         if self.paused and self.assignment:
-            self.consumer.resume(self._partitions(self.assignment))
+            self.consumer.resume(topic_partitions(self.assignment))
         self.paused = False
 
     def mark_committed(self, offsets: Iterable[TopicPartition]) -> None:
@@ -334,7 +335,7 @@ class KafkaSource:
         """Where each partition is read from: the consumer's position, else where its end
         event left it, else -1 (none known: assigned while paused, or not fetched yet)."""
         found = []
-        for tp in self.consumer.position(self._partitions(parts)):
+        for tp in self.consumer.position(topic_partitions(parts)):
             key = (tp.topic, tp.partition)
             found.append((key, tp.offset if tp.offset >= 0 else self._eof.get(key, -1)))
         return found
@@ -385,10 +386,6 @@ class KafkaSource:
     def close(self) -> None:
         """Leave the group cleanly so partitions move at once."""
         self.consumer.close()
-
-    @staticmethod
-    def _partitions(parts: Iterable[Partition]) -> list[TopicPartition]:
-        return [TopicPartition(t, p) for t, p in sorted(parts)]
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)
