@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -107,8 +108,7 @@ def replay(
         if err is not None:
             failures.append(str(err))
 
-    positions = _start_positions(settings, source, selection.since_ms)
-    _check_target(settings, target)
+    positions = _start_positions(settings, source, selection.since_ms, target)
     # First pass: which dead letters a later one replaced (its replay failed again); replaying
     # every one of them each run doubled the copies of a failing event run after run.
     # Only a later dead letter this run replays stands for an earlier one.
@@ -116,7 +116,8 @@ def replay(
                   if _replayable(msg, selection)}  # fmt: skip
     for msg in _read(settings, source, positions):
         count.read += 1
-        if not selection.matches(_reason(msg), msg.timestamp()[1]):
+        reason = _reason(msg)
+        if not selection.matches(reason, msg.timestamp()[1]):
             continue
         if _value_omitted(msg):
             count.value_omitted += 1
@@ -124,7 +125,7 @@ def replay(
         if record_id(msg) in superseded:
             count.superseded += 1
             continue
-        count.replayed[_reason(msg)] += 1
+        count.replayed[reason] += 1
         if producer is not None:
             _publish(producer, target, msg, delivered)
     if producer is not None:
@@ -146,27 +147,28 @@ def _consumer(settings: Settings) -> Consumer:
 
 
 def _start_positions(
-    settings: Settings, topic: str, since_ms: int | None
+    settings: Settings, topic: str, since_ms: int | None, target: str
 ) -> dict[int, tuple[int, int]]:
     """Partition → (first offset to read, end offset as of now), for partitions with something
-    to read: both passes read the same records."""
+    to read: both passes read the same records. ``target`` must exist too: one that does not is
+    a typo (a broker with auto-create would make it, and the replay would report success into
+    a topic nobody reads)."""
     consumer = _consumer(settings)
     try:
-        return _positions(consumer, topic, since_ms)
+        positions = _positions(consumer, topic, since_ms)
+        _metadata(consumer, target, f"--to-topic: topic {target!r} does not exist")
+        return positions
     finally:
         consumer.close()
 
 
-def _check_target(settings: Settings, topic: str) -> None:
-    """A target that does not exist is a typo (a broker with auto-create would make it, and the
-    replay would report success into a topic nobody reads)."""
-    consumer = _consumer(settings)
-    try:
-        found = consumer.list_topics(topic, timeout=10).topics.get(topic)
-    finally:
-        consumer.close()
+def _metadata(consumer: Consumer, topic: str, missing: str) -> Any:
+    """The topic's metadata; ConfigError ``missing`` when it does not exist (a consumer's
+    lookup never creates it)."""
+    found = consumer.list_topics(topic, timeout=10).topics.get(topic)
     if found is None or found.error is not None:
-        raise ConfigError(f"--to-topic: topic {topic!r} does not exist")
+        raise ConfigError(missing)
+    return found
 
 
 def _read(settings: Settings, topic: str, ends: dict[int, tuple[int, int]]) -> Iterator[Message]:
@@ -204,9 +206,7 @@ def _read(settings: Settings, topic: str, ends: dict[int, tuple[int, int]]) -> I
 
 
 def _positions(consumer: Consumer, topic: str, since_ms: int | None) -> dict[int, tuple[int, int]]:
-    metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-    if metadata is None or metadata.error is not None:
-        raise ConfigError(f"dead-letter topic {topic} does not exist")
+    metadata = _metadata(consumer, topic, f"dead-letter topic {topic} does not exist")
     positions: dict[int, tuple[int, int]] = {}
     for partition in sorted(metadata.partitions):
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
