@@ -277,10 +277,7 @@ class App:
             # A producer property librdkafka refuses fails start-up before any broker is asked
             # (the topic check below needs one); built, never started, then dropped.
             client(lambda: Producer(transactional_config(s.kafka_config("producer"), "check")))
-            written = {"POPSCORE_OUTPUT_TOPIC": s.output_topic, "POPSCORE_DLQ_TOPIC": s.dlq_topic}
-            if self.shadow:
-                written["POPSCORE_SHADOW_TOPIC"] = s.shadow_topic
-            limit = output_topics_limit(s.kafka_config("admin"), written)
+            limit = output_topics_limit(s.kafka_config("admin"), s.written_topics())
             self.txn = client(
                 lambda: Transactions(
                     s.kafka_config("producer"),

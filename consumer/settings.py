@@ -279,6 +279,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must not exceed POPSCORE_DRIFT_WINDOW ({window})")
         return value
 
+    def written_topics(self) -> dict[str, str]:
+        """Variable -> topic, for every topic the service writes: results, dead letters and,
+        with a shadow model, the shadow's scores."""
+        written = {"POPSCORE_OUTPUT_TOPIC": self.output_topic, "POPSCORE_DLQ_TOPIC": self.dlq_topic}
+        if self.shadow_model:
+            written["POPSCORE_SHADOW_TOPIC"] = self.shadow_topic
+        return written
+
     def instance_transactional_id(self) -> str:
         """The configured transactional.id, or one stable for this host and group."""
         return self.transactional_id or f"popscore-{self.group_id}-{socket.gethostname()}"

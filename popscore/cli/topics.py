@@ -27,20 +27,8 @@ def register(sub: Subparsers) -> None:
     )
 
 
-def named_topics(settings: Settings) -> dict[str, str]:
-    """Variable -> topic, for every topic the service reads or writes with these settings."""
-    named = {
-        "POPSCORE_INPUT_TOPIC": settings.input_topic,
-        "POPSCORE_OUTPUT_TOPIC": settings.output_topic,
-        "POPSCORE_DLQ_TOPIC": settings.dlq_topic,
-    }
-    if settings.shadow_model:
-        named["POPSCORE_SHADOW_TOPIC"] = settings.shadow_topic
-    return named
-
-
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
-    named = named_topics(settings)
+    named = {"POPSCORE_INPUT_TOPIC": settings.input_topic, **settings.written_topics()}
     config = settings.kafka_config("admin")
     if args.create:
         # Replication: the brokers' default.replication.factor (a production cluster's, not 1).
