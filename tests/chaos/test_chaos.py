@@ -8,7 +8,6 @@ nothing duplicated in the read_committed results, Redis complete, the DLQ exactl
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from tests.chaos.harness import (
     send,
     wait_until,
 )
+from tests.conftest import free_port
 from tests.integration.conftest import ROOT, flush_cluster, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -45,12 +45,6 @@ RUN_TIMEOUT_S = 600
 LOCAL_STACK = not (
     os.environ.get("POPSCORE_KAFKA_BOOTSTRAP") or os.environ.get("POPSCORE_REDIS_URL")
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

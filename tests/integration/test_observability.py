@@ -25,8 +25,9 @@ import yaml
 from consumer.kafka import ensure_topics
 from popscore.artifact import load, resave
 from popscore.cli import produce
+from tests.conftest import free_port
 from tests.integration.conftest import ROOT
-from tests.integration.test_service import free_port, http_get, produce_synthetic, wait_for
+from tests.integration.test_service import http_get, produce_synthetic, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ drip, or send more than it declared. boto3 is never mocked or patched.
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from consumer.errors import DeadLetter
 from consumer.resample import Resampler
 from consumer.soxr_resample import SoxrResampler
 from schemas.dead_letter import DeadLetterReason as Reason
+from tests.conftest import free_port
 from tests.integration.conftest import ROOT
 from tests.unit.aws_helpers import fake_aws
 
@@ -143,12 +143,6 @@ def test_a_bucket_off_the_list_is_forbidden_before_any_request(bucket: str) -> N
     assert refusal(f"s3://{other}/a.flac", policy(bucket)).reason is Reason.URI_FORBIDDEN
     disabled = AudioPolicy.create(())
     assert refusal(f"s3://{other}/a.flac", disabled).reason is Reason.URI_FORBIDDEN
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_an_unreachable_endpoint_fails_within_the_fetch_timeout(

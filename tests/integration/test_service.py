@@ -25,6 +25,7 @@ from consumer.settings import load_settings
 from popscore.cli import produce
 from schemas import ReleaseEvent, ScoreRecord, score_key
 from schemas.dead_letter import HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC
+from tests.conftest import free_port
 from tests.integration.conftest import ROOT, committed_and_end, read_all
 
 pytestmark = pytest.mark.integration
@@ -149,12 +150,6 @@ def test_bad_inputs_go_to_the_dlq_with_reasons_and_the_rest_is_scored(
     assert get("popscore_events_total", {"outcome": "dead_lettered"}) == 5
     assert get("popscore_dead_letters_total", {"reason": "uri_forbidden"}) == 1
     assert_all_committed(consumer_env)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

@@ -2,7 +2,6 @@
 the other ranks wait, whichever backend the run's process group has."""
 
 import datetime
-import socket
 import time
 from pathlib import Path
 
@@ -11,12 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from popscore.training import jobs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import free_port
 
 
 def test_the_wait_for_rank_0_works_where_the_default_group_takes_no_cpu_tensors(
@@ -25,7 +19,7 @@ def test_the_wait_for_rank_0_works_where_the_default_group_takes_no_cpu_tensors(
     """NCCL's rule (no CPU tensors), simulated by gloo registered for CUDA alone."""
     prepared: list[tuple[object, ...]] = []
     monkeypatch.setattr(jobs, "prepare_cache", lambda *a, **_: prepared.append(a))
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group("cuda:gloo", init_method=init, rank=0, world_size=1)
     try:
         jobs._prepare_on_rank_0(Path("catalog.csv"), "audio")
@@ -56,7 +50,7 @@ def _rank(rank: int, init: str, outcomes: "mp.Queue[tuple[int, str]]") -> None:
 def test_a_prepare_longer_than_the_default_timeout_does_not_time_out_the_others() -> None:
     context = mp.get_context("spawn")
     outcomes: mp.Queue[tuple[int, str]] = context.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     workers = [context.Process(target=_rank, args=(r, init, outcomes)) for r in range(2)]
     for worker in workers:
         worker.start()

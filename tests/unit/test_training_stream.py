@@ -4,7 +4,6 @@ reproducible epochs, checkpoints and resume."""
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -26,6 +25,7 @@ from popscore.training.data import PAPER_FEATURES
 from popscore.training.model import FusionNet
 from popscore.training.stream import CachedClips, Stream, train_stream
 from popscore.training.train import TrainConfig
+from tests.conftest import free_port
 
 RATE, SECONDS, ROWS = 8000, 1.0, 24
 CONFIG = TrainConfig(epochs=4, batch_size=8, lr=3e-3)
@@ -238,7 +238,7 @@ def test_two_gloo_processes_under_torchrun_train_like_one(catalog: Path, tmp_pat
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "popscore",
         *_train_command(catalog, two, "--seed", "3"),
@@ -252,12 +252,6 @@ def test_two_gloo_processes_under_torchrun_train_like_one(catalog: Path, tmp_pat
     ddp = torch.load(two.with_name("two.pt.ckpt"), weights_only=True)["history"]
     assert len(ddp) == len(single) == 2
     np.testing.assert_allclose(ddp, single, rtol=0.25)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_popscore_evaluate_reads_the_same_cache(tmp_path: Path, loader_workers: list[int]) -> None:
