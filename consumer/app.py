@@ -67,7 +67,6 @@ BUSY_POLL_S = 0.02
 # `consume --report` prints the records of its run (the latest this many); without it none are
 # kept, so a long-running service does not grow (docs/PERFORMANCE.md, "Memory").
 REPORT_KEPT = 10_000
-# --stop-at-end: the metadata is asked this often (0.5 s apart) before a topic is missing.
 DNS_ALLOWANCE_S = 10.0  # glibc's resolver: 5 s x 2 attempts by default
 
 

@@ -38,6 +38,8 @@ Header = tuple[str, str | bytes | None]
 # (unless a restart with the same transactional.id fences it first): keep it short.
 TRANSACTION_TIMEOUT_MS = 60_000
 _QUEUE_FULL_WAIT_S = 0.5
+# A topic's metadata is asked this often (0.5 s apart) before it counts as missing: one created
+# a moment ago may lag in a broker's metadata.
 TOPIC_LOOKUPS = 4
 STARTUP_WAIT_S = 120.0  # about what init_transactions used to wait out at start-up
 MIN_DELETE_TAG = 8  # delete_topics: a shorter tag is too likely to be part of others' names
