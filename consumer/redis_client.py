@@ -197,44 +197,40 @@ class NodePipelines:
             node = self.client.get_node(host=redirect.host, port=redirect.port)  # type: ignore[no-untyped-call]
             if node is None:
                 return redirect, []
-        pool = self.client.get_redis_connection(node).connection_pool
-        conn = pool.get_connection()
-        try:
-            commands = [("ASKING",), command]
-            if self.min_replicas:
-                commands.append(("WAIT", self.min_replicas, self.wait_ms))
-            conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
-            _reply(conn)  # OK
-            reply = _reply(conn)
-            acked = _reply(conn) if self.min_replicas else self.min_replicas
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        finally:
-            pool.release(conn)
-        short = not isinstance(acked, int) or acked < self.min_replicas
-        return reply, [f"{conn.host}:{conn.port} ({acked} replicas)"] if short else []
+        [(_ok, reply)], lagging = self._send([(node, [("ASKING",), command])])
+        return reply, lagging
 
     def _exchange(
         self, calls: Sequence[tuple[str, tuple[Any, ...]]], replies: list[Any]
     ) -> list[str]:
         """Send each node its commands (and WAIT), then read every reply into ``replies``;
         returns the nodes whose WAIT came back short."""
-        sent: list[tuple[Connection, ConnectionPool, list[int]]] = []
+        groups = self._by_node(calls)
+        answers, lagging = self._send([(node, [calls[i][1] for i in indexes])
+                                       for node, indexes in groups])  # fmt: skip
+        for (_node, indexes), got in zip(groups, answers, strict=True):
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+        return lagging
+
+    def _send(
+        self, groups: Sequence[tuple[ClusterNode, list[tuple[Any, ...]]]]
+    ) -> tuple[list[list[Any]], list[str]]:
+        """Each node's commands (and WAIT) on one connection of its own, all written before any
+        reply is read; returns each group's replies and the nodes whose WAIT came back short."""
+        sent: list[tuple[Connection, ConnectionPool, int]] = []
+        answers: list[list[Any]] = []
         lagging: list[str] = []
         try:
-            for node, indexes in self._by_node(calls):
+            for node, commands in groups:
                 pool = self.client.get_redis_connection(node).connection_pool
                 conn = pool.get_connection()
-                sent.append((conn, pool, indexes))
-                commands = [calls[i][1] for i in indexes]
-                if self.min_replicas:
-                    commands.append(("WAIT", self.min_replicas, self.wait_ms))
-                packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
+                sent.append((conn, pool, len(commands)))
+                waited = [("WAIT", self.min_replicas, self.wait_ms)] if self.min_replicas else []
+                packed = conn.pack_commands([*commands, *waited])  # type: ignore[no-untyped-call]
                 conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-            for conn, _, indexes in sent:
-                for i in indexes:
-                    replies[i] = _reply(conn)
+            for conn, _, count in sent:
+                answers.append([_reply(conn) for _ in range(count)])
                 acked = _reply(conn) if self.min_replicas else self.min_replicas
                 if not isinstance(acked, int) or acked < self.min_replicas:
                     # An error reply (an ACL without WAIT) is no acknowledgement either.
@@ -246,7 +242,7 @@ class NodePipelines:
         finally:
             for conn, pool, _ in sent:
                 pool.release(conn)
-        return lagging
+        return answers, lagging
 
     def _by_node(
         self, calls: Sequence[tuple[str, tuple[Any, ...]]]
