@@ -13,7 +13,7 @@ The switch, as a reader observes it (docs/INTERFACE.md, "Redis"):
 3. Each of the new version's day leaderboards replaces the view's of that day in one command
    (``COPY … REPLACE``). A day the new version never scored keeps the old ranking.
 
-Every step is fenced by the promotion epoch that step 1 increments: a promotion that stalled
+Every step is fenced by the promotion epoch that step 1 raises: a promotion that stalled
 (its lock expired) and meets a later one's epoch stops at its next step instead of writing its
 version over the later one's.
 
