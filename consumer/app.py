@@ -39,10 +39,11 @@ from consumer.audio import WORST_FETCH_FACTOR, AudioPolicy, lower_decode_thread_
 from consumer.batcher import MicroBatcher
 from consumer.cluster_sink import ClusterRedisSink
 from consumer.commit import TransactionAborted, Transactions
+from consumer.crashguard import Alone, CrashGuard
 from consumer.dead_letters import Rejected
 from consumer.device import Scorer
 from consumer.drift import DriftMonitor
-from consumer.errors import ConfigError, DeadLetter, DeviceUnavailable
+from consumer.errors import ConfigError, DeadLetter, DeviceFailure, DeviceUnavailable
 from consumer.health import STUCK_S, BackgroundCheck, Health, HealthServer
 from consumer.kafka import TOPIC_LOOKUPS, client, output_topics_limit, transactional_config
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
@@ -98,6 +99,8 @@ class InFlight:
     shadow: "Future[ShadowOutcome] | None" = None
     shadow_wait_from: float | None = None
     """When the commit started waiting for the shadow (the primary was done)."""
+    alone: bool = False
+    """A record processed alone (consumer.crashguard)."""
 
 
 def training_labels(meta: ArtifactMeta) -> tuple[str, str]:
@@ -188,6 +191,10 @@ class App:
         self._yielded = False
         self.live: LiveTraffic | None = None
         self._stack = ExitStack()
+        self._alone: deque[Message] = deque()
+        """Taken from the batcher, to be processed one at a time (consumer.crashguard)."""
+        self._orphans: list[Future[BatchResult]] = []
+        """Dropped batches' last stages, which may still run."""
 
     def __enter__(self) -> "App":
         try:
@@ -222,6 +229,24 @@ class App:
         self.redis = connect(s.redis_url.get_secret_value(), s.redis_cluster)
         self._stack.callback(close_redis, self.redis)
         self._redis_check = self._redis_probe()
+        self.redis_sink = (
+            ClusterRedisSink(
+                self.redis,
+                s.redis_ttl_s,
+                s.dedupe_ttl_s,
+                s.redis_min_replicas,
+                s.redis_replica_wait_ms,
+            )
+            if isinstance(self.redis, RedisCluster)
+            else RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
+        )
+        in_hand = (2 * s.max_inflight_batches + 1) * s.batch_size
+        self.guard = CrashGuard(
+            self.redis, s.group_id, s.input_topic, s.crash_limit, in_hand, self.redis_sink.retrying
+        )
+        # Before the stage pools, so run after they are shut down (last in, first out): no
+        # stage can count a try after the try is taken back.
+        self._stack.callback(self.guard.forgive)
         pool = self._executor(s.decode_workers, "decode", lower_decode_thread_priority)
         self.pipeline = Pipeline(
             self.scorer,
@@ -242,17 +267,6 @@ class App:
         # shadow never holds up the primary's Redis write.
         self._shadow_stage = self._executor(1, "shadow") if self.shadow else None
         self.reloader = self._reloader()
-        self.redis_sink = (
-            ClusterRedisSink(
-                self.redis,
-                s.redis_ttl_s,
-                s.dedupe_ttl_s,
-                s.redis_min_replicas,
-                s.redis_replica_wait_ms,
-            )
-            if isinstance(self.redis, RedisCluster)
-            else RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
-        )
         self.view = ViewWatch(self.redis, self.metrics.view_fed, live=s.role == "live")
         self.batcher: MicroBatcher[Message] = MicroBatcher(s.batch_size, s.batch_wait_ms / 1e3)
         # The consumer first: a property librdkafka refuses then fails start-up before any
@@ -395,6 +409,7 @@ class App:
         while self.running:
             self.health.beat()
             self._commit_finished()
+            self._next_alone()
             self.reloader.poll()
             self._poll()
             self.source.refresh_lag()
@@ -439,7 +454,7 @@ class App:
         if room > 0:
             self._fetch(room, timeout)
         if not full and self.batcher.ready():
-            self._submit(self.batcher.take())
+            self._take_batch()
 
     def _set_eta(self) -> None:
         self.metrics.eta.set(self.progress.eta_s(self.source.remaining))
@@ -447,7 +462,10 @@ class App:
     def _slots_taken(self) -> int:
         """Batches whose primary work is not done. One done but waiting for its shadow before
         its commit does not hold the next batch back (a slow shadow must not pace the primary),
-        up to as many again, so memory stays bounded."""
+        up to as many again, so memory stays bounded. While records wait to be processed alone,
+        every slot is taken: the next batch forms behind them."""
+        if self._alone:
+            return self.settings.max_inflight_batches
         busy = sum(1 for item in self.inflight if not item.future.done())
         if len(self.inflight) >= 2 * self.settings.max_inflight_batches:
             return len(self.inflight)
@@ -471,17 +489,66 @@ class App:
         if self._drops == drops:
             self.batcher.add(messages)
 
-    def _submit(self, messages: list[Message]) -> None:
+    def _take_batch(self) -> None:
+        """The batcher's batch, submitted; one holding records in hand at a death of the
+        process is processed a record at a time instead (``_next_alone``)."""
+        messages = self.batcher.take()
+        if self.guard.suspects(messages):
+            self._alone.extend(messages)
+            self._set_inflight_gauge()
+        else:
+            self._submit(messages)
+
+    def _next_alone(self) -> None:
+        """Submit the next record waiting to be processed alone, once nothing else is in
+        flight; the records after the last suspect go together as a batch. A suspect whose
+        tries are spent is dead-lettered unprocessed."""
+        if not self._alone:
+            return
+        if not self.guard.suspect(self._alone[0]):
+            batch = []
+            while self._alone and not self.guard.suspect(self._alone[0]):
+                batch.append(self._alone.popleft())
+            self._submit(batch)
+            return
+        if self.inflight or self._shadow_jobs or not all(f.done() for f in self._orphans):
+            return
+        self._orphans.clear()
+        msg = self._alone.popleft()
+        verdict = self.guard.verdict(msg)
+        if isinstance(verdict, Alone):
+            self.metrics.processed_alone.inc()
+            self._submit([msg], verdict)
+            return
+        log.error("record %s: %s; dead-lettered (%s)", record_id(msg), verdict.detail,
+                  verdict.reason.value)  # fmt: skip
+        result = BatchResult(
+            [msg], self.scorer.meta.model_version, rejected=[Rejected(msg, verdict)]
+        )
+        done: Future[BatchResult] = Future()
+        done.set_result(result)
+        self.inflight.append(InFlight([msg], done))
+        self._set_inflight_gauge()
+
+    def _submit(self, messages: list[Message], alone: Alone | None = None) -> None:
         if self.stats.first_event_at is None:
             self.stats.first_event_at = time.monotonic()
         prepare, device, sink = self._stages
-        prepared = prepare.submit(self.pipeline.prepare, messages)
-        scored = device.submit(lambda: self.pipeline.infer(prepared.result()))
         stop = self._stop_writes  # this batch's: a drop stops its Redis retries, not later ones
+        prepared = prepare.submit(self._prepare, messages, alone, stop)
+        scored = device.submit(lambda: self.pipeline.infer(prepared.result()))
         written = sink.submit(lambda: self._write_redis(scored.result(), stop))
         shadowed = self._submit_shadow(prepared, len(messages), stop)
-        self.inflight.append(InFlight(messages, written, shadowed))
+        self.inflight.append(InFlight(messages, written, shadowed, alone=alone is not None))
         self._set_inflight_gauge()
+
+    def _prepare(
+        self, messages: list[Message], alone: Alone | None, stop: threading.Event
+    ) -> Prepared:
+        """Prepare stage: the crash journal first, so a death while these records are in hand
+        is known to the next owner of their partitions."""
+        self.guard.mark(messages, alone, stop)
+        return self.pipeline.prepare(messages)
 
     def _submit_shadow(
         self, prepared: "Future[Prepared]", events: int, stop: threading.Event
@@ -583,7 +650,9 @@ class App:
     def _commit(self, item: InFlight) -> None:
         try:
             result = item.future.result()  # a stage's unexpected exception stops the process
-        except BaseException:
+        except BaseException as exc:
+            if item.alone and isinstance(exc, DeviceFailure):
+                self.guard.blame()
             # ... and nothing behind the failed batch may be committed on the way out (the
             # revoke in the consumer's close drains): its offsets would skip the failed one.
             self._drop_uncommitted()
@@ -604,6 +673,8 @@ class App:
             return
         self.metrics.transactions.labels("committed").inc()
         self.source.mark_committed(next_offsets(item.messages))
+        if item.alone:
+            self.guard.settled()
         self.progress.committed(len(item.messages))
         self.health.progressed()
         self.metrics.stage_seconds.labels("produce").observe(produce_s)
@@ -668,7 +739,10 @@ class App:
         for item in self.inflight:
             if item.shadow is not None:
                 item.shadow.cancel()  # not started: no shadow work for a batch that replays
+        running = [future for future in self._orphans if not future.done()]
+        self._orphans = running + [item.future for item in self.inflight]
         self.inflight.clear()
+        self._alone.clear()
         self.batcher.take()
         self._needs_rewind = True
         self._drops += 1
@@ -680,6 +754,8 @@ class App:
         """We still own ``gone``: finish and commit what is in hand, or drop it uncommitted."""
         self._drain(self.settings.shutdown_grace_s)
         self.batcher.discard(lambda msg: partition_of(msg) not in gone)
+        self._alone = deque(msg for msg in self._alone if partition_of(msg) not in gone)
+        self.guard.forget(gone)
 
     def _on_lost(self, gone: set[Partition]) -> None:
         """``gone`` already belongs to someone else: nothing of it may be committed."""
@@ -687,6 +763,7 @@ class App:
         self._stop_writes.set()  # the dropped batches' Redis retries give up, as on a drain
         self._stop_writes = threading.Event()
         self._drop_uncommitted()
+        self.guard.forget(gone)
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -713,11 +790,12 @@ class App:
         self.stats.last_write_at = time.monotonic()
 
     def _set_inflight_gauge(self) -> None:
-        in_hand = sum(len(item.messages) for item in self.inflight) + len(self.batcher)
+        in_hand = sum(len(item.messages) for item in self.inflight)
+        in_hand += len(self.batcher) + len(self._alone)
         self.metrics.inflight.set(in_hand)
 
     def _idle(self) -> bool:
-        return not self.inflight and len(self.batcher) == 0
+        return not self.inflight and len(self.batcher) == 0 and not self._alone
 
     def _waiting(self) -> bool:
         """Records wait to be committed: some are in hand, or a partition is not read to its

@@ -225,7 +225,7 @@ class ClusterRedisSink(RedisSink):
     def _write_batch(
         self, writes: list[_Write], stop: threading.Event, primary: bool
     ) -> list[Upsert]:
-        self._retrying(lambda: self._write_all(writes, primary), stop)
+        self.retrying(lambda: self._write_all(writes, primary), stop)
         return [_code(write) for write in writes]
 
     def _expected_types(
@@ -256,7 +256,7 @@ class ClusterRedisSink(RedisSink):
             key = CLUSTER.event(event_id, version)
             calls.append((key, SCRIPTS["release"].command([key], [source])))
         if calls:
-            self._retrying(lambda: self.nodes.run(calls), stop)
+            self.retrying(lambda: self.nodes.run(calls), stop)
 
     def _recover(self, exc: Exception) -> None:
         try:

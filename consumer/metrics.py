@@ -45,6 +45,12 @@ class Metrics:
             [REASON],
             registry=r,
         )
+        self.processed_alone = Counter(
+            "popscore_records_alone_total",
+            "Records processed one at a time: they were in hand when a consumer of their "
+            "partition died without committing them.",
+            registry=r,
+        )
         self.e2e_latency = Histogram(
             "popscore_e2e_latency_seconds",
             "emitted_at to score written in Redis.",

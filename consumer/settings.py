@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     max_inflight_batches: Annotated[int, Field(ge=1, le=16)] = 2
     """Batches decoded, scored or written but not yet committed; when all are busy the next
     batch keeps filling, and once it is full the partitions pause."""
+    crash_limit: Annotated[int, Field(ge=0, le=10)] = 2
+    """How many times the process may die (a native crash, the OOM killer) while processing one
+    record alone before that record is dead-lettered as process_crashed; 0 turns the crash
+    journal off (consumer.crashguard)."""
     max_event_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     """Largest Kafka value parsed as a ReleaseEvent; larger ones are dead-lettered."""
     max_future_skew_s: Annotated[float, Field(gt=0, le=366 * 86_400)] = 3600.0

@@ -253,12 +253,12 @@ class RedisSink:
         boards: list[str] = []
         for key in hashes:
             if self._type(key, stop) == "hash":
-                named = self._retrying(partial(self.client.hmget, key, fields), stop)
+                named = self.retrying(partial(self.client.hmget, key, fields), stop)
                 boards += [as_text(board) for board in named if board]
         return boards
 
     def _type(self, key: str, stop: threading.Event) -> str:
-        return as_text(self._retrying(lambda: self.client.type(key), stop))
+        return as_text(self.retrying(lambda: self.client.type(key), stop))
 
     def release(self, claims: Sequence[tuple[str, str, str]], stop: threading.Event) -> None:
         """Give up the event-id claims these records (``(event_id, model_version, source)``)
@@ -285,9 +285,9 @@ class RedisSink:
         return [Upsert(int(code)) for code in self._call(self._upsert, keys, args, stop)]
 
     def _call(self, script: Any, keys: list[str], args: list[Any], stop: threading.Event) -> Any:
-        return self._retrying(lambda: script(keys=keys, args=args), stop)
+        return self.retrying(lambda: script(keys=keys, args=args), stop)
 
-    def _retrying(self, attempt: Callable[[], T], stop: threading.Event) -> T:
+    def retrying(self, attempt: Callable[[], T], stop: threading.Event) -> T:
         """Run ``attempt`` (idempotent); Redis outages are retried with capped exponential
         backoff until it answers, or until ``stop`` is set (SinkError)."""
         delay = 0.1

@@ -27,6 +27,10 @@ class DeadLetterReason(StrEnum):
     """The audio is over ``POPSCORE_AUDIO_MAX_SECONDS``."""
     INFERENCE_FAILED = "inference_failed"
     """The model raised or returned a non-finite score for this event."""
+    PROCESS_CRASHED = "process_crashed"
+    """The consumer process died (a native crash, the OOM killer: nothing it could catch) or
+    failed its device ``POPSCORE_CRASH_LIMIT`` times while processing this record alone; it is
+    not tried again."""
     INTERNAL_ERROR = "internal_error"
     """Processing this record raised an error nobody anticipated (a bug, or input no check
     foresaw); the detail names the exception. Only this record is affected."""

@@ -27,6 +27,12 @@ PROMOTION_KEY = f"{KEY_PREFIX}:promotion"
 _META_TAG = "{meta}"
 
 
+def crash_journal_key(group_id: str, topic: str) -> str:
+    """HASH: per partition of ``topic``, the highest offset the group's consumers handed to
+    their stages, and the record being processed alone (``consumer.crashguard``)."""
+    return f"{KEY_PREFIX}:crash_journal:{group_id}:{topic}"
+
+
 def score_key(track_id: str) -> str:
     """HASH holding the current model's latest ScoreRecord of one track."""
     return f"{KEY_PREFIX}:score:{track_id}"

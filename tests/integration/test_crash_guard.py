@@ -1,0 +1,249 @@
+"""A record that kills the consumer process costs that record alone (real Kafka and Redis).
+
+The death is real: the audio server below SIGKILLs the consumer process when it is asked for
+the poison's audio, as a native crash in a codec or the OOM killer would kill it in the middle
+of that record. Nothing in the consumer knows. Before the crash journal, every restart read the
+same batch and died again, and the partition stopped for ever.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Message, Producer
+
+from consumer.crashguard import Alone, CrashGuard
+from consumer.errors import DeadLetter
+from consumer.sinks import RedisSink
+from schemas import ScoreRecord
+from schemas.dead_letter import HEADER_REASON
+from schemas.redis_keys import crash_journal_key
+from tests.chaos.harness import CHAOS_KAFKA
+from tests.integration.conftest import ROOT, read_all
+from tests.integration.test_service import write_tone
+
+pytestmark = pytest.mark.integration
+EVENTS = 24
+POISON = 5
+
+
+class AudioServer:
+    """Serves the tone for any path; for /poison.wav it kills the consumer being watched."""
+
+    def __init__(self, tone: bytes) -> None:
+        self.victim: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/poison.wav" and server.victim is not None:
+                    server.kills += 1
+                    server.victim.send_signal(signal.SIGKILL)
+                    server.victim.wait()
+                self.send_response(200)
+                self.send_header("Content-Type", "audio/wav")
+                self.send_header("Content-Length", str(len(tone)))
+                self.end_headers()
+                self.wfile.write(tone)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "AudioServer":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def audio_server(tmp_path: Path) -> Iterator[AudioServer]:
+    tone = write_tone(tmp_path / "tone.wav", seconds=3.0, rate=22_050).read_bytes()
+    with AudioServer(tone) as server:
+        yield server
+
+
+def test_a_record_that_kills_the_process_is_dead_lettered_and_the_rest_scored(
+    consumer_env: dict[str, str], audio_server: AudioServer, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        **consumer_env,
+        "POPSCORE_AUDIO_ALLOW_PRIVATE_HOSTS": "true",
+        "POPSCORE_SHUTDOWN_GRACE_S": "5",
+        # A dead member holds its partitions for the session timeout (45 s by default).
+        "POPSCORE_KAFKA_PROPERTIES": json.dumps(CHAOS_KAFKA),
+    }
+    tracks = [f"crash-{uuid.uuid4().hex[:8]}-{i}" for i in range(EVENTS)]
+    send(env, tracks, audio_server.url)
+    deaths: list[int] = []
+    logs = []
+    deadline = time.monotonic() + 240
+    while True:
+        logs.append(tmp_path / f"consumer-{len(logs)}.log")
+        proc = start(env, logs[-1])
+        audio_server.victim = proc
+        try:
+            if proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0:
+                break  # read to its end
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"not done in 240 s: a record holds its partition; deaths: {deaths}")
+        deaths.append(proc.returncode)
+    out = consumer_env["POPSCORE_OUTPUT_TOPIC"]
+    scored = [
+        ScoreRecord.model_validate_json(m.value())
+        for m in read_all(env["POPSCORE_KAFKA_BOOTSTRAP"], out, EVENTS - 1)
+    ]
+    dead = read_all(env["POPSCORE_KAFKA_BOOTSTRAP"], consumer_env["POPSCORE_DLQ_TOPIC"], 1)
+    # Killed on its first try in a batch, then on each of its POPSCORE_CRASH_LIMIT (2) tries
+    # alone; the third start dead-letters it without fetching it and reads to the end.
+    assert deaths == [-signal.SIGKILL] * 3, deaths
+    assert audio_server.kills == 3
+    assert Counter(r.track_id for r in scored) == Counter(
+        t for i, t in enumerate(tracks) if i != POISON
+    )
+    assert len(dead) == 1
+    headers = dict(dead[0].headers())
+    assert headers[HEADER_REASON] == b"process_crashed"
+    assert json.loads(dead[0].value())["track_id"] == tracks[POISON]
+    after_first = logs[1].read_text()
+    assert "were in hand when its last consumer stopped without committing them" in after_first
+
+
+def send(env: dict[str, str], tracks: list[str], url: str) -> None:
+    producer = Producer({"bootstrap.servers": env["POPSCORE_KAFKA_BOOTSTRAP"]})
+    for i, track in enumerate(tracks):
+        audio = f"{url}/poison.wav" if i == POISON else f"{url}/{track}.wav"
+        event = {
+            "event_id": str(uuid.uuid4()),
+            "track_id": track,
+            "emitted_at": datetime.now(UTC).isoformat(),
+            "audio_uri": audio,
+        }
+        producer.produce(env["POPSCORE_INPUT_TOPIC"], json.dumps(event).encode(), track.encode())
+    assert producer.flush(30) == 0
+
+
+def start(env: dict[str, str], log: Path) -> "subprocess.Popen[bytes]":
+    command = [sys.executable, "-m", "popscore", "consume", "--stop-at-end"]
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
+
+
+# --- the journal itself, on the real Redis ------------------------------------------------
+
+
+@pytest.fixture
+def journal(redis_client: redis.Redis) -> Iterator[tuple[CrashGuard, str, str]]:
+    group, topic = f"g-{uuid.uuid4().hex[:8]}", "t"
+    sink = RedisSink(redis_client)
+    guard = CrashGuard(redis_client, group, topic, limit=2, in_hand=40, retry=sink.retrying)
+    yield guard, group, topic
+    redis_client.delete(crash_journal_key(group, topic))
+
+
+def msg(partition: int, offset: int) -> Message:
+    return Message(topic="t", partition=partition, offset=offset, value=b"{}")
+
+
+def test_journal_names_what_was_in_hand_and_counts_tries_alone(
+    journal: tuple[CrashGuard, str, str], redis_client: redis.Redis
+) -> None:
+    guard, group, topic = journal
+    stop = threading.Event()
+    guard.mark([msg(0, 10), msg(0, 11), msg(1, 3)], None, stop)
+    guard.mark([msg(0, 12)], None, stop)
+    guard.mark([msg(0, 4)], None, stop)  # a rewound batch: the highest offset stays
+    key = crash_journal_key(group, topic)
+    assert redis_client.hgetall(key) == {b"0": b"12", b"1": b"3"}
+    assert 0 < redis_client.ttl(key) <= 30 * 86_400
+
+    # The next owner (a new process) starts where the group committed: 11 on partition 0.
+    owner = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    assert owner.suspects([msg(0, 11), msg(0, 12), msg(0, 13), msg(1, 4)])
+    assert [owner.suspect(msg(0, o)) for o in (11, 12, 13)] == [True, True, False]
+    assert not owner.suspect(msg(1, 4))  # partition 1 was committed past 3
+    first = owner.verdict(msg(0, 11))
+    assert first == Alone("0:alone", "11:1", "")
+    owner.mark([msg(0, 11)], first, stop)
+    assert redis_client.hget(key, "0:alone") == b"11:1"
+
+    # It died with 11 alone; the next owner tries it once more, the one after dead-letters it.
+    again = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    assert again.suspects([msg(0, 11)])
+    second = again.verdict(msg(0, 11))
+    assert second == Alone("0:alone", "11:2", "11:1")
+    assert again.verdict(msg(0, 12)) == Alone("0:alone", "12:1", "")
+    again.mark([msg(0, 11)], second, stop)
+    last = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    assert last.suspects([msg(0, 11)])
+    verdict = last.verdict(msg(0, 11))
+    assert isinstance(verdict, DeadLetter) and verdict.reason.value == "process_crashed"
+    # Once a batch after it is marked, the record alone was committed: its field goes.
+    last.mark([msg(0, 12)], None, stop)
+    assert redis_client.hget(key, "0:alone") is None
+
+
+def test_a_clean_stop_takes_its_try_back(
+    journal: tuple[CrashGuard, str, str], redis_client: redis.Redis
+) -> None:
+    guard, group, topic = journal
+    key = crash_journal_key(group, topic)
+    stop = threading.Event()
+    redis_client.hset(key, mapping={"0": "7", "0:alone": "7:1"})
+    assert guard.suspects([msg(0, 7)])
+    alone = guard.verdict(msg(0, 7))
+    assert isinstance(alone, Alone)
+    guard.mark([msg(0, 7)], alone, stop)
+    assert redis_client.hget(key, "0:alone") == b"7:2"
+    guard.forgive()
+    assert redis_client.hget(key, "0:alone") == b"7:1"
+    guard.forgive()  # nothing pending: nothing changes
+    assert redis_client.hget(key, "0:alone") == b"7:1"
+
+
+def test_a_stale_or_unreadable_journal_names_nothing(
+    journal: tuple[CrashGuard, str, str], redis_client: redis.Redis
+) -> None:
+    guard, group, topic = journal
+    key = crash_journal_key(group, topic)
+    # 80 = 2 offsets per record x 40 in hand: a journal this far ahead is a recreated topic's
+    redis_client.hset(key, mapping={"0": "1000", "1": "50"})
+    assert not guard.suspects([msg(0, 5)])
+    assert guard.suspects([msg(1, 0)]) and guard.suspect(msg(1, 50))
+    redis_client.delete(key)
+    redis_client.set(key, "not a hash")
+    other = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    assert not other.suspects([msg(0, 0)])  # logged, not raised
+    other.mark([msg(0, 0)], None, threading.Event())  # logged, not raised: the batch goes on
+    assert redis_client.get(key) == b"not a hash"
+
+
+def test_limit_zero_is_off(redis_client: redis.Redis) -> None:
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    guard = CrashGuard(redis_client, group, "t", 0, 40, RedisSink(redis_client).retrying)
+    guard.mark([msg(0, 3)], None, threading.Event())
+    assert not redis_client.exists(crash_journal_key(group, "t"))
+    redis_client.hset(crash_journal_key(group, "t"), "0", "3")
+    assert not guard.suspects([msg(0, 3)])
+    redis_client.delete(crash_journal_key(group, "t"))

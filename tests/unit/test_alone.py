@@ -1,0 +1,129 @@
+"""The main loop's side of the crash journal: suspects one at a time with nothing else in
+flight, the records after them together, a suspect whose tries are spent dead-lettered.
+(The journal itself is tested on a real Redis: tests/integration/test_crash_guard.py.)"""
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import Message
+
+from consumer.app import App, InFlight
+from consumer.crashguard import Alone
+from consumer.errors import DeadLetter, DeviceFailure
+from schemas.dead_letter import DeadLetterReason
+from tests.unit.test_poll import FakeSource, app_with
+
+
+class FakeGuard:
+    """Suspects by offset; ``spent`` ones are dead-lettered."""
+
+    def __init__(self, suspects: set[int], spent: frozenset[int] = frozenset()) -> None:
+        self.suspected = suspects
+        self.spent = spent
+        self.blamed = 0
+
+    def suspects(self, messages: Sequence[Message]) -> bool:
+        return any(self.suspect(msg) for msg in messages)
+
+    def suspect(self, msg: Message) -> bool:
+        return msg.offset() in self.suspected
+
+    def blame(self) -> None:
+        self.blamed += 1
+
+    def verdict(self, msg: Message) -> DeadLetter | Alone:
+        if msg.offset() in self.spent:
+            return DeadLetter(DeadLetterReason.PROCESS_CRASHED, "died on 2 tries")
+        return Alone("0:alone", f"{msg.offset()}:1", "")
+
+
+class MessageSource(FakeSource):
+    def fetch(self, n: int, timeout: float) -> list[Any]:
+        offsets = super().fetch(n, timeout)
+        return [Message(topic="releases", partition=0, offset=o, value=b"{}") for o in offsets]
+
+
+def loop_with(suspects: set[int], spent: frozenset[int] = frozenset()) -> tuple[App, list[Any]]:
+    app, _ = app_with(MessageSource(queued=4), inflight=0)
+    app.guard = FakeGuard(suspects, spent)  # type: ignore[assignment]
+    app.scorer = SimpleNamespace(meta=SimpleNamespace(model_version="v1"))  # type: ignore[assignment]
+    submitted: list[Any] = []
+
+    def submit(messages: list[Message], alone: Alone | None = None) -> None:
+        submitted.append(([m.offset() for m in messages], alone))
+        app.inflight.append(InFlight(messages, Future(), alone=alone is not None))
+
+    app._submit = submit  # type: ignore[method-assign]
+    return app, submitted
+
+
+def finish_head(app: App) -> None:
+    app.inflight.popleft()  # committed
+
+
+def test_suspects_go_one_at_a_time_then_the_rest_together() -> None:
+    app, submitted = loop_with(suspects={0, 1})
+    app._poll()  # takes the batch 0-3: it holds suspects, so nothing is submitted yet
+    assert submitted == [] and len(app._alone) == 4
+    assert app._slots_taken() == app.settings.max_inflight_batches  # the next batch waits
+    app._next_alone()
+    assert submitted == [([0], Alone("0:alone", "0:1", ""))]
+    app._next_alone()  # 0 is in flight: 1 waits
+    assert len(submitted) == 1
+    finish_head(app)
+    app._next_alone()
+    assert submitted[-1] == ([1], Alone("0:alone", "1:1", ""))
+    finish_head(app)
+    app._next_alone()
+    assert submitted[-1] == ([2, 3], None)  # past the suspects: one batch
+    assert not app._alone and app._slots_taken() == 1
+
+
+def test_a_suspect_waits_for_dropped_batches_still_running() -> None:
+    app, submitted = loop_with(suspects={0})
+    running: Future[Any] = Future()
+    app._orphans.append(running)
+    app._poll()
+    app._next_alone()
+    assert submitted == []  # a dropped batch may still be decoding: not alone yet
+    running.set_result(None)
+    app._next_alone()
+    assert submitted == [([0], Alone("0:alone", "0:1", ""))]
+
+
+def test_a_spent_suspect_is_dead_lettered_unprocessed() -> None:
+    app, submitted = loop_with(suspects={0}, spent=frozenset({0}))
+    app._poll()
+    app._next_alone()
+    assert submitted == []
+    (item,) = app.inflight
+    result = item.future.result()
+    assert [m.offset() for m in result.messages] == [0]
+    (rejected,) = result.rejected
+    assert rejected.error.reason is DeadLetterReason.PROCESS_CRASHED
+    assert result.model_version == "v1" and not item.alone
+
+
+def test_a_drop_forgets_the_records_waiting_to_go_alone() -> None:
+    app, submitted = loop_with(suspects={0, 1})
+    app._poll()
+    app._next_alone()
+    app._drop_uncommitted()
+    assert not app._alone and not app.inflight and app._needs_rewind
+    assert len(app._orphans) == 1  # the suspect in flight may still run
+    app._next_alone()
+    assert len(submitted) == 1
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_device_failure_with_a_record_alone_counts_its_try(alone: bool) -> None:
+    app, _ = loop_with(suspects=set())
+    failed: Future[Any] = Future()
+    failed.set_exception(DeviceFailure("CUDA error: device-side assert triggered"))
+    app.inflight.append(InFlight([], failed, alone=alone))
+    with pytest.raises(DeviceFailure):
+        app._commit_finished()
+    assert app.guard.blamed == int(alone)  # type: ignore[attr-defined]
