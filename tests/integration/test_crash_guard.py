@@ -19,13 +19,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
 from confluent_kafka import Message, Producer
+from redis.cluster import RedisCluster
 
+from consumer.cluster_sink import ClusterRedisSink
 from consumer.crashguard import Alone, CrashGuard
 from consumer.errors import DeadLetter
+from consumer.redis_client import close, connect
 from consumer.sinks import RedisSink
 from schemas import ScoreRecord
 from schemas.dead_letter import HEADER_REASON
@@ -247,3 +251,29 @@ def test_limit_zero_is_off(redis_client: redis.Redis) -> None:
     redis_client.hset(crash_journal_key(group, "t"), "0", "3")
     assert not guard.suspects([msg(0, 3)])
     redis_client.delete(crash_journal_key(group, "t"))
+
+
+def test_journal_on_redis_cluster(redis_cluster_url: str) -> None:
+    """The same script calls through the cluster client (one key: one slot)."""
+    client = connect(redis_cluster_url, cluster=True)
+    sink = ClusterRedisSink(cast(RedisCluster, client))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    try:
+        CrashGuard(client, group, "t", 2, 40, sink.retrying).mark(
+            [msg(0, 5), msg(1, 9)], None, threading.Event()
+        )
+        owner = CrashGuard(client, group, "t", 2, 40, sink.retrying)
+        assert owner.suspects([msg(0, 4), msg(0, 5)])
+        alone = owner.verdict(msg(0, 5))
+        assert alone == Alone("0:alone", "5:1", "")
+        owner.mark([msg(0, 5)], alone, threading.Event())
+        assert client.hgetall(crash_journal_key(group, "t")) == {
+            b"0": b"5",
+            b"1": b"9",
+            b"0:alone": b"5:1",
+        }
+        owner.forgive()
+        assert client.hget(crash_journal_key(group, "t"), "0:alone") is None
+    finally:
+        client.delete(crash_journal_key(group, "t"))
+        close(client)
