@@ -240,9 +240,8 @@ class App:
             if isinstance(self.redis, RedisCluster)
             else RedisSink(self.redis, s.redis_ttl_s, s.dedupe_ttl_s)
         )
-        in_hand = (2 * s.max_inflight_batches + 1) * s.batch_size
         self.guard = CrashGuard(
-            self.redis, s.group_id, s.input_topic, s.crash_limit, in_hand, self.redis_sink.retrying
+            self.redis, s.group_id, s.input_topic, s.crash_limit, self.redis_sink.retrying
         )
         # Before the stage pools, so run after they are shut down (last in, first out): no
         # stage can count a try after the try is taken back.
@@ -307,6 +306,7 @@ class App:
         # Last in, first out: the consumer leaves (its revoke may still commit) before the
         # producer is closed.
         self._stack.callback(self.txn.close)
+        self.txn.on_wedged = self.guard.forgive
         self._stack.callback(self.source.close)
         self.live = self._live_traffic()
         self.health.readiness = self._readiness
@@ -463,8 +463,8 @@ class App:
         """Batches whose primary work is not done. One done but waiting for its shadow before
         its commit does not hold the next batch back (a slow shadow must not pace the primary),
         up to as many again, so memory stays bounded. While records wait to be processed alone,
-        every slot is taken: the next batch forms behind them."""
-        if self._alone:
+        every slot is taken, and while one is in flight: the next batch forms behind them."""
+        if self._alone or self._alone_in_flight():
             return self.settings.max_inflight_batches
         busy = sum(1 for item in self.inflight if not item.future.done())
         if len(self.inflight) >= 2 * self.settings.max_inflight_batches:
@@ -502,8 +502,10 @@ class App:
     def _next_alone(self) -> None:
         """Submit the next record waiting to be processed alone, once nothing else is in
         flight; the records after the last suspect go together as a batch. A suspect whose
-        tries are spent is dead-lettered unprocessed."""
-        if not self._alone:
+        tries are spent is dead-lettered unprocessed. A record alone stays alone until it is
+        committed: a death before then is counted against it, so nothing may run beside it."""
+        self.guard.tidy()
+        if not self._alone or self._alone_in_flight():
             return
         if not self.guard.suspect(self._alone[0]):
             batch = []
@@ -530,12 +532,16 @@ class App:
         self.inflight.append(InFlight([msg], done))
         self._set_inflight_gauge()
 
+    def _alone_in_flight(self) -> bool:
+        return any(item.alone for item in self.inflight)
+
     def _submit(self, messages: list[Message], alone: Alone | None = None) -> None:
         if self.stats.first_event_at is None:
             self.stats.first_event_at = time.monotonic()
         prepare, device, sink = self._stages
         stop = self._stop_writes  # this batch's: a drop stops its Redis retries, not later ones
-        prepared = prepare.submit(self._prepare, messages, alone, stop)
+        lows = {key: self.source.rewind_point(key) for key in {partition_of(m) for m in messages}}
+        prepared = prepare.submit(self._prepare, messages, alone, stop, lows)
         scored = device.submit(lambda: self.pipeline.infer(prepared.result()))
         written = sink.submit(lambda: self._write_redis(scored.result(), stop))
         shadowed = self._submit_shadow(prepared, len(messages), stop)
@@ -543,11 +549,15 @@ class App:
         self._set_inflight_gauge()
 
     def _prepare(
-        self, messages: list[Message], alone: Alone | None, stop: threading.Event
+        self,
+        messages: list[Message],
+        alone: Alone | None,
+        stop: threading.Event,
+        lows: dict[Partition, int | None],
     ) -> Prepared:
         """Prepare stage: the crash journal first, so a death while these records are in hand
         is known to the next owner of their partitions."""
-        self.guard.mark(messages, alone, stop)
+        self.guard.mark(messages, alone, stop, lows)
         return self.pipeline.prepare(messages)
 
     def _submit_shadow(
@@ -739,6 +749,8 @@ class App:
         for item in self.inflight:
             if item.shadow is not None:
                 item.shadow.cancel()  # not started: no shadow work for a batch that replays
+            if item.alone:
+                self.guard.dropped(item.future)  # its try was no death: taken back when done
         running = [future for future in self._orphans if not future.done()]
         self._orphans = running + [item.future for item in self.inflight]
         self.inflight.clear()

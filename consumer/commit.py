@@ -36,6 +36,7 @@ TXN_TIMEOUT_S = 30.0
 RETRIES = 5
 WATCHDOG_MARGIN_S = 15.0
 EXIT_WEDGED = 75  # EX_TEMPFAIL: restart me
+WEDGED_HOOK_S = 3.0
 
 
 class TransactionAborted(PopscoreError):
@@ -63,6 +64,8 @@ class Transactions:
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         self.shadow_topic = shadow_topic
+        self.on_wedged: Callable[[], None] = lambda: None
+        """Runs (for at most WEDGED_HOOK_S) before a wedged call exits the process."""
         # Fences an earlier process with the same id and aborts its open transaction at once.
         self._call("init_transactions", lambda: self.producer.init_transactions(TXN_TIMEOUT_S))
 
@@ -131,7 +134,7 @@ class Transactions:
         """Retry a transactional call while librdkafka says the error is retriable."""
         for attempt in range(RETRIES):
             try:
-                with _watchdog(name, TXN_TIMEOUT_S + WATCHDOG_MARGIN_S):
+                with _watchdog(name, TXN_TIMEOUT_S + WATCHDOG_MARGIN_S, self.on_wedged):
                     return call()
             except KafkaException as exc:
                 err = error_of(exc)
@@ -169,11 +172,11 @@ class Transactions:
 
 
 @contextmanager
-def _watchdog(name: str, seconds: float) -> Iterator[None]:
+def _watchdog(name: str, seconds: float, hook: Callable[[], None]) -> Iterator[None]:
     """librdkafka can block in a transactional call past its timeout when the coordinator
     goes away (confluentinc/librdkafka#5456, #5511). A wedged handle cannot be recovered in
     process: exit, and the restart (same transactional.id) fences and aborts the open txn."""
-    timer = threading.Timer(seconds, _exit_wedged, args=(name, seconds))
+    timer = threading.Timer(seconds, _exit_wedged, args=(name, seconds, hook))
     timer.daemon = True
     timer.start()
     try:
@@ -182,7 +185,12 @@ def _watchdog(name: str, seconds: float) -> Iterator[None]:
         timer.cancel()
 
 
-def _exit_wedged(name: str, seconds: float) -> None:
+def _exit_wedged(name: str, seconds: float, hook: Callable[[], None]) -> None:
     log.critical("Kafka %s blocked for %.0fs; exiting to be restarted", name, seconds)
+    # The hook (the crash journal's take-back: this exit is no record's doing) may wait on
+    # Redis; the exit must not.
+    done = threading.Thread(target=hook, daemon=True)
+    done.start()
+    done.join(WEDGED_HOOK_S)
     logging.shutdown()
     os._exit(EXIT_WEDGED)

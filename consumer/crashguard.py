@@ -4,29 +4,35 @@ A record whose processing kills the process itself — a native crash in a codec
 libsndfile or mpg123), the OOM killer, a CUDA abort — raises nothing anyone can catch. Without
 this module the restart reads the same batch, dies again, for ever, and the partition stops.
 
-The journal is one Redis hash per consumer group and input topic (``crash_journal_key``), two
+The journal is one Redis hash per consumer group and input topic (``crash_journal_key``), three
 fields per partition, written before the stages start on a batch (one script call per batch):
 
 - ``<partition>``: the highest offset handed to the stages;
+- ``<partition>:low``: where the member that handed it had committed up to at the time (no
+  record before it was in hand);
 - ``<partition>:alone``: ``<offset>:<tries>``, the record being processed alone, and how many
   times it has been so.
 
 A member that takes a partition reads its fields once, at its first batch of it. The records
 from where it starts reading up to ``<partition>`` were in hand when the last owner stopped
 without committing them: after a clean stop there are none (a clean stop commits or rewinds
-what it has, and the next owner starts after it). These *suspects* are processed one at a time,
-with nothing else in flight in the process; a record whose tries alone reach
-``POPSCORE_CRASH_LIMIT`` was in hand, alone, at that many deaths of the process, and goes to the
-DLQ as ``process_crashed`` instead of being tried again. Like SQS's ``maxReceiveCount``, but
-counting only the deaths with the record alone: the records that merely shared the poison's
-batch are scored. A Python-level exit (a clean stop, a failed stage) takes its try back
-(``forgive``): only a death the process could not see coming counts, and a device failure
-with the record alone (``blame``).
+what it has, and the next owner starts after it). Reading that starts before ``:low`` (offsets
+reset by hand, a recreated topic) makes the journal stale: it names nothing.
+
+These *suspects* are processed one at a time, with nothing else in flight in the process
+until each is committed; a record whose tries alone reach ``POPSCORE_CRASH_LIMIT`` was in hand,
+alone, at that many deaths of the process, and goes to the DLQ as ``process_crashed`` instead
+of being tried again. Like SQS's ``maxReceiveCount``, but counting only the deaths with the
+record alone: the records that merely shared the poison's batch are scored. A Python-level exit
+(a clean stop, a failed stage, a wedged Kafka call) takes its try back (``forgive``), and so
+does a batch dropped while the process goes on (``dropped``): only a death the process could
+not see coming counts, and a device failure with the record alone (``blame``).
 """
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,22 +48,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Retry = Callable[[Callable[[], T], threading.Event], T]
 JOURNAL_TTL_S = 30 * 86_400
-# How far past where a new owner starts reading the journal's offset may lie and still name
-# records in hand at a death: offsets count transaction markers too (one per partition per
-# transaction, so at most one per record), and a process holds up to twice
-# POPSCORE_MAX_INFLIGHT_BATCHES batches plus the one forming. Further is a stale journal (a
-# recreated topic, offsets reset by hand): it names nothing.
-OFFSETS_PER_RECORD = 2
 
 # KEYS[1]: the journal. ARGV[1]: its ttl; ARGV[2], ARGV[3]: the field and value of the record
-# processed alone ('' for none); then per partition of the batch: partition, its first and
-# last offset. Raises each partition's highest offset; forgets a record processed alone before
-# this batch's first (committed: nothing is in flight beside a record alone).
+# processed alone ('' for none); then per partition of the batch: partition, where its member
+# had committed up to, the batch's first and last offset. Raises each partition's highest
+# offset (with its low mark); forgets a record processed alone before this batch's first
+# (committed: nothing is in flight beside a record alone).
 MARK_LUA = """
-for i = 4, #ARGV, 3 do
-  local p, first, last = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+for i = 4, #ARGV, 4 do
+  local p, low, first, last = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local high = tonumber(redis.call('HGET', KEYS[1], p) or '-1')
-  if last > high then redis.call('HSET', KEYS[1], p, last) end
+  if last > high then redis.call('HSET', KEYS[1], p, last, p .. ':low', low) end
   local alone = redis.call('HGET', KEYS[1], p .. ':alone')
   if alone and tonumber(string.match(alone, '^(%d+):')) < first then
     redis.call('HDEL', KEYS[1], p .. ':alone')
@@ -86,7 +87,7 @@ class Journal:
     start: int
     """The first offset this member read of it."""
     last: int
-    """The highest offset its last owner handed to the stages (-1: none)."""
+    """The highest offset its last owner handed to the stages."""
     alone: tuple[int, int] | None
     """(offset, tries) of the record its last owners processed alone."""
 
@@ -117,18 +118,17 @@ class CrashGuard:
         group: str,
         topic: str,
         limit: int,
-        in_hand: int,
         retry: Retry[Any],
     ) -> None:
-        """``in_hand``: the most records this process holds at once; ``retry``: runs a Redis
-        call until it answers, or raises SinkError once its event is set (the sink's)."""
+        """``retry``: runs a Redis call until it answers, or raises SinkError once its event is
+        set (the sink's)."""
         self.client = client
         self.key = crash_journal_key(group, topic)
         self.limit = limit
-        self.horizon = OFFSETS_PER_RECORD * in_hand
         self._retry = retry
         self._known: dict[Partition, Journal | None] = {}
         self._pending: Alone | None = None
+        self._dropped: list[tuple[Future[Any], Alone]] = []
         if limit:
             self._mark = client.register_script(MARK_LUA)
             self._forgive = client.register_script(FORGIVE_LUA)
@@ -163,11 +163,19 @@ class CrashGuard:
         field = f"{partition_of(msg)[1]}:alone"
         return Alone(field, f"{offset}:{tries + 1}", f"{offset}:{tries}" if tries else "")
 
-    def mark(self, messages: Sequence[Message], alone: Alone | None, stop: threading.Event) -> None:
+    def mark(
+        self,
+        messages: Sequence[Message],
+        alone: Alone | None,
+        stop: threading.Event,
+        lows: Mapping[Partition, int | None] | None = None,
+    ) -> None:
         """Before the stages start on ``messages`` (on the prepare stage): raise their
-        partitions' highest offsets, and count ``alone``'s try. A Redis that does not answer is
-        waited for like the sink's (nothing can be committed without it); a refusal (the key
-        holds another type, say) is logged and the batch goes on unguarded."""
+        partitions' highest offsets, and count ``alone``'s try. ``lows``: where this member
+        had committed each partition up to when it took the batch (default: the batch's first
+        offset). A Redis that does not answer is waited for like the sink's (nothing can be
+        committed without it); a refusal (the key holds another type, say) is logged and the
+        batch goes on unguarded."""
         if not self.limit:
             return
         args: list[Any] = [
@@ -175,8 +183,9 @@ class CrashGuard:
             alone.field if alone else "",
             alone.value if alone else "",
         ]
-        for (_topic, partition), (first, last) in _spans(messages).items():
-            args += [partition, first, last]
+        for key, (first, last) in _spans(messages).items():
+            low = (lows or {}).get(key)
+            args += [key[1], first if low is None else min(low, first), first, last]
         if alone:
             self._pending = alone
         try:
@@ -197,12 +206,31 @@ class CrashGuard:
         again alone, it is the record's doing, not a sick device's."""
         self._pending = None
 
+    def dropped(self, future: Future[Any]) -> None:
+        """The batch of the record alone was dropped uncommitted (a lost partition, a drain
+        past the grace, an aborted transaction) and the process goes on: its try is taken back
+        once that batch's stages are done with it (``tidy``). A death before then counts."""
+        if self._pending is not None:
+            self._dropped.append((future, self._pending))
+            self._pending = None
+
+    def tidy(self) -> None:
+        """Take back the tries of dropped batches whose stages are done (the main loop's)."""
+        done = [alone for future, alone in self._dropped if future.done()]
+        self._dropped = [(future, alone) for future, alone in self._dropped if not future.done()]
+        for alone in done:
+            self._take_back(alone)
+
     def forgive(self) -> None:
-        """The process stops of its own accord (a clean stop, a failed stage): the try of the
-        record being processed alone was not a death, and is taken back."""
-        alone, self._pending = self._pending, None
-        if alone is None:
-            return
+        """The process stops of its own accord (a clean stop, a failed stage, a wedged Kafka
+        call): the tries of the records processed alone were not deaths, and are taken back."""
+        tries = [alone for _future, alone in self._dropped]
+        tries += [self._pending] if self._pending else []
+        self._dropped, self._pending = [], None
+        for alone in tries:
+            self._take_back(alone)
+
+    def _take_back(self, alone: Alone) -> None:
         try:
             self._forgive(keys=[self.key], args=[alone.field, alone.value, alone.before])
         except redis.RedisError as exc:
@@ -214,7 +242,7 @@ class CrashGuard:
             self._known.pop(key, None)
 
     def _read(self, starts: dict[Partition, int]) -> None:
-        fields = [f"{p}{suffix}" for (_t, p) in starts for suffix in ("", ":alone")]
+        fields = [f"{p}{suffix}" for (_t, p) in starts for suffix in ("", ":alone", ":low")]
         try:
             values = self.client.hmget(self.key, fields)
         except redis.RedisError as exc:
@@ -224,16 +252,19 @@ class CrashGuard:
             self._known.update(dict.fromkeys(starts))
             return
         for i, (key, start) in enumerate(starts.items()):
-            self._known[key] = self._journal(key, start, values[2 * i], values[2 * i + 1])
+            last, alone, low = values[3 * i : 3 * i + 3]
+            self._known[key] = self._journal(key, start, _int(last), alone, _int(low))
 
-    def _journal(self, key: Partition, start: int, last: Any, alone: Any) -> Journal | None:
-        high = int(last) if last is not None else -1
-        if high < start:
+    def _journal(
+        self, key: Partition, start: int, high: int | None, alone: Any, low: int | None
+    ) -> Journal | None:
+        if high is None or high < start:
             return None
-        if high - start >= self.horizon:
-            log.warning("crash journal: partition %s names offset %d, %d past where reading "
-                        "starts: stale (a recreated topic or reset offsets?), ignored",
-                        key, high, high - start)  # fmt: skip
+        if low is not None and start < low:
+            log.warning("crash journal: partition %s is read from offset %d, before %d, where "
+                        "its last consumer had committed up to: offsets reset by hand or a "
+                        "recreated topic; the journal is stale, ignored",
+                        key, start, low)  # fmt: skip
             return None
         done = _alone(alone)
         spent = (
@@ -252,6 +283,11 @@ def _spans(messages: Iterable[Message]) -> dict[Partition, tuple[int, int]]:
         first, last = spans.get(key, (offset, offset))
         spans[key] = (min(first, offset), max(last, offset))
     return spans
+
+
+def _int(value: Any) -> int | None:
+    text = value.decode() if isinstance(value, bytes) else value
+    return int(text) if isinstance(text, str) and text.isdigit() else None
 
 
 def _alone(value: Any) -> tuple[int, int] | None:

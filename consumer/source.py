@@ -275,6 +275,11 @@ class KafkaSource:
             if key in self.assignment:
                 self._committed_here[key] = tp.offset
 
+    def rewind_point(self, key: Partition) -> int | None:
+        """The offset a rewind of ``key`` goes back to (below): no record before it is in
+        hand; None before anything of it was read."""
+        return self._committed_here.get(key, self._first_read.get(key))
+
     def rewind(self) -> None:
         """Seek every assigned partition back to its committed offset (after an abort or a
         drop): the last this member committed since the partition was assigned, else the first
@@ -284,7 +289,7 @@ class KafkaSource:
         out, which stopped the process."""
         rewound = 0
         for key in sorted(self.assignment):
-            offset = self._committed_here.get(key, self._first_read.get(key))
+            offset = self.rewind_point(key)
             if offset is None:
                 continue  # nothing read: nothing to rewind
             self.consumer.seek(TopicPartition(*key, offset))

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -161,7 +162,7 @@ def start(env: dict[str, str], log: Path) -> "subprocess.Popen[bytes]":
 def journal(redis_client: redis.Redis) -> Iterator[tuple[CrashGuard, str, str]]:
     group, topic = f"g-{uuid.uuid4().hex[:8]}", "t"
     sink = RedisSink(redis_client)
-    guard = CrashGuard(redis_client, group, topic, limit=2, in_hand=40, retry=sink.retrying)
+    guard = CrashGuard(redis_client, group, topic, limit=2, retry=sink.retrying)
     yield guard, group, topic
     redis_client.delete(crash_journal_key(group, topic))
 
@@ -175,15 +176,15 @@ def test_journal_names_what_was_in_hand_and_counts_tries_alone(
 ) -> None:
     guard, group, topic = journal
     stop = threading.Event()
-    guard.mark([msg(0, 10), msg(0, 11), msg(1, 3)], None, stop)
-    guard.mark([msg(0, 12)], None, stop)
-    guard.mark([msg(0, 4)], None, stop)  # a rewound batch: the highest offset stays
+    guard.mark([msg(0, 10), msg(0, 11), msg(1, 3)], None, stop, {("t", 0): 10, ("t", 1): 2})
+    guard.mark([msg(0, 12)], None, stop, {("t", 0): 11})
+    guard.mark([msg(0, 4)], None, stop, {("t", 0): 4})  # rewound: the highest offset stays
     key = crash_journal_key(group, topic)
-    assert redis_client.hgetall(key) == {b"0": b"12", b"1": b"3"}
+    assert redis_client.hgetall(key) == {b"0": b"12", b"0:low": b"11", b"1": b"3", b"1:low": b"2"}
     assert 0 < redis_client.ttl(key) <= 30 * 86_400
 
     # The next owner (a new process) starts where the group committed: 11 on partition 0.
-    owner = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    owner = CrashGuard(redis_client, group, topic, 2, RedisSink(redis_client).retrying)
     assert owner.suspects([msg(0, 11), msg(0, 12), msg(0, 13), msg(1, 4)])
     assert [owner.suspect(msg(0, o)) for o in (11, 12, 13)] == [True, True, False]
     assert not owner.suspect(msg(1, 4))  # partition 1 was committed past 3
@@ -193,13 +194,13 @@ def test_journal_names_what_was_in_hand_and_counts_tries_alone(
     assert redis_client.hget(key, "0:alone") == b"11:1"
 
     # It died with 11 alone; the next owner tries it once more, the one after dead-letters it.
-    again = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    again = CrashGuard(redis_client, group, topic, 2, RedisSink(redis_client).retrying)
     assert again.suspects([msg(0, 11)])
     second = again.verdict(msg(0, 11))
     assert second == Alone("0:alone", "11:2", "11:1")
     assert again.verdict(msg(0, 12)) == Alone("0:alone", "12:1", "")
     again.mark([msg(0, 11)], second, stop)
-    last = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    last = CrashGuard(redis_client, group, topic, 2, RedisSink(redis_client).retrying)
     assert last.suspects([msg(0, 11)])
     verdict = last.verdict(msg(0, 11))
     assert isinstance(verdict, DeadLetter) and verdict.reason.value == "process_crashed"
@@ -226,18 +227,46 @@ def test_a_clean_stop_takes_its_try_back(
     assert redis_client.hget(key, "0:alone") == b"7:1"
 
 
+def test_a_dropped_try_is_taken_back_once_its_stages_are_done(
+    journal: tuple[CrashGuard, str, str], redis_client: redis.Redis
+) -> None:
+    """A partition lost (or a drain past the grace) while a record is alone: the process goes
+    on, so the try was no death; but a death while the dropped batch still runs counts."""
+    guard, group, topic = journal
+    key = crash_journal_key(group, topic)
+    redis_client.hset(key, mapping={"0": "7", "0:alone": "7:1"})
+    assert guard.suspects([msg(0, 7)])
+    alone = guard.verdict(msg(0, 7))
+    assert isinstance(alone, Alone)
+    guard.mark([msg(0, 7)], alone, threading.Event())
+    running: Future[None] = Future()
+    guard.dropped(running)
+    guard.tidy()
+    assert redis_client.hget(key, "0:alone") == b"7:2"  # its stages may still die on it
+    running.set_result(None)
+    guard.tidy()
+    assert redis_client.hget(key, "0:alone") == b"7:1"
+    guard.forgive()  # taken back once only
+    assert redis_client.hget(key, "0:alone") == b"7:1"
+
+
 def test_a_stale_or_unreadable_journal_names_nothing(
     journal: tuple[CrashGuard, str, str], redis_client: redis.Redis
 ) -> None:
     guard, group, topic = journal
     key = crash_journal_key(group, topic)
-    # 80 = 2 offsets per record x 40 in hand: a journal this far ahead is a recreated topic's
-    redis_client.hset(key, mapping={"0": "1000", "1": "50"})
+    # Its last consumer had committed partition 0 up to 900: reading from 5 is a recreated
+    # topic's, or offsets reset by hand. Partition 1 was committed up to 0; partition 2's
+    # journal has no low mark (written by the first version): taken as it is. Aborted
+    # transactions upstream leave gaps of any size: the distance does not matter.
+    redis_client.hset(key, mapping={"0": "1000", "0:low": "900", "1": "5000", "1:low": "0",
+                                    "2": "10"})  # fmt: skip
     assert not guard.suspects([msg(0, 5)])
-    assert guard.suspects([msg(1, 0)]) and guard.suspect(msg(1, 50))
+    assert guard.suspects([msg(1, 0)]) and guard.suspect(msg(1, 5000))
+    assert guard.suspects([msg(2, 3)]) and guard.suspect(msg(2, 10))
     redis_client.delete(key)
     redis_client.set(key, "not a hash")
-    other = CrashGuard(redis_client, group, topic, 2, 40, RedisSink(redis_client).retrying)
+    other = CrashGuard(redis_client, group, topic, 2, RedisSink(redis_client).retrying)
     assert not other.suspects([msg(0, 0)])  # logged, not raised
     other.mark([msg(0, 0)], None, threading.Event())  # logged, not raised: the batch goes on
     assert redis_client.get(key) == b"not a hash"
@@ -245,7 +274,7 @@ def test_a_stale_or_unreadable_journal_names_nothing(
 
 def test_limit_zero_is_off(redis_client: redis.Redis) -> None:
     group = f"g-{uuid.uuid4().hex[:8]}"
-    guard = CrashGuard(redis_client, group, "t", 0, 40, RedisSink(redis_client).retrying)
+    guard = CrashGuard(redis_client, group, "t", 0, RedisSink(redis_client).retrying)
     guard.mark([msg(0, 3)], None, threading.Event())
     assert not redis_client.exists(crash_journal_key(group, "t"))
     redis_client.hset(crash_journal_key(group, "t"), "0", "3")
@@ -259,17 +288,19 @@ def test_journal_on_redis_cluster(redis_cluster_url: str) -> None:
     sink = ClusterRedisSink(cast(RedisCluster, client))
     group = f"g-{uuid.uuid4().hex[:8]}"
     try:
-        CrashGuard(client, group, "t", 2, 40, sink.retrying).mark(
-            [msg(0, 5), msg(1, 9)], None, threading.Event()
+        CrashGuard(client, group, "t", 2, sink.retrying).mark(
+            [msg(0, 5), msg(1, 9)], None, threading.Event(), {("t", 0): 4}
         )
-        owner = CrashGuard(client, group, "t", 2, 40, sink.retrying)
+        owner = CrashGuard(client, group, "t", 2, sink.retrying)
         assert owner.suspects([msg(0, 4), msg(0, 5)])
         alone = owner.verdict(msg(0, 5))
         assert alone == Alone("0:alone", "5:1", "")
         owner.mark([msg(0, 5)], alone, threading.Event())
         assert client.hgetall(crash_journal_key(group, "t")) == {
             b"0": b"5",
+            b"0:low": b"4",
             b"1": b"9",
+            b"1:low": b"9",
             b"0:alone": b"5:1",
         }
         owner.forgive()

@@ -2,6 +2,7 @@
 flight, the records after them together, a suspect whose tries are spent dead-lettered.
 (The journal itself is tested on a real Redis: tests/integration/test_crash_guard.py.)"""
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 
+from consumer import commit
 from consumer.app import App, InFlight
 from consumer.crashguard import Alone
 from consumer.errors import DeadLetter, DeviceFailure
@@ -24,6 +26,7 @@ class FakeGuard:
         self.suspected = suspects
         self.spent = spent
         self.blamed = 0
+        self.drops: list[Future[Any]] = []
 
     def suspects(self, messages: Sequence[Message]) -> bool:
         return any(self.suspect(msg) for msg in messages)
@@ -33,6 +36,12 @@ class FakeGuard:
 
     def blame(self) -> None:
         self.blamed += 1
+
+    def dropped(self, future: Future[Any]) -> None:
+        self.drops.append(future)
+
+    def tidy(self) -> None:
+        pass
 
     def verdict(self, msg: Message) -> DeadLetter | Alone:
         if msg.offset() in self.spent:
@@ -46,8 +55,10 @@ class MessageSource(FakeSource):
         return [Message(topic="releases", partition=0, offset=o, value=b"{}") for o in offsets]
 
 
-def loop_with(suspects: set[int], spent: frozenset[int] = frozenset()) -> tuple[App, list[Any]]:
-    app, _ = app_with(MessageSource(queued=4), inflight=0)
+def loop_with(
+    suspects: set[int], spent: frozenset[int] = frozenset(), queued: int = 4
+) -> tuple[App, list[Any]]:
+    app, _ = app_with(MessageSource(queued=queued), inflight=0)
     app.guard = FakeGuard(suspects, spent)  # type: ignore[assignment]
     app.scorer = SimpleNamespace(meta=SimpleNamespace(model_version="v1"))  # type: ignore[assignment]
     submitted: list[Any] = []
@@ -82,6 +93,42 @@ def test_suspects_go_one_at_a_time_then_the_rest_together() -> None:
     assert not app._alone and app._slots_taken() == 1
 
 
+def test_nothing_runs_beside_a_record_alone_until_it_is_committed() -> None:
+    """A death while a record is alone is counted against it: the records after it, and the
+    next batch, wait for its commit (they used to go beside it, and a poison among them got
+    an innocent suspect dead-lettered)."""
+    app, submitted = loop_with(suspects={0, 1}, queued=8)
+    app._poll()
+    app._next_alone()
+    finish_head(app)
+    app._next_alone()  # 1 alone, the last suspect
+    app._next_alone()  # 2-3 wait for it
+    app._poll()  # 4-7 fill the next batch, and wait too
+    assert [offsets for offsets, _alone in submitted] == [[0], [1]]
+    assert app._slots_taken() == app.settings.max_inflight_batches
+    finish_head(app)
+    app._next_alone()
+    assert submitted[-1] == ([2, 3], None)
+    app._poll()
+    assert submitted[-1] == ([4, 5, 6, 7], None)
+
+
+def test_the_next_batch_waits_for_the_last_record_alone() -> None:
+    app, submitted = loop_with(suspects={3}, queued=8)
+    app._poll()  # 0-3: 0-2 go together, then 3 alone
+    app._next_alone()
+    finish_head(app)
+    app._next_alone()
+    assert [offsets for offsets, _alone in submitted] == [[0, 1, 2], [3]]
+    assert not app._alone  # nothing waits to go alone, but 3 is in flight:
+    app._poll()
+    app._poll()
+    assert len(submitted) == 2 and len(app.inflight) == 1
+    finish_head(app)
+    app._poll()
+    assert submitted[-1] == ([4, 5, 6, 7], None)
+
+
 def test_a_suspect_waits_for_dropped_batches_still_running() -> None:
     app, submitted = loop_with(suspects={0})
     running: Future[Any] = Future()
@@ -114,6 +161,7 @@ def test_a_drop_forgets_the_records_waiting_to_go_alone() -> None:
     app._drop_uncommitted()
     assert not app._alone and not app.inflight and app._needs_rewind
     assert len(app._orphans) == 1  # the suspect in flight may still run
+    assert app.guard.drops == app._orphans  # type: ignore[attr-defined]  # its try: taken back
     app._next_alone()
     assert len(submitted) == 1
 
@@ -127,3 +175,20 @@ def test_a_device_failure_with_a_record_alone_counts_its_try(alone: bool) -> Non
     with pytest.raises(DeviceFailure):
         app._commit_finished()
     assert app.guard.blamed == int(alone)  # type: ignore[attr-defined]
+
+
+def test_a_wedged_kafka_call_takes_the_try_back_before_it_exits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog's exit is no record's doing: the journal's take-back runs first, and a
+    take-back that hangs (Redis gone too) does not hold the exit."""
+    exits: list[int] = []
+    monkeypatch.setattr("consumer.commit.os._exit", exits.append)
+    monkeypatch.setattr("consumer.commit.logging.shutdown", lambda: None)
+    taken_back: list[bool] = []
+    commit._exit_wedged("commit_transaction", 75.0, lambda: taken_back.append(True))
+    assert taken_back == [True] and exits == [commit.EXIT_WEDGED]
+    monkeypatch.setattr(commit, "WEDGED_HOOK_S", 0.05)
+    start = time.monotonic()
+    commit._exit_wedged("commit_transaction", 75.0, lambda: time.sleep(5))
+    assert exits == [commit.EXIT_WEDGED] * 2 and time.monotonic() - start < 2

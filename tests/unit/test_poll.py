@@ -37,7 +37,7 @@ def app_with(source: FakeSource, inflight: int, batch_size: int = 4) -> tuple[Ap
     app.source = source  # type: ignore[assignment]
     app.batcher = MicroBatcher(batch_size, 0.25)
     app.inflight.extend(InFlight([], Future()) for _ in range(inflight))
-    app.guard = CrashGuard(None, "group", "releases", 0, batch_size, RedisSink.retrying)  # off
+    app.guard = CrashGuard(None, "group", "releases", 0, RedisSink.retrying)  # off
     submitted: list[Any] = []
     app._submit = submitted.append  # type: ignore[method-assign,assignment]
     return app, submitted
