@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from consumer import vorbis
 from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
 from consumer.redact import redact, redact_loggers
@@ -403,23 +404,33 @@ def decode_window(
 ) -> Clip:
     """Decode only the centred ``clip_seconds`` window (seeking where the format allows), mono.
     Reads in blocks of BLOCK_FRAMES and mixes each down, so an event costs the mono window plus
-    one block whatever its channel count. An open source is closed."""
+    one block whatever its channel count. An open source is closed. Ogg Vorbis codebooks are
+    checked first (consumer/vorbis.py: libvorbis crashes or takes GBs on a crafted few)."""
     try:
-        with _closing(source) as handle, sf.SoundFile(handle, closefd=False) as audio:
-            rate, frames = _check_header(audio, policy)
-            window = min(frames, round(clip_seconds * rate))
-            start = (frames - window) // 2
-            block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
-            if start and audio.seekable():
-                audio.seek(start)
-            else:
-                _read_blocks(audio, start, block, None)  # skip to the window
-            mono = np.empty(window, dtype=np.float32)
-            got = _read_blocks(audio, window, block, mono)
+        with _closing(source) as handle:
+            vorbis.check(handle)
+            with sf.SoundFile(handle, closefd=False) as audio:
+                rate, frames = _check_header(audio, policy)
+                window = min(frames, round(clip_seconds * rate))
+                start = (frames - window) // 2
+                block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
+                if start and audio.seekable():
+                    audio.seek(start)
+                else:
+                    _read_blocks(audio, start, block, None)  # skip to the window
+                mono = np.empty(window, dtype=np.float32)
+                got = _read_blocks(audio, window, block, mono)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
     if got == 0:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no audio frames could be read")
+    # A float file may hold NaN or infinite samples (or finite ones whose mix overflows): the
+    # model would score them as NaN, dead-lettered later as an inference failure.
+    if bad := int(np.count_nonzero(~np.isfinite(mono[:got]))):
+        raise DeadLetter(
+            Reason.AUDIO_DECODE_FAILED,
+            f"{bad} of the window's {got} samples are not finite numbers (NaN or infinite)",
+        )
     return Clip(mono[:got], rate, frames / rate)
 
 
@@ -463,10 +474,11 @@ def mix_down(data: np.ndarray) -> np.ndarray:
     (docs/PERFORMANCE.md, "The CPU pass")."""
     channels = data.shape[1]
     mono = np.array(data[:, 0], dtype=np.float32)  # a contiguous copy
-    for ch in range(1, channels):
-        mono += data[:, ch]
-    if channels > 1:
-        mono *= np.float32(1.0 / channels)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
+        for ch in range(1, channels):
+            mono += data[:, ch]
+        if channels > 1:
+            mono *= np.float32(1.0 / channels)
     return mono
 
 

@@ -1,0 +1,245 @@
+"""Ogg Vorbis setup headers, checked before libvorbis (inside libsndfile) is given them.
+
+libvorbis sizes its decoder from the codebooks of a stream's setup header, with no limit of its
+own beyond the header's field widths, and a codebook costs a few bits in the file. Measured
+with libsndfile 1.2.2 (the soundfile wheel): one book of 2**20 entries overflows the decode
+thread's stack (an alloca of 12 bytes an entry: SIGSEGV, the process dies); 64 books of 2**19
+entries, 2 kB of file, cost +2.2 GB and 9 s; 256 of them, 6 kB, were killed at the memory
+limit. Real encoders' books are small — libvorbis's, at 8–96 kHz, 1–6 channels, every quality:
+at most 6,561 entries a book, 19,413 in all, 85,928 lookup values — so the limits below leave
+10–25 times that room, and a stream past them is dead-lettered before libvorbis sees it.
+
+libsndfile decodes the first logical stream of an Ogg file only (a later chained or
+multiplexed stream is not opened, measured), so that stream's setup header is the one checked.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from consumer.errors import DeadLetter
+from schemas.dead_letter import DeadLetterReason as Reason
+
+MAX_BOOK_ENTRIES = 65_536
+MAX_ENTRIES = 1 << 19
+"""Entries of all books (libvorbis keeps ~30 bytes an entry in decode tables)."""
+MAX_VALUES = 1 << 21
+"""Vector values of all books with a lookup table (libvorbis unpacks them to floats)."""
+MAX_SETUP_BYTES = 1 << 18
+# A comment header may carry cover art (MBs), so the setup header may start far into the file;
+# pages are read header by header, and a stream whose setup starts later than this is refused.
+MAX_HEADER_PAGES = 16_384
+SYNC = 0x564342
+ReadAt = Callable[[int, int], bytes]
+
+
+class _Short(Exception):
+    """The setup header ended inside a field."""
+
+
+def check(handle: BinaryIO | str | int) -> None:
+    """Dead-letter an Ogg Vorbis stream whose codebooks would make libvorbis crash or allocate
+    without bound; anything else (other formats, Opus, FLAC in Ogg) passes untouched. Reads
+    the handle at offsets, leaving its position where it was."""
+    with _reader(handle) as read_at:
+        if read_at(0, 4) != b"OggS":
+            return
+        setup = _first_stream_setup(read_at)
+    if setup is None:
+        return
+    try:
+        _check_books(_Bits(setup))
+    except _Short:
+        detail = "the Vorbis setup header is cut short"
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, detail) from None
+
+
+@contextmanager
+def _reader(handle: BinaryIO | str | int) -> Iterator[ReadAt]:
+    if isinstance(handle, int):
+        yield lambda offset, n: os.pread(handle, n, offset)
+        return
+    if isinstance(handle, str):
+        with open(handle, "rb") as f:
+            fd = f.fileno()
+            yield lambda offset, n: os.pread(fd, n, offset)
+        return
+    where = handle.tell()
+
+    def read_at(offset: int, n: int) -> bytes:
+        handle.seek(offset)
+        return handle.read(n)
+
+    try:
+        yield read_at
+    finally:
+        handle.seek(where)
+
+
+@dataclass
+class _Packets:
+    """The first stream's packets as its pages arrive: the first and third are kept."""
+
+    index: int = 0
+    data: bytearray = field(default_factory=bytearray)
+    vorbis: bool = False
+    setup: bytes | None = None
+    done: bool = False
+
+    def add(self, piece: bytes, ends: bool) -> None:
+        if self.index in (0, 2):
+            self.data += piece[: 64 - len(self.data)] if self.index == 0 else piece
+            if self.index == 2 and len(self.data) > MAX_SETUP_BYTES:
+                raise DeadLetter(
+                    Reason.AUDIO_DECODE_FAILED,
+                    f"the Vorbis setup header is over {MAX_SETUP_BYTES} bytes",
+                )
+        if not ends:
+            return
+        if self.index == 0:
+            self.vorbis = bytes(self.data[:7]) == b"\x01vorbis"
+            self.done = not self.vorbis
+        elif self.index == 2:
+            self.setup, self.done = bytes(self.data), True
+        self.index += 1
+        self.data = bytearray()
+
+
+def _first_stream_setup(read_at: ReadAt) -> bytes | None:
+    """The setup header of the file's first logical stream when it is Vorbis, else None (a
+    damaged page layout is left to libsndfile, which refuses it)."""
+    offset, serial, packets = 0, None, _Packets()
+    for _ in range(MAX_HEADER_PAGES):
+        head = read_at(offset, 27)
+        if len(head) < 27 or head[:4] != b"OggS":
+            return None
+        lacing = read_at(offset + 27, head[26])
+        if len(lacing) < head[26]:
+            return None
+        serial = head[14:18] if serial is None else serial
+        body = offset + 27 + len(lacing)
+        if head[14:18] == serial:
+            _read_page(read_at, body, lacing, packets)
+            if packets.done:
+                return packets.setup
+        offset = body + sum(lacing)
+    if packets.vorbis:
+        raise DeadLetter(
+            Reason.AUDIO_DECODE_FAILED,
+            f"the Vorbis headers run past {MAX_HEADER_PAGES} Ogg pages",
+        )
+    return None
+
+
+def _read_page(read_at: ReadAt, body: int, lacing: bytes, packets: _Packets) -> None:
+    """Feed one page's segments to ``packets``: a packet ends at a segment under 255 bytes,
+    and one whose page ends on a 255 goes on in the next page."""
+    first = 0  # the first segment of the piece being gathered
+    offset = body
+    for i, size in enumerate(lacing):
+        ends = size < 255
+        if ends or i == len(lacing) - 1:
+            length = sum(lacing[first : i + 1])
+            keep = packets.index in (0, 2)
+            packets.add(read_at(offset, length) if keep else b"", ends)
+            offset += length
+            first = i + 1
+            if packets.done:
+                return
+
+
+class _Bits:
+    """Vorbis's bit packing: least significant bit first."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos, self.end = data, 0, 8 * len(data)
+
+    def read(self, n: int) -> int:
+        if self.pos + n > self.end:
+            raise _Short
+        word = int.from_bytes(self.data[self.pos >> 3 : (self.pos >> 3) + 5], "little")
+        value = (word >> (self.pos & 7)) & ((1 << n) - 1)
+        self.pos += n
+        return value
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > self.end:
+            raise _Short
+        self.pos += n
+
+
+def _check_books(bits: _Bits) -> None:
+    """Walk the codebooks (Vorbis I specification, 3.2.1) and refuse sizes past the limits."""
+    if bits.read(8) != 5 or bits.data[1:7] != b"vorbis":
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the Vorbis setup header is malformed")
+    bits.skip(48)
+    entries_in_all = values_in_all = 0
+    for book in range(bits.read(8) + 1):
+        if bits.read(24) != SYNC:
+            raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"Vorbis codebook {book} is malformed")
+        dim, entries = bits.read(16), bits.read(24)
+        entries_in_all += entries
+        if entries > MAX_BOOK_ENTRIES or entries_in_all > MAX_ENTRIES:
+            raise DeadLetter(
+                Reason.AUDIO_DECODE_FAILED,
+                f"Vorbis codebook {book} has {entries} entries ({entries_in_all} so far): over "
+                f"{MAX_BOOK_ENTRIES} a book or {MAX_ENTRIES} in all, no encoder's",
+            )
+        _skip_lengths(bits, entries)
+        values_in_all += _skip_lookup(bits, entries, dim)
+        if values_in_all > MAX_VALUES:
+            raise DeadLetter(
+                Reason.AUDIO_DECODE_FAILED,
+                f"Vorbis codebooks hold {values_in_all} values by book {book}: over "
+                f"{MAX_VALUES}, no encoder's",
+            )
+
+
+def _skip_lengths(bits: _Bits, entries: int) -> None:
+    if bits.read(1):  # ordered: runs of entries of one length
+        bits.skip(5)
+        done = 0
+        while done < entries:
+            done += bits.read((entries - done).bit_length())
+        return
+    if not bits.read(1):  # every entry's 5-bit length
+        bits.skip(5 * entries)
+        return
+    # Sparse: a used flag an entry, a length after each set one. Inline: one bit at a time
+    # through read() costs ~10 ms for an encoder's header, this ~2 ms.
+    data, pos = bits.data, bits.pos
+    try:
+        for _ in range(entries):
+            pos += 6 if (data[pos >> 3] >> (pos & 7)) & 1 else 1
+    except IndexError:
+        raise _Short from None
+    bits.skip(pos - bits.pos)
+
+
+def _skip_lookup(bits: _Bits, entries: int, dim: int) -> int:
+    """Skip the book's vector lookup table; returns the floats libvorbis unpacks it to."""
+    kind = bits.read(4)
+    if kind == 0:
+        return 0
+    if kind > 2:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"Vorbis lookup type {kind} is reserved")
+    bits.skip(64)  # minimum and delta value
+    value_bits = bits.read(4) + 1
+    bits.skip(1)  # sequence_p
+    stored = _lookup1_values(entries, dim) if kind == 1 else entries * dim
+    bits.skip(stored * value_bits)
+    return entries * dim
+
+
+def _lookup1_values(entries: int, dim: int) -> int:
+    """The greatest r with r ** dim <= entries (the specification's lookup1_values)."""
+    if dim == 0:
+        return 0
+    r = int(entries ** (1.0 / dim))
+    while (r + 1) ** dim <= entries:
+        r += 1
+    while r and r**dim > entries:
+        r -= 1
+    return r
