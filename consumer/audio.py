@@ -425,7 +425,7 @@ def decode_window(
     if got == 0:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no audio frames could be read")
     # A float file may hold NaN or infinite samples (or finite ones whose mix overflows): the
-    # model would score them as NaN, dead-lettered later as an inference failure.
+    # demo model scored such a window like silence, a score of corrupt audio.
     if bad := int(np.count_nonzero(~np.isfinite(mono[:got]))):
         raise DeadLetter(
             Reason.AUDIO_DECODE_FAILED,
