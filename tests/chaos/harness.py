@@ -10,11 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +233,93 @@ def scored_count(client: AnyRedis, corpus: Corpus) -> int:
     for track in corpus.good.values():
         pipe.exists(keys_for(client).score(track))
     return sum(pipe.execute())
+
+
+def pid_of_peer(port: int, pids: Iterable[int]) -> int | None:
+    """Which of ``pids`` holds the loopback TCP socket whose local port is ``port`` (the
+    client end of a connection to us): its inode in /proc/net/tcp, then the process whose
+    descriptors name it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                cols = row.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{cols[9]}]")
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+class KillingAudioServer:
+    """Serves ``tone`` for any path; a request for a path with ``poison`` in it kills the
+    process that asked (SIGKILL, before the answer), among ``pids()``: a codec that crashes on
+    that record, as a real one would, in whichever consumer holds it."""
+
+    def __init__(self, tone: bytes, pids: Callable[[], Iterable[int]]) -> None:
+        self.kills: list[str] = []
+        self.unattributed = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if "poison" in self.path:
+                    pid = pid_of_peer(self.client_address[1], pids())
+                    if pid is None:
+                        server.unattributed += 1
+                    else:
+                        server.kills.append(self.path)
+                        os.kill(pid, signal.SIGKILL)
+                        return
+                self.send_response(200)
+                self.send_header("Content-Type", "audio/wav")
+                self.send_header("Content-Length", str(len(tone)))
+                self.end_headers()
+                self.wfile.write(tone)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "KillingAudioServer":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def poison(corpus: Corpus, records: list[tuple[bytes, bytes]], url: str, count: int) -> None:
+    """Turn ``count`` good events, spread over the run, into ones whose audio kills the
+    consumer that fetches it: each is expected in the DLQ as ``process_crashed``."""
+    for n in range(count):
+        i = (n + 1) * len(records) // (count + 1)
+        while _event_id(records[i][1]) not in corpus.good:
+            i += 1
+        key, value = records[i]
+        doc = json.loads(value)
+        del corpus.good[doc["event_id"]]
+        doc["audio_uri"] = f"{url}/poison-{n}.wav"
+        value = json.dumps(doc).encode()
+        corpus.bad[value] = "process_crashed"
+        records[i] = (key, value)
+
+
+def _event_id(value: bytes) -> str | None:
+    try:
+        return str(json.loads(value)["event_id"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -14,8 +14,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
+import soundfile as sf
 from redis.cluster import RedisCluster
 
 from consumer.commit import EXIT_WEDGED
@@ -27,10 +29,12 @@ from schemas.redis_keys import CLUSTER
 from tests.chaos.harness import (
     CHAOS_KAFKA,
     Corpus,
+    KillingAudioServer,
     Supervisor,
     all_committed,
     audit,
     make_corpus,
+    poison,
     scored_count,
     send,
     wait_until,
@@ -65,10 +69,14 @@ def run_scenario(
     consumers: int,
     fault: Callable[[Supervisor, Corpus], None],
     forbidden_exit: int | None = None,
-) -> None:
+    supervisor: Supervisor | None = None,
+    spoil: Callable[[Corpus, list[tuple[bytes, bytes]]], None] | None = None,
+) -> Supervisor:
     corpus, records = make_corpus(EVENTS, Path(env["POPSCORE_AUDIO_FILE_ROOTS"]))
+    if spoil:
+        spoil(corpus, records)
     send(env, records)
-    supervisor = Supervisor(env, tmp_path)
+    supervisor = supervisor or Supervisor(env, tmp_path)
     for i in range(consumers):
         supervisor.start(f"c{i}", free_port())
     try:
@@ -94,6 +102,7 @@ def run_scenario(
         0,
     ), line
     assert forbidden_exit not in supervisor.exit_codes, line
+    return supervisor
 
 
 def progress(client: AnyRedis, corpus: Corpus, fraction: float, sup: Supervisor) -> None:
@@ -266,3 +275,39 @@ def test_redis_cluster_primary_killed_twice(
         fail_over(cluster_client, min(primaries - {seed, first}), sup)
 
     run_scenario("redis-cluster-failover-x2", env, cluster_client, tmp_path, 1, fault)
+
+
+def test_records_that_kill_the_consumer(
+    chaos_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Records whose audio kills the consumer that fetches it (SIGKILL, as a codec's SIGSEGV
+    or the OOM killer would), two consumers restarted by the supervisor: each such record costs
+    at most POPSCORE_CRASH_LIMIT + 1 (3) deaths, wherever its partition moves meanwhile, and
+    is dead-lettered `process_crashed`; every other event is scored exactly once. Without the
+    crash journal the first of them stops its partition for good (a crash loop)."""
+    count = max(2, EVENTS // 500)
+    tone = tmp_path / "tone.wav"
+    sf.write(tone, np.zeros(22_050, np.float32), 22_050)
+    supervisor = Supervisor({**chaos_env, "POPSCORE_AUDIO_ALLOW_PRIVATE_HOSTS": "true"}, tmp_path)
+    pids = lambda: [proc.pid for proc in supervisor.procs.values()]  # noqa: E731
+    with KillingAudioServer(tone.read_bytes(), pids) as server:
+        run_scenario(
+            "records-that-kill",
+            supervisor.env,
+            redis_client,
+            tmp_path,
+            2,
+            lambda _sup, _corpus: None,
+            supervisor=supervisor,
+            spoil=lambda corpus, records: poison(corpus, records, server.url, count),
+        )
+    line = f"chaos[records-that-kill] poison={count} kills={len(server.kills)} per record=" + str(
+        dict(Counter(server.kills))
+    )
+    print(line)
+    if report := os.environ.get("CHAOS_REPORT"):
+        with open(report, "a") as out:
+            out.write(line + "\n")
+    assert server.unattributed == 0, line
+    assert len(Counter(server.kills)) == count and max(Counter(server.kills).values()) <= 3, line
+    assert supervisor.exit_codes == [-signal.SIGKILL] * len(server.kills), line
