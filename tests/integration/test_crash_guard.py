@@ -17,8 +17,8 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import cast
 
@@ -35,7 +35,7 @@ from consumer.sinks import RedisSink
 from schemas import ScoreRecord
 from schemas.dead_letter import HEADER_REASON
 from schemas.redis_keys import crash_journal_key
-from tests.chaos.harness import CHAOS_KAFKA
+from tests.chaos.harness import CHAOS_KAFKA, KillingAudioServer
 from tests.integration.conftest import ROOT, read_all
 from tests.integration.test_service import write_tone
 
@@ -44,50 +44,30 @@ EVENTS = 24
 POISON = 5
 
 
-class AudioServer:
-    """Serves the tone for any path; for /poison.wav it kills the consumer being watched."""
+@dataclass
+class Victim:
+    """The consumer process being watched (one at a time)."""
 
-    def __init__(self, tone: bytes) -> None:
-        self.victim: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-        server = self
+    proc: "subprocess.Popen[bytes] | None" = None
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/poison.wav" and server.victim is not None:
-                    server.kills += 1
-                    server.victim.send_signal(signal.SIGKILL)
-                    server.victim.wait()
-                self.send_response(200)
-                self.send_header("Content-Type", "audio/wav")
-                self.send_header("Content-Length", str(len(tone)))
-                self.end_headers()
-                self.wfile.write(tone)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> "AudioServer":
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
 
 
 @pytest.fixture
-def audio_server(tmp_path: Path) -> Iterator[AudioServer]:
+def victim() -> Victim:
+    return Victim()
+
+
+@pytest.fixture
+def audio_server(tmp_path: Path, victim: Victim) -> Iterator[KillingAudioServer]:
     tone = write_tone(tmp_path / "tone.wav", seconds=3.0, rate=22_050).read_bytes()
-    with AudioServer(tone) as server:
+    with KillingAudioServer(tone, victim.pids) as server:
         yield server
 
 
 def test_a_record_that_kills_the_process_is_dead_lettered_and_the_rest_scored(
-    consumer_env: dict[str, str], audio_server: AudioServer, tmp_path: Path
+    consumer_env: dict[str, str], audio_server: KillingAudioServer, victim: Victim, tmp_path: Path
 ) -> None:
     env = {
         **os.environ,
@@ -105,7 +85,7 @@ def test_a_record_that_kills_the_process_is_dead_lettered_and_the_rest_scored(
     while True:
         logs.append(tmp_path / f"consumer-{len(logs)}.log")
         proc = start(env, logs[-1])
-        audio_server.victim = proc
+        victim.proc = proc
         try:
             if proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0:
                 break  # read to its end
@@ -123,7 +103,7 @@ def test_a_record_that_kills_the_process_is_dead_lettered_and_the_rest_scored(
     # Killed on its first try in a batch, then on each of its POPSCORE_CRASH_LIMIT (2) tries
     # alone; the third start dead-letters it without fetching it and reads to the end.
     assert deaths == [-signal.SIGKILL] * 3, deaths
-    assert audio_server.kills == 3
+    assert audio_server.kills == ["/poison.wav"] * 3
     assert Counter(r.track_id for r in scored) == Counter(
         t for i, t in enumerate(tracks) if i != POISON
     )
