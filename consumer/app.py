@@ -504,8 +504,12 @@ class App:
         flight; the records after the last suspect go together as a batch. A suspect whose
         tries are spent is dead-lettered unprocessed. A record alone stays alone until it is
         committed: a death before then is counted against it, so nothing may run beside it."""
+        if self._alone_in_flight():
+            return
+        # Every dropped record alone is done here: its try is taken back before any new one
+        # is counted (the same record's next try writes the same journal value).
         self.guard.tidy()
-        if not self._alone or self._alone_in_flight():
+        if not self._alone:
             return
         if not self.guard.suspect(self._alone[0]):
             batch = []
@@ -533,7 +537,8 @@ class App:
         self._set_inflight_gauge()
 
     def _alone_in_flight(self) -> bool:
-        return any(item.alone for item in self.inflight)
+        """A record alone is in flight, or still running after its batch was dropped."""
+        return any(item.alone for item in self.inflight) or self.guard.dropped_running()
 
     def _submit(self, messages: list[Message], alone: Alone | None = None) -> None:
         if self.stats.first_event_at is None:
@@ -679,6 +684,8 @@ class App:
             )
         except TransactionAborted:
             self.metrics.transactions.labels("aborted").inc()
+            if item.alone:
+                self.guard.dropped(item.future)  # replayed: this try was no death
             self._drop_uncommitted()
             return
         self.metrics.transactions.labels("committed").inc()

@@ -214,6 +214,10 @@ class CrashGuard:
             self._dropped.append((future, self._pending))
             self._pending = None
 
+    def dropped_running(self) -> bool:
+        """A dropped batch of a record alone is still in its stages (a death counts)."""
+        return not all(future.done() for future, _alone in self._dropped)
+
     def tidy(self) -> None:
         """Take back the tries of dropped batches whose stages are done (the main loop's)."""
         done = [alone for future, alone in self._dropped if future.done()]

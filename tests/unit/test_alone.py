@@ -13,8 +13,10 @@ from confluent_kafka import Message
 
 from consumer import commit
 from consumer.app import App, InFlight
+from consumer.commit import TransactionAborted
 from consumer.crashguard import Alone
 from consumer.errors import DeadLetter, DeviceFailure
+from consumer.pipeline import BatchResult
 from schemas.dead_letter import DeadLetterReason
 from tests.unit.test_poll import FakeSource, app_with
 
@@ -27,6 +29,7 @@ class FakeGuard:
         self.spent = spent
         self.blamed = 0
         self.drops: list[Future[Any]] = []
+        self.tidied: list[Future[Any]] = []
 
     def suspects(self, messages: Sequence[Message]) -> bool:
         return any(self.suspect(msg) for msg in messages)
@@ -41,7 +44,10 @@ class FakeGuard:
         self.drops.append(future)
 
     def tidy(self) -> None:
-        pass
+        self.tidied = [future for future in self.drops if future.done()]
+
+    def dropped_running(self) -> bool:
+        return not all(future.done() for future in self.drops)
 
     def verdict(self, msg: Message) -> DeadLetter | Alone:
         if msg.offset() in self.spent:
@@ -192,3 +198,43 @@ def test_a_wedged_kafka_call_takes_the_try_back_before_it_exits(
     start = time.monotonic()
     commit._exit_wedged("commit_transaction", 75.0, lambda: time.sleep(5))
     assert exits == [commit.EXIT_WEDGED] * 2 and time.monotonic() - start < 2
+
+
+def test_a_batch_waits_for_a_dropped_record_alone_still_running() -> None:
+    """A partition lost while a record of it is alone: its batch is dropped but may still
+    run, and a death meanwhile counts against it; so nothing goes beside it, and its try is
+    taken back only once it is done (before any new try: the same record's would write the
+    same journal value)."""
+    app, submitted = loop_with(suspects={0}, queued=8)
+    app._poll()
+    app._next_alone()
+    app._drop_uncommitted()
+    app._needs_rewind = False
+    guard: Any = app.guard
+    guard.suspected = set()  # what is read next is no suspect
+    app._poll()  # 4-7: a full batch
+    app._next_alone()
+    assert [offsets for offsets, _alone in submitted] == [[0]]
+    assert app._slots_taken() == app.settings.max_inflight_batches
+    assert guard.tidied == []  # not while it runs
+    guard.drops[0].set_result(None)
+    app._next_alone()
+    assert guard.tidied == guard.drops
+    app._poll()
+    assert submitted[-1] == ([4, 5, 6, 7], None)
+
+
+def test_an_aborted_transaction_of_a_record_alone_takes_its_try_back() -> None:
+    app, _ = loop_with(suspects=set())
+    msg = Message(topic="releases", partition=0, offset=0, value=b"{}")
+    done: Future[Any] = Future()
+    done.set_result(BatchResult([msg], "v1"))
+    app.inflight.append(InFlight([msg], done, alone=True))
+
+    def abort(*_args: Any) -> float:
+        raise TransactionAborted("the coordinator moved")
+
+    app.txn = SimpleNamespace(commit=abort)  # type: ignore[assignment]
+    app.source.group_metadata = lambda: None  # type: ignore[method-assign]
+    app._commit_finished()
+    assert app.guard.drops == [done] and app._needs_rewind  # type: ignore[attr-defined]
