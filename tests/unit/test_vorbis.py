@@ -15,7 +15,7 @@ from consumer.audio import AudioPolicy, decode_window, open_uri
 from consumer.errors import DeadLetter
 from schemas.dead_letter import DeadLetterReason as Reason
 from tests.unit.test_audio import tone, write
-from tests.unit.vorbis_helpers import Book, pages, setup_header, vorbis_file
+from tests.unit.vorbis_helpers import BitWriter, Book, pages, setup_header, vorbis_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # One book of 2**20 entries: libvorbis allocas 12 bytes an entry on the decode thread's stack
@@ -47,6 +47,10 @@ def test_the_process_survives_a_file_that_crashes_libvorbis(tmp_path: Path) -> N
     first, rest = pages(vorbis_file(STACK_BOMB, serial=7)), pages(good)
     muxed = tmp_path / "muxed.ogg"  # the bomb's stream second: libsndfile decodes the first
     muxed.write_bytes(b"".join([rest[0], first[0], *rest[1:], *first[1:]]))
+    disguised = []
+    for name, data in disguises().items():
+        disguised.append(tmp_path / f"{name}.ogg")
+        disguised[-1].write_bytes(data)
     script = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -60,7 +64,7 @@ def test_the_process_survives_a_file_that_crashes_libvorbis(tmp_path: Path) -> N
         "        print(exc.reason.value, exc.detail)\n"
     )
     run = subprocess.run(
-        [sys.executable, "-c", script, str(bomb), str(muxed)],
+        [sys.executable, "-c", script, str(bomb), str(muxed), *map(str, disguised)],
         check=False,
         cwd=ROOT,
         capture_output=True,
@@ -71,6 +75,44 @@ def test_the_process_survives_a_file_that_crashes_libvorbis(tmp_path: Path) -> N
     lines = run.stdout.splitlines()
     assert lines[0].startswith("audio_decode_failed Vorbis codebook 0 has 1048576 entries")
     assert lines[1] == str(2 * 22_050)
+    assert all(line.startswith("audio_decode_failed ") for line in lines[2:]), lines
+    assert len(lines) == 2 + len(disguised)
+
+
+def disguises() -> dict[str, bytes]:
+    """The bomb where libsndfile still finds it and a naive walk does not (each decoded, and
+    died of SIGSEGV, behind a check that read pages one after another from byte 0): junk
+    between two pages (libogg resynchronises), a decoy page of small books with a wrong
+    checksum before the real one (libogg drops it), an ID3v2 tag before the file (libsndfile
+    skips it)."""
+    bomb, benign = pages(vorbis_file(STACK_BOMB)), pages(vorbis_file([Book(300)]))
+    decoy = bytearray(benign[1])
+    decoy[22] ^= 0xFF
+    tag = b"ID3\x04\x00\x00\x00\x00\x00\x0a" + b"\x00" * 10
+    return {
+        "junk": bomb[0] + b"\x00" + b"".join(bomb[1:]),
+        "decoy": bomb[0] + bytes(decoy) + b"".join(bomb[1:]),
+        "id3": tag + b"".join(bomb),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "detail"),
+    [("junk", "not an Ogg page"), ("decoy", "a wrong checksum"), ("id3", "1048576 entries")],
+)
+def test_a_disguised_bomb_is_refused(name: str, detail: str) -> None:
+    assert detail in refused(disguises()[name])
+
+
+def test_a_run_of_empty_length_runs_is_refused_at_once() -> None:
+    """An ordered book's lengths grow by one a run, and libvorbis refuses past 32: a setup
+    header of empty runs (250 kB of zeros) is refused there, not walked to its end."""
+    w = BitWriter()
+    w.put(0, 8)  # one book
+    w.put(0x564342, 24), w.put(1, 16), w.put(2, 24)  # sync, dim 1, 2 entries
+    w.put(1, 1), w.put(0, 5)  # ordered, from length 1
+    setup = b"\x05vorbis" + w.bytes() + b"\x00" * 250_000
+    assert "malformed" in refused(vorbis_file([], setup=setup))
 
 
 def test_a_memory_bomb_is_refused_at_once() -> None:
