@@ -66,7 +66,7 @@ def _ogg_starts(read_at: ReadAt) -> list[int]:
     """Where libsndfile may find Ogg data: at the start, or behind ID3v2 tags (it skips each
     by its syncsafe size plus its 10-byte header; behind the optional 10-byte footer too, to
     be sure)."""
-    starts, todo, seen = [], [0], set()
+    starts, todo, seen = [], [0], set[int]()
     while todo:
         pos = todo.pop()
         if pos in seen:

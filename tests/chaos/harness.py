@@ -261,6 +261,11 @@ def pid_of_peer(port: int, pids: Iterable[int]) -> int | None:
     return None
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """The peer was killed mid-request, by design: no traceback on stderr."""
+
+
 class KillingAudioServer:
     """Serves ``tone`` for any path; a request for a path with ``poison`` in it kills the
     process that asked (SIGKILL, before the answer), among ``pids()``: a codec that crashes on
@@ -290,7 +295,7 @@ class KillingAudioServer:
             def log_message(self, *_args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self) -> "KillingAudioServer":
