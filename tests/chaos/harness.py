@@ -176,6 +176,9 @@ class Audit:
     duplicated: int
     missing_in_redis: int
     dlq_wrong: int
+    duplicates: list[str] = field(default_factory=list)
+    """Each duplicated event's results: (partition, offset, scored_at), for the failure's
+    message (when and where each copy was written tells which consumer wrote it)."""
 
     def line(self, name: str) -> str:
         return (
@@ -188,10 +191,21 @@ class Audit:
 def audit(env: dict[str, str], corpus: Corpus, client: AnyRedis) -> Audit:
     bootstrap = env["POPSCORE_KAFKA_BOOTSTRAP"]
     results = read_all(bootstrap, env["POPSCORE_OUTPUT_TOPIC"], len(corpus.good))
-    seen = Counter(ScoreRecord.from_json(m.value()).event_id for m in results)
+    copies: dict[str, list[tuple[int, int, str]]] = {}
+    for m in results:
+        record = ScoreRecord.from_json(m.value())
+        copies.setdefault(record.event_id, []).append(
+            (m.partition(), m.offset(), record.scored_at.isoformat())
+        )
+    seen = Counter({event_id: len(rows) for event_id, rows in copies.items()})
     lost = sum(1 for event_id in corpus.good if seen[event_id] == 0)
     duplicated = sum(count - 1 for count in seen.values() if count > 1)
     duplicated += sum(1 for event_id in seen if event_id not in corpus.good)
+    duplicates = [
+        f"{event_id} {rows}"
+        for event_id, rows in copies.items()
+        if len(rows) > 1 or event_id not in corpus.good
+    ]
     pipe = client.pipeline()
     for track in corpus.good.values():
         pipe.hget(keys_for(client).score(track), "event_id")
@@ -205,7 +219,9 @@ def audit(env: dict[str, str], corpus: Corpus, client: AnyRedis) -> Audit:
     got_dead = Counter((m.value(), dict(m.headers())[HEADER_REASON].decode()) for m in dead)
     expected_dead = Counter(corpus.bad.items())
     dlq_wrong = sum(((got_dead - expected_dead) + (expected_dead - got_dead)).values())
-    return Audit(len(corpus.good) + len(corpus.bad), lost, duplicated, missing, dlq_wrong)
+    return Audit(
+        len(corpus.good) + len(corpus.bad), lost, duplicated, missing, dlq_wrong, duplicates
+    )
 
 
 def send(env: dict[str, str], records: list[tuple[bytes, bytes]]) -> None:

@@ -100,7 +100,7 @@ def run_scenario(
         0,
         0,
         0,
-    ), line
+    ), f"{line}; duplicated (partition, offset, scored_at): {result.duplicates[:10]}"
     assert forbidden_exit not in supervisor.exit_codes, line
     return supervisor
 

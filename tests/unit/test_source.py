@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.metrics import Metrics
 from consumer.source import NO_POSITION_RESTART_S, KafkaSource
@@ -258,3 +258,32 @@ def test_a_partition_the_rewind_does_not_seek_stays_at_its_end() -> None:
     src._at_end = {KEY}
     src.rewind()
     assert fake.seeks == [] and src.caught_up()
+
+
+class DeliveringConsumer(RewindConsumer):
+    """Hands out queued batches of offsets of partition 0, as consume() would."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        super().__init__(offset=0)
+        self.batches = batches
+
+    def consume(self, n: int, timeout: float) -> list[Message]:
+        offsets = self.batches.pop(0) if self.batches else []
+        return [Message(topic="releases", partition=0, offset=o, value=b"{}") for o in offsets]
+
+
+def test_records_the_client_hands_out_again_are_dropped() -> None:
+    """librdkafka restarted a partition's fetch from an earlier offset by itself (seen in the
+    chaos scenario (g), under load): the records came again and were committed twice. What
+    was handed out already is dropped; a rewind of ours is followed."""
+    fake = DeliveringConsumer([[0, 1, 2], [0, 1, 2, 3, 4], [5], [2, 3], [9]])
+    src = source(fake)
+    src.assignment = {KEY}
+    handed = [[m.offset() for m in src.fetch(10, 0.0)] for _ in range(3)]
+    assert handed == [[0, 1, 2], [3, 4], [5]]
+    src.mark_committed([TopicPartition("releases", 0, 2)])
+    src.rewind()  # ours: back to 2, which comes again and is taken
+    assert [m.offset() for m in src.fetch(10, 0.0)] == [2, 3]
+    src._leave([TopicPartition("releases", 0)], lambda gone: None, "revoked")
+    src.assignment = {KEY}  # assigned again: whatever comes is taken
+    assert [m.offset() for m in src.fetch(10, 0.0)] == [9]
