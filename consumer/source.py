@@ -208,10 +208,11 @@ class KafkaSource:
         """Records between the positions and the ends of the assigned partitions (last check)."""
         self._no_position_since: dict[Partition, float] = {}
         self._first_read: dict[Partition, int] = {}
+        """Per partition, the offset of the first record read since it was assigned."""
         self._next: dict[Partition, int] = {}
         """Per partition, the offset after the last record handed out (or where we sought)."""
         self._redelivered: dict[Partition, int] = {}
-        """Per partition, the offset of the first record read since it was assigned."""
+        """Per partition, the ``_next`` at which records came again (logged once)."""
         self._committed_here: dict[Partition, int] = {}
         """Per partition, the offset this member last committed since it was assigned."""
         self.consumer.subscribe(
@@ -249,10 +250,11 @@ class KafkaSource:
     def _handed_out(self, key: Partition, offset: int) -> bool:
         """Whether ``offset`` of ``key`` was handed out already since the partition was
         assigned (or this source last sought it). librdkafka has restarted a partition's fetch
-        from an earlier offset by itself, with no seek of ours (seen under load in the chaos
-        scenario (g), librdkafka 2.16, after pause/resume around a new assignment; its
-        #4637 was one such bug): the records came again, were scored again and committed
-        twice. Those are dropped here, so exactly once does not rest on the client."""
+        from an earlier offset by itself (seen under load in the chaos scenario (g), librdkafka
+        2.16: offset 0 again 1 s after the records up to it were committed, with no seek of
+        ours and no new assignment; its pause/resume bug #4637 was one such): the records
+        were scored again and committed twice. Those are dropped here, so exactly once does not
+        rest on the client."""
         expected = self._next.get(key)
         if expected is not None and offset < expected:
             if self._redelivered.get(key) != expected:
