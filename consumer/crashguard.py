@@ -289,14 +289,19 @@ def _spans(messages: Iterable[Message]) -> dict[Partition, tuple[int, int]]:
     return spans
 
 
+def _text(value: Any) -> str:
+    """A journal field as text ('' when absent): the client answers in bytes."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _int(value: Any) -> int | None:
-    text = value.decode() if isinstance(value, bytes) else value
-    return int(text) if isinstance(text, str) and text.isdigit() else None
+    text = _text(value)
+    return int(text) if text.isdigit() else None
 
 
 def _alone(value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    offset, _, tries = text.partition(":")
-    return (int(offset), int(tries)) if offset.isdigit() and tries.isdigit() else None
+    offset, _, tries = _text(value).partition(":")
+    first, count = _int(offset), _int(tries)
+    return (first, count) if first is not None and count is not None else None
