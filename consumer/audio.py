@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from consumer import vorbis
+from consumer import id3, vorbis
 from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
 from consumer.redact import redact, redact_loggers
@@ -405,11 +405,12 @@ def decode_window(
     """Decode only the centred ``clip_seconds`` window (seeking where the format allows), mono.
     Reads in blocks of BLOCK_FRAMES and mixes each down, so an event costs the mono window plus
     one block whatever its channel count. An open source is closed. Ogg Vorbis codebooks are
-    checked first (consumer/vorbis.py: libvorbis crashes or takes GBs on a crafted few)."""
+    checked first (consumer/vorbis.py: libvorbis crashes or takes GBs on a crafted few), and
+    libsndfile opens the audio behind ID3v2 tags where it can (consumer/id3.py)."""
     try:
         with _closing(source) as handle:
             vorbis.check(handle)
-            with sf.SoundFile(handle, closefd=False) as audio:
+            with sf.SoundFile(id3.behind_tags(handle), closefd=False) as audio:
                 rate, frames = _check_header(audio, policy)
                 window = min(frames, round(clip_seconds * rate))
                 start = (frames - window) // 2
@@ -451,14 +452,13 @@ def _read_blocks(
 
 
 @contextmanager
-def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | str | int]:
-    """What libsndfile opens: a path's text; an open file's descriptor, which libsndfile reads
+def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | int]:
+    """What libsndfile opens: an open file's (or path's) descriptor, which libsndfile reads
     itself without the GIL (through a Python file object every read is a callback holding
     the GIL, and the decode threads take turns); or an in-memory body. An open source is
     closed afterwards."""
     if isinstance(source, Path):
-        yield str(source)
-        return
+        source = open(source, "rb")  # noqa: SIM115 (closed below)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:

@@ -17,13 +17,11 @@ sequence) before the headers end dead-letters the file rather than letting it th
 libsndfile finds Ogg behind ID3v2 tags too: the walk starts wherever it may.
 """
 
-import os
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from consumer import id3
 from consumer.errors import DeadLetter
 from schemas.dead_letter import DeadLetterReason as Reason
 
@@ -36,9 +34,8 @@ MAX_SETUP_BYTES = 1 << 18
 # A comment header may carry cover art (MBs), so the setup header may start far into the file;
 # pages are read header by header, and a stream whose setup starts later than this is refused.
 MAX_HEADER_PAGES = 16_384
-MAX_ID3_TAGS = 64
 SYNC = 0x564342
-ReadAt = Callable[[int, int], bytes]
+ReadAt = id3.ReadAt
 BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
@@ -50,7 +47,7 @@ def check(handle: BinaryIO | str | int) -> None:
     """Dead-letter an Ogg Vorbis stream whose codebooks would make libvorbis crash or allocate
     without bound; anything else (other formats, Opus, FLAC in Ogg) passes untouched. Reads
     the handle at offsets, leaving its position where it was."""
-    with _reader(handle) as read_at:
+    with id3.reader(handle) as read_at:
         setups = [_first_stream_setup(read_at, start) for start in _ogg_starts(read_at)]
     for setup in setups:
         if setup is None:
@@ -71,46 +68,17 @@ def _ogg_starts(read_at: ReadAt) -> list[int]:
         pos = todo.pop()
         if pos in seen:
             continue
-        if len(seen) == MAX_ID3_TAGS:
-            detail = f"over {MAX_ID3_TAGS} ID3 tags before the audio"
+        if len(seen) == id3.MAX_TAGS:
+            detail = f"over {id3.MAX_TAGS} ID3 tags before the audio"
             raise DeadLetter(Reason.AUDIO_DECODE_FAILED, detail)
         seen.add(pos)
         head = read_at(pos, 10)
         if head[:4] == b"OggS":
             starts.append(pos)
         elif head[:3] == b"ID3" and len(head) == 10:
-            size = 10 + _syncsafe(head[6:10])
+            size = 10 + id3.syncsafe(head[6:10])
             todo += [pos + size, pos + size + 10]
     return starts
-
-
-def _syncsafe(data: bytes) -> int:
-    value = 0
-    for byte in data:
-        value = (value << 7) | (byte & 0x7F)
-    return value
-
-
-@contextmanager
-def _reader(handle: BinaryIO | str | int) -> Iterator[ReadAt]:
-    if isinstance(handle, int):
-        yield lambda offset, n: os.pread(handle, n, offset)
-        return
-    if isinstance(handle, str):
-        with open(handle, "rb") as f:
-            fd = f.fileno()
-            yield lambda offset, n: os.pread(fd, n, offset)
-        return
-    where = handle.tell()
-
-    def read_at(offset: int, n: int) -> bytes:
-        handle.seek(offset)
-        return handle.read(n)
-
-    try:
-        yield read_at
-    finally:
-        handle.seek(where)
 
 
 @dataclass

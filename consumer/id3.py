@@ -1,0 +1,129 @@
+"""ID3v2 tags in front of the audio, stepped over before libsndfile opens it.
+
+libsndfile skips a leading ID3v2 tag itself, but two cases go wrong (1.2.2, the soundfile
+wheel, measured on files it wrote with a tag put in front):
+
+- a tag of 0 or 1 bytes (an emptied tag; size 2 and up are fine) makes it refuse the file,
+  "Format not recognised", whatever follows: MP3, FLAC, WAV and AIFF alike;
+- from memory (the http and s3 bodies), a WAV or AIFF behind a tag is counted short by the
+  tag's length in bytes, so the centred window moves and the file's end is lost.
+
+Opening at the audio itself avoids both. A body in memory is handed over as a view that
+starts there, so libsndfile sees a file without tags, whatever its format. A descriptor is
+moved there, and libsndfile takes its position as the file's start ("embedded" files): it reads
+WAV, AIFF, FLAC and MP3 so, correctly (measured), but refuses Ogg and misreads AU, CAF and
+others at an offset; audio of those behind tags in a local file is left where it is, for
+libsndfile to take or refuse as before.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from consumer.errors import DeadLetter
+from schemas.dead_letter import DeadLetterReason as Reason
+
+MAX_TAGS = 64
+ReadAt = Callable[[int, int], bytes]
+
+
+def behind_tags(handle: BinaryIO | int) -> "BinaryIO | int | _Behind":
+    """What libsndfile should open for ``handle`` (positioned at 0): a view of an in-memory
+    body that starts behind its leading ID3v2 tags, or a descriptor moved past them when the
+    audio there is WAV, AIFF, FLAC or an MPEG frame; otherwise ``handle`` as it is."""
+    with reader(handle) as read_at:
+        start = audio_start(read_at)
+        head = read_at(start, 12)
+    if start == 0 or not head:
+        return handle
+    if not isinstance(handle, int):
+        return _Behind(handle, start)
+    if _embeds(head):
+        os.lseek(handle, start, os.SEEK_SET)
+    return handle
+
+
+def audio_start(read_at: ReadAt) -> int:
+    """The offset behind the ID3v2 tags the data starts with (0 when it has none)."""
+    start = 0
+    for _ in range(MAX_TAGS):
+        size = tag_size(read_at(start, 10))
+        if size is None:
+            return start
+        start += size
+    raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"over {MAX_TAGS} ID3 tags before the audio")
+
+
+def tag_size(head: bytes) -> int | None:
+    """The bytes of the ID3v2 tag whose 10-byte header is ``head`` (header, body and the
+    v2.4 footer), or None when ``head`` is not one."""
+    if len(head) < 10 or head[:3] != b"ID3" or head[3] not in (2, 3, 4) or head[4] == 0xFF:
+        return None
+    if any(byte & 0x80 for byte in head[6:10]):  # a size field is syncsafe: 7 bits a byte
+        return None
+    footer = 10 if head[3] == 4 and head[5] & 0x10 else 0
+    return 10 + syncsafe(head[6:10]) + footer
+
+
+def syncsafe(data: bytes) -> int:
+    value = 0
+    for byte in data:
+        value = (value << 7) | (byte & 0x7F)
+    return value
+
+
+def _embeds(head: bytes) -> bool:
+    """Whether ``head`` starts audio libsndfile reads correctly at an offset."""
+    riff = head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+    aiff = head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC")
+    mpeg = len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
+    return riff or aiff or mpeg or head[:4] == b"fLaC"
+
+
+@contextmanager
+def reader(handle: BinaryIO | str | int) -> Iterator[ReadAt]:
+    """Reads at offsets of a descriptor, a path or a file object, leaving its position as it
+    was."""
+    if isinstance(handle, int):
+        yield lambda offset, n: os.pread(handle, n, offset)
+        return
+    if isinstance(handle, str):
+        with open(handle, "rb") as f:
+            fd = f.fileno()
+            yield lambda offset, n: os.pread(fd, n, offset)
+        return
+    where = handle.tell()
+
+    def read_at(offset: int, n: int) -> bytes:
+        handle.seek(offset)
+        return handle.read(n)
+
+    try:
+        yield read_at
+    finally:
+        handle.seek(where)
+
+
+class _Behind:
+    """A read-only file object over ``body`` that starts ``start`` bytes in (no copy)."""
+
+    def __init__(self, body: BinaryIO, start: int) -> None:
+        self.body, self.start = body, start
+        body.seek(start)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.body.seek(offset + self.start if whence == os.SEEK_SET else offset, whence)
+        if self.body.tell() < self.start:  # never back into the tags
+            self.body.seek(self.start)
+        return self.tell()
+
+    def tell(self) -> int:
+        return self.body.tell() - self.start
+
+    def read(self, n: int = -1) -> bytes:
+        return self.body.read(n)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        got: int = self.body.readinto(buffer)  # type: ignore[attr-defined]
+        return got
