@@ -51,6 +51,12 @@ class Metrics:
             "partition died without committing them.",
             registry=r,
         )
+        self.redelivered = Counter(
+            "popscore_records_redelivered_total",
+            "Records the Kafka client handed out again, below an offset already handed out for "
+            "their partition: dropped unprocessed (they were scored once already).",
+            registry=r,
+        )
         self.e2e_latency = Histogram(
             "popscore_e2e_latency_seconds",
             "emitted_at to score written in Redis.",

@@ -257,6 +257,7 @@ class KafkaSource:
         rest on the client."""
         expected = self._next.get(key)
         if expected is not None and offset < expected:
+            self.metrics.redelivered.inc()
             if self._redelivered.get(key) != expected:
                 log.warning("partition %s: offset %d came again, below %d already handed out; "
                             "dropped up to there", key, offset, expected)  # fmt: skip

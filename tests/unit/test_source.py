@@ -281,6 +281,7 @@ def test_records_the_client_hands_out_again_are_dropped() -> None:
     src.assignment = {KEY}
     handed = [[m.offset() for m in src.fetch(10, 0.0)] for _ in range(3)]
     assert handed == [[0, 1, 2], [3, 4], [5]]
+    assert src.metrics.registry.get_sample_value("popscore_records_redelivered_total") == 3.0
     src.mark_committed([TopicPartition("releases", 0, 2)])
     src.rewind()  # ours: back to 2, which comes again and is taken
     assert [m.offset() for m in src.fetch(10, 0.0)] == [2, 3]
