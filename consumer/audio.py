@@ -5,6 +5,7 @@ stream. libsndfile (via soundfile) decodes WAV, FLAC, OGG/Vorbis/Opus and MP3 an
 GIL, so a thread pool decodes in parallel; torchaudio only resamples.
 """
 
+import functools
 import io
 import ipaddress
 import os
@@ -27,7 +28,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from consumer import id3, vorbis
+from consumer import ffmpeg, id3, vorbis
 from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
 from consumer.redact import redact, redact_loggers
@@ -406,33 +407,50 @@ def decode_window(
     Reads in blocks of BLOCK_FRAMES and mixes each down, so an event costs the mono window plus
     one block whatever its channel count. An open source is closed. Ogg Vorbis codebooks are
     checked first (consumer/vorbis.py: libvorbis crashes or takes GBs on a crafted few), and
-    libsndfile opens the audio behind ID3v2 tags where it can (consumer/id3.py)."""
-    try:
-        with _closing(source) as handle:
-            vorbis.check(handle)
-            with sf.SoundFile(id3.behind_tags(handle), closefd=False) as audio:
-                rate, frames = _check_header(audio, policy)
-                window = min(frames, round(clip_seconds * rate))
-                start = (frames - window) // 2
-                block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
-                if start and audio.seekable():
-                    audio.seek(start)
-                else:
-                    _read_blocks(audio, start, block, None)  # skip to the window
-                mono = np.empty(window, dtype=np.float32)
-                got = _read_blocks(audio, window, block, mono)
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
-    if got == 0:
+    libsndfile opens the audio behind ID3v2 tags where it can (consumer/id3.py). MP4, ADTS
+    and Matroska audio go to FFmpeg instead (consumer/ffmpeg.py), under the same limits."""
+    with _closing(source) as handle:
+        vorbis.check(handle)
+        opened = id3.behind_tags(handle)
+        demuxer = ffmpeg.demuxer_for(ffmpeg.peek(cast(BinaryIO | int, opened)))
+        if demuxer is not None:
+            check = functools.partial(check_stated, policy=policy)
+            mono, rate, frames = ffmpeg.decode_window(
+                cast(BinaryIO | int, opened), demuxer, clip_seconds, check, policy.max_seconds
+            )
+        else:
+            mono, rate, frames = _sndfile_window(opened, clip_seconds, policy)
+    if len(mono) == 0:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no audio frames could be read")
     # A float file may hold NaN or infinite samples (or finite ones whose mix overflows): the
     # demo model scored such a window like silence, a score of corrupt audio.
-    if bad := int(np.count_nonzero(~np.isfinite(mono[:got]))):
+    if bad := int(np.count_nonzero(~np.isfinite(mono))):
         raise DeadLetter(
             Reason.AUDIO_DECODE_FAILED,
-            f"{bad} of the window's {got} samples are not finite numbers (NaN or infinite)",
+            f"{bad} of the window's {len(mono)} samples are not finite numbers (NaN or infinite)",
         )
-    return Clip(mono[:got], rate, frames / rate)
+    return Clip(mono, rate, frames / rate)
+
+
+def _sndfile_window(
+    handle: object, clip_seconds: float, policy: AudioPolicy
+) -> tuple[np.ndarray, int, int]:
+    """libsndfile's decode of the window: mono (possibly short), sample rate, stated frames."""
+    try:
+        with sf.SoundFile(handle, closefd=False) as audio:
+            rate, frames = _check_header(audio, policy)
+            window = min(frames, round(clip_seconds * rate))
+            start = (frames - window) // 2
+            block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
+            if start and audio.seekable():
+                audio.seek(start)
+            else:
+                _read_blocks(audio, start, block, None)  # skip to the window
+            mono = np.empty(window, dtype=np.float32)
+            got = _read_blocks(audio, window, block, mono)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
+    return mono[:got], rate, frames
 
 
 def _read_blocks(
@@ -483,7 +501,14 @@ def mix_down(data: np.ndarray) -> np.ndarray:
 
 
 def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:
-    rate, frames, channels = audio.samplerate, audio.frames, audio.channels
+    rate, frames = audio.samplerate, audio.frames
+    check_stated(rate, audio.channels, frames, policy)
+    return rate, frames
+
+
+def check_stated(rate: int, channels: int, frames: int, policy: AudioPolicy) -> None:
+    """Refuse what a file states of itself before anything is decoded: its rate, its channels
+    and its length (in frames), whichever decoder reads it."""
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"sample rate {rate} Hz is out of range")
     if not 1 <= channels <= MAX_CHANNELS:
@@ -501,7 +526,6 @@ def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:
     if frames / rate > policy.max_seconds:
         seconds = frames / rate
         raise DeadLetter(Reason.AUDIO_TOO_LONG, f"{seconds:.0f} s > {policy.max_seconds:.0f} s")
-    return rate, frames
 
 
 def load_clip(uri: str, policy: AudioPolicy, resampler: Resampler) -> np.ndarray:

@@ -16,6 +16,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from popscore.training.synthetic import (
+    FFMPEG_FORMATS,
     FILE_SUFFIXES,
     release_event,
     sample_track,
@@ -87,23 +88,40 @@ def from_dir(folder: Path) -> tuple[list[Path], dict[str, Any]]:
     )
     if not paths:
         raise CorpusError(f"no audio files ({', '.join(FILE_SUFFIXES)}) in {folder}")
-    infos = []
-    for path in paths:
-        try:
-            infos.append(sf.info(str(path)))
-        except (sf.LibsndfileError, RuntimeError) as exc:
-            raise CorpusError(f"{path}: {exc}") from None
-    rates = Counter(i.samplerate for i in infos)
+    infos = [_info(path) for path in paths]
+    rates = Counter(rate for _seconds, rate, _channels in infos)
     return paths, {
         "audio_format": ",".join(sorted({p.suffix.upper()[1:] for p in paths})),
         "clip_seconds": None,
-        "min_seconds": round(min(i.duration for i in infos), 2),
-        "max_seconds": round(max(i.duration for i in infos), 2),
+        "min_seconds": round(min(seconds for seconds, _r, _c in infos), 2),
+        "max_seconds": round(max(seconds for seconds, _r, _c in infos), 2),
         "sample_rate": rates.most_common(1)[0][0],
-        "channels": max(i.channels for i in infos),
+        "channels": max(channels for _s, _r, channels in infos),
         "unique_files": len(paths),
         "source": str(folder),
     }
+
+
+def _info(path: Path) -> tuple[float, int, int]:
+    """A file's length in seconds, sample rate and channels, as its decoder states them."""
+    if path.suffix.upper()[1:] in FFMPEG_FORMATS:
+        return _ffmpeg_info(path)
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise CorpusError(f"{path}: {exc}") from None
+    return info.duration, info.samplerate, info.channels
+
+
+def _ffmpeg_info(path: Path) -> tuple[float, int, int]:
+    import av  # noqa: PLC0415 (FFmpeg: only for a folder holding such files)
+
+    try:
+        with av.open(str(path)) as container:
+            context = container.streams.audio[0].codec_context
+            return (container.duration or 0) / 1e6, context.sample_rate, context.channels
+    except (av.FFmpegError, IndexError) as exc:
+        raise CorpusError(f"{path}: {exc}") from None
 
 
 def events(paths: list[Path], n: int, seed: int, run_id: str) -> list[ReleaseEvent]:

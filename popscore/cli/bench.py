@@ -60,7 +60,7 @@ def register(sub: Subparsers) -> None:
     )
     # Of synthesized audio only (None here: refused beside --audio-dir / --wesnoth, then
     # SYNTHETIC_DEFAULTS).
-    bench.add_argument("--format", choices=["MP3", "WAV", "FLAC", "OGG"], help="default MP3")
+    bench.add_argument("--format", choices=["MP3", "WAV", "FLAC", "OGG", "M4A"], help="default MP3")
     bench.add_argument("--sample-rate", type=positive_int, help="default 44100")
     bench.add_argument("--channels", type=positive_int, help="default 2")
     bench.add_argument(

@@ -31,7 +31,7 @@ from popscore.cli.argtypes import (
 )
 from schemas.events import ReleaseEvent
 
-FORMATS = ("MP3", "FLAC", "OGG", "WAV")
+FORMATS = ("MP3", "FLAC", "OGG", "WAV", "M4A")
 SAMPLE_RATES = (22_050, 44_100, 48_000)
 Record = tuple[bytes | None, bytes]
 
@@ -110,7 +110,7 @@ class SyntheticSpec:
 
 
 def draw_specs(n: int, seed: int, min_s: float, max_s: float) -> list[SyntheticSpec]:
-    """Formats, rates and channel counts cycle so any n >= 24 covers every combination."""
+    """Formats, rates and channel counts cycle so any n >= 30 covers every combination."""
     rng = np.random.default_rng(seed)
     seconds = np.exp(rng.uniform(np.log(min_s), np.log(max_s), size=n))
     return [

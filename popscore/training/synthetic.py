@@ -9,6 +9,7 @@ Everything is drawn from a caller-supplied `numpy.random.Generator`: same seed, 
 
 from __future__ import annotations
 
+import io
 import math
 import uuid
 from collections.abc import Sequence
@@ -30,7 +31,12 @@ AUDIO_FORMATS: dict[str, tuple[str, str]] = {
     "OGG": ("OGG", "VORBIS"),
     "MP3": ("MP3", "MPEG_LAYER_III"),
 }
-FILE_SUFFIXES: dict[str, str] = {"WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3": ".mp3"}
+# fmt -> (FFmpeg encoder, muxer), for what libsndfile does not write (the service reads it
+# with FFmpeg: consumer/ffmpeg.py)
+FFMPEG_FORMATS: dict[str, tuple[str, str]] = {"M4A": ("aac", "ipod")}
+FILE_SUFFIXES: dict[str, str] = {
+    "WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3": ".mp3", "M4A": ".m4a"
+}  # fmt: skip
 
 ENGAGEMENT_WINDOW_HOURS = 48
 _TABLE_SIZE = 2048
@@ -321,11 +327,16 @@ def release_event(
 
 
 def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str) -> Path:
-    """Write [frames, channels] (or [frames]) float audio as WAV, FLAC, OGG (Vorbis) or MP3."""
+    """Write [frames, channels] (or [frames]) float audio as WAV, FLAC, OGG (Vorbis), MP3 or
+    M4A (AAC)."""
     fmt = fmt.upper()
-    if fmt not in AUDIO_FORMATS:
-        raise ValueError(f"unknown audio format {fmt!r}; expected one of {sorted(AUDIO_FORMATS)}")
+    known = sorted({*AUDIO_FORMATS, *FFMPEG_FORMATS})
+    if fmt not in known:
+        raise ValueError(f"unknown audio format {fmt!r}; expected one of {known}")
     frames = audio.reshape(audio.shape[0], -1) if audio.ndim == 1 else audio
+    if fmt in FFMPEG_FORMATS:
+        Path(path).write_bytes(encode_ffmpeg(frames.T, sample_rate, *FFMPEG_FORMATS[fmt]))
+        return Path(path)
     major, subtype = AUDIO_FORMATS[fmt]
     block = max(1, int(sample_rate))
     # Written in ~1 s blocks: libsndfile 1.2.2 segfaults encoding a long Vorbis stream
@@ -336,6 +347,38 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str)
         for start in range(0, frames.shape[0], block):
             out.write(frames[start : start + block])
     return Path(path)
+
+
+def encode_ffmpeg(audio: np.ndarray, sample_rate: int, codec: str, muxer: str) -> bytes:
+    """[channels, frames] float audio in [-1, 1] encoded by FFmpeg's ``codec`` into ``muxer``'s
+    container (PyAV), fed in 1 s frames."""
+    import av  # noqa: PLC0415 (FFmpeg: only for the formats libsndfile does not write)
+
+    body = io.BytesIO()
+    layout = {1: "mono", 2: "stereo"}.get(audio.shape[0], f"{audio.shape[0]}c")
+    with av.open(body, "w", format=muxer) as out:
+        stream = out.add_stream(codec, rate=sample_rate, layout=layout)
+        sample_format = stream.codec_context.codec.audio_formats[0].name
+        for start in range(0, audio.shape[1], sample_rate):
+            chunk = _sample_format(sample_format, audio[:, start : start + sample_rate])
+            frame = av.AudioFrame.from_ndarray(chunk, format=sample_format, layout=layout)
+            frame.sample_rate = sample_rate
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return body.getvalue()
+
+
+def _sample_format(name: str, chunk: np.ndarray) -> np.ndarray:
+    """``chunk`` [channels, frames] in an encoder's sample format (planar: channels first;
+    packed: interleaved)."""
+    scaled = {
+        "flt": chunk.astype(np.float32),
+        "s16": (np.clip(chunk, -1, 1) * 32767).astype(np.int16),
+        "s32": (np.clip(chunk, -1, 1) * (2**31 - 1)).astype(np.int32),
+    }[name.rstrip("p")]
+    if name.endswith("p"):
+        return np.ascontiguousarray(scaled)
+    return np.ascontiguousarray(scaled.T.reshape(1, -1))
 
 
 def make_dataset(

@@ -30,6 +30,7 @@ from consumer.kafka import ensure_topics
 from schemas import ScoreRecord
 from schemas.dead_letter import HEADER_OFFSET, HEADER_REASON
 from tests.integration.conftest import ROOT, read_all
+from tests.unit.av_helpers import declaring, encode
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 FUZZ_RECORDS = int(os.environ.get("FUZZ_RECORDS", "160"))
@@ -156,8 +157,13 @@ class Files:
         self.good = [tone(root / f"good.{ext}", fmt, rate, ch) for ext, fmt, rate, ch in kinds]
         wide = tone(root / "wide.flac", "FLAC", 192_000, 8)
         self.good.append(wide)  # valid, if unusual: must be scored
+        for name in ("m4a", "webm"):  # decoded by FFmpeg
+            self.good.append(write(root / f"good.{name}", encode(ffmpeg_tone(), 48_000, name)))
         flac = (root / "good.flac").read_bytes()
+        m4a = (root / "good.m4a").read_bytes()
         self.hostile = [
+            write(root / "truncated.m4a", m4a[: len(m4a) // 2]),
+            write(root / "declaring.m4a", declaring(20_000_000)),
             write(root / "empty.wav", b""),
             write(root / "noise.ogg", rng.randbytes(4096)),
             write(root / "truncated.flac", flac[: len(flac) // 3]),
@@ -175,6 +181,11 @@ def tone(path: Path, fmt: str, rate: int, channels: int, seconds: float = 2.0) -
         for start in range(0, len(wave), rate):  # 1 s blocks: libsndfile's Vorbis encoder
             f.write(wave[start : start + rate])
     return path.as_uri()
+
+
+def ffmpeg_tone(seconds: float = 2.0, rate: int = 48_000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return np.repeat((0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)[None, :], 2, 0)
 
 
 def write(path: Path, content: bytes) -> str:

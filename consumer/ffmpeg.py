@@ -1,0 +1,181 @@
+"""Audio libsndfile does not read, decoded with FFmpeg through PyAV: AAC and ALAC in MP4/M4A,
+and Opus or Vorbis in WebM/Matroska — what stores and video platforms ship. Raw AAC (ADTS) is
+not among them: it states no length (FFmpeg guesses one from the bit rate, 3 % long on a test
+file, which moves the window by 0.2 s), like a FLAC written to a pipe, which is refused too.
+
+The container is told by its first bytes, and FFmpeg is given that one demuxer: it never
+probes, so no playlist or concat demuxer (which open other files and URLs) is ever reached,
+and every other open it might attempt is refused (``io_open``). The same rules as libsndfile's
+path hold: the stated length is checked against the limits before any decoding, only the
+centred window is decoded after a seek, each frame is mixed down to mono into a buffer of the
+window's size, and any failure is the event's dead letter.
+"""
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+import numpy as np
+
+from consumer import id3, mp4
+from consumer.errors import DeadLetter
+from schemas.dead_letter import DeadLetterReason as Reason
+
+if TYPE_CHECKING:  # FFmpeg itself is loaded by the first file that needs it (decode_window)
+    from av import AudioFrame, AudioStream
+    from av.container import InputContainer
+
+SEEK_MARGIN_S = 1.0
+"""Seek this far before the window: a demuxer may land just after the time asked for."""
+
+
+def demuxer_for(head: bytes) -> str | None:
+    """FFmpeg's demuxer for audio starting with ``head`` (12 bytes), or None (libsndfile's)."""
+    if head[4:8] == b"ftyp":
+        return "mov"  # MP4, M4A, 3GP: one demuxer
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"  # EBML: Matroska and WebM
+    return None
+
+
+def peek(handle: BinaryIO | int, n: int = 12) -> bytes:
+    """The next ``n`` bytes at ``handle``'s position, which is left where it was."""
+    if isinstance(handle, int):
+        return os.pread(handle, n, os.lseek(handle, 0, os.SEEK_CUR))
+    where = handle.tell()
+    try:
+        return handle.read(n)
+    finally:
+        handle.seek(where)
+
+
+Check = Callable[[int, int, int], None]
+"""Refuses a stated (sample rate, channels, frames) as libsndfile's path does."""
+
+
+def decode_window(
+    handle: BinaryIO | int, demuxer: str, clip_seconds: float, check: Check, max_seconds: float
+) -> tuple[np.ndarray, int, int]:
+    """The centred ``clip_seconds`` window, mono float32 (possibly short), the sample rate and
+    the stated length in frames. ``handle``: a file object or descriptor at the audio's
+    start."""
+    import av  # noqa: PLC0415 (FFmpeg is loaded by the first such file, not by every process)
+
+    av.logging.set_level(None)  # FFmpeg's own log lines would go to stderr unredacted
+    if demuxer == "mov":
+        _check_tables(handle, max_seconds)
+    source = open(handle, "rb", closefd=False) if isinstance(handle, int) else handle  # noqa: SIM115
+    try:
+        opened = av.open(source, format=demuxer, io_open=_refuse_open, metadata_errors="ignore")
+        with cast("InputContainer", opened) as container:
+            return _window(container, clip_seconds, check, max_seconds)
+    except (av.FFmpegError, ValueError, TypeError, IndexError, OverflowError) as exc:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"FFmpeg ({demuxer}): {exc}"[:300]) from exc
+
+
+def _check_tables(handle: BinaryIO | int, max_seconds: float) -> None:
+    """The MP4's sample tables, before FFmpeg indexes every sample they declare (mp4.py)."""
+    if isinstance(handle, int):
+        size = os.fstat(handle).st_size
+    else:
+        where = handle.tell()
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(where)
+    with id3.reader(handle) as read_at:
+        mp4.check(read_at, size, max_seconds)
+
+
+def _refuse_open(url: str, flags: int, options: dict[str, str]) -> None:
+    raise PermissionError("this audio file asks to open another file or URL; refused")
+
+
+def _window(
+    container: "InputContainer", clip_seconds: float, check: Check, max_seconds: float
+) -> tuple[np.ndarray, int, int]:
+    if not container.streams.audio:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the file holds no audio stream")
+    stream = container.streams.audio[0]
+    if stream.codec_context is None:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "FFmpeg has no decoder for the audio")
+    stream.codec_context.thread_count = 1  # the decode pool is the parallelism
+    rate = stream.codec_context.sample_rate
+    frames = _stated_frames(container, stream, rate)
+    check(rate, stream.codec_context.channels, frames)
+    window = min(frames, round(clip_seconds * rate))
+    start = (frames - window) // 2
+    if start > SEEK_MARGIN_S * rate and stream.time_base:
+        target = (start / rate - SEEK_MARGIN_S) / stream.time_base
+        container.seek(int(target), stream=stream, backward=True)
+    mono = np.empty(window, dtype=np.float32)
+    budget = round((max_seconds + 2 * SEEK_MARGIN_S) * rate) + window
+    return mono[: _fill(container, stream, (rate, start, budget), mono)], rate, frames
+
+
+def _stated_frames(container: "InputContainer", stream: "AudioStream", rate: int) -> int:
+    if stream.duration is not None and stream.duration > 0 and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None and container.duration > 0:
+        seconds = container.duration / 1_000_000  # AV_TIME_BASE
+    else:
+        raise DeadLetter(
+            Reason.AUDIO_DECODE_FAILED,
+            "the file does not state its length (e.g. a live recording): re-encode it",
+        )
+    return max(round(seconds * rate), 0)
+
+
+def _fill(
+    container: "InputContainer", stream: "AudioStream", at: tuple[int, int, int], mono: np.ndarray
+) -> int:
+    """Decode from the seek point into ``mono`` until it is full; frames before the window's
+    ``start`` are dropped, and decoding more than ``budget`` frames (the longest file the
+    limits let through, and the window) refuses the file. Returns the frames written."""
+    rate, start, budget = at
+    got, pos, decoded = 0, None, 0
+    for packet in container.demux(stream):
+        for frame in packet.decode():
+            if frame.sample_rate != rate:
+                raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the sample rate changes mid-stream")
+            pos = _position(frame, rate, pos)
+            decoded += frame.samples
+            if decoded > budget:  # more audio than the file states: a lying or crafted file
+                raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "decodes to more than its length")
+            got = _take(frame, pos - start, mono, got)
+            pos += frame.samples
+            if got == len(mono):
+                return got
+    return got
+
+
+def _position(frame: "AudioFrame", rate: int, last: int | None) -> int:
+    """The frame's first sample, from its timestamp (or following the last frame's)."""
+    if frame.pts is not None and frame.time_base is not None:
+        return round(float(frame.pts * frame.time_base) * rate)
+    if last is None:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the audio frames carry no timestamps")
+    return last
+
+
+def _take(frame: "AudioFrame", offset: int, mono: np.ndarray, got: int) -> int:
+    """Mix the part of ``frame`` (``offset`` frames from the window's start) that falls in the
+    window and after what is written into ``mono``; returns the frames written."""
+    skip = max(0, got - offset)
+    take = min(frame.samples - skip, len(mono) - got)
+    if take <= 0:
+        return got
+    data = _planar_float(frame)[:, skip : skip + take]
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
+        np.mean(data, axis=0, dtype=np.float32, out=mono[got : got + take])
+    return got + take
+
+
+def _planar_float(frame: "AudioFrame") -> np.ndarray:
+    """The frame as (channels, samples) float32 in [-1, 1]."""
+    data: np.ndarray = frame.to_ndarray()
+    if not frame.format.is_planar:
+        data = data.reshape(-1, frame.layout.nb_channels).T
+    if data.dtype.kind == "f":
+        return data.astype(np.float32, copy=False)
+    if data.dtype.kind == "u":  # 8-bit PCM is unsigned
+        return (data.astype(np.float32) - 128.0) / 128.0
+    return data.astype(np.float32) / np.float32(2 ** (8 * data.dtype.itemsize - 1))

@@ -1,0 +1,205 @@
+"""Audio decoded with FFmpeg: MP4/M4A (AAC, ALAC), WebM (Opus), Matroska — the same window as
+libsndfile would give, under the same limits, and nothing but the one file read."""
+
+import io
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from consumer import ffmpeg
+from consumer.audio import AudioPolicy, decode_window, load_clip
+from consumer.errors import DeadLetter
+from consumer.resample import Resampler
+from schemas.dead_letter import DeadLetterReason as Reason
+from tests.unit.av_helpers import declaring, encode
+
+RATE = 48_000
+SECONDS = 12
+WINDOW_S = 4.0
+LOSSLESS = ("alac.m4a", "mka")
+LOSSY = ("m4a", "webm")
+
+
+@pytest.fixture(scope="module")
+def noise() -> np.ndarray:
+    """Stereo noise, its two channels different, so a window off by one sample would show;
+    low-passed (a 16-tap box, ~3 kHz), where lossy codecs keep the waveform."""
+    white = np.random.default_rng(3).standard_normal((2, RATE * SECONDS))
+    box = np.ones(16) / 16
+    return np.stack([np.convolve(ch, box, "same") * 0.4 for ch in white]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(noise: np.ndarray) -> np.ndarray:
+    """The window libsndfile decodes from the same samples as a float WAV."""
+    body = io.BytesIO()
+    sf.write(body, noise.T, RATE, format="WAV", subtype="FLOAT")
+    return decode_window(body.getvalue(), WINDOW_S, AudioPolicy.create(())).samples
+
+
+def lag_and_correlation(window: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
+    """The shift (in samples, within ±2,048) that best aligns ``window`` on ``reference``, and
+    their correlation there."""
+    middle = slice(4_096, len(reference) - 4_096)
+    part = reference[middle]
+    lags = range(-2_048, 2_049)
+    scores = [float(np.dot(window[middle.start + k : middle.stop + k], part)) for k in lags]
+    lag = lags[int(np.argmax(scores))]
+    shifted = window[middle.start + lag : middle.stop + lag]
+    return lag, float(np.corrcoef(shifted, part)[0, 1])
+
+
+@pytest.mark.parametrize("name", LOSSLESS + LOSSY)
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_each_container_gives_the_centred_window(
+    tmp_path: Path, noise: np.ndarray, reference: np.ndarray, name: str, where: str
+) -> None:
+    data = encode(noise, RATE, name, tmp_path / f"a.{name}")
+    source = open(tmp_path / f"a.{name}", "rb") if where == "file" else data  # noqa: SIM115
+    clip = decode_window(source, WINDOW_S, AudioPolicy.create(()))
+    assert clip.source_rate == RATE and len(clip.samples) == len(reference)
+    assert clip.source_seconds == pytest.approx(SECONDS, abs=0.1)
+    if name in LOSSLESS:
+        np.testing.assert_allclose(clip.samples, reference, atol=1e-4)
+        return
+    lag, correlation = lag_and_correlation(clip.samples, reference)
+    # Lossy codecs: the window within one codec frame of the centre (AAC's stated length holds
+    # its 1,024 priming samples).
+    assert abs(lag) <= 1_024, lag
+    assert correlation > 0.8, correlation
+
+
+def test_a_local_m4a_is_scored_through_the_uri_path(tmp_path: Path, noise: np.ndarray) -> None:
+    encode(noise, RATE, "m4a", tmp_path / "a.m4a")
+    policy = AudioPolicy.create((tmp_path,))
+    wave = load_clip((tmp_path / "a.m4a").as_uri(), policy, Resampler(22_050, 2.0))
+    assert wave.shape == (44_100,) and np.isfinite(wave).all() and np.abs(wave).max() > 0.05
+
+
+def test_the_stated_length_is_checked_before_decoding(noise: np.ndarray) -> None:
+    data = encode(noise, RATE, "m4a")
+    with pytest.raises(DeadLetter) as excinfo:
+        decode_window(data, WINDOW_S, AudioPolicy.create((), max_seconds=10))
+    assert excinfo.value.reason is Reason.AUDIO_TOO_LONG
+
+
+def test_a_rate_out_of_range_is_refused() -> None:
+    quiet = np.zeros((1, 500 * 4), np.float32)
+    with pytest.raises(DeadLetter) as excinfo:
+        decode_window(encode(quiet, 500, "mka"), 1.0, AudioPolicy.create(()))
+    assert excinfo.value.reason is Reason.AUDIO_DECODE_FAILED
+    assert "sample rate 500 Hz" in excinfo.value.detail
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_a_cut_file_is_dead_lettered_or_decodes_what_is_there(
+    noise: np.ndarray, cut: float
+) -> None:
+    for name in ("m4a", "webm", "alac.m4a"):
+        data = encode(noise, RATE, name)
+        try:
+            clip = decode_window(data[: int(len(data) * cut)], WINDOW_S, AudioPolicy.create(()))
+        except DeadLetter as exc:
+            assert exc.reason is Reason.AUDIO_DECODE_FAILED
+        else:
+            assert 0 < len(clip.samples) <= WINDOW_S * RATE and np.isfinite(clip.samples).all()
+
+
+def test_corrupt_files_are_dead_lettered_never_raised(noise: np.ndarray) -> None:
+    """Bytes flipped all over MP4 and WebM files: each decodes or is dead-lettered."""
+    rng = np.random.default_rng(11)
+    outcomes = {"decoded": 0, "dead-lettered": 0}
+    for name in ("m4a", "webm", "mka"):
+        original = np.frombuffer(encode(noise[:, : RATE * 3], RATE, name), np.uint8)
+        for _ in range(40):
+            data = original.copy()
+            spots = rng.integers(0, len(data), 1 + rng.integers(0, 64))
+            data[spots] ^= rng.integers(1, 256, len(spots)).astype(np.uint8)
+            try:
+                decode_window(data.tobytes(), 2.0, AudioPolicy.create(()))
+                outcomes["decoded"] += 1
+            except DeadLetter as exc:
+                assert exc.reason in (Reason.AUDIO_DECODE_FAILED, Reason.AUDIO_TOO_LONG)
+                outcomes["dead-lettered"] += 1
+    assert outcomes["decoded"] and outcomes["dead-lettered"], outcomes
+
+
+def test_a_file_that_asks_to_open_another_is_refused(tmp_path: Path, noise: np.ndarray) -> None:
+    """FFmpeg is only ever given one demuxer, none that opens other files; and should one try
+    (a playlist, here forced), the open is refused."""
+    encode(noise, RATE, "mka", tmp_path / "other.mka")
+    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:12\n#EXTINF:12,\n{tmp_path / 'other.mka'}\n"
+    playlist += "#EXT-X-ENDLIST\n"
+    with pytest.raises(DeadLetter) as excinfo:
+        ffmpeg.decode_window(io.BytesIO(playlist.encode()), "hls", 2.0, lambda *_: None, 60.0)
+    assert excinfo.value.reason is Reason.AUDIO_DECODE_FAILED
+    assert ffmpeg.demuxer_for(playlist.encode()[:12]) is None
+
+
+def test_containers_are_told_by_their_first_bytes() -> None:
+    assert ffmpeg.demuxer_for(b"\x00\x00\x00\x20ftypM4A ") == "mov"
+    assert ffmpeg.demuxer_for(b"\x1a\x45\xdf\xa3\x01\x00") == "matroska"
+    for other in (b"\xff\xfb\x90\xc4", b"RIFF\x00\x00\x00\x00WAVE", b"OggS", b"fLaC", b"ID3\x04"):
+        assert ffmpeg.demuxer_for(other) is None  # MP3, WAV, Ogg, FLAC, tags: libsndfile's
+
+
+def test_raw_aac_which_states_no_length_is_refused(noise: np.ndarray) -> None:
+    with pytest.raises(DeadLetter) as excinfo:
+        decode_window(encode(noise, RATE, "aac"), WINDOW_S, AudioPolicy.create(()))
+    assert excinfo.value.reason is Reason.AUDIO_DECODE_FAILED
+
+
+def test_an_mp4_declaring_millions_of_samples_is_refused_before_ffmpeg_indexes_them(
+    tmp_path: Path,
+) -> None:
+    """FFmpeg builds an index entry per declared sample when it opens the file (+305 MB for 20
+    million, measured without the check): the tables are counted first."""
+    (tmp_path / "bomb.m4a").write_bytes(declaring(20_000_000))
+    script = f"""
+import resource
+from consumer.audio import AudioPolicy, decode_window
+from consumer.errors import DeadLetter
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_window(open({str(tmp_path / "bomb.m4a")!r}, "rb"), 30.0, AudioPolicy.create(()))
+except DeadLetter as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    detail, grown_mb = run.stdout.strip().splitlines()
+    assert "the MP4 tables declare 20000000 samples" in detail, run.stderr[-2000:]
+    assert int(grown_mb) < 100  # FFmpeg itself loads for ~60 MB
+
+
+def test_the_sample_limit_follows_the_longest_audio_allowed() -> None:
+    allowed = declaring(200 * 600)  # 200 a second for 600 s
+    with pytest.raises(DeadLetter) as excinfo:
+        decode_window(allowed, 2.0, AudioPolicy.create((), max_seconds=599))
+    assert "at most 119800" in excinfo.value.detail
+    with pytest.raises(DeadLetter) as excinfo:  # let through to FFmpeg, which finds no frames
+        decode_window(allowed, 2.0, AudioPolicy.create((), max_seconds=600))
+    assert "MP4 tables" not in excinfo.value.detail
+
+
+def test_uncompressed_audio_in_mp4_counts_its_chunks(noise: np.ndarray) -> None:
+    """PCM declares a sample per frame (48,000 a second), which FFmpeg indexes 1,024 at a time."""
+    data = encode(noise, RATE, "pcm.mov")
+    window = decode_window(data, WINDOW_S, AudioPolicy.create((), max_seconds=60)).samples
+    assert len(window) == WINDOW_S * RATE
+
+
+def test_mp4_boxes_that_do_not_nest_are_refused() -> None:
+    data = bytearray(encode(np.zeros((1, RATE), np.float32), RATE, "m4a"))
+    trak = data.find(b"trak") - 4
+    struct.pack_into(">I", data, trak, struct.unpack(">I", data[trak : trak + 4])[0] + 100)
+    with pytest.raises(DeadLetter) as excinfo:
+        decode_window(bytes(data), 1.0, AudioPolicy.create(()))
+    assert "runs past its parent" in excinfo.value.detail
