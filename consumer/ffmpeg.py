@@ -158,24 +158,26 @@ def _position(frame: "AudioFrame", rate: int, last: int | None) -> int:
 
 def _take(frame: "AudioFrame", offset: int, mono: np.ndarray, got: int) -> int:
     """Mix the part of ``frame`` (``offset`` frames from the window's start) that falls in the
-    window and after what is written into ``mono``; returns the frames written."""
+    window and after what is written into ``mono``; returns the frames written. Only that part
+    is converted to float (a PCM frame may be as large as its packet)."""
     skip = max(0, got - offset)
     take = min(frame.samples - skip, len(mono) - got)
     if take <= 0:
         return got
-    data = _planar_float(frame)[:, skip : skip + take]
+    data = _planar(frame)[:, skip : skip + take]
+    out = mono[got : got + take]
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
-        np.mean(data, axis=0, dtype=np.float32, out=mono[got : got + take])
+        np.mean(data, axis=0, dtype=np.float32, out=out)
+        if data.dtype.kind == "u":  # 8-bit PCM is unsigned, centred on 128
+            out -= np.float32(128)
+        if data.dtype.kind in "iu":
+            out *= np.float32(1 / 2 ** (8 * data.dtype.itemsize - 1))
     return got + take
 
 
-def _planar_float(frame: "AudioFrame") -> np.ndarray:
-    """The frame as (channels, samples) float32 in [-1, 1]."""
+def _planar(frame: "AudioFrame") -> np.ndarray:
+    """The frame's samples as (channels, samples), in its own sample type."""
     data: np.ndarray = frame.to_ndarray()
-    if not frame.format.is_planar:
-        data = data.reshape(-1, frame.layout.nb_channels).T
-    if data.dtype.kind == "f":
-        return data.astype(np.float32, copy=False)
-    if data.dtype.kind == "u":  # 8-bit PCM is unsigned
-        return (data.astype(np.float32) - 128.0) / 128.0
-    return data.astype(np.float32) / np.float32(2 ** (8 * data.dtype.itemsize - 1))
+    if frame.format.is_planar:
+        return data
+    return data.reshape(-1, frame.layout.nb_channels).T
