@@ -409,17 +409,20 @@ def decode_window(
     checked first (consumer/vorbis.py: libvorbis crashes or takes GBs on a crafted few), and
     libsndfile opens the audio behind ID3v2 tags where it can (consumer/id3.py). MP4, ADTS
     and Matroska audio go to FFmpeg instead (consumer/ffmpeg.py), under the same limits."""
-    with _closing(source) as handle:
-        vorbis.check(handle)
-        opened = id3.behind_tags(handle)
-        demuxer = ffmpeg.demuxer_for(ffmpeg.peek(cast(BinaryIO | int, opened)))
-        if demuxer is not None:
-            check = functools.partial(check_stated, policy=policy)
-            mono, rate, frames = ffmpeg.decode_window(
-                cast(BinaryIO | int, opened), demuxer, clip_seconds, check, policy.max_seconds
-            )
-        else:
-            mono, rate, frames = _sndfile_window(opened, clip_seconds, policy)
+    try:
+        with _closing(source) as handle:
+            vorbis.check(handle)
+            opened = cast(BinaryIO | int, id3.behind_tags(handle))
+            demuxer = ffmpeg.demuxer_for(ffmpeg.peek(opened))
+            if demuxer is not None:
+                check = functools.partial(check_stated, policy=policy)
+                mono, rate, frames = ffmpeg.decode_window(
+                    opened, demuxer, clip_seconds, check, policy.max_seconds
+                )
+            else:
+                mono, rate, frames = _sndfile_window(opened, clip_seconds, policy)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
     if len(mono) == 0:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no audio frames could be read")
     # A float file may hold NaN or infinite samples (or finite ones whose mix overflows): the
@@ -436,20 +439,17 @@ def _sndfile_window(
     handle: object, clip_seconds: float, policy: AudioPolicy
 ) -> tuple[np.ndarray, int, int]:
     """libsndfile's decode of the window: mono (possibly short), sample rate, stated frames."""
-    try:
-        with sf.SoundFile(handle, closefd=False) as audio:
-            rate, frames = _check_header(audio, policy)
-            window = min(frames, round(clip_seconds * rate))
-            start = (frames - window) // 2
-            block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
-            if start and audio.seekable():
-                audio.seek(start)
-            else:
-                _read_blocks(audio, start, block, None)  # skip to the window
-            mono = np.empty(window, dtype=np.float32)
-            got = _read_blocks(audio, window, block, mono)
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
+    with sf.SoundFile(handle, closefd=False) as audio:
+        rate, frames = _check_header(audio, policy)
+        window = min(frames, round(clip_seconds * rate))
+        start = (frames - window) // 2
+        block = np.empty((min(BLOCK_FRAMES, max(window, 1)), audio.channels), np.float32)
+        if start and audio.seekable():
+            audio.seek(start)
+        else:
+            _read_blocks(audio, start, block, None)  # skip to the window
+        mono = np.empty(window, dtype=np.float32)
+        got = _read_blocks(audio, window, block, mono)
     return mono[:got], rate, frames
 
 
