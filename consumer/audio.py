@@ -407,8 +407,8 @@ def decode_window(
     Reads in blocks of BLOCK_FRAMES and mixes each down, so an event costs the mono window plus
     one block whatever its channel count. An open source is closed. Ogg Vorbis codebooks are
     checked first (consumer/vorbis.py: libvorbis crashes or takes GBs on a crafted few), and
-    libsndfile opens the audio behind ID3v2 tags where it can (consumer/id3.py). MP4, ADTS
-    and Matroska audio go to FFmpeg instead (consumer/ffmpeg.py), under the same limits."""
+    libsndfile opens the audio behind ID3v2 tags where it can (consumer/id3.py). MP4 and
+    Matroska audio go to FFmpeg instead (consumer/ffmpeg.py), under the same limits."""
     try:
         with _closing(source) as handle:
             vorbis.check(handle)
