@@ -5,7 +5,6 @@ stream. libsndfile (via soundfile) decodes WAV, FLAC, OGG/Vorbis/Opus and MP3 an
 GIL, so a thread pool decodes in parallel; torchaudio only resamples.
 """
 
-import functools
 import io
 import ipaddress
 import os
@@ -28,20 +27,17 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from consumer import ffmpeg, id3, vorbis
+from consumer import ffmpeg, ffmpeg_sandbox, id3, vorbis
 from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
+from consumer.limits import check_stated
 from consumer.redact import redact, redact_loggers
 from consumer.resample import Clip, Resampler
 from consumer.s3 import ClientShape, fetch_object
 from consumer.s3uri import parse_s3_uri
 from schemas.dead_letter import DeadLetterReason as Reason
 
-MIN_SAMPLE_RATE = 1_000
-MAX_SAMPLE_RATE = 384_000
-MAX_CHANNELS = 64
 MAX_REDIRECTS = 5
-UNKNOWN_FRAMES = 2**62  # libsndfile reports 2**63 - 1 frames for a length it does not know
 # One read may wait at most this share of the fetch timeout for the next bytes. The deadline
 # is checked between reads, so a fetch ends by (1 + this) x the timeout at worst, a bound the
 # shutdown grace period relies on (deploy/k8s, tested).
@@ -412,15 +408,15 @@ def decode_window(
     try:
         with _closing(source) as handle:
             vorbis.check(handle)
-            opened = cast(BinaryIO | int, id3.behind_tags(handle))
-            demuxer = ffmpeg.demuxer_for(ffmpeg.peek(opened))
+            with id3.reader(handle) as read_at:
+                start = id3.audio_start(read_at)
+                demuxer = ffmpeg.demuxer_for(read_at(start, 12))
             if demuxer is not None:
-                check = functools.partial(check_stated, policy=policy)
-                mono, rate, frames = ffmpeg.decode_window(
-                    opened, demuxer, clip_seconds, check, policy.max_seconds
+                mono, rate, frames = ffmpeg_sandbox.decode_window(
+                    handle, start, demuxer, clip_seconds, policy.max_seconds
                 )
             else:
-                mono, rate, frames = _sndfile_window(opened, clip_seconds, policy)
+                mono, rate, frames = _sndfile_window(id3.behind_tags(handle), clip_seconds, policy)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
     if len(mono) == 0:
@@ -502,30 +498,8 @@ def mix_down(data: np.ndarray) -> np.ndarray:
 
 def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:
     rate, frames = audio.samplerate, audio.frames
-    check_stated(rate, audio.channels, frames, policy)
+    check_stated(rate, audio.channels, frames, policy.max_seconds)
     return rate, frames
-
-
-def check_stated(rate: int, channels: int, frames: int, policy: AudioPolicy) -> None:
-    """Refuse what a file states of itself before anything is decoded: its rate, its channels
-    and its length (in frames), whichever decoder reads it."""
-    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"sample rate {rate} Hz is out of range")
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"{channels} channels is out of range")
-    if frames <= 0:
-        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the file holds no audio frames")
-    if frames >= UNKNOWN_FRAMES:
-        # libsndfile's answer when the header leaves the length open (a FLAC written to a pipe
-        # has total_samples 0): the centre cannot be found without decoding it all, and
-        # libsndfile fails seeking to the end of such a stream.
-        raise DeadLetter(
-            Reason.AUDIO_DECODE_FAILED,
-            "the file does not state its length (e.g. a FLAC streamed to a pipe): re-encode it",
-        )
-    if frames / rate > policy.max_seconds:
-        seconds = frames / rate
-        raise DeadLetter(Reason.AUDIO_TOO_LONG, f"{seconds:.0f} s > {policy.max_seconds:.0f} s")
 
 
 def load_clip(uri: str, policy: AudioPolicy, resampler: Resampler) -> np.ndarray:

@@ -3,12 +3,13 @@ and Opus or Vorbis in WebM/Matroska — what stores and video platforms ship. Ra
 not among them: it states no length (FFmpeg guesses one from the bit rate, 3 % long on a test
 file, which moves the window by 0.2 s), like a FLAC written to a pipe, which is refused too.
 
-The container is told by its first bytes, and FFmpeg is given that one demuxer: it never
-probes, so no playlist or concat demuxer (which open other files and URLs) is ever reached,
-and every other open it might attempt is refused (``io_open``). The same rules as libsndfile's
-path hold: the stated length is checked against the limits before any decoding, only the
-centred window is decoded after a seek, each frame is mixed down to mono into a buffer of the
-window's size, and any failure is the event's dead letter.
+This runs in a worker process (consumer/ffmpeg_sandbox.py), never in the service's own. The
+container is told by its first bytes, and FFmpeg is given that one demuxer: it never probes, so
+no playlist or concat demuxer (which open other files and URLs) is ever reached, and every other
+open it might attempt is refused (``io_open``). The same rules as libsndfile's path hold: the
+stated length is checked against the limits before any decoding, only the centred window is
+decoded after a seek, each frame is mixed down to mono into a buffer of the window's size, and
+any failure is the event's dead letter.
 """
 
 import os
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 
-from consumer import id3, mp4
 from consumer.errors import DeadLetter
 from schemas.dead_letter import DeadLetterReason as Reason
 
@@ -62,8 +62,6 @@ def decode_window(
     import av  # noqa: PLC0415 (FFmpeg is loaded by the first such file, not by every process)
 
     av.logging.set_level(None)  # FFmpeg's own log lines would go to stderr unredacted
-    if demuxer == "mov":
-        _check_tables(handle, max_seconds)
     source = open(handle, "rb", closefd=False) if isinstance(handle, int) else handle  # noqa: SIM115
     try:
         opened = av.open(source, format=demuxer, io_open=_refuse_open, metadata_errors="ignore")
@@ -71,18 +69,6 @@ def decode_window(
             return _window(container, clip_seconds, check, max_seconds)
     except (av.FFmpegError, ValueError, TypeError, IndexError, OverflowError) as exc:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, f"FFmpeg ({demuxer}): {exc}"[:300]) from exc
-
-
-def _check_tables(handle: BinaryIO | int, max_seconds: float) -> None:
-    """The MP4's sample tables, before FFmpeg indexes every sample they declare (mp4.py)."""
-    if isinstance(handle, int):
-        size = os.fstat(handle).st_size
-    else:
-        where = handle.tell()
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(where)
-    with id3.reader(handle) as read_at:
-        mp4.check(read_at, size, max_seconds)
 
 
 def _refuse_open(url: str, flags: int, options: dict[str, str]) -> None:
@@ -107,7 +93,7 @@ def _window(
         target = (start / rate - SEEK_MARGIN_S) / stream.time_base
         container.seek(int(target), stream=stream, backward=True)
     mono = np.empty(window, dtype=np.float32)
-    budget = round((max_seconds + 2 * SEEK_MARGIN_S) * rate) + window
+    budget = frames + window + round(2 * SEEK_MARGIN_S * rate)
     return mono[: _fill(container, stream, (rate, start, budget), mono)], rate, frames
 
 
@@ -128,10 +114,13 @@ def _fill(
     container: "InputContainer", stream: "AudioStream", at: tuple[int, int, int], mono: np.ndarray
 ) -> int:
     """Decode from the seek point into ``mono`` until it is full; frames before the window's
-    ``start`` are dropped, and decoding more than ``budget`` frames (the longest file the
-    limits let through, and the window) refuses the file. Returns the frames written."""
+    ``start`` are dropped, and decoding more than ``budget`` frames (the stated length, the
+    window and the seek's margins) refuses the file. Returns the frames written."""
+    import av  # noqa: PLC0415 (loaded already by decode_window)
+
     rate, start, budget = at
     got, pos, decoded = 0, None, 0
+    packed: av.AudioResampler | None = None
     for packet in container.demux(stream):
         for frame in packet.decode():
             if frame.sample_rate != rate:
@@ -140,7 +129,11 @@ def _fill(
             decoded += frame.samples
             if decoded > budget:  # more audio than the file states: a lying or crafted file
                 raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "decodes to more than its length")
-            got = _take(frame, pos - start, mono, got)
+            # Packed float, the frame's own layout and rate: PyAV 18.1 reads a planar frame's
+            # planes past its pointers at 8+ channels (SIGSEGV on a 7.1 AAC); a packed frame
+            # has one plane. A layout that changes mid-stream is refused by the converter.
+            packed = packed or av.AudioResampler(format="flt", layout=frame.layout, rate=rate)
+            got = _take(packed.resample(frame), pos - start, mono, got)
             pos += frame.samples
             if got == len(mono):
                 return got
@@ -156,28 +149,18 @@ def _position(frame: "AudioFrame", rate: int, last: int | None) -> int:
     return last
 
 
-def _take(frame: "AudioFrame", offset: int, mono: np.ndarray, got: int) -> int:
-    """Mix the part of ``frame`` (``offset`` frames from the window's start) that falls in the
-    window and after what is written into ``mono``; returns the frames written. Only that part
-    is converted to float (a PCM frame may be as large as its packet)."""
-    skip = max(0, got - offset)
-    take = min(frame.samples - skip, len(mono) - got)
-    if take <= 0:
-        return got
-    data = _planar(frame)[:, skip : skip + take]
-    out = mono[got : got + take]
-    with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
-        np.mean(data, axis=0, dtype=np.float32, out=out)
-        if data.dtype.kind == "u":  # 8-bit PCM is unsigned, centred on 128
-            out -= np.float32(128)
-        if data.dtype.kind in "iu":
-            out *= np.float32(1 / 2 ** (8 * data.dtype.itemsize - 1))
-    return got + take
-
-
-def _planar(frame: "AudioFrame") -> np.ndarray:
-    """The frame's samples as (channels, samples), in its own sample type."""
-    data: np.ndarray = frame.to_ndarray()
-    if frame.format.is_planar:
-        return data
-    return data.reshape(-1, frame.layout.nb_channels).T
+def _take(frames: "list[AudioFrame]", offset: int, mono: np.ndarray, got: int) -> int:
+    """Mix the part of ``frames`` (packed float, the first ``offset`` frames from the window's
+    start) that falls in the window and after what is written into ``mono``; returns the
+    frames written."""
+    for frame in frames:
+        channels = frame.layout.nb_channels
+        skip = max(0, got - offset)
+        take = min(frame.samples - skip, len(mono) - got)
+        if take > 0:
+            data = frame.to_ndarray().reshape(-1, channels)[skip : skip + take]
+            with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
+                np.mean(data, axis=1, dtype=np.float32, out=mono[got : got + take])
+            got += take
+        offset += frame.samples
+    return got

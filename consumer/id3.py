@@ -28,7 +28,7 @@ MAX_TAGS = 64
 ReadAt = Callable[[int, int], bytes]
 
 
-def behind_tags(handle: BinaryIO | int) -> "BinaryIO | int | _Behind":
+def behind_tags(handle: BinaryIO | int) -> "BinaryIO | int | Behind":
     """What libsndfile should open for ``handle`` (positioned at 0): a view of an in-memory
     body that starts behind its leading ID3v2 tags, or a descriptor moved past them when the
     audio there is WAV, AIFF, FLAC or an MPEG frame; otherwise ``handle`` as it is."""
@@ -38,7 +38,7 @@ def behind_tags(handle: BinaryIO | int) -> "BinaryIO | int | _Behind":
     if start == 0 or not head:
         return handle
     if not isinstance(handle, int):
-        return _Behind(handle, start)
+        return Behind(handle, start)
     if _embeds(head):
         os.lseek(handle, start, os.SEEK_SET)
     return handle
@@ -105,7 +105,7 @@ def reader(handle: BinaryIO | str | int) -> Iterator[ReadAt]:
         handle.seek(where)
 
 
-class _Behind:
+class Behind:
     """A read-only file object over ``body`` that starts ``start`` bytes in (no copy)."""
 
     def __init__(self, body: BinaryIO, start: int) -> None:

@@ -349,36 +349,34 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str)
     return Path(path)
 
 
-def encode_ffmpeg(audio: np.ndarray, sample_rate: int, codec: str, muxer: str) -> bytes:
+def encode_ffmpeg(
+    audio: np.ndarray, sample_rate: int, codec: str, muxer: str, layout: str | None = None
+) -> bytes:
     """[channels, frames] float audio in [-1, 1] encoded by FFmpeg's ``codec`` into ``muxer``'s
-    container (PyAV), fed in 1 s frames."""
+    container (PyAV), fed in 1 s frames; ``layout`` names the channels' (default: mono,
+    stereo, else FFmpeg's unnamed layout of that many)."""
     import av  # noqa: PLC0415 (FFmpeg: only for the formats libsndfile does not write)
 
     body = io.BytesIO()
-    layout = {1: "mono", 2: "stereo"}.get(audio.shape[0], f"{audio.shape[0]}c")
+    layout = layout or {1: "mono", 2: "stereo"}.get(audio.shape[0], f"{audio.shape[0]}c")
     with av.open(body, "w", format=muxer) as out:
         stream = out.add_stream(codec, rate=sample_rate, layout=layout)
-        sample_format = stream.codec_context.codec.audio_formats[0].name
+        # Frames go in packed float (one plane: PyAV 18.1 mishandles 8+ planar channels) and
+        # FFmpeg converts them to what the encoder takes.
+        wanted = stream.codec_context.codec.audio_formats[0].name
+        convert = av.AudioResampler(format=wanted, layout=layout, rate=sample_rate)
         for start in range(0, audio.shape[1], sample_rate):
-            chunk = _sample_format(sample_format, audio[:, start : start + sample_rate])
-            frame = av.AudioFrame.from_ndarray(chunk, format=sample_format, layout=layout)
+            chunk = audio[:, start : start + sample_rate].T.reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(chunk, dtype=np.float32), format="flt", layout=layout
+            )
             frame.sample_rate = sample_rate
-            out.mux(stream.encode(frame))
+            for part in convert.resample(frame):
+                out.mux(stream.encode(part))
+        for part in convert.resample(None):
+            out.mux(stream.encode(part))
         out.mux(stream.encode(None))
     return body.getvalue()
-
-
-def _sample_format(name: str, chunk: np.ndarray) -> np.ndarray:
-    """``chunk`` [channels, frames] in an encoder's sample format (planar: channels first;
-    packed: interleaved)."""
-    scaled = {
-        "flt": chunk.astype(np.float32),
-        "s16": (np.clip(chunk, -1, 1) * 32767).astype(np.int16),
-        "s32": (np.clip(chunk, -1, 1) * (2**31 - 1)).astype(np.int32),
-    }[name.rstrip("p")]
-    if name.endswith("p"):
-        return np.ascontiguousarray(scaled)
-    return np.ascontiguousarray(scaled.T.reshape(1, -1))
 
 
 def make_dataset(

@@ -19,10 +19,12 @@ FORMATS = {
 }
 
 
-def encode(audio: np.ndarray, rate: int, name: str, path: Path | None = None) -> bytes:
+def encode(
+    audio: np.ndarray, rate: int, name: str, path: Path | None = None, layout: str | None = None
+) -> bytes:
     """``audio`` [channels, frames] float32 in [-1, 1] encoded as FORMATS[name]; written to
     ``path`` too when given."""
-    data = encode_ffmpeg(audio, rate, *FORMATS[name])
+    data = encode_ffmpeg(audio, rate, *FORMATS[name], layout=layout)
     if path is not None:
         path.write_bytes(data)
     return data

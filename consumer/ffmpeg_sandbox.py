@@ -1,0 +1,252 @@
+"""FFmpeg runs in child processes: what one file does to it costs that file alone.
+
+FFmpeg's demuxers and decoders are a large surface, and a review of the in-process path found a
+file that kills the process (PyAV 18.1 reads past a frame's plane pointers at 8+ planar
+channels: SIGSEGV on an ordinary 7.1 AAC), files of a few kB that make it allocate GBs (MP4
+sample tables, edit lists, a zlib-compressed ``moov``: +1 to +2 GB) and files that keep it busy
+for minutes (Matroska content compression). Checking each ahead of FFmpeg is a race without an
+end, so the decode runs in a worker process instead, under limits the kernel enforces:
+
+- address space MEMORY_LIMIT (RLIMIT_AS): an allocation past it fails inside FFmpeg, which
+  reports it as an error;
+- TIMEOUT_S of wall time per file: the worker is killed;
+- a worker that dies (a signal, the limit) or is killed is replaced; the file is dead-lettered
+  ``audio_decode_failed`` with what happened, and the consumer goes on.
+
+A decode thread borrows an idle worker, or starts one (``python -m consumer.ffmpeg_sandbox``,
+which loads numpy and FFmpeg only, ~50 MB): as many workers as threads decode such files at
+once, started at the first one. The file goes over as a descriptor (SCM_RIGHTS on a
+SOCK_SEQPACKET pair): a local file's own, or a memfd holding an in-memory body; the window
+comes back the same way.
+"""
+
+import atexit
+import contextlib
+import os
+import pickle
+import queue
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import BinaryIO, cast
+
+import numpy as np
+
+from consumer import ffmpeg, id3, limits
+from consumer.errors import DeadLetter
+from schemas.dead_letter import DeadLetterReason as Reason
+
+MEMORY_LIMIT = 1 << 30
+"""A worker's address space: ~240 MB of it is Python, numpy and FFmpeg mapped."""
+TIMEOUT_S = 30.0
+"""Wall time for one file: the window of a 30-minute file decodes in well under a second."""
+MAX_MESSAGE = 4096
+# One thread each in the worker: its parallelism is the decode pool's (and fewer threads, less
+# address space reserved for their stacks and arenas under the limit).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+
+
+def decode_window(
+    handle: BinaryIO | int, start: int, demuxer: str, clip_seconds: float, max_seconds: float
+) -> tuple[np.ndarray, int, int]:
+    """``ffmpeg.decode_window`` of the audio ``start`` bytes into ``handle``, in a worker."""
+    return pool().decode(handle, start, (demuxer, clip_seconds, max_seconds))
+
+
+class _Worker:
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "consumer.ffmpeg_sandbox", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env={**os.environ, **WORKER_ENV},
+            )
+        self.sock = ours
+
+    def run(self, fd: int, request: tuple[object, ...]) -> tuple[np.ndarray, int, int]:
+        socket.send_fds(self.sock, [pickle.dumps(request)], [fd])
+        self.sock.settimeout(TIMEOUT_S)
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+        except TimeoutError:
+            self.kill()
+            detail = f"the FFmpeg decoder took over {TIMEOUT_S:.0f} s on this file; stopped"
+            raise DeadLetter(Reason.AUDIO_DECODE_FAILED, detail) from None
+        if not message:
+            raise DeadLetter(Reason.AUDIO_DECODE_FAILED, self._death())
+        return _answer(pickle.loads(message), fds)
+
+    def _death(self) -> str:
+        """What ended the worker, which died on this file."""
+        self.kill()
+        code = self.proc.returncode
+        how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
+        return f"the FFmpeg decoder died on this file ({how})"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+        self.sock.close()
+
+
+def _answer(answer: tuple[object, ...], fds: list[int]) -> tuple[np.ndarray, int, int]:
+    """The worker's answer: the window (in the memfd it sent) or the file's dead letter."""
+    if answer[0] == "dead":
+        raise DeadLetter(Reason(str(answer[1])), str(answer[2]))
+    _ok, rate, frames, count = answer
+    mono = np.empty(int(str(count)), dtype=np.float32)
+    with os.fdopen(fds[0], "rb") as window:
+        got = window.readinto(mono.data.cast("B"))
+    if got != mono.nbytes:
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the FFmpeg decoder's answer was cut short")
+    return mono, int(str(rate)), int(str(frames))
+
+
+class _Pool:
+    """Idle workers; a thread takes one (or starts one) for a file and gives it back."""
+
+    def __init__(self) -> None:
+        self.idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self.workers: set[_Worker] = set()
+        """Every worker started and not yet gone (idle or decoding)."""
+        self.lock = threading.Lock()
+
+    def decode(
+        self, handle: BinaryIO | int, start: int, request: tuple[str, float, float]
+    ) -> tuple[np.ndarray, int, int]:
+        worker = self._take()
+        try:
+            with _descriptor(handle, start) as (fd, offset):
+                return worker.run(fd, (*request, offset))
+        finally:
+            if worker.alive():
+                self.idle.put(worker)
+            else:
+                self._drop(worker)
+
+    def _take(self) -> _Worker:
+        while True:
+            try:
+                worker = self.idle.get_nowait()
+            except queue.Empty:
+                worker = _Worker()
+                with self.lock:
+                    self.workers.add(worker)
+                return worker
+            if worker.alive():
+                return worker
+            self._drop(worker)
+
+    def _drop(self, worker: _Worker) -> None:
+        worker.kill()
+        with self.lock:
+            self.workers.discard(worker)
+
+    def close(self) -> None:
+        """Stop the idle workers (one decoding stops when its thread gives it back)."""
+        while True:
+            try:
+                self._drop(self.idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+_POOLS: dict[int, _Pool] = {}
+
+
+def pool() -> _Pool:
+    """This process's workers (a forked child starts its own: the sockets are its parent's)."""
+    return _POOLS.setdefault(os.getpid(), _Pool())
+
+
+atexit.register(lambda: pool().close())
+
+
+@contextlib.contextmanager
+def _descriptor(handle: BinaryIO | int, start: int):  # type: ignore[no-untyped-def]
+    """A descriptor for the worker and where the audio starts in it: a local file's own, or
+    a memfd holding an in-memory body from ``start`` on."""
+    if isinstance(handle, int):
+        yield handle, start
+        return
+    fd = os.memfd_create("popscore-audio", os.MFD_CLOEXEC)
+    try:
+        handle.seek(start)
+        while chunk := handle.read(1 << 20):
+            _write_all(fd, chunk)
+        os.lseek(fd, 0, os.SEEK_SET)  # the worker reads from the shared position
+        yield fd, 0
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+
+def _serve(sock: socket.socket) -> None:
+    """Decode one file per message until the service closes its end."""
+    while True:
+        message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        if not message:
+            return
+        demuxer, clip_seconds, max_seconds, offset = pickle.loads(message)
+        with os.fdopen(fds[0], "rb") as file:
+            answer, window = _decode(file, offset, demuxer, (clip_seconds, max_seconds))
+        if window is None:
+            socket.send_fds(sock, [pickle.dumps(answer)], [])
+            continue
+        try:
+            socket.send_fds(sock, [pickle.dumps(answer)], [window])
+        finally:
+            os.close(window)
+
+
+def _decode(
+    file: BinaryIO, offset: int, demuxer: str, seconds: tuple[float, float]
+) -> tuple[tuple[object, ...], int | None]:
+    """The answer to send, and the memfd holding the window when there is one. Whatever the
+    file makes the decode raise is its answer: the worker itself goes on."""
+    clip_seconds, max_seconds = seconds
+    check = limits.stated_checker(max_seconds)
+    try:
+        handle = cast(BinaryIO, id3.Behind(file, offset) if offset else file)
+        mono, rate, frames = ffmpeg.decode_window(handle, demuxer, clip_seconds, check, max_seconds)
+    except DeadLetter as exc:
+        return ("dead", exc.reason.value, exc.detail), None
+    except MemoryError:
+        detail = f"the FFmpeg decoder needed over {MEMORY_LIMIT >> 20} MB for this file"
+        return ("dead", Reason.AUDIO_DECODE_FAILED.value, detail), None
+    except Exception as exc:  # any failure is this file's, never the worker's
+        detail = f"the FFmpeg decoder failed: {type(exc).__name__}: {exc}"[:300]
+        return ("dead", Reason.AUDIO_DECODE_FAILED.value, detail), None
+    window = os.memfd_create("popscore-window", os.MFD_CLOEXEC)
+    _write_all(window, np.ascontiguousarray(mono, dtype=np.float32).tobytes())
+    os.lseek(window, 0, os.SEEK_SET)
+    return ("ok", rate, frames, len(mono)), window
+
+
+def main() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service stops it by closing the socket
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    _serve(sock)
+
+
+if __name__ == "__main__":
+    main()
