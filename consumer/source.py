@@ -215,6 +215,8 @@ class KafkaSource:
         """Per partition, the ``_next`` at which records came again (logged once)."""
         self._committed_here: dict[Partition, int] = {}
         """Per partition, the offset this member last committed since it was assigned."""
+        self._paused_here: set[Partition] = set()
+        """The partitions ``pause`` paused (and ``resume`` resumes)."""
         self.consumer.subscribe(
             [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -252,9 +254,9 @@ class KafkaSource:
         assigned (or this source last sought it). librdkafka has restarted a partition's fetch
         from an earlier offset by itself (seen under load in the chaos scenario (g), librdkafka
         2.16: offset 0 again 1 s after the records up to it were committed, with no seek of
-        ours and no new assignment; its pause/resume bug #4637 was one such): the records
-        were scored again and committed twice. Those are dropped here, so exactly once does not
-        rest on the client."""
+        ours and no new assignment): the records were scored again and committed twice. The cause
+        found (``pause``) is avoided there; whatever the cause, those are dropped here, so
+        exactly once does not rest on the client."""
         expected = self._next.get(key)
         if expected is not None and offset < expected:
             self.metrics.redelivered.inc()
@@ -280,15 +282,28 @@ class KafkaSource:
         return bool(self.assignment) and self.assignment <= self._at_end
 
     def pause(self) -> None:
-        """Stop fetching; ``fetch`` keeps serving callbacks, so the group membership lives on."""
-        if not self.paused and self.assignment:
-            self.consumer.pause(topic_partitions(self.assignment))
+        """Stop fetching; ``fetch`` keeps serving callbacks, so the group membership lives on.
+
+        Only partitions that have handed out a record since their assignment (or our seek) are
+        paused: one still looking up where to start (no committed offset, so
+        ``auto.offset.reset``) must not be paused and resumed during that lookup. librdkafka
+        2.16 then sends a second lookup, answers the first as outdated by re-arming a 500 ms
+        offset-query timer that nothing stops, and that timer later restarts the partition,
+        by then fetching, at its beginning: records already handed out come again
+        (``_handed_out``). Called on every poll while paused, so such a partition is paused
+        right after its first record."""
+        todo = {key for key in self.assignment if key in self._next} - self._paused_here
+        if todo:
+            self.consumer.pause(topic_partitions(todo))
+            self._paused_here |= todo
         self.paused = True
 
     def resume(self) -> None:
-        """Fetch again."""
-        if self.paused and self.assignment:
-            self.consumer.resume(topic_partitions(self.assignment))
+        """Fetch again: the partitions ``pause`` paused."""
+        held = self._paused_here & self.assignment
+        if held:
+            self.consumer.resume(topic_partitions(held))
+        self._paused_here = set()
         self.paused = False
 
     def mark_committed(self, offsets: Iterable[TopicPartition]) -> None:
@@ -420,11 +435,10 @@ class KafkaSource:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)
         # librdkafka keeps a partition's pause across its revoke and reassignment
-        # (confluent-kafka-go#193): set the state the loop is in now, either way.
-        if self.paused:
-            consumer.pause(partitions)
-        else:
-            consumer.resume(partitions)
+        # (confluent-kafka-go#193): clear it. Not paused here even while the loop is: it has no
+        # position yet (see ``pause``, which pauses it after its first record). A resume of a
+        # partition that is not paused is a no-op in librdkafka >= 2.4 (#4637).
+        consumer.resume(partitions)
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         self.metrics.rebalances.labels("assigned").inc(len(partitions))
         log.info("assigned %s", sorted(self.assignment))
@@ -440,6 +454,7 @@ class KafkaSource:
         hook(gone)  # while we still own them: finish and commit, or drop
         self.metrics.rebalances.labels(how).inc(len(gone))
         self.assignment -= gone
+        self._paused_here -= gone
         self._at_end -= gone
         for key in gone:
             self._first_read.pop(key, None)
