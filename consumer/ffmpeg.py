@@ -22,11 +22,13 @@ from consumer.errors import DeadLetter
 from schemas.dead_letter import DeadLetterReason as Reason
 
 if TYPE_CHECKING:  # FFmpeg itself is loaded by the first file that needs it (decode_window)
-    from av import AudioFrame, AudioStream
+    from av import AudioFrame, AudioResampler, AudioStream
     from av.container import InputContainer
 
 SEEK_MARGIN_S = 1.0
 """Seek this far before the window: a demuxer may land just after the time asked for."""
+BLOCK_FRAMES = 65_536
+"""Frames mixed down at a time (as libsndfile's path reads them): ≤ 16.8 MB at 64 channels."""
 
 
 def demuxer_for(head: bytes) -> str | None:
@@ -116,51 +118,101 @@ def _fill(
     """Decode from the seek point into ``mono`` until it is full; frames before the window's
     ``start`` are dropped, and decoding more than ``budget`` frames (the stated length, the
     window and the seek's margins) refuses the file. Returns the frames written."""
-    import av  # noqa: PLC0415 (loaded already by decode_window)
-
     rate, start, budget = at
-    got, pos, decoded = 0, None, 0
-    packed: av.AudioResampler | None = None
+    pos, decoded = None, 0
+    mixer = _Mixer(mono, start)
+    # Decoded frames carry the stream's time base; one float of it, not a Fraction a frame.
+    to_frames = float(stream.time_base or 0) * rate
     for packet in container.demux(stream):
         for frame in packet.decode():
             if frame.sample_rate != rate:
                 raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the sample rate changes mid-stream")
-            pos = _position(frame, rate, pos)
+            pos = _position(frame.pts, to_frames, pos)
             decoded += frame.samples
             if decoded > budget:  # more audio than the file states: a lying or crafted file
                 raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "decodes to more than its length")
-            # Packed float, the frame's own layout and rate: PyAV 18.1 reads a planar frame's
-            # planes past its pointers at 8+ channels (SIGSEGV on a 7.1 AAC); a packed frame
-            # has one plane. A layout that changes mid-stream is refused by the converter.
-            packed = packed or av.AudioResampler(format="flt", layout=frame.layout, rate=rate)
-            got = _take(packed.resample(frame), pos - start, mono, got)
+            if mixer.add(frame, pos):
+                return mixer.flush()
             pos += frame.samples
-            if got == len(mono):
-                return got
-    return got
+    return mixer.flush()
 
 
-def _position(frame: "AudioFrame", rate: int, last: int | None) -> int:
-    """The frame's first sample, from its timestamp (or following the last frame's)."""
-    if frame.pts is not None and frame.time_base is not None:
-        return round(float(frame.pts * frame.time_base) * rate)
+def _position(pts: int | None, to_frames: float, last: int | None) -> int:
+    """A frame's first sample, from its timestamp (or following the last frame's)."""
+    if pts is not None and to_frames:
+        return round(pts * to_frames)
     if last is None:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the audio frames carry no timestamps")
     return last
 
 
-def _take(frames: "list[AudioFrame]", offset: int, mono: np.ndarray, got: int) -> int:
-    """Mix the part of ``frames`` (packed float, the first ``offset`` frames from the window's
-    start) that falls in the window and after what is written into ``mono``; returns the
-    frames written."""
-    for frame in frames:
-        channels = frame.layout.nb_channels
-        skip = max(0, got - offset)
-        take = min(frame.samples - skip, len(mono) - got)
+class _Mixer:
+    """Frames into the mono window: the part of each frame inside the window is copied into a
+    block of BLOCK_FRAMES rows as float, and a full block is mixed down by one numpy call (a
+    call per codec frame, 1,024 samples for AAC, cost three times the decoding itself)."""
+
+    def __init__(self, mono: np.ndarray, start: int) -> None:
+        self.mono, self.start = mono, start
+        self.got = 0
+        """Frames of the window mixed into ``mono``."""
+        self.block = np.empty((0, 0), dtype=np.float32)
+        self.fill = 0
+        self.packed: AudioResampler | None = None
+
+    def add(self, frame: "AudioFrame", pos: int) -> bool:
+        """Take ``frame`` (its first sample at ``pos`` in the file); True once the window is
+        complete."""
+        want = self.got + self.fill  # the window's next frame
+        skip = max(0, want - (pos - self.start))
+        take = min(frame.samples - skip, len(self.mono) - want)
         if take > 0:
-            data = frame.to_ndarray().reshape(-1, channels)[skip : skip + take]
-            with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
-                np.mean(data, axis=1, dtype=np.float32, out=mono[got : got + take])
-            got += take
-        offset += frame.samples
-    return got
+            rows = self._rows(frame)[skip : skip + take]
+            if self.block.shape[1] != rows.shape[1]:
+                self.flush()
+                self.block = np.empty((BLOCK_FRAMES, rows.shape[1]), dtype=np.float32)
+            while len(rows):
+                n = min(len(rows), len(self.block) - self.fill)
+                self.block[self.fill : self.fill + n] = rows[:n]
+                self.fill, rows = self.fill + n, rows[n:]
+                if self.fill == len(self.block):
+                    self.flush()
+        return self.got + self.fill >= len(self.mono)
+
+    def flush(self) -> int:
+        """Mix the block into the window; returns the frames of it written."""
+        if self.fill:
+            out = self.mono[self.got : self.got + self.fill]
+            block = self.block[: self.fill]
+            # Column by column: a mean along the short axis costs ~8× as much.
+            with np.errstate(over="ignore", invalid="ignore"):  # non-finite: refused after
+                np.copyto(out, block[:, 0])
+                for channel in range(1, block.shape[1]):
+                    out += block[:, channel]
+                out *= np.float32(1 / block.shape[1])
+            self.got, self.fill = self.got + self.fill, 0
+        return self.got
+
+    def _rows(self, frame: "AudioFrame") -> np.ndarray:
+        """The frame as (samples, channels), float in [-1, 1] (ints scaled when copied)."""
+        channels = frame.layout.nb_channels
+        if frame.format.is_planar and channels >= 8:
+            # PyAV 18.1 reads a planar frame's planes past its pointers at 8+ channels
+            # (SIGSEGV on a 7.1 AAC): FFmpeg makes it packed (one plane) first. A layout that
+            # changes mid-stream is refused by the converter.
+            import av  # noqa: PLC0415 (loaded already by decode_window)
+
+            self.packed = self.packed or av.AudioResampler(
+                format="flt", layout=frame.layout, rate=frame.sample_rate
+            )
+            parts = [
+                part.to_ndarray().reshape(-1, channels) for part in self.packed.resample(frame)
+            ]
+            return np.concatenate(parts) if parts else np.empty((0, channels), np.float32)
+        data: np.ndarray = frame.to_ndarray()
+        rows = data.T if frame.format.is_planar else data.reshape(-1, channels)
+        if rows.dtype.kind == "f":
+            return rows
+        scale = np.float32(1 / 2 ** (8 * rows.dtype.itemsize - 1))
+        if rows.dtype.kind == "u":  # 8-bit PCM is unsigned, centred on 128
+            return (rows.astype(np.float32) - np.float32(128)) * scale
+        return rows.astype(np.float32) * scale
