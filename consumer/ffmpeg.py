@@ -140,7 +140,13 @@ def _fill(
 def _position(pts: int | None, to_frames: float, last: int | None) -> int:
     """A frame's first sample, from its timestamp (or following the last frame's)."""
     if pts is not None and to_frames:
-        return round(pts * to_frames)
+        at = round(pts * to_frames)
+        # Within the time base's resolution of where the last frame ended (Matroska's are
+        # milliseconds: 44.1 frames at 44.1 kHz), it is where the last frame ended: the
+        # rounded timestamp would drop or repeat a few samples.
+        if last is not None and abs(at - last) <= to_frames + 1:
+            return last
+        return at
     if last is None:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the audio frames carry no timestamps")
     return last
@@ -172,7 +178,14 @@ class _Mixer:
                 self.block = np.empty((BLOCK_FRAMES, rows.shape[1]), dtype=np.float32)
             while len(rows):
                 n = min(len(rows), len(self.block) - self.fill)
-                self.block[self.fill : self.fill + n] = rows[:n]
+                part = self.block[self.fill : self.fill + n]
+                if rows.dtype.kind == "f":
+                    part[...] = rows[:n]
+                else:
+                    scale = np.float32(1 / 2 ** (8 * rows.dtype.itemsize - 1))
+                    np.multiply(rows[:n], scale, out=part, casting="unsafe")
+                    if rows.dtype.kind == "u":  # 8-bit PCM is unsigned, centred on 128
+                        part -= np.float32(1.0)
                 self.fill, rows = self.fill + n, rows[n:]
                 if self.fill == len(self.block):
                     self.flush()
@@ -193,7 +206,9 @@ class _Mixer:
         return self.got
 
     def _rows(self, frame: "AudioFrame") -> np.ndarray:
-        """The frame as (samples, channels), float in [-1, 1] (ints scaled when copied)."""
+        """The frame as (samples, channels), in its own sample type: ints are scaled to
+        [-1, 1] as the window's part is copied into the block (a PCM frame may be as large as
+        its packet, so it is never converted whole)."""
         channels = frame.layout.nb_channels
         if frame.format.is_planar and channels >= 8:
             # PyAV 18.1 reads a planar frame's planes past its pointers at 8+ channels
@@ -209,10 +224,4 @@ class _Mixer:
             ]
             return np.concatenate(parts) if parts else np.empty((0, channels), np.float32)
         data: np.ndarray = frame.to_ndarray()
-        rows = data.T if frame.format.is_planar else data.reshape(-1, channels)
-        if rows.dtype.kind == "f":
-            return rows
-        scale = np.float32(1 / 2 ** (8 * rows.dtype.itemsize - 1))
-        if rows.dtype.kind == "u":  # 8-bit PCM is unsigned, centred on 128
-            return (rows.astype(np.float32) - np.float32(128)) * scale
-        return rows.astype(np.float32) * scale
+        return data.T if frame.format.is_planar else data.reshape(-1, channels)

@@ -47,6 +47,7 @@ MAX_MESSAGE = 4096
 # One thread each in the worker: its parallelism is the decode pool's (and fewer threads, less
 # address space reserved for their stacks and arenas under the limit).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+PASSED_ON = ("PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LANG", "LC_ALL", "TMPDIR")
 
 
 def decode_window(
@@ -65,19 +66,26 @@ class _Worker:
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                env={**os.environ, **WORKER_ENV},
+                env={**_passed_on(), **WORKER_ENV},
             )
         self.sock = ours
 
-    def run(self, fd: int, request: tuple[object, ...]) -> tuple[np.ndarray, int, int]:
-        socket.send_fds(self.sock, [pickle.dumps(request)], [fd])
-        self.sock.settimeout(TIMEOUT_S)
+    def run(self, fd: int, request: tuple[object, ...]) -> tuple[np.ndarray, int, int] | None:
+        """The answer, or None when the worker was gone before it read the file."""
         try:
+            socket.send_fds(self.sock, [pickle.dumps(request)], [fd])
+            self.sock.settimeout(TIMEOUT_S)
             message, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+        except (BrokenPipeError, ConnectionResetError):
+            self.kill()  # died before it read the request: not this file's doing
+            return None
         except TimeoutError:
             self.kill()
             detail = f"the FFmpeg decoder took over {TIMEOUT_S:.0f} s on this file; stopped"
             raise DeadLetter(Reason.AUDIO_DECODE_FAILED, detail) from None
+        except BaseException:
+            self.kill()  # an answer may still come: never hand this worker out again
+            raise
         if not message:
             raise DeadLetter(Reason.AUDIO_DECODE_FAILED, self._death())
         return _answer(pickle.loads(message), fds)
@@ -99,13 +107,22 @@ class _Worker:
         self.sock.close()
 
 
+def _passed_on() -> dict[str, str]:
+    """What of the service's environment a worker gets: what Python needs to start, not the
+    credentials (Kafka, Redis, S3) the service holds."""
+    return {name: os.environ[name] for name in PASSED_ON if name in os.environ}
+
+
 def _answer(answer: tuple[object, ...], fds: list[int]) -> tuple[np.ndarray, int, int]:
     """The worker's answer: the window (in the memfd it sent) or the file's dead letter."""
     if answer[0] == "dead":
         raise DeadLetter(Reason(str(answer[1])), str(answer[2]))
     _ok, rate, frames, count = answer
-    mono = np.empty(int(str(count)), dtype=np.float32)
     with os.fdopen(fds[0], "rb") as window:
+        size = os.fstat(window.fileno()).st_size
+        if size != int(str(count)) * 4:  # allocate only what the worker did write
+            raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the FFmpeg decoder's answer is torn")
+        mono = np.empty(size // 4, dtype=np.float32)
         got = window.readinto(mono.data.cast("B"))
     if got != mono.nbytes:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the FFmpeg decoder's answer was cut short")
@@ -124,15 +141,19 @@ class _Pool:
     def decode(
         self, handle: BinaryIO | int, start: int, request: tuple[str, float, float]
     ) -> tuple[np.ndarray, int, int]:
-        worker = self._take()
-        try:
-            with _descriptor(handle, start) as (fd, offset):
-                return worker.run(fd, (*request, offset))
-        finally:
-            if worker.alive():
-                self.idle.put(worker)
-            else:
-                self._drop(worker)
+        with _descriptor(handle, start) as (fd, offset):
+            for _ in range(3):
+                worker = self._take()
+                try:
+                    answer = worker.run(fd, (*request, offset))
+                finally:
+                    if worker.alive():
+                        self.idle.put(worker)
+                    else:
+                        self._drop(worker)
+                if answer is not None:
+                    return answer
+        raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "no FFmpeg decoder could be started")
 
     def _take(self) -> _Worker:
         while True:

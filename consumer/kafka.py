@@ -371,10 +371,17 @@ _NO_LEADER_YET = (
 
 
 def _partition_records(reader: Consumer, topic: str, partition: int, deadline: float) -> int:
+    low, high = watermarks(reader, TopicPartition(topic, partition), deadline)
+    return high - low
+
+
+def watermarks(reader: Consumer, tp: TopicPartition, deadline: float) -> tuple[int, int]:
+    """A partition's low and high offsets, asked again until ``deadline`` (monotonic) while
+    it has no leader yet (a topic created a moment ago, an election in progress)."""
     while True:
         try:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)
-            return int(high - low)
+            low, high = reader.get_watermark_offsets(tp, timeout=5)
+            return int(low), int(high)
         except KafkaException as exc:
             code = exc.args[0].code()
             if time.monotonic() > deadline or code not in _NO_LEADER_YET:

@@ -20,7 +20,14 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from consumer.dead_letters import foreign_headers, headers_of
 from consumer.errors import ConfigError, SinkError
-from consumer.kafka import DeliveryCallback, client, consumer_config, produce, producer_config
+from consumer.kafka import (
+    DeliveryCallback,
+    client,
+    consumer_config,
+    produce,
+    producer_config,
+    watermarks,
+)
 from consumer.settings import Settings
 from consumer.source import record_id
 from schemas.dead_letter import HEADER_REASON, HEADER_REPLAYED_FROM, HEADER_VALUE_OMITTED
@@ -31,6 +38,9 @@ _POLL_S = 1.0
 # A partition that delivers nothing for this long while short of its end offset (e.g. the
 # rest are transaction markers or were deleted by retention) counts as read.
 _STALL_S = 15.0
+LEADER_WAIT_S = 30.0
+"""How long a dead-letter topic's partitions may have no leader (created a moment ago, an
+election in progress) before the replay gives up."""
 
 
 @dataclass(frozen=True)
@@ -208,8 +218,9 @@ def _read(settings: Settings, topic: str, ends: dict[int, tuple[int, int]]) -> I
 def _positions(consumer: Consumer, topic: str, since_ms: int | None) -> dict[int, tuple[int, int]]:
     metadata = _metadata(consumer, topic, f"dead-letter topic {topic} does not exist")
     positions: dict[int, tuple[int, int]] = {}
+    deadline = time.monotonic() + LEADER_WAIT_S
     for partition in sorted(metadata.partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        low, high = watermarks(consumer, TopicPartition(topic, partition), deadline)
         start = low
         if since_ms is not None and high > low:
             [found] = consumer.offsets_for_times(

@@ -306,6 +306,15 @@ class KafkaSource:
         self._paused_here = set()
         self.paused = False
 
+    def _unpause(self, keys: set[Partition]) -> None:
+        """Resume partitions this member paused as they leave it: librdkafka would keep the
+        pause to a later reassignment, and ``_on_assign``'s resume would then fall in the
+        start-offset lookup that ``pause`` explains."""
+        if keys:
+            with contextlib.suppress(KafkaException):  # a lost partition may be gone already
+                self.consumer.resume(topic_partitions(keys))
+            self._paused_here -= keys
+
     def mark_committed(self, offsets: Iterable[TopicPartition]) -> None:
         """This member's transaction committed ``offsets``: where a rewind goes back to."""
         for tp in offsets:
@@ -453,8 +462,8 @@ class KafkaSource:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         hook(gone)  # while we still own them: finish and commit, or drop
         self.metrics.rebalances.labels(how).inc(len(gone))
+        self._unpause(gone & self._paused_here)
         self.assignment -= gone
-        self._paused_here -= gone
         self._at_end -= gone
         for key in gone:
             self._first_read.pop(key, None)

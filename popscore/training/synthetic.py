@@ -350,11 +350,17 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, fmt: str)
 
 
 def encode_ffmpeg(
-    audio: np.ndarray, sample_rate: int, codec: str, muxer: str, layout: str | None = None
+    audio: np.ndarray,
+    sample_rate: int,
+    codec: str,
+    muxer: str,
+    layout: str | None = None,
+    frame_size: int = 0,
 ) -> bytes:
     """[channels, frames] float audio in [-1, 1] encoded by FFmpeg's ``codec`` into ``muxer``'s
     container (PyAV), fed in 1 s frames; ``layout`` names the channels' (default: mono,
-    stereo, else FFmpeg's unnamed layout of that many)."""
+    stereo, else FFmpeg's unnamed layout of that many); ``frame_size``: frames of that many
+    samples for an encoder that takes any (PCM), else as fed."""
     import av  # noqa: PLC0415 (FFmpeg: only for the formats libsndfile does not write)
 
     body = io.BytesIO()
@@ -364,7 +370,9 @@ def encode_ffmpeg(
         # Frames go in packed float (one plane: PyAV 18.1 mishandles 8+ planar channels) and
         # FFmpeg converts them to what the encoder takes.
         wanted = stream.codec_context.codec.audio_formats[0].name
-        convert = av.AudioResampler(format=wanted, layout=layout, rate=sample_rate)
+        convert = av.AudioResampler(
+            format=wanted, layout=layout, rate=sample_rate, frame_size=frame_size or None
+        )
         for start in range(0, audio.shape[1], sample_rate):
             chunk = audio[:, start : start + sample_rate].T.reshape(1, -1)
             frame = av.AudioFrame.from_ndarray(

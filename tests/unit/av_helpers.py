@@ -20,11 +20,16 @@ FORMATS = {
 
 
 def encode(
-    audio: np.ndarray, rate: int, name: str, path: Path | None = None, layout: str | None = None
+    audio: np.ndarray,
+    rate: int,
+    name: str,
+    path: Path | None = None,
+    layout: str | None = None,
+    frame_size: int = 0,
 ) -> bytes:
     """``audio`` [channels, frames] float32 in [-1, 1] encoded as FORMATS[name]; written to
     ``path`` too when given."""
-    data = encode_ffmpeg(audio, rate, *FORMATS[name], layout=layout)
+    data = encode_ffmpeg(audio, rate, *FORMATS[name], layout=layout, frame_size=frame_size)
     if path is not None:
         path.write_bytes(data)
     return data

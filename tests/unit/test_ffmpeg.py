@@ -4,6 +4,7 @@ libsndfile would give, under the same limits, and nothing but the one file read.
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -258,3 +259,55 @@ def test_an_m4a_behind_an_id3_tag_or_with_bytes_after_it_decodes(
         np.testing.assert_array_equal(
             decode_window(source, WINDOW_S, AudioPolicy.create(())).samples, window
         )
+
+
+@pytest.mark.parametrize("rate", [44_100, 48_000])
+def test_matroska_windows_follow_frames_not_millisecond_timestamps(rate: int) -> None:
+    """Matroska's timestamps are milliseconds: 1,024-sample frames at 44.1 kHz start at
+    rounded times, and taking those as positions dropped or repeated samples."""
+    audio = (np.random.default_rng(9).standard_normal((1, rate * 6)) * 0.1).astype(np.float32)
+    data = encode(audio, rate, "mka", frame_size=1_024)
+    window = decode_window(data, 2.0, AudioPolicy.create(())).samples
+    start = (rate * 6 - 2 * rate) // 2
+    np.testing.assert_allclose(window, audio[0, start : start + 2 * rate], atol=1e-4)
+
+
+def two_files(noise: np.ndarray) -> tuple[bytes, bytes]:
+    return encode(noise, RATE, "mka"), encode(noise[:, ::-1].copy(), RATE, "mka")
+
+
+def test_a_wait_cut_short_never_hands_the_next_file_an_old_answer(
+    noise: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception while a thread waits for its worker (KeyboardInterrupt where decoding runs
+    on the main thread) left the answer in the socket, and every later file got the one
+    before it: the worker is stopped instead."""
+    ffmpeg_sandbox.pool().close()  # one worker from here: the one the wait is cut short on
+    first, second = two_files(noise)
+    policy = AudioPolicy.create(())
+    windows = [decode_window(data, 1.0, policy).samples for data in (first, second)]
+    assert not np.array_equal(*windows)
+    real = socket.recv_fds
+
+    def interrupted(*args: object) -> object:
+        monkeypatch.setattr(socket, "recv_fds", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(socket, "recv_fds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decode_window(first, 1.0, policy)
+    for data, window in zip((second, first), windows[::-1], strict=True):
+        np.testing.assert_array_equal(decode_window(data, 1.0, policy).samples, window)
+
+
+def test_a_file_whose_idle_worker_died_goes_to_another(noise: np.ndarray) -> None:
+    """Killed while idle (the OOM killer, an operator) just before a file is handed to it: the
+    file never reached it, so it goes to a new worker (it raised BrokenPipeError, and the
+    record was dead-lettered internal_error)."""
+    pool = ffmpeg_sandbox.pool()
+    data = encode(noise, RATE, "mka")
+    for _ in range(5):
+        decode_window(data, 1.0, AudioPolicy.create(()))  # a worker, idle now
+        for worker in list(pool.workers):
+            os.kill(worker.proc.pid, signal.SIGKILL)  # not reaped: it still looks alive
+        assert len(decode_window(data, 1.0, AudioPolicy.create(())).samples) == RATE

@@ -202,6 +202,8 @@ def test_a_partition_is_paused_only_once_it_has_handed_out_a_record() -> None:
     src.pause()
     src.pause()  # once
     src.resume()
+    src.pause()
+    src._leave(parts, lambda gone: None, "revoked")  # paused by us: resumed as it goes
     assert fake.calls == [
         ("assign", [("releases", 1)]),
         ("resume", [("releases", 1)]),
@@ -209,7 +211,10 @@ def test_a_partition_is_paused_only_once_it_has_handed_out_a_record() -> None:
         ("resume", [("releases", 1)]),
         ("pause", [("releases", 1)]),
         ("resume", [("releases", 1)]),
+        ("pause", [("releases", 1)]),
+        ("resume", [("releases", 1)]),
     ]
+    assert not src._paused_here
 
 
 class RewindConsumer(FakeConsumer):
