@@ -31,6 +31,7 @@ from consumer import ffmpeg, ffmpeg_sandbox, id3, vorbis
 from consumer.dead_letters import of_the_process
 from consumer.errors import DeadLetter
 from consumer.limits import check_stated
+from consumer.mixdown import BLOCK_FRAMES, mix_down
 from consumer.redact import redact, redact_loggers
 from consumer.resample import Clip, Resampler
 from consumer.s3 import ClientShape, fetch_object
@@ -108,7 +109,6 @@ def lower_decode_thread_priority() -> None:
         pass
 
 
-BLOCK_FRAMES = 65_536
 # httpx logs every request URL at INFO: its userinfo and query (a presigned signature) are
 # credentials.
 redact_loggers("httpx", "httpcore", "httpcore.connection", "httpcore.http11", "httpcore.http2")
@@ -460,7 +460,7 @@ def _read_blocks(
         if len(data) == 0:
             break
         if mono is not None:
-            mono[done : done + len(data)] = mix_down(data)
+            mix_down(data, out=mono[done : done + len(data)])
         done += len(data)
     return done
 
@@ -479,21 +479,6 @@ def _closing(source: AudioSource | Path | bytes) -> Iterator[BinaryIO | int]:
         yield source.fileno() if isinstance(source, io.BufferedReader) else source
     finally:
         source.close()
-
-
-def mix_down(data: np.ndarray) -> np.ndarray:
-    """[frames, channels] float32 → [frames] mono, the mean of the channels.
-
-    Channel by channel: ``data.mean(axis=1)`` reduces over a tiny inner axis, many times slower
-    (docs/PERFORMANCE.md, "The CPU pass")."""
-    channels = data.shape[1]
-    mono = np.array(data[:, 0], dtype=np.float32)  # a contiguous copy
-    with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums: refused after
-        for ch in range(1, channels):
-            mono += data[:, ch]
-        if channels > 1:
-            mono *= np.float32(1.0 / channels)
-    return mono
 
 
 def _check_header(audio: sf.SoundFile, policy: AudioPolicy) -> tuple[int, int]:

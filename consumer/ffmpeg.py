@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 import numpy as np
 
 from consumer.errors import DeadLetter
+from consumer.mixdown import BLOCK_FRAMES, mix_down
 from schemas.dead_letter import DeadLetterReason as Reason
 
 if TYPE_CHECKING:  # FFmpeg itself is loaded by the first file that needs it (decode_window)
@@ -27,8 +28,6 @@ if TYPE_CHECKING:  # FFmpeg itself is loaded by the first file that needs it (de
 
 SEEK_MARGIN_S = 1.0
 """Seek this far before the window: a demuxer may land just after the time asked for."""
-BLOCK_FRAMES = 65_536
-"""Frames mixed down at a time (as libsndfile's path reads them): ≤ 16.8 MB at 64 channels."""
 
 
 def demuxer_for(head: bytes) -> str | None:
@@ -154,8 +153,9 @@ def _position(pts: int | None, to_frames: float, last: int | None) -> int:
 
 class _Mixer:
     """Frames into the mono window: the part of each frame inside the window is copied into a
-    block of BLOCK_FRAMES rows as float, and a full block is mixed down by one numpy call (a
-    call per codec frame, 1,024 samples for AAC, cost three times the decoding itself)."""
+    block of BLOCK_FRAMES rows as float, and a full block is mixed down at once, as libsndfile's
+    path does (mixing each codec frame, 1,024 samples for AAC, cost three times the decoding
+    itself)."""
 
     def __init__(self, mono: np.ndarray, start: int) -> None:
         self.mono, self.start = mono, start
@@ -194,14 +194,7 @@ class _Mixer:
     def flush(self) -> int:
         """Mix the block into the window; returns the frames of it written."""
         if self.fill:
-            out = self.mono[self.got : self.got + self.fill]
-            block = self.block[: self.fill]
-            # Column by column: a mean along the short axis costs ~8× as much.
-            with np.errstate(over="ignore", invalid="ignore"):  # non-finite: refused after
-                np.copyto(out, block[:, 0])
-                for channel in range(1, block.shape[1]):
-                    out += block[:, channel]
-                out *= np.float32(1 / block.shape[1])
+            mix_down(self.block[: self.fill], out=self.mono[self.got : self.got + self.fill])
             self.got, self.fill = self.got + self.fill, 0
         return self.got
 

@@ -15,9 +15,10 @@ import torch
 import torchaudio
 from confluent_kafka import Consumer, Producer
 
-from consumer.audio import AudioPolicy, mix_down, open_uri
+from consumer.audio import AudioPolicy, open_uri
 from consumer.device import Scorer
 from consumer.kafka import client, ensure_topics
+from consumer.mixdown import mix_down
 from consumer.pipeline import score_record
 from consumer.settings import Settings
 from consumer.sinks import RedisSink
