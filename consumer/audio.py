@@ -408,15 +408,14 @@ def decode_window(
     try:
         with _closing(source) as handle:
             vorbis.check(handle)
-            with id3.reader(handle) as read_at:
-                start = id3.audio_start(read_at)
-                demuxer = ffmpeg.demuxer_for(read_at(start, 12))
-            if demuxer is not None:
+            start, head = id3.locate(handle)
+            if (demuxer := ffmpeg.demuxer_for(head)) is not None:
                 mono, rate, frames = ffmpeg_sandbox.decode_window(
                     handle, start, demuxer, clip_seconds, policy.max_seconds
                 )
             else:
-                mono, rate, frames = _sndfile_window(id3.behind_tags(handle), clip_seconds, policy)
+                opened = id3.behind_tags(handle, start, head)
+                mono, rate, frames = _sndfile_window(opened, clip_seconds, policy)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, str(exc)[:300]) from exc
     if len(mono) == 0:

@@ -12,7 +12,6 @@ decoded after a seek, each frame is mixed down to mono into a buffer of the wind
 any failure is the event's dead letter.
 """
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -39,33 +38,20 @@ def demuxer_for(head: bytes) -> str | None:
     return None
 
 
-def peek(handle: BinaryIO | int, n: int = 12) -> bytes:
-    """The next ``n`` bytes at ``handle``'s position, which is left where it was."""
-    if isinstance(handle, int):
-        return os.pread(handle, n, os.lseek(handle, 0, os.SEEK_CUR))
-    where = handle.tell()
-    try:
-        return handle.read(n)
-    finally:
-        handle.seek(where)
-
-
 Check = Callable[[int, int, int], None]
 """Refuses a stated (sample rate, channels, frames) as libsndfile's path does."""
 
 
 def decode_window(
-    handle: BinaryIO | int, demuxer: str, clip_seconds: float, check: Check, max_seconds: float
+    handle: BinaryIO, demuxer: str, clip_seconds: float, check: Check, max_seconds: float
 ) -> tuple[np.ndarray, int, int]:
     """The centred ``clip_seconds`` window, mono float32 (possibly short), the sample rate and
-    the stated length in frames. ``handle``: a file object or descriptor at the audio's
-    start."""
+    the stated length in frames. ``handle``: a file object at the audio's start."""
     import av  # noqa: PLC0415 (FFmpeg is loaded by the first such file, not by every process)
 
     av.logging.set_level(None)  # FFmpeg's own log lines would go to stderr unredacted
-    source = open(handle, "rb", closefd=False) if isinstance(handle, int) else handle  # noqa: SIM115
     try:
-        opened = av.open(source, format=demuxer, io_open=_refuse_open, metadata_errors="ignore")
+        opened = av.open(handle, format=demuxer, io_open=_refuse_open, metadata_errors="ignore")
         with cast("InputContainer", opened) as container:
             return _window(container, clip_seconds, check, max_seconds)
     except (av.FFmpegError, ValueError, TypeError, IndexError, OverflowError) as exc:

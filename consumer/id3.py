@@ -28,13 +28,19 @@ MAX_TAGS = 64
 ReadAt = Callable[[int, int], bytes]
 
 
-def behind_tags(handle: BinaryIO | int) -> "BinaryIO | int | Behind":
-    """What libsndfile should open for ``handle`` (positioned at 0): a view of an in-memory
-    body that starts behind its leading ID3v2 tags, or a descriptor moved past them when the
-    audio there is WAV, AIFF, FLAC or an MPEG frame; otherwise ``handle`` as it is."""
+def locate(handle: BinaryIO | int) -> tuple[int, bytes]:
+    """Where the audio starts behind ``handle``'s leading ID3v2 tags, and its first 12 bytes
+    (which tell its format); the handle's position is left as it was."""
     with reader(handle) as read_at:
         start = audio_start(read_at)
-        head = read_at(start, 12)
+        return start, read_at(start, 12)
+
+
+def behind_tags(handle: BinaryIO | int, start: int, head: bytes) -> "BinaryIO | int | Behind":
+    """What libsndfile should open for ``handle`` (positioned at 0) whose audio ``locate``
+    found at ``start``, beginning with ``head``: a view of an in-memory body that starts there,
+    or a descriptor moved there when that audio is WAV, AIFF, FLAC or an MPEG frame; otherwise
+    ``handle`` as it is."""
     if start == 0 or not head:
         return handle
     if not isinstance(handle, int):
