@@ -117,16 +117,16 @@ def _answer(answer: tuple[object, ...], fds: list[int]) -> tuple[np.ndarray, int
     """The worker's answer: the window (in the memfd it sent) or the file's dead letter."""
     if answer[0] == "dead":
         raise DeadLetter(Reason(str(answer[1])), str(answer[2]))
-    _ok, rate, frames, count = answer
+    _ok, rate, frames, count = cast(tuple[str, int, int, int], answer)
     with os.fdopen(fds[0], "rb") as window:
         size = os.fstat(window.fileno()).st_size
-        if size != int(str(count)) * 4:  # allocate only what the worker did write
+        if size != count * 4:  # allocate only what the worker did write
             raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the FFmpeg decoder's answer is torn")
         mono = np.empty(size // 4, dtype=np.float32)
         got = window.readinto(mono.data.cast("B"))
     if got != mono.nbytes:
         raise DeadLetter(Reason.AUDIO_DECODE_FAILED, "the FFmpeg decoder's answer was cut short")
-    return mono, int(str(rate)), int(str(frames))
+    return mono, rate, frames
 
 
 class _Pool:
