@@ -88,15 +88,14 @@ def from_dir(folder: Path) -> tuple[list[Path], dict[str, Any]]:
     )
     if not paths:
         raise CorpusError(f"no audio files ({', '.join(FILE_SUFFIXES)}) in {folder}")
-    infos = [_info(path) for path in paths]
-    rates = Counter(rate for _seconds, rate, _channels in infos)
+    seconds, rates, channels = zip(*(_info(path) for path in paths), strict=True)
     return paths, {
         "audio_format": ",".join(sorted({p.suffix.upper()[1:] for p in paths})),
         "clip_seconds": None,
-        "min_seconds": round(min(seconds for seconds, _r, _c in infos), 2),
-        "max_seconds": round(max(seconds for seconds, _r, _c in infos), 2),
-        "sample_rate": rates.most_common(1)[0][0],
-        "channels": max(channels for _s, _r, channels in infos),
+        "min_seconds": round(min(seconds), 2),
+        "max_seconds": round(max(seconds), 2),
+        "sample_rate": Counter(rates).most_common(1)[0][0],
+        "channels": max(channels),
         "unique_files": len(paths),
         "source": str(folder),
     }
