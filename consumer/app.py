@@ -44,6 +44,7 @@ from consumer.dead_letters import Rejected
 from consumer.device import Scorer
 from consumer.drift import DriftMonitor
 from consumer.errors import ConfigError, DeadLetter, DeviceFailure, DeviceUnavailable
+from consumer.ffmpeg_sandbox import Limits
 from consumer.health import STUCK_S, BackgroundCheck, Health, HealthServer
 from consumer.kafka import TOPIC_LOOKUPS, client, output_topics_limit, transactional_config
 from consumer.metrics import OUTCOME_DEAD_LETTERED, OUTCOME_DUPLICATE, OUTCOME_SCORED, Metrics
@@ -169,6 +170,7 @@ def audio_policy(s: Settings) -> AudioPolicy:
         s.audio_fetch_timeout_s,
         s.audio_s3_buckets,
         fetch_concurrency=s.decode_workers,
+        ffmpeg_limits=Limits(s.ffmpeg_memory_mb, s.ffmpeg_timeout_s),
     )
 
 

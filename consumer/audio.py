@@ -62,6 +62,8 @@ class AudioPolicy:
     """Buckets s3:// URIs may name; empty refuses them all."""
     fetch_concurrency: int = 10
     """Threads fetching at once (the decode pool): the S3 client keeps as many connections."""
+    ffmpeg_limits: ffmpeg_sandbox.Limits = ffmpeg_sandbox.DEFAULT_LIMITS
+    """What one MP4 or Matroska file may cost the worker process decoding it."""
 
     @classmethod
     def create(
@@ -73,6 +75,7 @@ class AudioPolicy:
         fetch_timeout_s: float = 15.0,
         s3_buckets: tuple[str, ...] = (),
         fetch_concurrency: int = 10,
+        ffmpeg_limits: ffmpeg_sandbox.Limits = ffmpeg_sandbox.DEFAULT_LIMITS,
     ) -> "AudioPolicy":
         """Roots are resolved once here, so a symlinked root compares like its target."""
         roots = tuple(Path(r).resolve() for r in file_roots)
@@ -84,6 +87,7 @@ class AudioPolicy:
             fetch_timeout_s,
             tuple(s3_buckets),
             fetch_concurrency,
+            ffmpeg_limits,
         )
 
 
@@ -410,8 +414,9 @@ def decode_window(
             vorbis.check(handle)
             start, head = id3.locate(handle)
             if (demuxer := ffmpeg.demuxer_for(head)) is not None:
+                seconds = (clip_seconds, policy.max_seconds)
                 mono, rate, frames = ffmpeg_sandbox.decode_window(
-                    handle, start, demuxer, clip_seconds, policy.max_seconds
+                    handle, start, demuxer, seconds, policy.ffmpeg_limits
                 )
             else:
                 opened = id3.behind_tags(handle, start, head)

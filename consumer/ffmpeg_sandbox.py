@@ -7,9 +7,11 @@ sample tables, edit lists, a zlib-compressed ``moov``: +1 to +2 GB) and files th
 for minutes (Matroska content compression). Checking each ahead of FFmpeg is a race without an
 end, so the decode runs in a worker process instead, under limits the kernel enforces:
 
-- address space MEMORY_LIMIT (RLIMIT_AS): an allocation past it fails inside FFmpeg, which
-  reports it as an error;
-- TIMEOUT_S of wall time per file: the worker is killed;
+- address space (``Limits.memory_mb``, RLIMIT_AS): an allocation past it fails inside FFmpeg,
+  which reports it as an error;
+- wall time per file (``Limits.timeout_s``): the worker is killed;
+- the kernel's OOM killer takes a worker before the service (oom_score_adj 1000), should the
+  workers together outgrow the memory the service may use;
 - a worker that dies (a signal, the limit) or is killed is replaced; the file is dead-lettered
   ``audio_decode_failed`` with what happened, and the consumer goes on.
 
@@ -31,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 import numpy as np
@@ -39,10 +42,18 @@ from consumer import ffmpeg, id3, limits
 from consumer.errors import DeadLetter
 from schemas.dead_letter import DeadLetterReason as Reason
 
-MEMORY_LIMIT = 1 << 30
-"""A worker's address space: ~240 MB of it is Python, numpy and FFmpeg mapped."""
-TIMEOUT_S = 30.0
-"""Wall time for one file: the window of a 30-minute file decodes in well under a second."""
+
+@dataclass(frozen=True)
+class Limits:
+    """What one file may cost its worker (POPSCORE_FFMPEG_MEMORY_MB, POPSCORE_FFMPEG_TIMEOUT_S)."""
+
+    memory_mb: int = 1024
+    """Address space: ~240 MB of it is Python, numpy and FFmpeg mapped."""
+    timeout_s: float = 30.0
+    """Wall time: the window of a 30-minute file decodes in well under a second."""
+
+
+DEFAULT_LIMITS = Limits()
 MAX_MESSAGE = 4096
 # One thread each in the worker: its parallelism is the decode pool's (and fewer threads, less
 # address space reserved for their stacks and arenas under the limit).
@@ -51,10 +62,15 @@ PASSED_ON = ("PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LANG", "LC_ALL"
 
 
 def decode_window(
-    handle: BinaryIO | int, start: int, demuxer: str, clip_seconds: float, max_seconds: float
+    handle: BinaryIO | int,
+    start: int,
+    demuxer: str,
+    seconds: tuple[float, float],
+    budget: Limits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, int, int]:
-    """``ffmpeg.decode_window`` of the audio ``start`` bytes into ``handle``, in a worker."""
-    return pool().decode(handle, start, (demuxer, clip_seconds, max_seconds))
+    """``ffmpeg.decode_window`` of the audio ``start`` bytes into ``handle``, in a worker, for
+    ``seconds`` (the clip's, the longest stated length accepted) within ``budget``."""
+    return pool().decode(handle, start, (demuxer, *seconds, budget.memory_mb), budget.timeout_s)
 
 
 class _Worker:
@@ -70,18 +86,20 @@ class _Worker:
             )
         self.sock = ours
 
-    def run(self, fd: int, request: tuple[object, ...]) -> tuple[np.ndarray, int, int] | None:
+    def run(
+        self, fd: int, request: tuple[object, ...], timeout_s: float
+    ) -> tuple[np.ndarray, int, int] | None:
         """The answer, or None when the worker was gone before it read the file."""
         try:
             socket.send_fds(self.sock, [pickle.dumps(request)], [fd])
-            self.sock.settimeout(TIMEOUT_S)
+            self.sock.settimeout(timeout_s)
             message, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
         except (BrokenPipeError, ConnectionResetError):
             self.kill()  # died before it read the request: not this file's doing
             return None
         except TimeoutError:
             self.kill()
-            detail = f"the FFmpeg decoder took over {TIMEOUT_S:.0f} s on this file; stopped"
+            detail = f"the FFmpeg decoder took over {timeout_s:g} s on this file; stopped"
             raise DeadLetter(Reason.AUDIO_DECODE_FAILED, detail) from None
         except BaseException:
             self.kill()  # an answer may still come: never hand this worker out again
@@ -139,13 +157,13 @@ class _Pool:
         self.lock = threading.Lock()
 
     def decode(
-        self, handle: BinaryIO | int, start: int, request: tuple[str, float, float]
+        self, handle: BinaryIO | int, start: int, request: tuple[object, ...], timeout_s: float
     ) -> tuple[np.ndarray, int, int]:
         with _descriptor(handle, start) as (fd, offset):
             for _ in range(3):
                 worker = self._take()
                 try:
-                    answer = worker.run(fd, (*request, offset))
+                    answer = worker.run(fd, (*request, offset), timeout_s)
                 finally:
                     if worker.alive():
                         self.idle.put(worker)
@@ -226,7 +244,10 @@ def _serve(sock: socket.socket) -> None:
         message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
         if not message:
             return
-        demuxer, clip_seconds, max_seconds, offset = pickle.loads(message)
+        demuxer, clip_seconds, max_seconds, memory_mb, offset = pickle.loads(message)
+        # The soft limit, per file: a later file may be given another (the hard one stays).
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, hard))
         with os.fdopen(fds[0], "rb") as file:
             answer, window = _decode(file, offset, demuxer, (clip_seconds, max_seconds))
         if window is None:
@@ -251,7 +272,8 @@ def _decode(
     except DeadLetter as exc:
         return ("dead", exc.reason.value, exc.detail), None
     except MemoryError:
-        detail = f"the FFmpeg decoder needed over {MEMORY_LIMIT >> 20} MB for this file"
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0] >> 20
+        detail = f"the FFmpeg decoder needed over {limit} MB for this file"
         return ("dead", Reason.AUDIO_DECODE_FAILED.value, detail), None
     except Exception as exc:  # any failure is this file's, never the worker's
         detail = f"the FFmpeg decoder failed: {type(exc).__name__}: {exc}"[:300]
@@ -263,10 +285,18 @@ def _decode(
 
 
 def main() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    _first_to_go()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service stops it by closing the socket
     sock = socket.socket(fileno=int(sys.argv[1]))
     _serve(sock)
+
+
+def _first_to_go() -> None:
+    """Ask the kernel's OOM killer to take this worker before anything else (the service above
+    all): a worker's death costs one file, the service's every batch in hand. Best effort: a
+    system without the file (not Linux) keeps its default."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+        adj.write("1000")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ KAFKA_ROLES: tuple[KafkaRole, ...] = ("consumer", "producer", "admin")
 # Ten years. Redis refuses an EXPIRE its Lua scripts write in exponent form (1e+14 and up),
 # so a larger TTL would pass start-up and fail every write.
 MAX_TTL_S = 10 * 365 * 86_400
+FFMPEG_MIN_MB = 320
+"""An FFmpeg worker maps ~245 MB (Python, numpy, FFmpeg) before it reads a file: with 200 MB
+ordinary M4As failed to decode, with 256 they decoded (measured)."""
 
 
 class Settings(BaseSettings):
@@ -168,6 +171,12 @@ class Settings(BaseSettings):
     """Longest audio accepted, in seconds (by its header)."""
     audio_fetch_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
     """Deadline for fetching one audio file over http(s) or from S3."""
+    ffmpeg_memory_mb: Annotated[int, Field(ge=FFMPEG_MIN_MB, le=65_536)] = 1024
+    """Address space of each worker process that decodes MP4 or Matroska audio (one per decode
+    thread that meets such a file): a file that needs more is dead-lettered."""
+    ffmpeg_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """Wall time one MP4 or Matroska file may take its worker; it is then stopped and the file
+    dead-lettered."""
     drift_window: Annotated[int, Field(ge=1, le=100_000)] = 2000
     """How many of the latest scored events the drift gauges compare with the model's training
     data (docs/INTERFACE.md, "Metrics"); its memory is a few bytes per event and feature."""

@@ -143,6 +143,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from consumer.audio import AudioPolicy
+    from consumer.ffmpeg_sandbox import Limits
     from consumer.metrics import Metrics
     from consumer.pipeline import Pipeline
 
@@ -155,7 +156,10 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     scorer = load_scorer(args.model, args.device, settings)
     print(f"model {scorer.meta.provenance()}", file=sys.stderr)  # stdout: the record alone
     policy = AudioPolicy.create(
-        (path.parent,), max_bytes=settings.audio_max_bytes, max_seconds=settings.audio_max_seconds
+        (path.parent,),
+        max_bytes=settings.audio_max_bytes,
+        max_seconds=settings.audio_max_seconds,
+        ffmpeg_limits=Limits(settings.ffmpeg_memory_mb, settings.ffmpeg_timeout_s),
     )
     with ThreadPoolExecutor(1) as pool:
         pipeline = Pipeline(scorer, policy, pool, Metrics(), resample_on=settings.resample_on)

@@ -220,7 +220,7 @@ def test_a_worker_that_dies_costs_its_file_alone(stalled: int, noise: np.ndarray
     killer = threading.Thread(target=kill_the_new_worker)
     killer.start()
     with pytest.raises(DeadLetter) as excinfo:
-        ffmpeg_sandbox.decode_window(stalled, 0, "mov", 2.0, 60.0)
+        ffmpeg_sandbox.decode_window(stalled, 0, "mov", (2.0, 60.0))
     killer.join()
     assert excinfo.value.reason is Reason.AUDIO_DECODE_FAILED
     assert "died on this file (signal SIGSEGV)" in excinfo.value.detail
@@ -228,15 +228,44 @@ def test_a_worker_that_dies_costs_its_file_alone(stalled: int, noise: np.ndarray
     assert len(window) == RATE  # the next file gets a new worker
 
 
-def test_a_decode_past_its_time_is_stopped(stalled: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ffmpeg_sandbox, "TIMEOUT_S", 1.0)
+def test_a_decode_past_its_time_is_stopped(stalled: int) -> None:
     pool = ffmpeg_sandbox.pool()
     started = time.monotonic()
     with pytest.raises(DeadLetter) as excinfo:
-        ffmpeg_sandbox.decode_window(stalled, 0, "matroska", 2.0, 60.0)
-    assert "took over 1 s on this file; stopped" in excinfo.value.detail
+        limits = ffmpeg_sandbox.Limits(timeout_s=1.5)
+        ffmpeg_sandbox.decode_window(stalled, 0, "matroska", (2.0, 60.0), limits)
+    assert "took over 1.5 s on this file; stopped" in excinfo.value.detail
     assert time.monotonic() - started < 10
     assert all(worker.alive() for worker in pool.workers)  # the stopped one is gone
+
+
+def address_space_limit(pid: int) -> int:
+    """A process's soft RLIMIT_AS in MB, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max address space"):
+            return int(line.split()[3]) >> 20
+    raise AssertionError("no address space line")
+
+
+def test_the_memory_limit_is_each_file_s_own(noise: np.ndarray) -> None:
+    """The limit is the policy's, set for each file: one worker decodes a file held to 400 MB,
+    then the next under the default 1024 MB."""
+    pool = ffmpeg_sandbox.pool()
+    pool.close()  # one worker for both files
+    data = encode(noise, RATE, "m4a")
+    tight = AudioPolicy.create((), ffmpeg_limits=ffmpeg_sandbox.Limits(memory_mb=400))
+    for policy, limit in ((tight, 400), (AudioPolicy.create(()), 1024)):
+        assert len(decode_window(data, 1.0, policy).samples) == RATE
+        [worker] = pool.workers
+        assert address_space_limit(worker.proc.pid) == limit
+
+
+def test_the_oom_killer_takes_a_worker_before_the_service(noise: np.ndarray) -> None:
+    decode_window(encode(noise, RATE, "m4a"), 1.0, AudioPolicy.create(()))
+    for worker in ffmpeg_sandbox.pool().workers:
+        adj = Path(f"/proc/{worker.proc.pid}/oom_score_adj").read_text()
+        assert adj.strip() == "1000"
+    assert Path("/proc/self/oom_score_adj").read_text().strip() != "1000"
 
 
 def test_uncompressed_audio_in_mp4_decodes(noise: np.ndarray) -> None:

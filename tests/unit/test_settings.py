@@ -90,6 +90,8 @@ def test_a_kafka_property_key_must_name_a_property(
         ("POPSCORE_AUDIO_ALLOW_PRIVATE_HOSTS", "perhaps"),
         ("POPSCORE_INPUT_TOPIC", " "),
         ("POPSCORE_AUDIO_MAX_SECONDS", "-1"),
+        ("POPSCORE_FFMPEG_MEMORY_MB", "200"),  # a worker maps ~245 MB before it reads a file
+        ("POPSCORE_FFMPEG_TIMEOUT_S", "0"),
         ("POPSCORE_REDIS_URL", ""),
         ("POPSCORE_REDIS_URL", "localhost:6379"),
         ("POPSCORE_REDIS_URL", "redis://h:port/0"),
@@ -212,6 +214,13 @@ def test_an_audio_root_that_is_not_a_folder_is_a_bad_setting(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"^POPSCORE_AUDIO_FILE_ROOTS: '.*absent' is not a"):
         audio_policy(load_settings(audio_file_roots=(tmp_path, tmp_path / "absent")))
+
+
+def test_the_ffmpeg_limits_reach_the_audio_policy() -> None:
+    policy = audio_policy(load_settings(ffmpeg_memory_mb=512, ffmpeg_timeout_s=2.5))
+    assert (policy.ffmpeg_limits.memory_mb, policy.ffmpeg_limits.timeout_s) == (512, 2.5)
+    defaults = audio_policy(load_settings()).ffmpeg_limits
+    assert (defaults.memory_mb, defaults.timeout_s) == (1024, 30.0)
 
 
 def test_the_model_watch_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
