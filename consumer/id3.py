@@ -9,14 +9,20 @@ wheel, measured on files it wrote with a tag put in front):
   tag's length in bytes, so the centred window moves and the file's end is lost.
 
 Opening at the audio itself avoids both. A body in memory is handed over as a view that
-starts there, so libsndfile sees a file without tags, whatever its format. A descriptor is
-moved there, and libsndfile takes its position as the file's start ("embedded" files): it reads
-WAV, AIFF, FLAC and MP3 so, correctly (measured), but refuses Ogg and misreads AU, CAF and
-others at an offset; audio of those behind tags in a local file is left where it is, for
-libsndfile to take or refuse as before.
+starts there, so libsndfile sees a file without tags, whatever its format. A local file's
+descriptor is moved there when the audio is FLAC or MP3, which libsndfile reads correctly at an
+offset ("embedded" files; measured, cut files too); any other audio behind tags in a local file
+is read through the same view as a body in memory. libsndfile takes a moved descriptor's whole
+size as the file's: a cut or streamed WAV or AIFF behind a tag was misread or refused, and
+Ogg, CAF, W64, RF64 and AU are refused at an offset.
+
+A tag is told as libsndfile tells it ("ID3", a size whose bytes count 7 bits each, whatever
+their top bit), so a malformed tag libsndfile would step over is stepped over here too, and
+the v2.4 footer it overlooks is counted.
 """
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -38,22 +44,23 @@ def locate(handle: BinaryIO | int) -> tuple[int, bytes]:
 
 def behind_tags(handle: BinaryIO | int, start: int, head: bytes) -> "BinaryIO | int | Behind":
     """What libsndfile should open for ``handle`` (positioned at 0) whose audio ``locate``
-    found at ``start``, beginning with ``head``: a view of an in-memory body that starts there,
-    or a descriptor moved there when that audio is WAV, AIFF, FLAC or an MPEG frame; otherwise
-    ``handle`` as it is."""
+    found at ``start``, beginning with ``head``: the descriptor moved there when that audio is
+    FLAC or an MPEG frame, else a view that starts there (of a descriptor, through a Python file
+    object that leaves it open); ``handle`` as it is when it has no tags."""
     if start == 0 or not head:
         return handle
-    if not isinstance(handle, int):
-        return Behind(handle, start)
-    if _embeds(head):
-        os.lseek(handle, start, os.SEEK_SET)
-    return handle
+    if isinstance(handle, int):
+        if _embeds(head):
+            os.lseek(handle, start, os.SEEK_SET)
+            return handle
+        handle = open(handle, "rb", closefd=False)  # noqa: SIM115 (the descriptor's owner closes it)
+    return Behind(handle, start)
 
 
 def audio_start(read_at: ReadAt) -> int:
     """The offset behind the ID3v2 tags the data starts with (0 when it has none)."""
     start = 0
-    for _ in range(MAX_TAGS):
+    for _ in range(MAX_TAGS + 1):  # the last look is for the audio behind the last tag
         size = tag_size(read_at(start, 10))
         if size is None:
             return start
@@ -63,10 +70,10 @@ def audio_start(read_at: ReadAt) -> int:
 
 def tag_size(head: bytes) -> int | None:
     """The bytes of the ID3v2 tag whose 10-byte header is ``head`` (header, body and the
-    v2.4 footer), or None when ``head`` is not one."""
-    if len(head) < 10 or head[:3] != b"ID3" or head[3] not in (2, 3, 4) or head[4] == 0xFF:
-        return None
-    if any(byte & 0x80 for byte in head[6:10]):  # a size field is syncsafe: 7 bits a byte
+    v2.4 footer), or None when ``head`` is not one. As libsndfile reads one: any version, and a
+    size byte's top bit ignored (a malformed tag it steps over must be stepped over here, or a
+    body in memory is counted short by the tag's bytes again)."""
+    if len(head) < 10 or head[:3] != b"ID3":
         return None
     footer = 10 if head[3] == 4 and head[5] & 0x10 else 0
     return 10 + syncsafe(head[6:10]) + footer
@@ -80,11 +87,10 @@ def syncsafe(data: bytes) -> int:
 
 
 def _embeds(head: bytes) -> bool:
-    """Whether ``head`` starts audio libsndfile reads correctly at an offset."""
-    riff = head[:4] == b"RIFF" and head[8:12] == b"WAVE"
-    aiff = head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC")
+    """Whether ``head`` starts audio libsndfile reads correctly at an offset (its length does
+    not come from the file's size)."""
     mpeg = len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
-    return riff or aiff or mpeg or head[:4] == b"fLaC"
+    return mpeg or head[:4] == b"fLaC"
 
 
 @contextmanager
@@ -119,7 +125,11 @@ class Behind:
         body.seek(start)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self.body.seek(offset + self.start if whence == os.SEEK_SET else offset, whence)
+        if whence == os.SEEK_SET:
+            if offset < 0:  # as a file object of the audio alone would say
+                raise ValueError(f"negative seek position {offset}")
+            offset = min(offset + self.start, sys.maxsize)
+        self.body.seek(offset, whence)
         if self.body.tell() < self.start:  # never back into the tags
             self.body.seek(self.start)
         return self.tell()

@@ -34,6 +34,9 @@ MAX_SETUP_BYTES = 1 << 18
 # A comment header may carry cover art (MBs), so the setup header may start far into the file;
 # pages are read header by header, and a stream whose setup starts later than this is refused.
 MAX_HEADER_PAGES = 16_384
+MAX_POSITIONS = 8 * id3.MAX_TAGS
+"""Places the walk to the Ogg data looks at (10 bytes each): a file of MAX_TAGS tags needs
+about two per tag."""
 SYNC = 0x564342
 ReadAt = id3.ReadAt
 BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
@@ -63,12 +66,14 @@ def _ogg_starts(read_at: ReadAt) -> list[int]:
     """Where libsndfile may find Ogg data: at the start, or behind ID3v2 tags (it skips each
     by its syncsafe size plus its 10-byte header; behind the optional 10-byte footer too, to
     be sure)."""
-    starts, todo, seen = [], [0], set[int]()
+    starts, todo, seen = [], [(0, 0)], set[int]()
     while todo:
-        pos = todo.pop()
+        pos, tags = todo.pop()  # ``tags``: how many were stepped over to get here
         if pos in seen:
             continue
-        if len(seen) == id3.MAX_TAGS:
+        # Each tag has two ends to look behind: the positions are bounded too, not only the
+        # tags along one way.
+        if tags > id3.MAX_TAGS or len(seen) == MAX_POSITIONS:
             detail = f"over {id3.MAX_TAGS} ID3 tags before the audio"
             raise DeadLetter(Reason.AUDIO_DECODE_FAILED, detail)
         seen.add(pos)
@@ -77,7 +82,7 @@ def _ogg_starts(read_at: ReadAt) -> list[int]:
             starts.append(pos)
         elif head[:3] == b"ID3" and len(head) == 10:
             size = 10 + id3.syncsafe(head[6:10])
-            todo += [pos + size, pos + size + 10]
+            todo += [(pos + size, tags + 1), (pos + size + 10, tags + 1)]
     return starts
 
 

@@ -77,13 +77,12 @@ def test_tag_sizes_follow_the_header() -> None:
     assert id3.tag_size(tag(300, footer=True)[:10]) == 320
     footer_flag_in_v3 = b"ID3\x03\x00\x10\x00\x00\x00\x05"  # the footer exists in v2.4 only
     assert id3.tag_size(footer_flag_in_v3) == 15
-    not_tags = [
-        b"ID3\x04\x00\x00\x00\x00\x00\x80",  # a size byte over 7 bits
-        b"ID3\x05\x00\x00\x00\x00\x00\x00",  # no such version
-        b"ID3\x04\xff\x00\x00\x00\x00\x00",  # no such revision
-        b"ID3\x04\x00\x00",  # cut short
-        b"RIFF0000WAVE",
-    ]
+    # Malformed, and stepped over as libsndfile steps over them: a size byte's top bit is
+    # ignored, any version and revision taken.
+    assert id3.tag_size(b"ID3\x04\x00\x00\x00\x00\x00\x85") == 15
+    assert id3.tag_size(b"ID3\x05\x00\x00\x00\x00\x00\x03") == 13
+    assert id3.tag_size(b"ID3\x04\xff\x00\x00\x00\x00\x00") == 10
+    not_tags = [b"ID3\x04\x00\x00", b"RIFF0000WAVE"]  # cut short; audio
     assert [id3.tag_size(head) for head in not_tags] == [None] * len(not_tags)
 
 
@@ -105,11 +104,88 @@ def test_the_view_behind_tags_never_seeks_back_into_them() -> None:
 
 
 def test_a_descriptor_is_moved_only_for_audio_libsndfile_reads_embedded(tmp_path: Path) -> None:
-    for body, moved in ((encoded("WAV", "PCM_16"), True), (b"OggS" + bytes(60), False)):
-        (tmp_path / "a").write_bytes(tag(20) + body)
+    """FLAC and MP3 are read by libsndfile from the descriptor itself, moved behind the tags;
+    the rest through a view (libsndfile takes a descriptor's whole size as the file's)."""
+    for fmt, moved in (("MP3", True), ("FLAC", True), ("WAV", False), ("OGG", False)):
+        (tmp_path / "a").write_bytes(tag(20) + encoded(fmt, FORMATS.get(fmt, "VORBIS")))
         fd = os.open(tmp_path / "a", os.O_RDONLY)
         try:
-            assert id3.behind_tags(fd, *id3.locate(fd)) == fd
-            assert os.lseek(fd, 0, os.SEEK_CUR) == (30 if moved else 0)
+            opened = id3.behind_tags(fd, *id3.locate(fd))
+            assert (opened == fd) is moved, fmt
+            assert os.lseek(fd, 0, os.SEEK_CUR) == 30
+            if not moved:
+                assert isinstance(opened, id3.Behind) and opened.tell() == 0
         finally:
             os.close(fd)
+
+
+def cut(data: bytes) -> bytes:
+    """The first 60 % of a file: its header states more than is there."""
+    return data[: len(data) * 6 // 10]
+
+
+def streamed(wav: bytes) -> bytes:
+    """A WAV as written to a pipe: the RIFF and data sizes unknown (0xFFFFFFFF)."""
+    data = bytearray(wav)
+    data[4:8] = data[data.find(b"data") + 4 : data.find(b"data") + 8] = b"\xff" * 4
+    return bytes(data)
+
+
+def high_bit_tag(size: int) -> bytes:
+    """A malformed tag whose last size byte has its top bit set (libsndfile ignores it)."""
+    length = bytearray((size >> shift) & 0x7F for shift in (21, 14, 7, 0))
+    length[3] |= 0x80
+    return b"ID3\x03\x00\x00" + bytes(length) + bytes(size)
+
+
+HARD = {
+    # libsndfile took a moved descriptor's whole size as the file's: wrong length, or refused
+    "cut WAV": lambda: cut(encoded("WAV", "PCM_16")),
+    "cut AIFF": lambda: cut(encoded("AIFF", "PCM_24")),
+    "streamed WAV": lambda: streamed(encoded("WAV", "PCM_16")),
+    # refused at an offset
+    "OGG": lambda: encoded("OGG", "VORBIS"),
+    "CAF": lambda: encoded("CAF", "PCM_16"),
+    "W64": lambda: encoded("W64", "PCM_16"),
+    "RF64": lambda: encoded("RF64", "PCM_16"),
+    "AU": lambda: encoded("AU", "PCM_16"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HARD))
+@pytest.mark.parametrize("front", ["empty", "v2.3 padded", "high bit"])
+def test_a_local_file_behind_tags_decodes_as_the_same_bytes_from_memory(
+    tmp_path: Path, name: str, front: str
+) -> None:
+    """The same bytes give the same window from a local file and from memory, the window of
+    the file without its tags."""
+    data = HARD[name]()
+    window = decode_window(data, 2.0, POLICY)
+    tagged = (high_bit_tag(40) if front == "high bit" else TAGS[front]) + data
+    (tmp_path / "a").write_bytes(tagged)
+    for got in (
+        decode_window(open(tmp_path / "a", "rb"), 2.0, POLICY),  # noqa: SIM115 (closed)
+        decode_window(tagged, 2.0, POLICY),
+    ):
+        assert got.source_seconds == window.source_seconds
+        np.testing.assert_array_equal(got.samples, window.samples)
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "OGG"])
+def test_as_many_tags_as_the_limit_decode(fmt: str) -> None:
+    """MAX_TAGS tags with bodies decode (the Ogg walk looks behind each tag's two ends); one
+    more is refused."""
+    data = encoded(fmt, FORMATS.get(fmt, "VORBIS"))
+    window = decode_window(data, 2.0, POLICY).samples
+    front = tag(5) * id3.MAX_TAGS
+    np.testing.assert_array_equal(decode_window(front + data, 2.0, POLICY).samples, window)
+    with pytest.raises(DeadLetter, match=f"over {id3.MAX_TAGS} ID3 tags"):
+        decode_window(tag(5) + front + data, 2.0, POLICY)
+
+
+def test_the_view_seeks_as_a_file_of_the_audio_alone_would() -> None:
+    view = id3.Behind(io.BytesIO(tag(5) + b"abcdef"), 15)
+    with pytest.raises(ValueError, match="negative"):
+        view.seek(-1)
+    assert view.seek(2**63 - 2) == 2**63 - 1 - 15  # past the end, as far as a file goes
+    assert view.read(1) == b""
